@@ -1,0 +1,42 @@
+"""Shared fixtures: a generated competition dataset, offline hubs, the shared data path."""
+
+from __future__ import annotations
+
+import os
+import shutil
+from pathlib import Path
+
+import pytest
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TIMM_OFFLINE", "1")
+os.environ.setdefault("TORCH_HOME", "/nonexistent-torch-home")
+
+ROOT = Path(__file__).resolve().parent.parent
+SHARED_DATA = ROOT.parent / "shared" / "data"
+
+
+@pytest.fixture(scope="session")
+def rehearsal_data_session(tmp_path_factory) -> Path:
+    """A small generated dataset (built once per test session; copy before changing it)."""
+    from utils.rehearsal_data import generate
+
+    out = tmp_path_factory.mktemp("data") / "rehearsal"
+    generate(out, train_identities=16, test_identities=8, size=48, seed=0)
+    return out
+
+
+@pytest.fixture
+def rehearsal_data(rehearsal_data_session, tmp_path) -> Path:
+    """A private copy of the generated dataset that a test may change."""
+    dst = tmp_path / "data"
+    shutil.copytree(rehearsal_data_session, dst)
+    return dst
+
+
+def shared_data(name: str) -> Path:
+    """``../shared/data/<name>``, or skip the test when this machine lacks it."""
+    path = SHARED_DATA / name
+    if not path.is_dir():
+        pytest.skip(f"{path} not present (real data is only on development machines)")
+    return path

@@ -1,0 +1,60 @@
+"""The validation split: deterministic, by identity, domain-aware, saved once."""
+
+from __future__ import annotations
+
+import json
+import shutil
+
+import pytest
+
+from utils.dataset_layout import load_layout
+from utils.errors import KitError
+from utils.split import SplitParams, load_or_create_split, make_split
+
+
+def test_split_is_deterministic_and_by_identity(rehearsal_data_session):
+    layout = load_layout(rehearsal_data_session)
+    a = make_split(layout, SplitParams(seed=3))
+    b = make_split(layout, SplitParams(seed=3))
+    c = make_split(layout, SplitParams(seed=4))
+    assert a == b and a.val != c.val
+    assert set(a.train).isdisjoint(a.val)
+    assert len(a.val) == round(0.2 * 16)
+    assert {a.identity_of(n) for n in a.val_query + a.val_gallery} == set(a.val)
+
+
+def test_domains_put_real_images_in_queries(rehearsal_data_session):
+    split = make_split(load_layout(rehearsal_data_session), SplitParams())
+    assert split.val_query and all("/real_" in q for q in split.val_query)
+    assert split.val_gallery and all("/synth_" in g for g in split.val_gallery)
+    rel = split.val_relevant()
+    for q, gallery in rel.items():
+        assert gallery and all(split.identity_of(g) == split.identity_of(q) for g in gallery)
+
+
+def test_without_domains_each_identity_is_halved(rehearsal_data):
+    (rehearsal_data / "domains.csv").unlink()
+    split = make_split(load_layout(rehearsal_data), SplitParams())
+    for ident, imgs in split.val.items():
+        q = [n for n in split.val_query if split.identity_of(n) == ident]
+        g = [n for n in split.val_gallery if split.identity_of(n) == ident]
+        assert len(q) == len(imgs) // 2 and sorted(q + g) == sorted(imgs)
+
+
+def test_saved_split_is_reused_and_guarded(rehearsal_data, tmp_path):
+    layout = load_layout(rehearsal_data)
+    runs = tmp_path / "runs"
+    first = load_or_create_split(layout, SplitParams(seed=1), runs)
+    saved = json.loads((runs / "split.json").read_text())
+    assert saved["val_query"] == first.val_query
+    assert load_or_create_split(layout, SplitParams(seed=1), runs) == first
+    with pytest.raises(KitError, match="split.json: made with .*pass the same --seed"):
+        load_or_create_split(layout, SplitParams(seed=2), runs)
+    shutil.rmtree(rehearsal_data / "train" / "id000")
+    with pytest.raises(KitError, match="another training set"):
+        load_or_create_split(load_layout(rehearsal_data), SplitParams(seed=1), runs)
+
+
+def test_bad_fraction_is_refused(rehearsal_data_session):
+    with pytest.raises(KitError, match="val-fraction"):
+        make_split(load_layout(rehearsal_data_session), SplitParams(val_fraction=1.5))

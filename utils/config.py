@@ -1,0 +1,81 @@
+"""A script's config is a commented dataclass; this turns it into CLI flags and back.
+
+Each field becomes ``--kebab-case-name`` with its default in the help. Field
+metadata carries ``help`` and, for enums, ``choices``; booleans become
+``--flag/--no-flag``. The resolved config is what a run writes to meta.json.
+
+Example:
+    >>> @dataclass
+    ... class Config:
+    ...     lr: float = field(default=1e-3, metadata={"help": "peak learning rate"})
+    >>> parser = argparse.ArgumentParser()
+    >>> add_config_args(parser, Config)
+    >>> config_from_args(Config, parser.parse_args(["--lr", "0.1"])).lr
+    0.1
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import typing
+from pathlib import Path
+from typing import Any, TypeVar
+
+C = TypeVar("C")
+
+
+def _flag(name: str) -> str:
+    return "--" + name.replace("_", "-")
+
+
+def add_config_args(parser: argparse.ArgumentParser, cls: type) -> None:
+    """Add one flag per dataclass field of ``cls`` to ``parser``."""
+    hints = typing.get_type_hints(cls)
+    for f in dataclasses.fields(cls):
+        meta = dict(f.metadata)
+        default = f.default if f.default is not dataclasses.MISSING else f.default_factory()  # type: ignore[misc]
+        kind = hints[f.name]
+        helptext = meta.get("help", "")
+        if kind is bool:
+            parser.add_argument(
+                _flag(f.name),
+                action=argparse.BooleanOptionalAction,
+                default=default,
+                help=f"{helptext} (default: {default})",
+            )
+            continue
+        kwargs: dict[str, Any] = {"default": default, "help": f"{helptext} (default: %(default)s)"}
+        origin = typing.get_origin(kind)
+        args = typing.get_args(kind)
+        if origin in (list, tuple):
+            kwargs["nargs"] = "*" if origin is list else len(args)
+            kwargs["type"] = args[0]
+        elif origin is typing.Union or type(None) in args:
+            inner = [a for a in args if a is not type(None)][0]
+            kwargs["type"] = inner
+        else:
+            kwargs["type"] = kind
+        if "choices" in meta:
+            kwargs["choices"] = meta["choices"]
+        kwargs["metavar"] = meta.get("metavar", f.name.split("_")[-1].upper())
+        if "choices" in meta:
+            kwargs.pop("metavar")
+        parser.add_argument(_flag(f.name), **kwargs)
+
+
+def config_from_args(cls: type[C], args: argparse.Namespace) -> C:
+    """Build ``cls`` from the parsed flags (only its own fields are taken)."""
+    values = {f.name: getattr(args, f.name) for f in dataclasses.fields(cls)}  # type: ignore[arg-type]
+    for key, val in values.items():
+        if isinstance(val, list) and typing.get_origin(typing.get_type_hints(cls)[key]) is tuple:
+            values[key] = tuple(val)
+    return cls(**values)
+
+
+def config_to_dict(cfg: Any) -> dict[str, Any]:
+    """A JSON-ready dict of a config dataclass (paths as strings)."""
+    out = {}
+    for key, val in dataclasses.asdict(cfg).items():
+        out[key] = str(val) if isinstance(val, Path) else val
+    return out

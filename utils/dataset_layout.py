@@ -1,0 +1,97 @@
+"""The competition folder layout of DESIGN.md, checked once.
+
+    DATA/train/<identity>/<image>
+    DATA/test/query/<image>
+    DATA/test/gallery/<image>
+    DATA/domains.csv               optional: path,domain
+    DATA/test/ground_truth.json    optional: {query: [gallery, ...]}
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from utils.errors import KitError
+from utils.images import list_images
+
+MIN_GALLERY = 10  # a submission lists 10 distinct gallery images per query
+
+
+@dataclass
+class DataLayout:
+    """Paths and names of one dataset folder."""
+
+    root: Path
+    train: dict[str, list[Path]]  # identity -> images, both sorted
+    query: list[Path]
+    gallery: list[Path]
+    domains: dict[str, str] = field(default_factory=dict)  # path relative to root -> domain
+    ground_truth: dict[str, list[str]] | None = None
+
+    def rel(self, path: Path) -> str:
+        """Path relative to the data root, with forward slashes (the split's names)."""
+        return path.relative_to(self.root).as_posix()
+
+
+def read_domains(path: Path) -> dict[str, str]:
+    """Read ``domains.csv`` (``path,domain``; paths relative to the data root)."""
+    out: dict[str, str] = {}
+    with open(path, newline="") as f:
+        reader = csv.DictReader(f)
+        if reader.fieldnames is None or not {"path", "domain"} <= set(reader.fieldnames):
+            raise KitError(f"{path}: expected a header 'path,domain', got {reader.fieldnames}")
+        for i, row in enumerate(reader, start=2):
+            if not row["path"] or not row["domain"]:
+                raise KitError(f"{path}:{i}: empty path or domain")
+            out[row["path"].strip().replace("\\", "/")] = row["domain"].strip()
+    return out
+
+
+def read_ground_truth(path: Path) -> dict[str, list[str]]:
+    """Read ``test/ground_truth.json`` (``{query: [gallery names]}``)."""
+    try:
+        data = json.loads(path.read_text())
+    except json.JSONDecodeError as err:
+        raise KitError(f"{path}: not valid JSON ({err})") from None
+    if not isinstance(data, dict) or not all(isinstance(v, list) for v in data.values()):
+        raise KitError(f"{path}: expected {{query_name: [gallery names]}}")
+    return {str(k): [str(x) for x in v] for k, v in data.items()}
+
+
+def load_layout(root: str | Path, need_test: bool = True) -> DataLayout:
+    """Read and check a data folder.
+
+    Raises:
+        KitError: a folder is missing or empty, or the gallery has fewer than 10 images.
+    """
+    root = Path(root)
+    if not root.is_dir():
+        raise KitError(f"{root}: data folder not found (pass --data DATA)")
+    train_dir = root / "train"
+    if not train_dir.is_dir():
+        raise KitError(f"{train_dir}: folder not found; expected DATA/train/<identity>/<image>")
+    train = {}
+    for d in sorted(p for p in train_dir.iterdir() if p.is_dir() and not p.name.startswith(".")):
+        imgs = list_images(d)
+        if imgs:
+            train[d.name] = imgs
+    if not train:
+        raise KitError(f"{train_dir}: no identity folders with images")
+    query: list[Path] = []
+    gallery: list[Path] = []
+    if need_test:
+        query = list_images(root / "test" / "query")
+        gallery = list_images(root / "test" / "gallery")
+        if not query:
+            raise KitError(f"{root / 'test' / 'query'}: no images")
+        if len(gallery) < MIN_GALLERY:
+            raise KitError(
+                f"{root / 'test' / 'gallery'}: {len(gallery)} images; a top-10 needs at least {MIN_GALLERY}"
+            )
+    domains = read_domains(root / "domains.csv") if (root / "domains.csv").is_file() else {}
+    gt_path = root / "test" / "ground_truth.json"
+    ground_truth = read_ground_truth(gt_path) if gt_path.is_file() else None
+    return DataLayout(root, train, query, gallery, domains, ground_truth)

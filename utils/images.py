@@ -1,0 +1,148 @@
+"""List and load images the way real competition folders need.
+
+Handled: EXIF rotation, greyscale, palette and transparency (composited on
+white), CMYK, 16-bit and float images (rescaled to 8 bits), very large images
+(decoded reduced where the format allows, then shrunk to ``max_side``).
+Non-image files in a folder (``.DS_Store``, ``notes.txt``) are not listed.
+A file that cannot be decoded raises :class:`ImageError` naming it; callers
+decide whether skipping is safe (a training image) or not (query, gallery).
+"""
+
+from __future__ import annotations
+
+import logging
+import warnings
+from pathlib import Path
+
+import numpy as np
+from PIL import Image, ImageOps, UnidentifiedImageError
+
+from utils.errors import KitError
+
+log = logging.getLogger(__name__)
+
+IMAGE_EXTENSIONS = frozenset(
+    {".jpg", ".jpeg", ".png", ".bmp", ".gif", ".tif", ".tiff", ".webp", ".pgm", ".ppm", ".pbm"}
+)
+MAX_SIDE = 2048  # longest side after loading; bigger inputs only cost time
+MAX_PIXELS = 400_000_000  # refuse beyond this (a decompression bomb, not a photo)
+Image.MAX_IMAGE_PIXELS = MAX_PIXELS
+
+
+class ImageError(KitError):
+    """An image file that cannot be used; the message names the file."""
+
+    def __init__(self, path: str | Path, problem: str):
+        self.path = str(path)
+        self.problem = problem
+        super().__init__(f"{path}: {problem}")
+
+    def __reduce__(self):  # survive the trip back from a DataLoader worker
+        return (ImageError, (self.path, self.problem))
+
+
+def list_images(folder: str | Path, recursive: bool = False) -> list[Path]:
+    """Image files in ``folder`` sorted by name; hidden and non-image files skipped.
+
+    Raises:
+        KitError: the folder does not exist or is not a folder.
+    """
+    folder = Path(folder)
+    if not folder.is_dir():
+        raise KitError(f"{folder}: folder not found (check --data)")
+    pattern = "**/*" if recursive else "*"
+    out = []
+    for p in sorted(folder.glob(pattern)):
+        if p.name.startswith(".") or not p.is_file():
+            continue
+        if p.suffix.lower() in IMAGE_EXTENSIONS:
+            out.append(p)
+        else:
+            log.debug("skipping non-image file %s", p)
+    return out
+
+
+def _to_8bit_rgb(img: Image.Image) -> Image.Image:
+    """Convert any PIL mode to 8-bit RGB without clipping high bit depths."""
+    mode = img.mode
+    if mode in ("I;16", "I;16B", "I;16L", "I;16N", "I", "F"):
+        arr = np.asarray(img, dtype=np.float64)
+        lo, hi = float(arr.min()), float(arr.max())
+        if mode.startswith("I;16"):
+            lo, hi = 0.0, 65535.0 if hi > 255 else 255.0
+        scale = 255.0 / (hi - lo) if hi > lo else 0.0
+        arr = ((arr - lo) * scale).clip(0, 255).astype(np.uint8)
+        return Image.fromarray(arr, mode="L").convert("RGB")
+    if mode == "P":
+        img = img.convert("RGBA" if "transparency" in img.info else "RGB")
+        mode = img.mode
+    if mode in ("RGBA", "LA", "PA", "RGBa", "La"):
+        rgba = img.convert("RGBA")
+        white = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
+        return Image.alpha_composite(white, rgba).convert("RGB")
+    if mode == "RGB":
+        return img
+    return img.convert("RGB")  # L, 1, CMYK, YCbCr, LAB, HSV
+
+
+def load_image(path: str | Path, max_side: int = MAX_SIDE) -> Image.Image:
+    """Open ``path`` as an upright 8-bit RGB image, longest side at most ``max_side``.
+
+    Raises:
+        ImageError: missing, empty, not an image, truncated or too large.
+    """
+    path = Path(path)
+    try:
+        size = path.stat().st_size
+    except OSError:
+        raise ImageError(path, "file not found") from None
+    if size == 0:
+        raise ImageError(path, "empty file (0 bytes)")
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("error", Image.DecompressionBombWarning)
+            with Image.open(path) as img:
+                if img.format == "JPEG" and max(img.size) > 2 * max_side:
+                    img.draft("RGB", (max_side, max_side))
+                img.load()
+                img = ImageOps.exif_transpose(img)
+                img = _to_8bit_rgb(img)
+    except UnidentifiedImageError:
+        raise ImageError(path, "not an image PIL can read (wrong extension or corrupt header)") from None
+    except (Image.DecompressionBombError, Image.DecompressionBombWarning):
+        raise ImageError(path, f"image has more than {MAX_PIXELS:,} pixels") from None
+    except (OSError, SyntaxError, ValueError) as err:
+        raise ImageError(path, f"cannot decode ({err}); the file is truncated or corrupt") from None
+    if max(img.size) > max_side:
+        img.thumbnail((max_side, max_side), Image.Resampling.BILINEAR)
+    return img
+
+
+def check_images(paths: list[Path], strict: bool, what: str) -> list[Path]:
+    """Decode every image once (reduced, so it is quick) and sort out the broken ones.
+
+    Args:
+        paths: files to check.
+        strict: raise on the first broken file (query and gallery images: a
+            submission needs every one); otherwise log one line per broken file
+            and return the good ones (training images).
+        what: name of the set for messages, e.g. ``"gallery"``.
+
+    Raises:
+        ImageError: ``strict`` and a file is broken.
+    """
+    from utils.progress import track
+
+    good, bad = [], []
+    for p in track(paths, f"checking {what} images"):
+        try:
+            load_image(p, max_side=256)
+            good.append(p)
+        except ImageError as err:
+            if strict:
+                raise ImageError(err.path, f"{err.problem} ({what} images must all be readable)") from None
+            log.warning("skipping %s image %s", what, err)
+            bad.append(p)
+    if bad:
+        log.warning("skipped %d broken %s image(s) of %d", len(bad), what, len(paths))
+    return good

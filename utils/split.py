@@ -1,0 +1,130 @@
+"""The deterministic validation split of DESIGN.md, written once to runs/split.json.
+
+A fraction of the training identities is held out. For each held-out identity
+some images become validation queries and the rest validation gallery; the
+validation gallery of all held-out identities together is what every
+validation query is ranked against (the others act as distractors). With a
+``domains.csv``, queries come from the query domain and gallery images from
+the others. Models train only on the remaining identities; ``--full-train``
+trains on all of them for the final test matrix.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import random
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+from utils.atomic import atomic_write_json
+from utils.dataset_layout import DataLayout
+from utils.errors import KitError
+
+
+@dataclass(frozen=True)
+class SplitParams:
+    """What decides the split; a saved split is reused only for equal params."""
+
+    seed: int = 0
+    val_fraction: float = 0.2  # share of identities held out for validation
+    query_domain: str = "real"  # domains.csv value that queries come from
+
+
+@dataclass
+class Split:
+    """Names are paths relative to the data root, e.g. ``train/alice/1.jpg``."""
+
+    params: SplitParams
+    fingerprint: str  # hash of the training file list; a changed dataset is caught
+    train: dict[str, list[str]]  # identity -> images used for training
+    val: dict[str, list[str]]  # held-out identity -> all its images
+    val_query: list[str]
+    val_gallery: list[str]
+
+    def identity_of(self, name: str) -> str:
+        """The identity folder of a training-set name."""
+        return name.split("/")[1]
+
+    def val_relevant(self) -> dict[str, list[str]]:
+        """Ground truth of the validation split: query -> gallery images of its identity."""
+        by_id: dict[str, list[str]] = {}
+        for g in self.val_gallery:
+            by_id.setdefault(self.identity_of(g), []).append(g)
+        return {q: by_id.get(self.identity_of(q), []) for q in self.val_query}
+
+    def training_identities(self, full_train: bool) -> dict[str, list[str]]:
+        """Identity -> images to train on (held-out identities too with ``full_train``)."""
+        if not full_train:
+            return dict(self.train)
+        return dict(sorted({**self.train, **self.val}.items()))
+
+
+def _fingerprint(layout: DataLayout) -> str:
+    h = hashlib.sha256()
+    for ident, paths in layout.train.items():
+        for p in paths:
+            h.update(f"{ident}/{p.name}\n".encode())
+    return h.hexdigest()[:16]
+
+
+def make_split(layout: DataLayout, params: SplitParams) -> Split:
+    """Compute the split (pure: same layout and params, same split)."""
+    if not 0.0 < params.val_fraction < 1.0:
+        raise KitError(f"--val-fraction must be in (0, 1), got {params.val_fraction}")
+    rng = random.Random(params.seed)
+    names = {ident: [layout.rel(p) for p in paths] for ident, paths in layout.train.items()}
+    eligible = [i for i, imgs in names.items() if len(imgs) >= 2]
+    n_val = max(1, round(params.val_fraction * len(names)))
+    if len(eligible) < 2 or n_val >= len(names):
+        raise KitError(
+            f"{layout.root / 'train'}: {len(names)} identities ({len(eligible)} with 2+ images) "
+            f"cannot give a validation split of {params.val_fraction}; add identities or lower --val-fraction"
+        )
+    held = sorted(rng.sample(eligible, min(n_val, len(eligible))))
+    val_query, val_gallery = [], []
+    for ident in held:
+        imgs = names[ident]
+        in_domain = [n for n in imgs if layout.domains.get(n) == params.query_domain]
+        other = [n for n in imgs if n in layout.domains and layout.domains[n] != params.query_domain]
+        if in_domain and other:
+            queries, gallery = in_domain, other
+        else:  # no domains, or this identity lacks one side: split its images in half
+            shuffled = imgs[:]
+            rng.shuffle(shuffled)
+            cut = max(1, len(shuffled) // 2)
+            queries, gallery = sorted(shuffled[:cut]), sorted(shuffled[cut:])
+        val_query += queries
+        val_gallery += gallery
+    return Split(
+        params=params,
+        fingerprint=_fingerprint(layout),
+        train={i: names[i] for i in names if i not in held},
+        val={i: names[i] for i in held},
+        val_query=val_query,
+        val_gallery=val_gallery,
+    )
+
+
+def load_or_create_split(layout: DataLayout, params: SplitParams, runs_dir: str | Path) -> Split:
+    """Reuse ``runs/split.json`` if it matches ``params`` and the data; else write it.
+
+    Raises:
+        KitError: a saved split was made with other params or other data.
+    """
+    path = Path(runs_dir) / "split.json"
+    split = make_split(layout, params)
+    if path.is_file():
+        saved = json.loads(path.read_text())
+        if saved.get("params") != asdict(params):
+            raise KitError(
+                f"{path}: made with {saved.get('params')}, this run asks for {asdict(params)}; "
+                "pass the same --seed/--val-fraction/--query-domain, or use another --runs folder"
+            )
+        if saved.get("fingerprint") != split.fingerprint:
+            raise KitError(
+                f"{path}: made from another training set; use another --runs folder for this data"
+            )
+        return split
+    atomic_write_json(path, asdict(split))
+    return split
