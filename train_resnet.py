@@ -147,7 +147,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     backbone = build_model(cfg).to(device)
     data_cfg = timm.data.resolve_data_config({}, model=backbone)
     mean, std = data_cfg["mean"], data_cfg["std"]
-    head = nn.Linear(backbone.num_features, len(task.classes)).to(device)
+    with torch.no_grad():  # the pooled output size (timm's num_features is not it for every model)
+        backbone.eval()
+        dim = backbone(torch.zeros(1, 3, cfg.img_size, cfg.img_size, device=device)).shape[1]
+    head = nn.Linear(dim, len(task.classes)).to(device)
     params_groups = [
         {"params": backbone.parameters(), "lr": cfg.lr},
         {"params": head.parameters(), "lr": cfg.lr * 10},

@@ -1,0 +1,215 @@
+"""Fuse the model runs' similarity matrices with weights searched on validation, optionally
+re-rank, and write runs/ensemble/ (the test matrix is what submit.py submits).
+
+    # every run under runs/ (each runs/<model>/ with meta.json + val_sim.npy + test_sim.npy):
+    python ensemble.py --runs runs
+    # recommended on competition day: try every fusion and re-ranking, keep what wins on validation
+    python ensemble.py --runs runs --auto
+    # chosen runs, one fusion, one re-ranking; print test scores too (rehearsal data only)
+    python ensemble.py --runs runs --models facenet clip --fusion rank --dual-softmax --temperature 1 --data DATA
+    # fixed weights, no search
+    python ensemble.py --runs runs --models facenet clip --weights 0.7 0.3
+
+Stages: load and check the runs, join them by query/gallery name -> per fusion,
+search the weights on the validation matrices (simplex grid up to 4 models,
+Dirichlet search with refinement beyond; every candidate scored on bootstrap
+resamples of the validation queries; the best mean, smoothed over
+neighbouring weights, wins) -> re-rank
+(flags, or chosen on validation with --auto) -> apply the plan to val and test
+-> runs/ensemble/{val,test}_sim.npy + meta.json (same contract as a model run),
+weights.json (the plan and every scored option), simplex.png (2-3 models).
+One model and no re-ranking: its matrices are copied unchanged.
+Validation ground truth comes from the names (train/<identity>/<image>); the
+test ground truth (DATA/test/ground_truth.json, rehearsal data only) is only
+reported, never used to choose.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Sequence
+
+import numpy as np
+
+from utils import __version__
+from utils.atomic import atomic_write_bytes, atomic_write_json
+from utils.config import add_config_args, config_from_args, config_to_dict
+from utils.dataset_layout import read_ground_truth
+from utils.ensemble_plan import Plan, Scorer, choose_plan, val_relevance
+from utils.ensemble_report import options_markdown, options_table, plot_simplex
+from utils.errors import KitError, run_cli
+from utils.fusion import FUSIONS
+from utils.logs import console, setup_logging
+from utils.metrics import evaluate, relevance_matrix
+from utils.rerank import RerankParams, check_steps
+from utils.similarity_io import Run, SimMatrix, align_runs, load_run, save_run
+from utils.task import git_commit, metrics_table
+
+log = logging.getLogger("ensemble")
+
+
+# ----------------------------------------------------------------------------
+# defaults: every field is a --flag (kebab-case); the resolved config goes to meta.json
+@dataclass
+class Config:
+    runs: Path = field(default=Path("runs"), metadata={"help": "folder of model runs (runs/<model>/)", "metavar": "DIR"})
+    models: list[str] = field(default_factory=list, metadata={"help": "run folders to fuse (default: every complete run under --runs)", "metavar": "NAME"})
+    out: Path | None = field(default=None, metadata={"help": "output folder (default: <runs>/ensemble)", "metavar": "DIR"})
+    data: Path | None = field(default=None, metadata={"help": "data folder; with test/ground_truth.json, test scores are printed too", "metavar": "DIR"})
+    # fusion: zscore suits cosine-like scores; rank/rrf ignore score scales entirely
+    fusion: str = field(default="zscore", metadata={"help": "per-query normalisation before the weighted sum", "choices": FUSIONS})
+    weights: list[float] = field(default_factory=list, metadata={"help": "fixed weights, one per --models entry (default: searched)", "metavar": "W"})
+    # weight search
+    grid_step: float = field(default=0.05, metadata={"help": "simplex grid step (up to 4 models)"})
+    n_random: int = field(default=2000, metadata={"help": "Dirichlet candidates for 5+ models (a quarter more per refinement round)"})
+    top_m: int = field(default=50, metadata={"help": "columns per model and query the fast scorer keeps (exact either way)"})
+    smooth_radius: float = field(default=0.2, metadata={"help": "average each candidate's val score over weights within this L1 distance (0: off)"})
+    bootstrap: int = field(default=200, metadata={"help": "bootstrap resamples of the validation queries"})
+    seed: int = field(default=0, metadata={"help": "seed of the bootstrap and the random search"})
+    # re-ranking (in this order when several are on); --auto chooses among them on validation
+    auto: bool = field(default=False, metadata={"help": "try every fusion and re-ranking, keep the best on validation"})
+    min_win: float = field(default=0.75, metadata={"help": "--auto keeps a re-ranking only if it wins this share of bootstrap resamples"})
+    dba: bool = field(default=False, metadata={"help": "database-side augmentation"})
+    dba_k: int = field(default=2, metadata={"help": "gallery neighbours per gallery image for --dba"})
+    dba_alpha: float = field(default=3.0, metadata={"help": "neighbour weight exponent for --dba"})
+    qe: bool = field(default=False, metadata={"help": "alpha query expansion"})
+    qe_k: int = field(default=2, metadata={"help": "best gallery images per query for --qe"})
+    qe_alpha: float = field(default=3.0, metadata={"help": "weight exponent for --qe"})
+    k_reciprocal: bool = field(default=False, metadata={"help": "k-reciprocal re-ranking (Zhong et al. 2017)"})
+    kr_k1: int = field(default=20, metadata={"help": "k-reciprocal neighbourhood size"})
+    kr_k2: int = field(default=6, metadata={"help": "k-reciprocal local expansion size"})
+    kr_lambda: float = field(default=0.3, metadata={"help": "weight of the original distance in k-reciprocal"})
+    dual_softmax: bool = field(default=False, metadata={"help": "dual-softmax normalisation (over gallery and over queries)"})
+    sinkhorn: bool = field(default=False, metadata={"help": "Sinkhorn normalisation (rows and columns)"})
+    temperature: float = field(default=1.0, metadata={"help": "temperature of --dual-softmax/--sinkhorn on row z-scores"})
+    sinkhorn_iters: int = field(default=20, metadata={"help": "Sinkhorn iterations"})
+    plot: bool = field(default=True, metadata={"help": "write simplex.png (2 or 3 models)"})
+    verbose: bool = field(default=False, metadata={"help": "debug logging"})
+# ----------------------------------------------------------------------------
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    add_config_args(parser, Config)
+    return parser
+
+
+def find_runs(runs_dir: Path, models: list[str], out_dir: Path) -> list[Run]:
+    """The named runs, or every complete run folder under ``runs_dir`` except the output."""
+    if not runs_dir.is_dir():
+        raise KitError(f"{runs_dir}: runs folder not found; run a model script first or pass --runs DIR")
+    needed = ("meta.json", "val_sim.npy", "test_sim.npy")
+    if models:
+        dirs = [runs_dir / m for m in models]
+        for d in dirs:
+            if not d.is_dir():
+                raise KitError(f"--models {d.name}: {d} not found; available: {sorted(p.name for p in runs_dir.iterdir() if p.is_dir())}")
+    else:
+        dirs = sorted(d for d in runs_dir.iterdir() if d.is_dir() and d.resolve() != out_dir.resolve() and d.name != "ensemble"
+                      and all((d / f).is_file() for f in needed))
+    if not dirs:
+        raise KitError(f"{runs_dir}: no run folder with {', '.join(needed)}; run a model script first")
+    if len({d.name for d in dirs}) != len(dirs):
+        raise KitError(f"--models {models}: a run is named twice")
+    runs = [load_run(d) for d in dirs]
+    for r in runs:
+        if r.meta.get("full_train"):
+            log.warning("%s was trained with --full-train: its validation matrix is optimistic and skews the weights", r.path)
+    return runs
+
+
+def rerank_params(cfg: Config) -> RerankParams:
+    flags = {"dba": cfg.dba, "qe": cfg.qe, "kr": cfg.k_reciprocal, "dual_softmax": cfg.dual_softmax, "sinkhorn": cfg.sinkhorn}
+    return RerankParams(
+        steps=check_steps(tuple(k for k, on in flags.items() if on)), dba_k=cfg.dba_k, dba_alpha=cfg.dba_alpha,
+        qe_k=cfg.qe_k, qe_alpha=cfg.qe_alpha, kr_k1=cfg.kr_k1, kr_k2=cfg.kr_k2, kr_lambda=cfg.kr_lambda,
+        temperature=cfg.temperature, sinkhorn_iters=cfg.sinkhorn_iters,
+    )
+
+
+def check_config(cfg: Config, n_models: int) -> None:
+    if cfg.weights and len(cfg.weights) != n_models:
+        raise KitError(f"--weights: {len(cfg.weights)} values for {n_models} models; give one per --models entry")
+    if cfg.weights and (min(cfg.weights) < 0 or sum(cfg.weights) <= 0):
+        raise KitError(f"--weights {cfg.weights}: must be non-negative with a positive sum")
+    if not 0 < cfg.grid_step <= 0.5:
+        raise KitError(f"--grid-step {cfg.grid_step}: must be in (0, 0.5]")
+    if cfg.bootstrap < 1 or cfg.top_m < 10 or cfg.temperature <= 0:
+        raise KitError("--bootstrap must be >= 1, --top-m >= 10 and --temperature > 0")
+
+
+def load_test_relevance(data: Path | None, test: SimMatrix) -> np.ndarray | None:
+    if data is None:
+        return None
+    path = data / "test" / "ground_truth.json"
+    if not path.is_file():
+        log.info("%s not found: test scores are not printed", path)
+        return None
+    return relevance_matrix(test.query_names, test.gallery_names, read_ground_truth(path))
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    cfg = config_from_args(Config, build_parser().parse_args(argv))
+    setup_logging(cfg.verbose)
+    t0 = time.time()
+    out_dir = cfg.out or cfg.runs / "ensemble"
+    runs = find_runs(cfg.runs, cfg.models, out_dir)
+    names = [r.path.name for r in runs]
+    check_config(cfg, len(runs))
+    params = rerank_params(cfg)
+    val, test = align_runs(runs, "val"), align_runs(runs, "test")
+    val_rel = val_relevance(val[0].query_names, val[0].gallery_names)
+    test_rel = load_test_relevance(cfg.data, test[0])
+    scorer = Scorer(val_rel, test_rel, n_boot=cfg.bootstrap, seed=cfg.seed)
+    log.info("fusing %d run(s): %s; val %d x %d, test %d x %d", len(runs), ", ".join(names), *val[0].sim.shape, *test[0].sim.shape)
+
+    passthrough = len(runs) == 1 and not params.steps and not cfg.auto
+    plan, rows, searches = choose_plan(
+        names, [m.sim for m in val], [m.sim for m in test], scorer,
+        fusions=FUSIONS if cfg.auto else (cfg.fusion,), weights=cfg.weights or None, rerank_params=params,
+        auto=cfg.auto, min_win=cfg.min_win,
+        search={"grid_step": cfg.grid_step, "n_random": cfg.n_random, "top_m": cfg.top_m, "smooth_radius": cfg.smooth_radius},
+    )
+    if passthrough:
+        sims = {"val": val[0].sim, "test": test[0].sim}
+    else:
+        sims = {"val": plan.apply([m.sim for m in val]), "test": plan.apply([m.sim for m in test])}
+    write_outputs(cfg, out_dir, runs, names, plan, rows, searches, sims, val[0], test[0], val_rel, test_rel, passthrough, time.time() - t0)
+    return 0
+
+
+def write_outputs(cfg, out_dir, runs, names, plan: Plan, rows, searches, sims, val, test, val_rel, test_rel, passthrough, seconds) -> None:
+    """The run folder (save_run contract), weights.json, simplex.png; tables on the console."""
+    metrics = {"val": evaluate(sims["val"], val_rel)}
+    if test_rel is not None:
+        metrics["test"] = evaluate(sims["test"], test_rel)
+    chosen = next(r for r in rows if r.chosen)
+    record = {
+        "models": names, "weights": plan.weights, "fusion": plan.fusion, "rerank": plan.to_dict()["rerank"],
+        "rerank_label": plan.rerank.label(), "passthrough": passthrough, "auto": cfg.auto,
+        "val_bootstrap_mean": chosen.val_mean, "val_bootstrap_std": chosen.val_std, "options": [r.to_dict() for r in rows],
+    }
+    meta = {
+        "model": "ensemble", "config": config_to_dict(cfg), "commit": git_commit(Path(__file__).resolve().parent),
+        "kit_version": __version__, "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+        "members": [{"name": n, "path": str(r.path), "model": r.name, "metrics": r.meta.get("metrics", {})} for n, r in zip(names, runs)],
+        "plan": plan.to_dict(), "choice": record, "timings_s": {"total": round(seconds, 2)}, "metrics": metrics,
+    }
+    save_run(out_dir, {"val": SimMatrix(sims["val"], val.query_names, val.gallery_names),
+                       "test": SimMatrix(sims["test"], test.query_names, test.gallery_names)}, meta)
+    atomic_write_json(out_dir / "weights.json", record)
+    atomic_write_bytes(out_dir / "report.md", options_markdown(rows, names).encode())
+    console.print(options_table(f"ensemble options (validation: bootstrap mean ± std over {cfg.bootstrap} resamples)", rows, names))
+    if cfg.plot and plan.fusion in searches:
+        png = plot_simplex(searches[plan.fusion], names, out_dir / "simplex.png", f"{plan.fusion}: validation score over the weights")
+        if png:
+            log.info("wrote %s", png)
+    console.print(metrics_table(f"ensemble ({plan.fusion}, {plan.rerank.label()}) -> {out_dir}", metrics))
+
+
+if __name__ == "__main__":
+    run_cli(main)

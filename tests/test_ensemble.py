@@ -1,0 +1,244 @@
+"""ensemble.py and its machinery: exact vectorised weight scoring, the search, fusion, re-ranking,
+bad input, and main() end to end on run folders written with save_run."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+
+import ensemble
+from utils.errors import KitError
+from utils.fusion import fuse, transform, weighted_sum
+from utils.metrics import relevance_matrix, topk_scores
+from utils.rerank import (
+    RerankParams,
+    database_augmentation,
+    dual_softmax,
+    k_reciprocal,
+    profile_similarity,
+    query_expansion,
+    rerank,
+    sinkhorn,
+)
+from utils.similarity_io import SimMatrix, load_run, save_run
+from utils.weight_search import CandidateScorer, loop_first_hit, points_from_rank, search_weights, simplex_grid
+
+
+def identity_case(n_id: int, per_id: int = 2, seed: int = 0):
+    """Relevance of a shuffled q x g task with ``per_id`` images per identity on each side."""
+    rng = np.random.default_rng(seed)
+    ident = np.arange(n_id * per_id) // per_id
+    return ident[rng.permutation(len(ident))][:, None] == ident[None, :]
+
+
+# ---------------------------------------------------------------- weight scoring and search
+@pytest.mark.parametrize("fusion", ["zscore", "rank", "rrf"])
+@pytest.mark.parametrize("top_m", [10, 25, 400])
+def test_vectorised_scores_equal_the_loop(fusion, top_m):
+    rng = np.random.default_rng(1)
+    rel = identity_case(100)
+    shared = rng.standard_normal(rel.shape)
+    mats = [transform((s * rel + shared + rng.standard_normal(rel.shape)).astype(np.float32), fusion) for s in (2.0, 1.5, 1.0)]
+    weights = np.vstack([simplex_grid(3, 0.1), np.random.default_rng(2).dirichlet(np.ones(3), 40)]).astype(np.float32)
+    scorer = CandidateScorer(mats, rel, top_m=top_m)
+    fast = scorer.first_hit(weights)
+    slow = loop_first_hit(mats, rel, weights)
+    np.testing.assert_array_equal(fast, slow)
+    # the same as the kit's metric on the fused matrix
+    for i in (0, 7, len(weights) - 1):
+        assert points_from_rank(fast[i]).mean() == pytest.approx(topk_scores(weighted_sum(mats, weights[i]), rel)["score"])
+    if top_m == 10:
+        assert scorer.fallback_pairs > 0  # the full-row path was exercised too
+
+
+def test_search_finds_planted_weights():
+    rng = np.random.default_rng(0)
+    rel = identity_case(150)
+    signal = rel.astype(np.float32)
+    n1, n2 = 4 * rng.standard_normal((2, *rel.shape)).astype(np.float32)
+    # only 0.2 / 0.3 / 0.5 cancels the noise exactly
+    mats = [signal + n1, signal + n2, signal - 0.4 * n1 - 0.6 * n2]
+    res = search_weights(CandidateScorer(mats, rel), grid_step=0.1, n_boot=50, smooth_radius=0.0)
+    np.testing.assert_allclose(res.weights, [0.2, 0.3, 0.5], atol=1e-6)
+    assert res.score == 1000.0
+    assert res.cand_mean.max() == pytest.approx(res.boot_mean)
+
+
+def test_random_search_for_five_models_beats_every_single_model():
+    rng = np.random.default_rng(3)
+    rel = identity_case(80)
+    mats = [(rel + 1.2 * rng.standard_normal(rel.shape)).astype(np.float32) for _ in range(5)]
+    res = search_weights(CandidateScorer(mats, rel), n_random=200, refine_rounds=2, n_boot=30)
+    singles = [topk_scores(m, rel)["score"] for m in mats]
+    assert res.weights.sum() == pytest.approx(1.0) and (res.weights >= 0).all()
+    assert res.score > max(singles)
+    assert len(res.candidates) == 5 + 1 + 200 + 2 * 50
+
+
+def test_fusion_transforms():
+    sim = np.array([[0.1, 0.9, 0.5, 0.5]], np.float32)
+    np.testing.assert_allclose(transform(sim, "rank"), [[0, 1, 2 / 3, 1 / 3]], rtol=1e-6)
+    np.testing.assert_allclose(transform(sim, "minmax"), [[0, 1, 0.5, 0.5]], rtol=1e-6)
+    np.testing.assert_allclose(transform(sim, "rrf", rrf_k=1), [[1 / 5, 1 / 2, 1 / 3, 1 / 4]], rtol=1e-6)
+    z = transform(sim, "zscore")
+    assert z.mean() == pytest.approx(0, abs=1e-6) and z.std() == pytest.approx(1, abs=1e-5)
+    with pytest.raises(KitError, match="--fusion 'bogus'"):
+        fuse([sim], np.ones(1), "bogus")
+
+
+# ---------------------------------------------------------------- re-ranking on hand-made cases
+def block_case(n_id: int = 6, seed: int = 0) -> np.ndarray:
+    """Queries 2i, 2i+1 and gallery 2i, 2i+1 are identity i; a little noise."""
+    rng = np.random.default_rng(seed)
+    ident = np.arange(2 * n_id) // 2
+    return ((ident[:, None] == ident[None, :]) + 0.05 * rng.standard_normal((2 * n_id, 2 * n_id))).astype(np.float32)
+
+
+def order(row: np.ndarray, k: int = 3) -> list[int]:
+    return np.argsort(-row, kind="stable")[:k].tolist()
+
+
+def test_database_augmentation_lifts_the_weak_twin():
+    s = block_case()
+    s[0, 0], s[0, 1], s[0, 2] = 0.55, 0.9, 0.6  # query 0: right g0 weak, its twin g1 strong, wrong g2 in between
+    assert order(s[0]) == [1, 2, 0]
+    _, gg = profile_similarity(s)
+    assert order(database_augmentation(s, gg, k=1, alpha=3.0)[0]) == [0, 1, 2]
+
+
+def test_query_expansion_pulls_in_the_top_hits_twin():
+    s = block_case()
+    s[0, 0], s[0, 2], s[0, 1] = 1.0, 0.7, 0.6  # query 0: right g0 first, wrong g2, then g0's twin g1
+    assert order(s[0]) == [0, 2, 1]
+    _, gg = profile_similarity(s)
+    assert order(query_expansion(s, gg, k=1, alpha=3.0)[0]) == [0, 1, 2]
+
+
+def test_k_reciprocal_demotes_a_hub():
+    s = block_case()
+    s[:, 10] += 1.2  # gallery 10 outscores the right answer for every query
+    assert (s.argmax(axis=1) == 10).all()
+    qq, gg = profile_similarity(s)
+    out = k_reciprocal(s, qq, gg, k1=3, k2=2, lam=0.3)
+    ident = np.arange(12) // 2
+    np.testing.assert_array_equal(ident[out.argmax(axis=1)], ident)
+
+
+@pytest.mark.parametrize("method", ["dual_softmax", "sinkhorn"])
+def test_two_way_normalisation_recovers_a_permutation(method):
+    rng = np.random.default_rng(0)
+    perm = rng.permutation(8)
+    s = 0.05 * rng.standard_normal((8, 8)).astype(np.float32)
+    s[np.arange(8), perm] += 1.0
+    s[:, perm[0]] += 1.5  # a hub: every row's maximum
+    assert (s.argmax(axis=1) == perm[0]).all()
+    out = dual_softmax(s, 0.5) if method == "dual_softmax" else sinkhorn(s, 0.5, 50)
+    np.testing.assert_array_equal(out.argmax(axis=1), perm)
+    assert np.isfinite(out).all() and out.dtype == np.float32
+
+
+def test_rerank_refuses_conflicting_steps():
+    with pytest.raises(KitError, match="pick one"):
+        rerank(block_case(), RerankParams(steps=("dual_softmax", "sinkhorn")))
+    assert rerank(block_case(), RerankParams()) is not None
+
+
+# ---------------------------------------------------------------- main() on run folders
+def write_runs(root, n_id=12, models=(("a", 1.5), ("b", 1.0)), seed=0):
+    """Run folders as model scripts write them: val names train/<identity>/<img>, test basenames."""
+    rng = np.random.default_rng(seed)
+    vq = [f"train/id{i:02d}/real_{k}.jpg" for i in range(n_id) for k in range(2)]
+    vg = [f"train/id{i:02d}/synth_{k}.png" for i in range(n_id) for k in range(2)]
+    tq = [f"q{i:03d}.jpg" for i in range(2 * n_id)]
+    tg = [f"g{i:03d}.png" for i in range(2 * n_id)]
+    truth = {q: [tg[2 * (j // 2)], tg[2 * (j // 2) + 1]] for j, q in enumerate(tq)}
+    val_rel = np.repeat(np.repeat(np.eye(n_id, dtype=bool), 2, axis=0), 2, axis=1)
+    test_rel = relevance_matrix(tq, tg, truth)
+    for name, strength in models:
+        sims = {}
+        for split, (q, g, rel) in {"val": (vq, vg, val_rel), "test": (tq, tg, test_rel)}.items():
+            sims[split] = SimMatrix((strength * rel + rng.standard_normal(rel.shape)).astype(np.float32), q, g)
+        save_run(root / "runs" / name, sims, {"model": name})
+    data = root / "data"
+    (data / "test").mkdir(parents=True)
+    (data / "test" / "ground_truth.json").write_text(json.dumps(truth))
+    return root / "runs", data
+
+
+def test_main_end_to_end_two_runs(tmp_path):
+    runs, data = write_runs(tmp_path)
+    assert ensemble.main(["--runs", str(runs), "--data", str(data), "--bootstrap", "20"]) == 0
+    out = load_run(runs / "ensemble")
+    assert out.meta["model"] == "ensemble" and out.meta["plan"]["fusion"] == "zscore"
+    w = json.loads((runs / "ensemble" / "weights.json").read_text())
+    assert w["models"] == ["a", "b"] and sum(w["weights"]) == pytest.approx(1.0)
+    assert (runs / "ensemble" / "simplex.png").stat().st_size > 1000
+    assert "test" in out.meta["metrics"]
+    # the written test matrix is the plan applied to the members' test matrices
+    a, b = load_run(runs / "a"), load_run(runs / "b")
+    expect = fuse([a.splits["test"].sim, b.splits["test"].sim], np.array(w["weights"], np.float32), "zscore")
+    np.testing.assert_array_equal(out.splits["test"].sim, expect)
+    # a second call ignores its own output folder and gives the same matrices
+    assert ensemble.main(["--runs", str(runs), "--bootstrap", "20"]) == 0
+    np.testing.assert_array_equal(load_run(runs / "ensemble").splits["test"].sim, out.splits["test"].sim)
+
+
+def test_main_auto_records_its_choice(tmp_path):
+    runs, data = write_runs(tmp_path)
+    out = tmp_path / "fused"
+    assert ensemble.main(["--runs", str(runs), "--auto", "--bootstrap", "20", "--out", str(out), "--no-plot"]) == 0
+    meta = load_run(out).meta
+    labels = [o["label"] for o in meta["choice"]["options"]]
+    assert meta["choice"]["auto"] is True and sum(o["chosen"] for o in meta["choice"]["options"]) == 1
+    assert any("sinkhorn" in x for x in labels) and any("kr(" in x for x in labels) and any(x.startswith("rrf") for x in labels)
+    assert meta["plan"]["rerank_label"] == meta["choice"]["rerank_label"]
+
+
+def test_single_model_passes_through_unchanged(tmp_path):
+    runs, _ = write_runs(tmp_path, models=(("resnet", 1.0),))
+    assert ensemble.main(["--runs", str(runs)]) == 0
+    src, out = load_run(runs / "resnet"), load_run(runs / "ensemble")
+    for split in ("val", "test"):
+        np.testing.assert_array_equal(out.splits[split].sim, src.splits[split].sim)
+        assert out.splits[split].query_names == src.splits[split].query_names
+    assert json.loads((runs / "ensemble" / "weights.json").read_text())["weights"] == [1.0]
+
+
+def test_names_that_disagree_are_refused(tmp_path):
+    runs, _ = write_runs(tmp_path)
+    b = load_run(runs / "b")
+    t = b.splits["test"]
+    renamed = SimMatrix(t.sim, t.query_names, ["other_" + g for g in t.gallery_names])
+    save_run(runs / "b", {"val": b.splits["val"], "test": renamed}, {"model": "b"})
+    with pytest.raises(KitError, match=r"test gallery names differ from .*runs/a"):
+        ensemble.main(["--runs", str(runs)])
+
+
+def test_nan_matrix_is_refused_naming_the_file(tmp_path):
+    runs, _ = write_runs(tmp_path)
+    sim = np.load(runs / "b" / "val_sim.npy")
+    sim[3, 4] = np.nan
+    np.save(runs / "b" / "val_sim.npy", sim)
+    with pytest.raises(KitError, match=r"b/val_sim\.npy: 1 NaN"):
+        ensemble.main(["--runs", str(runs)])
+
+
+def test_shape_mismatch_is_refused_naming_the_file(tmp_path):
+    runs, _ = write_runs(tmp_path)
+    np.save(runs / "a" / "test_sim.npy", np.zeros((5, 7), np.float32))
+    with pytest.raises(KitError, match=r"a/test_sim\.npy: shape \(5, 7\) does not match"):
+        ensemble.main(["--runs", str(runs)])
+
+
+def test_bad_flags_are_refused(tmp_path):
+    runs, _ = write_runs(tmp_path)
+    with pytest.raises(KitError, match="--weights: 3 values for 2 models"):
+        ensemble.main(["--runs", str(runs), "--weights", "0.2", "0.3", "0.5"])
+    with pytest.raises(KitError, match="--models nope"):
+        ensemble.main(["--runs", str(runs), "--models", "a", "nope"])
+    with pytest.raises(KitError, match="pick one"):
+        ensemble.main(["--runs", str(runs), "--dual-softmax", "--sinkhorn"])
+    with pytest.raises(KitError, match="no run folder"):
+        ensemble.main(["--runs", str(tmp_path / "data")])
