@@ -17,7 +17,7 @@ DATA=$OUT/data RUNS=$OUT/runs
 # A small ResNet from random weights at 64 px: about a minute on 2 CPU cores.
 $PY train_resnet.py --data "$DATA" --runs "$RUNS" --model resnet18 --weights none \
     --img-size 64 --epochs 10 --batch-size 32 --lr 1e-3 "$@"
-$PY ensemble.py --runs "$RUNS" --data "$DATA"
+$PY ensemble.py --runs "$RUNS" --data "$DATA" --auto
 
 # The local server on a free port; its first line says where.
 log=$(mktemp)
