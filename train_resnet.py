@@ -22,7 +22,6 @@ from __future__ import annotations
 import argparse
 import hashlib
 import logging
-import math
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -44,6 +43,7 @@ from utils.image_dataset import ImageDataset
 from utils.logs import setup_logging
 from utils.metrics import relevance_matrix, topk_scores
 from utils.progress import ProgressBar
+from utils.schedule import warmup_cosine
 from utils.seed import seed_everything, worker_init
 from utils.split import SplitParams
 from utils.task import cosine_similarity, prepare_task, write_model_run
@@ -114,13 +114,6 @@ def build_model(cfg: Config) -> nn.Module:
     if cfg.weights != "none":
         load_into(model, load_weights_file(cfg.weights), cfg.weights, strict=False)
     return model
-
-
-def lr_factor(step: int, total: int, warmup: int) -> float:
-    """Linear warm-up to 1, then cosine to 0."""
-    if step < warmup:
-        return (step + 1) / warmup
-    return 0.5 * (1 + math.cos(math.pi * (step - warmup) / max(1, total - warmup)))
 
 
 def file_sha(path: Path) -> str:
@@ -207,7 +200,7 @@ def main(argv: Sequence[str] | None = None) -> int:
                     continue
                 x, y = x[ok].to(device, non_blocking=True), y[ok].to(device, non_blocking=True)
                 for g, base in zip(optimizer.param_groups, base_lrs):
-                    g["lr"] = base * lr_factor(step, total_steps, warmup_steps)
+                    g["lr"] = base * warmup_cosine(step, total_steps, warmup_steps)
                 with torch.autocast(device.type, dtype=amp, enabled=amp is not None):
                     loss = criterion(head(backbone(x)).float(), y)
                 optimizer.zero_grad(set_to_none=True)
@@ -232,10 +225,10 @@ def main(argv: Sequence[str] | None = None) -> int:
             epoch=epoch, config=config_to_dict(cfg), classes=task.classes,
             best_score=max(best_score, record.get("val_score", -1.0)),
         )
-        save_checkpoint(run_dir / "last.pt", **state)
-        if record.get("val_score", -1.0) > best_score:
+        if record.get("val_score", -1.0) > best_score:  # best.pt first: last.pt never points past it
             best_score = record["val_score"]
             save_checkpoint(run_dir / "best.pt", **state)
+        save_checkpoint(run_dir / "last.pt", **state)
     timings["train"] = time.time() - t0 - timings["prepare"]
 
     # embed with the best checkpoint (by validation score), else the last

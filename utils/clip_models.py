@@ -1,0 +1,250 @@
+"""OpenCLIP image towers: build one by name, load its weights, unfreeze its last blocks.
+
+    >>> clip = create_visual("ViT-L-14", pretrained="openai")         # hub weights
+    >>> clip = create_visual("ViT-L-14", "openai", weights="vit-l.bin")  # same, from a local file
+    >>> clip = create_visual("configs/tiny-vit.json", pretrained="none")  # own config, random init
+    >>> groups = unfreeze_last(clip.visual, 4)  # last 4 blocks + the pooling/projection after them
+
+``pretrained`` is an open_clip tag (``openai``, ``laion2b_s32b_b82k``, ...) or
+``none``. With ``weights`` the tensors come from that file; the tag then only
+sets what the weights were trained with (QuickGELU, mean/std), so
+``--pretrained openai --weights open_clip_pytorch_model.bin`` is the offline
+form of ``--pretrained openai``. The text tower is dropped.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import difflib
+import logging
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import open_clip
+from open_clip.factory import resize_pos_embed
+from open_clip.modified_resnet import ModifiedResNet
+from open_clip.transformer import VisionTransformer
+from torch import nn
+
+from utils.checkpoint import load_weights_file
+from utils.errors import KitError
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class ClipVisual:
+    """An open_clip image tower and what its inputs must look like."""
+
+    visual: nn.Module
+    name: str  # open_clip config name
+    preprocess: dict[str, Any]  # size, mean, std, interpolation, resize_mode (open_clip's PreprocessCfg)
+    quick_gelu: bool
+
+    @property
+    def out_dim(self) -> int:
+        return int(self.visual.output_dim)
+
+    def eval_transform(self):
+        """open_clip's own eval preprocessing (resize, centre crop, normalise): PIL -> tensor."""
+        pp = self.preprocess
+        return open_clip.image_transform(
+            pp["size"], is_train=False, mean=pp["mean"], std=pp["std"],
+            resize_mode=pp["resize_mode"], interpolation=pp["interpolation"],
+        )
+
+    @property
+    def image_size(self) -> int:
+        size = self.preprocess["size"]
+        return int(size[0] if isinstance(size, (tuple, list)) else size)
+
+
+def resolve_model_name(model: str) -> str:
+    """A built-in open_clip name, or a ``.json`` config file registered under its stem.
+
+    Raises:
+        KitError: unknown name or unreadable config file.
+    """
+    if model.endswith(".json"):
+        path = Path(model)
+        if not path.is_file():
+            raise KitError(f"--model {model}: config file not found")
+        open_clip.add_model_config(path)
+        if path.stem not in open_clip.list_models():
+            raise KitError(f"--model {model}: not an open_clip config (needs embed_dim, vision_cfg, text_cfg)")
+        return path.stem
+    if model not in open_clip.list_models():
+        close = difflib.get_close_matches(model, open_clip.list_models(), n=3)
+        raise KitError(f"--model {model!r}: not an open_clip model; did you mean {close}? (or pass a config .json)")
+    return model
+
+
+def _tag_config(name: str, pretrained: str) -> dict[str, Any]:
+    if pretrained in ("", "none"):
+        return {}
+    cfg = open_clip.get_pretrained_cfg(name, pretrained)
+    if not cfg:
+        tags = open_clip.list_pretrained_tags_by_model(name)
+        raise KitError(f"--pretrained {pretrained!r}: no such tag for {name}; use one of {tags} or 'none'")
+    return cfg
+
+
+def load_visual_weights(model: nn.Module, path: str | Path) -> None:
+    """Load a full CLIP state dict (``visual.*`` keys), an image-tower state dict or a kit checkpoint.
+
+    Raises:
+        KitError: missing or unreadable file, or tensors that do not fit the image tower.
+    """
+    state = load_weights_file(path)
+    state = {k.removeprefix("module."): v for k, v in state.items()}
+    if not any(k.startswith("visual.") for k in state):
+        state = {f"visual.{k}": v for k, v in state.items()}
+    state = {k: v for k, v in state.items() if k.startswith("visual.")}
+    try:
+        resize_pos_embed(state, model)  # a checkpoint made for another image size
+        result = model.load_state_dict(state, strict=False)
+    except RuntimeError as err:  # shape mismatches
+        lines = [ln.strip() for ln in str(err).splitlines() if ln.strip()]
+        raise KitError(f"{path}: weights do not fit this image tower ({' '.join(lines[1:2])[:240]}); check --model") from None
+    missing = [k for k in result.missing_keys if k.startswith("visual.")]
+    wrong = [k for k in result.unexpected_keys if k.startswith("visual.")]
+    if missing or wrong:
+        raise KitError(
+            f"{path}: weights do not fit this image tower ({len(missing)} missing, e.g. {missing[:2]}; "
+            f"{len(wrong)} unexpected, e.g. {wrong[:2]}); check --model"
+        )
+
+
+@contextlib.contextmanager
+def _quiet_open_clip():
+    """open_clip logs every creation step on the root logger; keep only its errors."""
+    root = logging.getLogger()
+    level = root.level
+    root.setLevel(max(level, logging.ERROR))
+    try:
+        yield
+    finally:
+        root.setLevel(level)
+
+
+def create_visual(model: str, pretrained: str = "openai", weights: str = "", img_size: int = 0) -> ClipVisual:
+    """Build the image tower of an open_clip model with the weights asked for.
+
+    Args:
+        model: open_clip name (``ViT-L-14``) or a config ``.json`` file.
+        pretrained: tag of the weights (hub download unless ``weights`` is given) or ``none``.
+        weights: local ``.pt``/``.bin``/``.safetensors`` file; overrides the download.
+        img_size: input side in pixels; 0 keeps the model's own.
+
+    Raises:
+        KitError: unknown model or tag, failed download, bad weights file.
+    """
+    if weights and not Path(weights).is_file():
+        raise KitError(f"{weights}: weights file not found (--weights PATH); give an existing .pt/.bin/.safetensors file")
+    name = resolve_model_name(model)
+    tag_cfg = _tag_config(name, pretrained)
+    quick_gelu = bool(tag_cfg.get("quick_gelu", False))
+    preprocess = {k: tag_cfg[k] for k in ("mean", "std", "interpolation", "resize_mode") if k in tag_cfg}
+    kwargs = dict(force_quick_gelu=quick_gelu, force_image_size=img_size or None, force_preprocess_cfg=preprocess)
+    if weights:
+        with _quiet_open_clip():
+            clip = open_clip.create_model(name, pretrained=None, **kwargs)
+        load_visual_weights(clip, weights)
+        log.info("%s: image tower weights from %s", name, weights)
+    elif tag_cfg:
+        try:
+            with _quiet_open_clip():
+                clip = open_clip.create_model(name, pretrained=pretrained, **kwargs)
+        except (RuntimeError, OSError) as err:
+            first = (str(err).strip().splitlines() or [type(err).__name__])[0][:200]
+            raise KitError(
+                f"--pretrained {pretrained}: cannot load weights for {name} ({first}); offline, pass "
+                "--weights PATH (the open_clip .bin/.safetensors file) or --pretrained none"
+            ) from None
+    else:
+        with _quiet_open_clip():
+            clip = open_clip.create_model(name, pretrained=None, **kwargs)
+        log.info("%s: random initialisation (--pretrained none)", name)
+    visual = clip.visual
+    pp = dict(open_clip.get_model_preprocess_cfg(visual))
+    return ClipVisual(visual, name, pp, quick_gelu)
+
+
+# ----------------------------------------------------------------------------
+# partial unfreezing
+
+
+def visual_blocks(visual: nn.Module) -> tuple[list[nn.Module], list[nn.Module | nn.Parameter]]:
+    """The tower's blocks in forward order and what comes after them (pooling, norm, projection).
+
+    Raises:
+        KitError: a tower whose block structure is not known here.
+    """
+    if isinstance(visual, VisionTransformer):
+        tail = [visual.ln_post, visual.proj]
+        tail += [m for m in (getattr(visual, "attn_pool", None), getattr(visual, "attn_pool_contrastive", None)) if m is not None]
+        return list(visual.transformer.resblocks), [t for t in tail if t is not None]
+    if isinstance(visual, ModifiedResNet):
+        blocks = [b for layer in (visual.layer1, visual.layer2, visual.layer3, visual.layer4) for b in layer]
+        return blocks, [visual.attnpool]
+    raise KitError(
+        f"--unfreeze N: partial unfreezing of a {type(visual).__name__} image tower is not supported; "
+        "use --unfreeze 0 (frozen) or -1 (all)"
+    )
+
+
+def _params(parts: list[nn.Module | nn.Parameter]) -> list[nn.Parameter]:
+    out = []
+    for p in parts:
+        out += [p] if isinstance(p, nn.Parameter) else list(p.parameters())
+    return out
+
+
+def unfreeze_last(visual: nn.Module, n_blocks: int) -> list[list[nn.Parameter]]:
+    """Freeze the tower, then unfreeze its last ``n_blocks`` blocks and the layers after them.
+
+    ``0`` keeps it all frozen, ``-1`` unfreezes everything.
+
+    Returns:
+        trainable parameters in groups from the output side inwards: [tail, last
+        block, block before, ..., (stem, with -1)]; for layer-wise learning rates.
+
+    Raises:
+        KitError: ``n_blocks`` beyond the tower's depth or below -1.
+    """
+    for p in visual.parameters():
+        p.requires_grad_(False)
+    if n_blocks == 0:
+        return []
+    if n_blocks == -1:
+        try:
+            blocks, tail = visual_blocks(visual)
+        except KitError:  # unknown structure: one group of everything
+            groups = [list(visual.parameters())]
+        else:
+            inner = {id(p) for p in _params(blocks + tail)}
+            stem = [p for p in visual.parameters() if id(p) not in inner]
+            groups = [_params(tail)] + [_params([b]) for b in reversed(blocks)] + [stem]
+    else:
+        blocks, tail = visual_blocks(visual)
+        if not 0 < n_blocks <= len(blocks):
+            raise KitError(f"--unfreeze {n_blocks}: this tower has {len(blocks)} blocks; use 0..{len(blocks)} or -1 for all")
+        groups = [_params(tail)] + [_params([b]) for b in reversed(blocks[-n_blocks:])]
+    groups = [g for g in groups if g]
+    for g in groups:
+        for p in g:
+            p.requires_grad_(True)
+    return groups
+
+
+def freeze_frozen_batchnorm(module: nn.Module) -> None:
+    """Keep BatchNorm layers whose weights are frozen in eval mode (their running stats stay)."""
+    for m in module.modules():
+        if isinstance(m, nn.modules.batchnorm._BatchNorm) and not any(p.requires_grad for p in m.parameters()):
+            m.eval()
+
+
+def count_trainable(module: nn.Module) -> int:
+    return sum(p.numel() for p in module.parameters() if p.requires_grad)
+

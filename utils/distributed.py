@@ -1,0 +1,80 @@
+"""DistributedDataParallel set-up in the nanoGPT style: the same script, one process per GPU.
+
+    torchrun --standalone --nproc_per_node=4 train_clip_arcface.py --data DATA
+
+``torchrun`` sets RANK/LOCAL_RANK/WORLD_SIZE; without them the script runs as
+one plain process. Rank 0 (``master``) logs, saves checkpoints and embeds;
+the others only train. NCCL on GPUs, gloo on CPU (which lets tests run two
+processes on a laptop).
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+import torch.distributed as dist
+
+from utils.device import pick_device
+from utils.errors import KitError
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class DistInfo:
+    """Where this process stands; ``ddp`` is False for a plain single-process run."""
+
+    ddp: bool = False
+    rank: int = 0
+    local_rank: int = 0
+    world_size: int = 1
+
+    @property
+    def master(self) -> bool:
+        return self.rank == 0
+
+
+def init_distributed(device_name: str = "auto") -> tuple[DistInfo, torch.device]:
+    """Join the process group when launched by torchrun; pick this process's device.
+
+    Raises:
+        KitError: more processes than GPUs on this node with a CUDA device.
+    """
+    if int(os.environ.get("RANK", -1)) == -1:
+        return DistInfo(), pick_device(device_name)
+    info = DistInfo(True, int(os.environ["RANK"]), int(os.environ.get("LOCAL_RANK", 0)), int(os.environ["WORLD_SIZE"]))
+    use_cuda = device_name != "cpu" and torch.cuda.is_available()
+    if use_cuda:
+        if info.local_rank >= torch.cuda.device_count():
+            raise KitError(f"LOCAL_RANK {info.local_rank}: only {torch.cuda.device_count()} GPUs; lower --nproc_per_node")
+        device = torch.device(f"cuda:{info.local_rank}")
+        torch.cuda.set_device(device)
+    else:
+        device = torch.device("cpu")
+    if not dist.is_initialized():
+        dist.init_process_group(backend="nccl" if use_cuda else "gloo")
+    log.info("DDP rank %d/%d on %s", info.rank, info.world_size, device)
+    return info, device
+
+
+def barrier(info: DistInfo) -> None:
+    if info.ddp:
+        dist.barrier()
+
+
+def broadcast(info: DistInfo, obj: Any) -> Any:
+    """Rank 0's ``obj`` on every rank (a no-op without DDP)."""
+    if not info.ddp:
+        return obj
+    box = [obj]
+    dist.broadcast_object_list(box, src=0)
+    return box[0]
+
+
+def cleanup(info: DistInfo) -> None:
+    if info.ddp and dist.is_initialized():
+        dist.destroy_process_group()
