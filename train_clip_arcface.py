@@ -46,7 +46,7 @@ from utils.augment import train_transform
 from utils.checkpoint import load_checkpoint, save_checkpoint
 from utils.class_sampler import MPerClassShardSampler
 from utils.clip_models import ClipVisual, count_trainable, create_visual, freeze_frozen_batchnorm, unfreeze_last
-from utils.config import add_config_args, config_from_args, config_to_dict
+from utils.config import RunConfig, add_config_args, config_from_args, config_to_dict
 from utils.device import amp_dtype
 from utils.distributed import DistInfo, barrier, broadcast, cleanup, init_distributed
 from utils.embedding import TTA_VIEWS, embed_images
@@ -59,7 +59,6 @@ from utils.progress import ProgressBar
 from utils.projection_head import HEAD_KINDS, ProjectionHead
 from utils.schedule import warmup_cosine
 from utils.seed import seed_everything, worker_init
-from utils.split import SplitParams
 from utils.task import Task, cosine_similarity, prepare_task, write_model_run
 
 log = logging.getLogger("train_clip_arcface")
@@ -71,9 +70,8 @@ ZERO_SHOT_RUN = "clip_zeroshot"
 # ----------------------------------------------------------------------------
 # defaults = the seed's setup; every field is a --flag (kebab-case); the resolved config goes to meta.json
 @dataclass
-class Config:
-    data: Path = field(default=Path("data"), metadata={"help": "competition data folder", "metavar": "DIR"})
-    runs: Path = field(default=Path("runs"), metadata={"help": "where runs/<run-name>/ and split.json go", "metavar": "DIR"})
+class Config(RunConfig):
+    # --data, --runs, --seed, --val-fraction, --query-domain, --device, --verbose: utils.config.RunConfig
     run_name: str = field(default=DEFAULT_RUN, metadata={"help": f"output folder under --runs ({ZERO_SHOT_RUN} for --zero-shot unless set)"})
     # backbone: any open_clip name (open_clip.list_models()) or a config .json; ViT-B-16 is ~4x cheaper
     model: str = field(default="ViT-L-14", metadata={"help": "open_clip model name or a model config .json file", "metavar": "NAME"})
@@ -109,15 +107,8 @@ class Config:
     # embedding
     tta: list[str] = field(default_factory=lambda: ["id", "flip"], metadata={"help": f"test-time views, of {sorted(TTA_VIEWS)}"})
     embed_batch_size: int = field(default=64, metadata={"help": "batch size for embedding"})
-    # split: must match every other model script's (runs/split.json enforces it)
-    seed: int = field(default=0, metadata={"help": "seed for the split, init, sampling and augmentation"})
-    val_fraction: float = field(default=0.2, metadata={"help": "share of identities held out for validation"})
-    query_domain: str = field(default="real", metadata={"help": "domains.csv value of query images"})
-    # machine
-    device: str = field(default="auto", metadata={"help": "auto, cpu, cuda or cuda:N (under torchrun: one GPU per process)"})
     amp: bool = field(default=True, metadata={"help": "mixed precision on GPU (bf16 where supported); the loss stays float32"})
     workers: int = field(default=4, metadata={"help": "DataLoader worker processes"})
-    verbose: bool = field(default=False, metadata={"help": "debug logging"})
 # ----------------------------------------------------------------------------
 
 
@@ -277,10 +268,9 @@ def train_and_embed(cfg: Config, dist_info: DistInfo, device: torch.device) -> i
     seed_everything(cfg.seed)
 
     # data and the shared validation split (rank 0 writes runs/split.json first)
-    params = SplitParams(cfg.seed, cfg.val_fraction, cfg.query_domain)
-    task = prepare_task(cfg.data, cfg.runs, params, cfg.full_train) if master else None
+    task = prepare_task(cfg.data, cfg.runs, cfg.split_params(), cfg.full_train) if master else None
     barrier(dist_info)
-    task = task or prepare_task(cfg.data, cfg.runs, params, cfg.full_train)
+    task = task or prepare_task(cfg.data, cfg.runs, cfg.split_params(), cfg.full_train)
     timings = {"prepare": time.time() - t0}
 
     # image tower; zero-shot stops here

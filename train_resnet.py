@@ -35,7 +35,7 @@ from torch.utils.data import DataLoader
 
 from utils.augment import eval_transform, train_transform
 from utils.checkpoint import load_checkpoint, load_into, load_weights_file, save_checkpoint
-from utils.config import add_config_args, config_from_args, config_to_dict
+from utils.config import RunConfig, add_config_args, config_from_args, config_to_dict
 from utils.device import amp_dtype, pick_device
 from utils.embedding import TTA_VIEWS, embed_images
 from utils.errors import KitError, run_cli
@@ -45,7 +45,6 @@ from utils.metrics import relevance_matrix, topk_scores
 from utils.progress import ProgressBar
 from utils.schedule import warmup_cosine
 from utils.seed import seed_everything, worker_init
-from utils.split import SplitParams
 from utils.task import cosine_similarity, prepare_task, write_model_run
 
 log = logging.getLogger("train_resnet")
@@ -54,9 +53,8 @@ log = logging.getLogger("train_resnet")
 # ----------------------------------------------------------------------------
 # defaults: every field is a --flag (kebab-case); the resolved config goes to meta.json
 @dataclass
-class Config:
-    data: Path = field(default=Path("data"), metadata={"help": "competition data folder", "metavar": "DIR"})
-    runs: Path = field(default=Path("runs"), metadata={"help": "where runs/<run-name>/ and split.json go", "metavar": "DIR"})
+class Config(RunConfig):
+    # --data, --runs, --seed, --val-fraction, --query-domain, --device, --verbose: utils.config.RunConfig
     run_name: str = field(default="resnet", metadata={"help": "output folder name under --runs"})
     # model: any timm name; change for a stronger backbone (convnext_tiny, vit_base_patch16_224, ...)
     model: str = field(default="resnet50", metadata={"help": "timm model name"})
@@ -77,15 +75,8 @@ class Config:
     # embedding
     tta: list[str] = field(default_factory=lambda: ["id", "flip"], metadata={"help": f"test-time views, of {sorted(TTA_VIEWS)}"})
     embed_batch_size: int = field(default=64, metadata={"help": "batch size for embedding"})
-    # split: must match every other model script's (runs/split.json enforces it)
-    seed: int = field(default=0, metadata={"help": "seed for the split, init, shuffling and augmentation"})
-    val_fraction: float = field(default=0.2, metadata={"help": "share of identities held out for validation"})
-    query_domain: str = field(default="real", metadata={"help": "domains.csv value of query images"})
-    # machine
-    device: str = field(default="auto", metadata={"help": "auto, cpu, cuda or cuda:N"})
     amp: bool = field(default=True, metadata={"help": "mixed precision on GPU (bf16 where supported)"})
     workers: int = field(default=2, metadata={"help": "DataLoader worker processes"})
-    verbose: bool = field(default=False, metadata={"help": "debug logging"})
 # ----------------------------------------------------------------------------
 
 
@@ -132,8 +123,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     shuffle_gen = seed_everything(cfg.seed)
 
     # data and the shared validation split
-    params = SplitParams(cfg.seed, cfg.val_fraction, cfg.query_domain)
-    task = prepare_task(cfg.data, cfg.runs, params, cfg.full_train)
+    task = prepare_task(cfg.data, cfg.runs, cfg.split_params(), cfg.full_train)
     timings = {"prepare": time.time() - t0}
 
     # model: backbone + linear head over training identities

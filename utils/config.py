@@ -19,8 +19,11 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import typing
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, TypeVar
+
+from utils.split import SplitParams
 
 C = TypeVar("C")
 
@@ -79,3 +82,26 @@ def config_to_dict(cfg: Any) -> dict[str, Any]:
     for key, val in dataclasses.asdict(cfg).items():
         out[key] = str(val) if isinstance(val, Path) else val
     return out
+
+
+@dataclass
+class RunConfig:
+    """Flags every model script shares; the split ones must agree across scripts.
+
+    A script's ``Config`` subclasses this, so its own fields follow these.
+    ``runs/split.json`` refuses a run whose split flags differ from the first.
+    """
+
+    data: Path = field(default=Path("data"), metadata={"help": "competition data folder", "metavar": "DIR"})
+    runs: Path = field(default=Path("runs"), metadata={"help": "where runs/<run-name>/ and split.json go", "metavar": "DIR"})
+    # split: the same for every model script, or the ensemble cannot join them
+    seed: int = field(default=0, metadata={"help": "seed for the split, init, sampling and augmentation"})
+    val_fraction: float = field(default=0.2, metadata={"help": "share of training identities held out for validation"})
+    query_domain: str = field(default="real", metadata={"help": "domains.csv value of query images"})
+    # machine
+    device: str = field(default="auto", metadata={"help": "auto, cpu, cuda or cuda:N"})
+    verbose: bool = field(default=False, metadata={"help": "debug logging"})
+
+    def split_params(self) -> SplitParams:
+        """The validation split these flags ask for."""
+        return SplitParams(self.seed, self.val_fraction, self.query_domain)
