@@ -33,7 +33,7 @@ def load_checkpoint(path: str | Path, map_location: str | torch.device = "cpu") 
         raise KitError(f"{path}: checkpoint not found; check the path or drop the flag")
     try:
         return torch.load(path, map_location=map_location, weights_only=True)
-    except (pickle.UnpicklingError, RuntimeError, EOFError, ValueError, OSError) as err:
+    except (pickle.UnpicklingError, RuntimeError, EOFError, ValueError, OSError, LookupError) as err:  # LookupError: text files
         first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
         raise KitError(f"{path}: not a readable torch checkpoint ({first})") from None
 

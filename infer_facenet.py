@@ -1,0 +1,178 @@
+"""Face embeddings without training: MTCNN face crops -> FaceNet or dlib, with TTA,
+written as runs/<run-name>/{val,test}_sim.npy + meta.json for the ensemble.
+
+    # FaceNet (InceptionResnetV1, VGGFace2 weights from the hub or the torch cache):
+    python infer_facenet.py --data DATA
+    # offline, FaceNet weights from a local facenet-pytorch state dict:
+    python infer_facenet.py --data DATA --weights /path/to/20180402-114759-vggface2.pt
+    # dlib's ResNet face model (weights ship in face-recognition-models, offline), run runs/dlib:
+    python infer_facenet.py --data DATA --embedder dlib
+    # fewer test-time views (faster on CPU), or none:
+    python infer_facenet.py --data DATA --embedder dlib --tta flip
+    python infer_facenet.py --data DATA --embedder dlib --tta
+    # the floor: FaceNet with random weights
+    python infer_facenet.py --data DATA --weights none --run-name facenet_random
+
+Stages: read data and the shared validation split -> detect one face per image
+with MTCNN (batched on letterboxed canvases; of several faces the most central
+one with --face-select center, the biggest with largest) -> cut aligned crops
+(FaceNet: the square box plus margin, eyes levelled; dlib: dlib's 5-point
+landmarks and chip geometry); an image without a face falls back to the centre
+square of the whole image, resized and normalised like every crop, and is
+counted in meta.json -> crops are cached under runs/<run-name>/cache/ (keyed by
+file path/size/mtime and the detector and crop settings) -> embed every view
+of every batch (identity + --tta views, on query and gallery alike), average
+the L2-normalised embeddings, normalise -> cosine similarity matrices.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Sequence
+
+import numpy as np
+import torch
+
+from utils.atomic import atomic_save_npy
+from utils.config import add_config_args, config_from_args, config_to_dict
+from utils.device import amp_dtype, pick_device
+from utils.embedding import files_key
+from utils.errors import KitError, run_cli
+from utils.face_crop import CropParams, face_crops
+from utils.face_detect import SELECT_METHODS, DetectorParams, FaceDetector
+from utils.face_embedder import EMBEDDERS, build_embedder, embed_crops
+from utils.face_tta import TTA_GROUPS, tta_views
+from utils.logs import setup_logging
+from utils.seed import seed_everything
+from utils.split import SplitParams
+from utils.task import Task, cosine_similarity, prepare_task, write_model_run
+
+log = logging.getLogger("infer_facenet")
+
+SETS = ("val_query", "val_gallery", "test_query", "test_gallery")
+
+
+# ----------------------------------------------------------------------------
+# defaults: every field is a --flag (kebab-case); the resolved config goes to meta.json
+@dataclass
+class Config:
+    data: Path = field(default=Path("data"), metadata={"help": "competition data folder", "metavar": "DIR"})
+    runs: Path = field(default=Path("runs"), metadata={"help": "where runs/<run-name>/ and split.json go", "metavar": "DIR"})
+    run_name: str = field(default="", metadata={"help": "output folder under --runs ('' = the embedder's name: facenet or dlib)"})
+    # embedder: run both (each writes its own run) and let ensemble.py fuse them
+    embedder: str = field(default="facenet", metadata={"help": "facenet (InceptionResnetV1, 512-d) or dlib (ResNet, 128-d)", "choices": list(EMBEDDERS)})
+    weights: str = field(default="default", metadata={
+        "help": "'default' (facenet: VGGFace2 from the hub/torch cache; dlib: the .dat of face-recognition-models), "
+                "facenet: 'casia-webface', 'none' (random init, the floor) or a state dict file; dlib: a .dat file",
+        "metavar": "PATH"})
+    shape_predictor: str = field(default="", metadata={"help": "dlib only: 5-point landmarks .dat ('' = face-recognition-models')", "metavar": "PATH"})
+    # detection: MTCNN on a letterboxed square canvas; 'none' = every image uses the centre-square fallback
+    detector: str = field(default="mtcnn", metadata={"help": "face detector", "choices": ["mtcnn", "none"]})
+    detect_px: int = field(default=320, metadata={"help": "side of the detection canvas; raise it for small faces in big photos"})
+    min_face_px: int = field(default=20, metadata={"help": "smallest face searched, in canvas pixels"})
+    thresholds: tuple[float, float, float] = field(default=(0.6, 0.7, 0.7), metadata={"help": "MTCNN P/R/O-net thresholds; lower finds more painted faces (and more false ones)"})
+    face_select: str = field(default="center", metadata={
+        "help": "one face per image: center (area minus 2x squared offset from the image centre) or largest",
+        "choices": list(SELECT_METHODS)})
+    margin_px: int = field(default=20, metadata={"help": "facenet only: context around the box, pixels of the 160 px crop (dlib uses its chip padding)"})
+    align_eyes: bool = field(default=True, metadata={"help": "facenet only: rotate crops so the eyes are level"})
+    # test-time augmentation, on query and gallery alike; '--tta' alone = identity only
+    tta: list[str] = field(default_factory=lambda: ["flip", "rot", "brightness", "scale"], metadata={"help": f"view groups added to the identity, of {list(TTA_GROUPS)}"})
+    batch_size: int = field(default=32, metadata={"help": "images per detection batch"})
+    embed_batch_size: int = field(default=64, metadata={"help": "crops per embedding batch"})
+    # split: must match every other model script's (runs/split.json enforces it)
+    seed: int = field(default=0, metadata={"help": "seed of the split (and of --weights none)"})
+    val_fraction: float = field(default=0.2, metadata={"help": "share of identities held out for validation"})
+    query_domain: str = field(default="real", metadata={"help": "domains.csv value of query images"})
+    # machine
+    device: str = field(default="auto", metadata={"help": "auto, cpu, cuda or cuda:N (dlib's model runs where dlib was built for)"})
+    amp: bool = field(default=True, metadata={"help": "mixed precision on GPU for FaceNet"})
+    workers: int = field(default=2, metadata={"help": "DataLoader worker processes for loading and cropping"})
+    verbose: bool = field(default=False, metadata={"help": "debug logging"})
+# ----------------------------------------------------------------------------
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    add_config_args(parser, Config)
+    return parser
+
+
+def check_config(cfg: Config) -> None:
+    """Flags that argparse cannot check alone."""
+    for name in ("batch_size", "embed_batch_size"):
+        if getattr(cfg, name) < 1:
+            raise KitError(f"--{name.replace('_', '-')} {getattr(cfg, name)}: at least 1")
+    if cfg.workers < 0:
+        raise KitError(f"--workers {cfg.workers}: 0 or more")
+    tta_views(cfg.tta)
+
+
+def embed_set(task: Task, which: str, cfg: Config, detector, crop_params: CropParams, embedder, device: torch.device, cache_dir: Path) -> tuple[np.ndarray, dict]:
+    """Crops (cached) then TTA embeddings (cached) of one image set, and its face counts."""
+    paths = getattr(task, which)
+    desc = which.replace("_", " ")
+    crops = face_crops(paths, detector, crop_params, batch_size=cfg.batch_size, workers=cfg.workers, cache_dir=cache_dir, desc=desc)
+    views = tta_views(cfg.tta)
+    det_tag = detector.params.tag() if detector is not None else "no-detector"
+    cache = cache_dir / f"emb_{files_key(paths, '|'.join([det_tag, crop_params.tag(), embedder.tag, repr(views)]))}.npy"
+    if cache.is_file():
+        log.info("%s: %d embeddings from cache %s", desc, len(paths), cache.name)
+        emb = np.load(cache)
+    else:
+        emb = embed_crops(embedder, crops.pixels, views, device=device, batch_size=cfg.embed_batch_size, desc=f"{desc}: embedding x{len(views)} views")
+        atomic_save_npy(cache, emb)
+    counts = {"images": len(paths), "faces_found": len(paths) - crops.n_fallback, "fallback": crops.n_fallback}
+    return emb, counts
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    cfg = config_from_args(Config, build_parser().parse_args(argv))
+    setup_logging(cfg.verbose)
+    check_config(cfg)
+    t0 = time.time()
+    run_name = cfg.run_name or cfg.embedder
+    run_dir = cfg.runs / run_name
+    device = pick_device(cfg.device)
+    seed_everything(cfg.seed)
+
+    # data and the shared validation split (no training: only its val queries/gallery are used)
+    task = prepare_task(cfg.data, cfg.runs, SplitParams(cfg.seed, cfg.val_fraction, cfg.query_domain))
+    timings = {"prepare": time.time() - t0}
+
+    # models: detector, then the embedder (weights checked before any long work)
+    embedder = build_embedder(cfg.embedder, cfg.weights, device, amp_dtype(device, cfg.amp))
+    crop_params = CropParams(
+        size_px=embedder.input_px, aligner=embedder.aligner, margin_px=cfg.margin_px,
+        align_eyes=cfg.align_eyes, shape_predictor=cfg.shape_predictor,
+    )
+    crop_params.check()
+    if cfg.detector == "mtcnn":
+        detector = FaceDetector(DetectorParams(cfg.detect_px, cfg.min_face_px, tuple(cfg.thresholds), cfg.face_select), device)
+    elif cfg.detector == "none":
+        detector = None
+    else:
+        raise KitError(f"--detector {cfg.detector!r}: choose mtcnn or none")
+
+    # crops and embeddings of the four image sets
+    emb, faces = {}, {}
+    for which in SETS:
+        emb[which], faces[which] = embed_set(task, which, cfg, detector, crop_params, embedder, device, run_dir / "cache")
+    timings["embed"] = time.time() - t0 - timings["prepare"]
+    n_fb = sum(f["fallback"] for f in faces.values())
+    log.info("no face found in %d of %d images (centre square used): %s", n_fb, sum(f["images"] for f in faces.values()),
+             ", ".join(f"{k} {v['fallback']}/{v['images']}" for k, v in faces.items()))
+    sims = {
+        "val": cosine_similarity(emb["val_query"], emb["val_gallery"]),
+        "test": cosine_similarity(emb["test_query"], emb["test_gallery"]),
+    }
+    write_model_run(run_dir, run_name, config_to_dict(cfg), task, sims, timings, {"faces": faces, "tta_views": len(tta_views(cfg.tta))})
+    return 0
+
+
+if __name__ == "__main__":
+    run_cli(main)

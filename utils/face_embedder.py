@@ -1,0 +1,171 @@
+"""Face embedders over batches of crops: FaceNet (InceptionResnetV1) and dlib's ResNet.
+
+Both take (B, 3, S, S) float pixels in 0..255 (one test-time view of a batch of
+crops) and return (B, d) embeddings; :func:`embed_crops` runs every view of
+every batch and averages the L2-normalised results.
+
+Weights (``--weights``):
+    FaceNet: ``vggface2`` / ``casia-webface`` (facenet-pytorch's release files,
+        from the torch hub cache or downloaded), ``none`` (random init: the
+        floor), or a local facenet-pytorch state dict file.
+    dlib: ``default`` (the .dat shipped by face_recognition_models, offline) or
+        a local ``dlib_face_recognition_resnet_model_v1.dat``.
+
+Example:
+    >>> emb = build_embedder("facenet", "none", torch.device("cpu"))
+    >>> e = embed_crops(emb, crops.pixels, tta_views(["flip"]), device=torch.device("cpu"))
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from pathlib import Path
+from typing import Sequence
+
+import numpy as np
+import torch
+
+from utils.checkpoint import load_into, load_weights_file
+from utils.embedding import l2_normalize
+from utils.errors import KitError
+from utils.face_crop import face_models_file
+from utils.face_tta import View, render_view
+from utils.progress import ProgressBar
+
+log = logging.getLogger(__name__)
+
+EMBEDDERS = ("facenet", "dlib")
+FACENET_RELEASES = {
+    "vggface2": "https://github.com/timesler/facenet-pytorch/releases/download/v2.2.9/20180402-114759-vggface2.pt",
+    "casia-webface": "https://github.com/timesler/facenet-pytorch/releases/download/v2.2.9/20180408-102900-casia-webface.pt",
+}
+DLIB_MODEL_FILE = "dlib_face_recognition_resnet_model_v1.dat"
+
+
+def _offline() -> bool:
+    return os.environ.get("HF_HUB_OFFLINE", "") not in ("", "0") or os.environ.get("KIT_OFFLINE", "") not in ("", "0")
+
+
+def facenet_release_file(name: str) -> Path:
+    """The release file of ``name`` in the torch hub cache, downloaded if missing and online.
+
+    Raises:
+        KitError: not cached and offline, or the download failed.
+    """
+    url = FACENET_RELEASES[name]
+    path = Path(torch.hub.get_dir()).parent / "checkpoints" / Path(url).name
+    if path.is_file():
+        return path
+    hint = f"pass --weights PATH to a copy of {Path(url).name} (from {url}), or --weights none"
+    if _offline():
+        raise KitError(f"{path}: FaceNet {name} weights not cached and HF_HUB_OFFLINE is set; {hint}")
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        torch.hub.download_url_to_file(url, str(path), progress=False)
+    except (OSError, ValueError) as err:  # URLError is an OSError
+        raise KitError(f"{path}: cannot download FaceNet {name} weights ({type(err).__name__}); {hint}") from None
+    return path
+
+
+class FaceNetEmbedder:
+    """facenet-pytorch's InceptionResnetV1: 160 px box crops -> 512-d."""
+
+    name = "facenet"
+    input_px = 160
+    aligner = "box"
+
+    def __init__(self, weights: str, device: torch.device, amp: torch.dtype | None = None):
+        from facenet_pytorch import InceptionResnetV1
+
+        self.device, self.amp = device, amp
+        self.model = InceptionResnetV1(pretrained=None, classify=False)
+        if weights in FACENET_RELEASES:
+            path = facenet_release_file(weights)
+        elif weights == "none":
+            path = None
+            log.warning("FaceNet with random weights (--weights none): a floor, not a model")
+        else:
+            path = Path(weights)
+        if path is not None:
+            state = load_weights_file(path)
+            state = {k: v for k, v in state.items() if not k.startswith("logits.")}  # the VGGFace2 classifier
+            load_into(self.model, state, path, strict=True)
+        self.tag = f"facenet|{weights}|" + (f"{path.stat().st_size}|{path.stat().st_mtime_ns}" if path else "")
+        self.model.eval().to(device)
+
+    @torch.no_grad()
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        x = (x - 127.5) / 128.0  # facenet-pytorch's fixed_image_standardization
+        with torch.autocast(self.device.type, dtype=self.amp, enabled=self.amp is not None):
+            return self.model(x).float()
+
+
+class DlibEmbedder:
+    """dlib's ResNet face model: 150 px dlib chips -> 128-d (batched list call)."""
+
+    name = "dlib"
+    input_px = 150
+    aligner = "dlib"
+
+    def __init__(self, weights: str):
+        import dlib
+
+        if weights == "none":
+            raise KitError("--weights none: dlib's model has no random init; use --embedder facenet for the floor")
+        path = face_models_file(DLIB_MODEL_FILE) if weights == "default" else Path(weights)
+        if not path.is_file():
+            raise KitError(f"{path}: dlib face model not found; pass --weights PATH to {DLIB_MODEL_FILE} (package face-recognition-models)")
+        try:
+            self.model = dlib.face_recognition_model_v1(str(path))
+        except RuntimeError as err:
+            first = str(err).strip().splitlines()[0]
+            raise KitError(f"{path}: not a dlib face recognition model ({first}); pass {DLIB_MODEL_FILE}") from None
+        self.tag = f"dlib|{path}|{path.stat().st_size}|{path.stat().st_mtime_ns}"
+
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        chips = x.round().clamp(0, 255).to(torch.uint8).permute(0, 2, 3, 1).cpu().numpy()
+        desc = self.model.compute_face_descriptor([np.ascontiguousarray(c) for c in chips], 0)
+        return torch.from_numpy(np.array([np.asarray(d) for d in desc], dtype=np.float32))
+
+
+def build_embedder(name: str, weights: str, device: torch.device, amp: torch.dtype | None = None):
+    """The embedder ``name`` with ``weights`` ('default' = the usual pretrained weights).
+
+    Raises:
+        KitError: unknown name, or weights missing or not fitting.
+    """
+    if name == "facenet":
+        return FaceNetEmbedder("vggface2" if weights == "default" else weights, device, amp)
+    if name == "dlib":
+        return DlibEmbedder(weights)
+    raise KitError(f"--embedder {name!r}: choose from {list(EMBEDDERS)}")
+
+
+@torch.no_grad()
+def embed_crops(
+    embedder,
+    pixels: np.ndarray,
+    views: Sequence[View],
+    *,
+    device: torch.device,
+    batch_size: int = 64,
+    desc: str = "embedding",
+) -> np.ndarray:
+    """Embed context crops (n, C, C, 3) uint8 with every view; (n, d) float32, L2-normalised."""
+    chunks = []
+    with ProgressBar(desc, total=len(pixels)) as bar:
+        for start in range(0, len(pixels), batch_size):
+            batch = torch.from_numpy(pixels[start : start + batch_size])
+            if device.type == "cuda":
+                batch = batch.pin_memory()
+            x = batch.to(device, non_blocking=True).permute(0, 3, 1, 2).float()
+            acc = None
+            for view in views:
+                e = torch.nn.functional.normalize(embedder(render_view(x, view, embedder.input_px)).float(), dim=1)
+                acc = e if acc is None else acc + e
+            chunks.append(acc.cpu().numpy())
+            bar.advance(len(batch))
+    if not chunks:
+        raise KitError(f"{desc}: no images to embed")
+    return l2_normalize(np.concatenate(chunks))
