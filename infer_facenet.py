@@ -38,7 +38,7 @@ import numpy as np
 import torch
 
 from utils.atomic import atomic_save_npy
-from utils.config import add_config_args, config_from_args, config_to_dict
+from utils.config import RunConfig, add_config_args, config_from_args, config_to_dict
 from utils.device import amp_dtype, pick_device
 from utils.embedding import files_key
 from utils.errors import KitError, run_cli
@@ -48,7 +48,6 @@ from utils.face_embedder import EMBEDDERS, build_embedder, embed_crops
 from utils.face_tta import TTA_GROUPS, tta_views
 from utils.logs import setup_logging
 from utils.seed import seed_everything
-from utils.split import SplitParams
 from utils.task import Task, cosine_similarity, prepare_task, write_model_run
 
 log = logging.getLogger("infer_facenet")
@@ -59,9 +58,8 @@ SETS = ("val_query", "val_gallery", "test_query", "test_gallery")
 # ----------------------------------------------------------------------------
 # defaults: every field is a --flag (kebab-case); the resolved config goes to meta.json
 @dataclass
-class Config:
-    data: Path = field(default=Path("data"), metadata={"help": "competition data folder", "metavar": "DIR"})
-    runs: Path = field(default=Path("runs"), metadata={"help": "where runs/<run-name>/ and split.json go", "metavar": "DIR"})
+class Config(RunConfig):
+    # --data, --runs, --seed, --val-fraction, --query-domain, --device, --verbose: utils.config.RunConfig
     run_name: str = field(default="", metadata={"help": "output folder under --runs ('' = the embedder's name: facenet or dlib)"})
     # embedder: run both (each writes its own run) and let ensemble.py fuse them
     embedder: str = field(default="facenet", metadata={"help": "facenet (InceptionResnetV1, 512-d) or dlib (ResNet, 128-d)", "choices": list(EMBEDDERS)})
@@ -84,15 +82,9 @@ class Config:
     tta: list[str] = field(default_factory=lambda: ["flip", "rot", "brightness", "scale"], metadata={"help": f"view groups added to the identity, of {list(TTA_GROUPS)}"})
     batch_size: int = field(default=32, metadata={"help": "images per detection batch"})
     embed_batch_size: int = field(default=64, metadata={"help": "crops per embedding batch"})
-    # split: must match every other model script's (runs/split.json enforces it)
-    seed: int = field(default=0, metadata={"help": "seed of the split (and of --weights none)"})
-    val_fraction: float = field(default=0.2, metadata={"help": "share of identities held out for validation"})
-    query_domain: str = field(default="real", metadata={"help": "domains.csv value of query images"})
     # machine
-    device: str = field(default="auto", metadata={"help": "auto, cpu, cuda or cuda:N (dlib's model runs where dlib was built for)"})
     amp: bool = field(default=True, metadata={"help": "mixed precision on GPU for FaceNet"})
     workers: int = field(default=2, metadata={"help": "DataLoader worker processes for loading and cropping"})
-    verbose: bool = field(default=False, metadata={"help": "debug logging"})
 # ----------------------------------------------------------------------------
 
 
@@ -141,7 +133,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     seed_everything(cfg.seed)
 
     # data and the shared validation split (no training: only its val queries/gallery are used)
-    task = prepare_task(cfg.data, cfg.runs, SplitParams(cfg.seed, cfg.val_fraction, cfg.query_domain))
+    task = prepare_task(cfg.data, cfg.runs, cfg.split_params())
     timings = {"prepare": time.time() - t0}
 
     # models: detector, then the embedder (weights checked before any long work)
