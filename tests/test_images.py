@@ -122,3 +122,19 @@ def test_image_error_survives_pickling():
     err = pickle.loads(pickle.dumps(ImageError("x.png", "empty file")))
     assert str(err) == "x.png: empty file" and err.path == "x.png"
     assert images.MAX_SIDE >= 1024
+
+
+def test_check_cache_skips_decoding_and_notices_changed_files(tmp_path, monkeypatch):
+    Image.new("RGB", (4, 4)).save(tmp_path / "ok.png")
+    (tmp_path / "bad.png").write_bytes(b"")
+    paths, cache = [tmp_path / "ok.png", tmp_path / "bad.png"], tmp_path / "check.json"
+    assert check_images(paths, strict=False, what="training", cache=cache) == paths[:1]
+    calls = []
+    monkeypatch.setattr(images, "load_image", lambda p, max_side: calls.append(p))
+    assert check_images(paths, strict=False, what="training", cache=cache) == paths[:1]
+    with pytest.raises(ImageError, match="bad.png: empty file"):
+        check_images(paths, strict=True, what="gallery", cache=cache)
+    assert calls == []  # every verdict came from the cache
+    (tmp_path / "bad.png").write_bytes(b"now something else")  # size changes: checked again
+    check_images(paths, strict=False, what="training", cache=cache)
+    assert calls == [tmp_path / "bad.png"]

@@ -10,6 +10,7 @@ decide whether skipping is safe (a training image) or not (query, gallery).
 
 from __future__ import annotations
 
+import json
 import logging
 import warnings
 from pathlib import Path
@@ -118,7 +119,7 @@ def load_image(path: str | Path, max_side: int = MAX_SIDE) -> Image.Image:
     return img
 
 
-def check_images(paths: list[Path], strict: bool, what: str) -> list[Path]:
+def check_images(paths: list[Path], strict: bool, what: str, cache: Path | None = None) -> list[Path]:
     """Decode every image once (reduced, so it is quick) and sort out the broken ones.
 
     Args:
@@ -127,22 +128,48 @@ def check_images(paths: list[Path], strict: bool, what: str) -> list[Path]:
             submission needs every one); otherwise log one line per broken file
             and return the good ones (training images).
         what: name of the set for messages, e.g. ``"gallery"``.
+        cache: a JSON file of earlier verdicts, keyed by path, size and mtime, so
+            that the next model script on the same data decodes nothing again.
 
     Raises:
         ImageError: ``strict`` and a file is broken.
     """
+    from utils.atomic import atomic_write_json
     from utils.progress import track
 
-    good, bad = [], []
+    seen: dict[str, str] = {}
+    if cache is not None and cache.is_file():
+        try:
+            seen = json.loads(cache.read_text())
+        except (json.JSONDecodeError, OSError):
+            seen = {}
+    good, bad, fresh = [], [], 0
     for p in track(paths, f"checking {what} images"):
         try:
-            load_image(p, max_side=256)
+            st = p.stat()
+            key = f"{p.resolve()}|{st.st_size}|{st.st_mtime_ns}"
+        except OSError:
+            key = ""
+        if key and key in seen:
+            problem = seen[key]
+        else:
+            try:
+                load_image(p, max_side=256)
+                problem = ""
+            except ImageError as err:
+                problem = err.problem
+            if key:
+                seen[key] = problem
+                fresh += 1
+        if not problem:
             good.append(p)
-        except ImageError as err:
-            if strict:
-                raise ImageError(err.path, f"{err.problem} ({what} images must all be readable)") from None
-            log.warning("skipping %s image %s", what, err)
+        elif strict:
+            raise ImageError(p, f"{problem} ({what} images must all be readable)")
+        else:
+            log.warning("skipping %s image %s: %s", what, p, problem)
             bad.append(p)
+    if cache is not None and fresh:
+        atomic_write_json(cache, seen)
     if bad:
         log.warning("skipped %d broken %s image(s) of %d", len(bad), what, len(paths))
     return good

@@ -67,12 +67,13 @@ def prepare_task(data: str | Path, runs: str | Path, params: SplitParams, full_t
     identities = split.training_identities(full_train)
     classes = sorted(identities)
     pairs = [(root / n, c) for c, ident in enumerate(classes) for n in identities[ident]]
-    train_ok = set(check_images([p for p, _ in pairs], strict=False, what="training"))
+    cache = Path(runs) / "image_check.json"  # verdicts shared by every model script on this data
+    train_ok = set(check_images([p for p, _ in pairs], strict=False, what="training", cache=cache))
     pairs = [(p, c) for p, c in pairs if p in train_ok]
-    val_q = check_images([root / n for n in split.val_query], strict=False, what="validation query")
-    val_g = check_images([root / n for n in split.val_gallery], strict=False, what="validation gallery")
-    test_q = check_images(layout.query, strict=True, what="query")
-    test_g = check_images(layout.gallery, strict=True, what="gallery")
+    val_q = check_images([root / n for n in split.val_query], strict=False, what="validation query", cache=cache)
+    val_g = check_images([root / n for n in split.val_gallery], strict=False, what="validation gallery", cache=cache)
+    test_q = check_images(layout.query, strict=True, what="query", cache=cache)
+    test_g = check_images(layout.gallery, strict=True, what="gallery", cache=cache)
     log.info(
         "data %s: %d training images of %d identities%s; val %d queries x %d gallery; test %d x %d",
         root, len(pairs), len(classes), " (full train)" if full_train else "",
