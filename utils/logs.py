@@ -3,11 +3,14 @@
 from __future__ import annotations
 
 import logging
+import sys
 
 from rich.console import Console
 from rich.logging import RichHandler
 
-console = Console(stderr=False, highlight=False)
+# Piped to a file (CI, nohup, tee), rich would wrap tables at 80 columns and cut names.
+LOG_WIDTH = None if sys.stdout.isatty() else 160
+console = Console(stderr=False, highlight=False, width=LOG_WIDTH)
 
 
 def setup_logging(verbose: bool = False) -> None:
@@ -15,7 +18,7 @@ def setup_logging(verbose: bool = False) -> None:
     root = logging.getLogger()
     for h in [h for h in root.handlers if getattr(h, "_kit", False)]:
         root.removeHandler(h)  # replace our own handler only; others (pytest's) stay
-    handler = RichHandler(console=Console(stderr=True), show_path=False, markup=False, log_time_format="[%X]")
+    handler = RichHandler(console=Console(stderr=True, width=None if sys.stderr.isatty() else 160), show_path=False, markup=False, log_time_format="[%X]")
     handler._kit = True  # type: ignore[attr-defined]
     handler.setFormatter(logging.Formatter("%(message)s"))
     root.addHandler(handler)
