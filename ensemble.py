@@ -39,7 +39,7 @@ from utils import __version__
 from utils.atomic import atomic_write_bytes, atomic_write_json
 from utils.config import add_config_args, config_from_args, config_to_dict
 from utils.dataset_layout import read_ground_truth
-from utils.ensemble_plan import Plan, Scorer, choose_plan, val_relevance
+from utils.ensemble_plan import Plan, Scorer, choose_plan, val_identities, val_relevance
 from utils.ensemble_report import options_markdown, options_table, plot_simplex
 from utils.errors import KitError, run_cli
 from utils.fusion import FUSIONS
@@ -69,6 +69,9 @@ class Config:
     top_m: int = field(default=50, metadata={"help": "columns per model and query the fast scorer keeps (exact either way)"})
     smooth_radius: float = field(default=0.2, metadata={"help": "average each candidate's val score over weights within this L1 distance (0: off)"})
     bootstrap: int = field(default=200, metadata={"help": "bootstrap resamples of the validation queries"})
+    bootstrap_by: str = field(default="query", metadata={
+        "help": "resample whole identities (honest when a few identities decide the score) or single queries",
+        "choices": ["identity", "query"]})
     seed: int = field(default=0, metadata={"help": "seed of the bootstrap and the random search"})
     # re-ranking (in this order when several are on); --auto chooses among them on validation
     auto: bool = field(default=False, metadata={"help": "try every fusion and re-ranking, keep the best on validation"})
@@ -164,7 +167,13 @@ def main(argv: Sequence[str] | None = None) -> int:
     val, test = align_runs(runs, "val"), align_runs(runs, "test")
     val_rel = val_relevance(val[0].query_names, val[0].gallery_names)
     test_rel = load_test_relevance(cfg.data, test[0])
-    scorer = Scorer(val_rel, test_rel, n_boot=cfg.bootstrap, seed=cfg.seed)
+    if cfg.bootstrap_by == "identity":
+        groups = val_identities(val[0].query_names)
+    elif cfg.bootstrap_by == "query":
+        groups = None
+    else:
+        raise KitError(f"--bootstrap-by {cfg.bootstrap_by!r}: choose identity or query")
+    scorer = Scorer(val_rel, test_rel, n_boot=cfg.bootstrap, seed=cfg.seed, groups=groups)
     log.info("fusing %d run(s): %s; val %d x %d, test %d x %d", len(runs), ", ".join(names), *val[0].sim.shape, *test[0].sim.shape)
 
     passthrough = len(runs) == 1 and not params.steps and not cfg.auto
@@ -203,7 +212,7 @@ def write_outputs(cfg, out_dir, runs, names, plan: Plan, rows, searches, sims, v
                        "test": SimMatrix(sims["test"], test.query_names, test.gallery_names)}, meta)
     atomic_write_json(out_dir / "weights.json", record)
     atomic_write_bytes(out_dir / "report.md", options_markdown(rows, names).encode())
-    console.print(options_table(f"ensemble options (validation: bootstrap mean ± std over {cfg.bootstrap} resamples)", rows, names))
+    console.print(options_table(f"ensemble options (validation: bootstrap mean ± std over {cfg.bootstrap} resamples of {cfg.bootstrap_by}s)", rows, names))
     if cfg.plot and plan.fusion in searches:
         png = plot_simplex(searches[plan.fusion], names, out_dir / "simplex.png", f"{plan.fusion}: validation score over the weights")
         if png:

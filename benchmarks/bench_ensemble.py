@@ -31,7 +31,7 @@ sys.path.insert(0, str(ROOT))
 
 from utils.atomic import atomic_write_bytes  # noqa: E402
 from utils.dataset_layout import read_ground_truth  # noqa: E402
-from utils.ensemble_plan import Scorer, choose_plan, val_relevance  # noqa: E402
+from utils.ensemble_plan import Scorer, choose_plan, val_identities, val_relevance  # noqa: E402
 from utils.ensemble_report import options_markdown, options_table  # noqa: E402
 from utils.errors import KitError, run_cli  # noqa: E402
 from utils.fusion import FUSIONS, transform  # noqa: E402
@@ -53,10 +53,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--loop-candidates", type=int, default=100, metavar="N", help="of those, scored by the loop too (default: %(default)s)")
     p.add_argument("--size", type=int, default=1500, metavar="N", help="queries = gallery images of the synthetic matrices (default: %(default)s)")
     p.add_argument("--bootstrap", type=int, default=200, metavar="N", help="bootstrap resamples (default: %(default)s)")
+    p.add_argument("--bootstrap-by", choices=["identity", "query"], default="query",
+                   help="resample identities or single queries, as ensemble.py (default: %(default)s)")
     return p
 
 
-def quality(runs_dir: Path, data: Path | None, n_boot: int) -> tuple[str, list, list[str]]:
+def quality(runs_dir: Path, data: Path | None, n_boot: int, by: str = "query") -> tuple[str, list, list[str]]:
     """Every option of ensemble.py --auto on one runs folder (complete runs only)."""
     dirs = sorted(d for d in runs_dir.iterdir() if d.is_dir() and d.name != "ensemble"
                   and all((d / f).is_file() for f in ("meta.json", "val_sim.npy", "test_sim.npy")))
@@ -68,7 +70,8 @@ def quality(runs_dir: Path, data: Path | None, n_boot: int) -> tuple[str, list, 
     test_rel = None
     if data is not None and (data / "test/ground_truth.json").is_file():
         test_rel = relevance_matrix(test[0].query_names, test[0].gallery_names, read_ground_truth(data / "test/ground_truth.json"))
-    scorer = Scorer(val_relevance(val[0].query_names, val[0].gallery_names), test_rel, n_boot=n_boot)
+    groups = val_identities(val[0].query_names) if by == "identity" else None
+    scorer = Scorer(val_relevance(val[0].query_names, val[0].gallery_names), test_rel, n_boot=n_boot, groups=groups)
     t0 = time.time()
     _, rows, _ = choose_plan(names, [m.sim for m in val], [m.sim for m in test], scorer, fusions=FUSIONS, weights=None,
                              rerank_params=RerankParams(), auto=True, min_win=0.75, search={})
@@ -128,12 +131,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     if args.data and len(args.data) != len(args.runs):
         raise KitError(f"--data: give one per --runs ({len(args.runs)}), in the same order")
     md = ["# Ensemble benchmark\n", f"Command: `.venv/bin/python benchmarks/bench_ensemble.py {' '.join(argv or sys.argv[1:])}`\n",
-          "Validation: bootstrap mean ± std over resamples of the validation queries, and the plain score; "
+          f"Validation: bootstrap mean ± std over resamples of the validation {args.bootstrap_by}s, and the plain score; "
           "test: plain score with the rehearsal ground truth (never used to choose). `*` = what `ensemble.py --auto` picks.\n"]
     if args.quality:
         for i, runs_dir in enumerate(args.runs):
             data = args.data[i] if args.data else None
-            title, rows, names = quality(runs_dir, data, args.bootstrap)
+            title, rows, names = quality(runs_dir, data, args.bootstrap, args.bootstrap_by)
             console.print(options_table(title, rows, names))
             md += [f"## {title}\n", options_markdown(rows, names)]
     if args.timing:

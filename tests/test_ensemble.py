@@ -242,3 +242,17 @@ def test_bad_flags_are_refused(tmp_path):
         ensemble.main(["--runs", str(runs), "--dual-softmax", "--sinkhorn"])
     with pytest.raises(KitError, match="no run folder"):
         ensemble.main(["--runs", str(tmp_path / "data")])
+
+
+def test_identity_bootstrap_moves_an_identity_s_queries_together():
+    from utils.weight_search import bootstrap_counts, bootstrap_stats
+
+    groups = np.array(["a", "a", "a", "b", "c", "c"])
+    counts = bootstrap_counts(6, 500, seed=0, groups=groups)
+    assert np.all(counts[:, 0] == counts[:, 1]) and np.all(counts[:, 1] == counts[:, 2]) and np.all(counts[:, 4] == counts[:, 5])
+    assert set(np.unique(counts[:, 3])) <= {0, 1, 2, 3} and counts[:, 3].max() > 1  # three identities drawn with replacement
+    # identity "a" right, the others wrong: resampling identities spreads the score wider than resampling queries
+    points = np.array([[1000.0, 1000, 1000, 0, 0, 0]])
+    _, std_id = bootstrap_stats(points, counts)
+    mean_q, std_q = bootstrap_stats(points, bootstrap_counts(6, 500, seed=0))
+    assert std_id[0] > std_q[0] * 1.2 and abs(mean_q[0] - 500) < 30

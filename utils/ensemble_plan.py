@@ -86,15 +86,24 @@ def val_relevance(query_names: list[str], gallery_names: list[str]) -> np.ndarra
     Raises:
         KitError: a name does not look like ``train/<identity>/<image>``.
     """
-    def ident(name: str) -> str:
+    q = val_identities(query_names)
+    g = val_identities(gallery_names)
+    return q[:, None] == g[None, :]
+
+
+def val_identities(names: list[str]) -> np.ndarray:
+    """The identity folder of each validation name (``train/<identity>/<image>``).
+
+    Raises:
+        KitError: a name does not look like ``train/<identity>/<image>``.
+    """
+    out = []
+    for name in names:
         parts = name.split("/")
         if len(parts) < 3:
             raise KitError(f"validation name {name!r} is not train/<identity>/<image>; re-run the model scripts with this kit")
-        return parts[1]
-
-    q = np.array([ident(n) for n in query_names])
-    g = np.array([ident(n) for n in gallery_names])
-    return q[:, None] == g[None, :]
+        out.append(parts[1])
+    return np.array(out)
 
 
 @dataclass
@@ -105,9 +114,10 @@ class Scorer:
     test_rel: np.ndarray | None
     n_boot: int = 200
     seed: int = 0
+    groups: np.ndarray | None = None  # identity of each validation query: resample identities, not queries
 
     def __post_init__(self):
-        self.counts = bootstrap_counts(self.val_rel.shape[0], self.n_boot, self.seed)
+        self.counts = bootstrap_counts(self.val_rel.shape[0], self.n_boot, self.seed, self.groups)
 
     def points(self, sim: np.ndarray) -> np.ndarray:
         return points_from_rank(first_hit_rank(sim, self.val_rel, 10))
@@ -153,7 +163,7 @@ def search_fusion(fusion: str, val: list[np.ndarray], scorer: Scorer, search: di
     """Weight search for one fusion on the validation matrices."""
     cs = CandidateScorer([transform(s, fusion) for s in val], scorer.val_rel, top_m=search.get("top_m", 50))
     return search_weights(cs, grid_step=search.get("grid_step", 0.05), n_random=search.get("n_random", 2000),
-                          n_boot=scorer.n_boot, seed=scorer.seed, smooth_radius=search.get("smooth_radius", 0.2),
+                          n_boot=scorer.n_boot, seed=scorer.seed, groups=scorer.groups, smooth_radius=search.get("smooth_radius", 0.2),
                           desc=f"weights {fusion}")
 
 

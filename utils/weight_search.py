@@ -248,15 +248,25 @@ def loop_first_hit(mats: list[np.ndarray], rel: np.ndarray, weights: np.ndarray)
     return np.stack([first_hit_rank(weighted_sum(mats, w), rel, MISS) for w in weights]).astype(np.int16)
 
 
-def bootstrap_counts(n_queries: int, n_boot: int, seed: int) -> np.ndarray:
-    """(n_boot, n_queries) multiplicities of each query in each bootstrap resample."""
+def bootstrap_counts(n_queries: int, n_boot: int, seed: int, groups: np.ndarray | None = None) -> np.ndarray:
+    """(n_boot, n_queries) multiplicities of each query in each bootstrap resample.
+
+    With ``groups`` (one group id per query, e.g. its identity), whole groups are
+    resampled: queries of one identity rise and fall together, so the spread is
+    honest when a few identities decide the score.
+    """
     rng = np.random.default_rng(seed)
-    return rng.multinomial(n_queries, np.full(n_queries, 1.0 / n_queries), size=n_boot).astype(np.float32)
+    if groups is None:
+        return rng.multinomial(n_queries, np.full(n_queries, 1.0 / n_queries), size=n_boot).astype(np.float32)
+    _, index = np.unique(np.asarray(groups), return_inverse=True)
+    n_groups = int(index.max()) + 1
+    per_group = rng.multinomial(n_groups, np.full(n_groups, 1.0 / n_groups), size=n_boot)
+    return per_group[:, index].astype(np.float32)
 
 
 def bootstrap_stats(points: np.ndarray, counts: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     """Mean and standard deviation over resamples of each row's score, from per-query points."""
-    scores = points.reshape(-1, points.shape[-1]) @ counts.T / counts.shape[1]
+    scores = points.reshape(-1, points.shape[-1]) @ counts.T / counts.sum(axis=1)
     return scores.mean(axis=1), scores.std(axis=1)
 
 
@@ -292,13 +302,14 @@ def search_weights(
     refine_rounds: int = 3,
     n_boot: int = 200,
     seed: int = 0,
+    groups: np.ndarray | None = None,
     grid_max_models: int = 4,
     smooth_radius: float = 0.2,
     desc: str = "weights",
 ) -> SearchResult:
     """Find the weights with the best bootstrap-mean validation score (see the module doc)."""
     n = scorer.n_models
-    counts = bootstrap_counts(scorer.n_queries, n_boot, seed)
+    counts = bootstrap_counts(scorer.n_queries, n_boot, seed, groups)
     rng = np.random.default_rng(seed)
     if n == 1:
         cands = np.ones((1, 1), np.float32)
