@@ -256,3 +256,20 @@ def test_identity_bootstrap_moves_an_identity_s_queries_together():
     _, std_id = bootstrap_stats(points, counts)
     mean_q, std_q = bootstrap_stats(points, bootstrap_counts(6, 500, seed=0))
     assert std_id[0] > std_q[0] * 1.2 and abs(mean_q[0] - 500) < 30
+
+
+def test_saturated_score_ties_are_broken_by_validation_map():
+    # 12 queries, 24 gallery, 2 right answers per query. Both models put one right answer first, so
+    # every mix scores 1000; only model A also ranks the second right answer second.
+    n_q, n_g = 12, 24
+    rel = np.zeros((n_q, n_g), bool)
+    a = np.tile(np.linspace(0, -1, n_g, dtype=np.float32), (n_q, 1))
+    b = a.copy()
+    for i in range(n_q):
+        first, second = (2 * i) % n_g, (2 * i + 1) % n_g
+        rel[i, [first, second]] = True
+        a[i, first], a[i, second] = 2.0, 1.9
+        b[i, first], b[i, second] = 2.0, -50.0  # any weight on B sinks it
+    res = search_weights(CandidateScorer([a, b], rel), grid_step=0.25, n_boot=20)
+    assert np.all(res.cand_score == 1000)
+    assert res.weights.tolist() == [1.0, 0.0]  # without mAP, the uniform mix would win the tie

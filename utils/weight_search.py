@@ -36,12 +36,13 @@ from dataclasses import dataclass
 import numpy as np
 
 from utils.fusion import weighted_sum
-from utils.metrics import SCORE_WEIGHTS, first_hit_rank
+from utils.metrics import SCORE_WEIGHTS, average_precision, first_hit_rank
 from utils.progress import ProgressBar
 
 log = logging.getLogger(__name__)
 
 MISS = 10  # first-hit rank that counts as no hit in the Top-10
+MAX_MAP_TIES = 64  # candidates tied on score that are ranked again by validation mAP
 
 
 def points_from_rank(first_hit: np.ndarray) -> np.ndarray:
@@ -327,7 +328,12 @@ def search_weights(
     mean, std = bootstrap_stats(points, counts)
     smooth = smoothed(cands, mean, smooth_radius)
     spread_out = np.abs(cands - 1.0 / n).sum(axis=1)  # last tie-break: nearer the uniform mix
-    i = int(np.lexsort((spread_out, -mean, -smooth))[0])  # best smoothed mean, then own mean
+    order = np.lexsort((spread_out, -mean, -smooth))  # best smoothed mean, then own mean
+    i = int(order[0])
+    tied = order[(smooth[order] >= smooth[i] - 1e-9) & (mean[order] >= mean[i] - 1e-9)][:MAX_MAP_TIES]
+    if len(tied) > 1:  # the score saturates (small or easy validation): mAP still ranks the whole list
+        maps = [np.nanmean(average_precision(weighted_sum(scorer.mats, cands[j]), scorer.rel)) for j in tied]
+        i = int(tied[int(np.argmax(maps))])
     chosen, b_mean, b_std, b_score = cands[i], mean[i], std[i], points[i].mean()
     return SearchResult(
         weights=chosen.astype(np.float64), boot_mean=float(b_mean), boot_std=float(b_std), score=float(b_score),
