@@ -16,7 +16,7 @@ names hide the identity and test/ground_truth.json scores them.
 Then it runs infer_facenet.main() for: dlib on the centre square without
 detection or TTA (the plain reference), dlib with MTCNN + dlib alignment
 without TTA, the same with all TTA views, FaceNet (random weights unless
---facenet-weights: the floor), and the fusion of dlib + FaceNet (z-score per
+--facenet-weights: the floor), and ensemble.py on dlib + FaceNet (z-score per
 query, the FaceNet weight searched on the validation split). Runs stay in
 benchmarks/out/faces/runs/ for the ensemble benchmark. It also times
 detection and embedding, batched vs one image at a time, on the same images.
@@ -44,6 +44,7 @@ from rich.table import Table
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
+import ensemble  # noqa: E402
 import infer_facenet  # noqa: E402
 from utils.atomic import atomic_write_bytes  # noqa: E402
 from utils.errors import KitError, run_cli  # noqa: E402
@@ -52,8 +53,6 @@ from utils.face_detect import DetectorParams, FaceDetector  # noqa: E402
 from utils.face_embedder import build_embedder, embed_crops  # noqa: E402
 from utils.face_tta import tta_views  # noqa: E402
 from utils.logs import console, setup_logging  # noqa: E402
-from utils.metrics import evaluate, relevance_matrix  # noqa: E402
-from utils.similarity_io import align_runs, load_run  # noqa: E402
 
 ORL = ROOT.parent / "shared" / "data" / "orl_faces"
 OUT = ROOT / "benchmarks" / "out" / "faces"
@@ -172,29 +171,12 @@ def build_dataset(out: Path, seed: int = 0) -> Path:
 
 
 # ---------------------------------------------------------------- fusion
-def zscore_rows(sim: np.ndarray) -> np.ndarray:
-    """Each query's similarities standardised (mean 0, std 1), so models add on one scale."""
-    return (sim - sim.mean(axis=1, keepdims=True)) / np.maximum(sim.std(axis=1, keepdims=True), 1e-6)
-
-
-def fuse(run_dirs: list[Path], data: Path) -> tuple[dict, float]:
-    """Weighted sum of z-scored runs; the second run's weight is searched on val (grid of 0.05, score then mAP)."""
-    runs = [load_run(d) for d in run_dirs]
-    val = [zscore_rows(m.sim) for m in align_runs(runs, "val")]
-    test_m = align_runs(runs, "test")
-    test = [zscore_rows(m.sim) for m in test_m]
-    v = runs[0].splits["val"]  # val names are data-relative paths: train/<identity>/<file>
-    ident = lambda name: name.split("/")[1]
-    val_rel = np.array([[ident(q) == ident(g) for g in v.gallery_names] for q in v.query_names])
-    best_w, best = 0.0, (-1.0, -1.0)
-    for w in np.round(np.arange(0.0, 1.0001, 0.05), 2):
-        m = evaluate((1 - w) * val[0] + w * val[1], val_rel)
-        key = (round(m["score"], 6), m["map_all"])  # mAP breaks ties: a small val split often scores 1000
-        if key > best:
-            best_w, best = float(w), key
-    truth = json.loads((data / "test" / "ground_truth.json").read_text())
-    rel = relevance_matrix(test_m[0].query_names, test_m[0].gallery_names, truth)
-    return evaluate((1 - best_w) * test[0] + best_w * test[1], rel), best_w
+def fuse(runs: Path, names: list[str], data: Path, out: Path) -> tuple[dict, list[float]]:
+    """ensemble.py on the named runs (z-score fusion, weights searched on validation); its test metrics and weights."""
+    if ensemble.main(["--runs", str(runs), "--models", *names, "--data", str(data), "--out", str(out)]) != 0:
+        raise KitError(f"ensemble.py failed on {names}")
+    meta = json.loads((out / "meta.json").read_text())
+    return meta["metrics"]["test"], meta["choice"]["weights"]
 
 
 # ---------------------------------------------------------------- speed
@@ -264,8 +246,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         rows[label] = meta["metrics"]["test"]
         rows[label]["val_score"] = meta["metrics"]["val"]["score"]
         faces[label] = sum(f["fallback"] for f in meta["faces"].values()), sum(f["images"] for f in meta["faces"].values())
-    fused, w = fuse([runs / "dlib", runs / fn_name], data)
-    fusion_label = f"fusion dlib TTA + FaceNet (w={w:.2f})"
+    fused, weights = fuse(runs, ["dlib", fn_name], data, OUT / "fusion")
+    fusion_label = f"ensemble.py: dlib TTA + FaceNet (w={weights[1]:.2f})"
     rows[fusion_label] = fused
     speed_rows = speed(data, args.facenet_weights, args.speed_images)
 
@@ -297,7 +279,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     md += ["", "Rows: *dlib centre square*: no detection, the centre square of each image, no TTA (the plain reference); "
            "*dlib aligned*: MTCNN box -> dlib 5-point landmarks -> dlib chip; *TTA x8*: identity, flip, rotation +-8 deg, "
            "brightness x0.8/x1.2, zoom x1.1/x0.9 on query and gallery; *FaceNet*: InceptionResnetV1, MTCNN box + 20 px margin, eyes levelled; "
-           "*fusion*: per-query z-scores, (1-w) dlib TTA + w FaceNet, w searched on the validation split (score, then mAP). "
+           "*ensemble.py*: per-query z-scores, (1-w) dlib TTA + w FaceNet, w searched on the validation split (bootstrap mean). "
            "*no face*: images where MTCNN found none (centre-square fallback), of all val+test images. Detection timings include image loading.",
            "", "Command: `HF_HUB_OFFLINE=1 .venv/bin/python benchmarks/bench_faces.py" + (f" --facenet-weights {args.facenet_weights}`" if args.facenet_weights != "none" else "`"), ""]
     atomic_write_bytes(RESULT, "\n".join(md).encode())
