@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import hashlib
+import shutil
 
 import pytest
 
@@ -41,7 +42,7 @@ def test_generator_is_deterministic_and_refuses_to_overwrite(tmp_path):
 @pytest.mark.parametrize(
     "change,message",
     [
-        (lambda d: __import__("shutil").rmtree(d / "test" / "query"), "query: folder not found"),
+        (lambda d: shutil.rmtree(d / "test" / "query"), "query: folder not found"),
         (lambda d: [p.unlink() for p in sorted((d / "test" / "gallery").iterdir())[9:]], "images; a top-10 needs at least 10"),
         (lambda d: (d / "test" / "ground_truth.json").write_text("{oops"), "ground_truth.json: not valid JSON"),
         (lambda d: (d / "domains.csv").write_text("file,kind\na,b\n"), "domains.csv: expected a header 'path,domain'"),
