@@ -19,8 +19,9 @@ one with --face-select center, the biggest with largest) -> cut aligned crops
 (FaceNet: the square box plus margin, eyes levelled; dlib: dlib's 5-point
 landmarks and chip geometry); an image without a face falls back to the centre
 square of the whole image, resized and normalised like every crop, and is
-counted in meta.json -> crops are cached under runs/<run-name>/cache/ (keyed by
-file path/size/mtime and the detector and crop settings) -> embed every view
+counted in meta.json -> crops and embeddings are cached under runs/face_cache/,
+shared by every face run on this data (keyed by file path/size/mtime, the
+detector, crop and embedder settings) -> embed every view
 of every batch (identity + --tta views, on query and gallery alike), average
 the L2-normalised embeddings, normalise -> cosine similarity matrices.
 """
@@ -153,7 +154,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     # crops and embeddings of the four image sets
     emb, faces = {}, {}
     for which in SETS:
-        emb[which], faces[which] = embed_set(task, which, cfg, detector, crop_params, embedder, device, run_dir / "cache")
+        emb[which], faces[which] = embed_set(task, which, cfg, detector, crop_params, embedder, device, cfg.runs / "face_cache")
     timings["embed"] = time.time() - t0 - timings["prepare"]
     n_fb = sum(f["fallback"] for f in faces.values())
     log.info("no face found in %d of %d images (centre square used): %s", n_fb, sum(f["images"] for f in faces.values()),

@@ -197,6 +197,11 @@ def test_main_end_to_end_on_rehearsal_data_writes_a_valid_run(rehearsal_data, tm
     assert infer_facenet.main(argv) == 0
     assert time.time() - t0 < first_s
     assert np.array_equal(np.load(runs / "facenet" / "test_sim.npy"), before)
+    # the cache is shared across run folders: another run name with the same settings detects nothing again
+    cached = sorted(p.name for p in (runs / "face_cache").iterdir())
+    assert infer_facenet.main([*argv, "--run-name", "facenet_again"]) == 0
+    assert sorted(p.name for p in (runs / "face_cache").iterdir()) == cached
+    assert np.array_equal(np.load(runs / "facenet_again" / "test_sim.npy"), before)
 
 
 def test_main_applies_tta_to_query_and_gallery_alike(rehearsal_data, tmp_path):
