@@ -29,7 +29,6 @@ TTA, L2-normalise -> cosine similarity matrices + meta.json.
 from __future__ import annotations
 
 import argparse
-import hashlib
 import logging
 import time
 from dataclasses import dataclass, field
@@ -43,7 +42,7 @@ from torch.nn.parallel import DistributedDataParallel as DDP
 from torch.utils.data import DataLoader
 
 from utils.augment import train_transform
-from utils.checkpoint import load_checkpoint, save_checkpoint
+from utils.checkpoint import file_sha, load_checkpoint, save_checkpoint
 from utils.class_sampler import MPerClassShardSampler
 from utils.clip_models import ClipVisual, count_trainable, create_visual, freeze_frozen_batchnorm, unfreeze_last
 from utils.config import RunConfig, add_config_args, config_from_args, config_to_dict
@@ -183,14 +182,6 @@ def param_groups(cfg: Config, backbone: list[list[nn.Parameter]], head: nn.Modul
     add("head", list(head.parameters()), cfg.head_lr)
     add("loss", list(loss.parameters()), cfg.loss_lr, decay=False)
     return groups
-
-
-def file_sha(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 24), b""):
-            h.update(chunk)
-    return h.hexdigest()[:16]
 
 
 def weights_tag(cfg: Config, clip: ClipVisual) -> str:

@@ -20,11 +20,9 @@ epoch) -> embed validation and test images in batches (flip TTA), L2-normalise
 from __future__ import annotations
 
 import argparse
-import hashlib
 import logging
 import time
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Sequence
 
 import numpy as np
@@ -34,7 +32,7 @@ from torch import nn
 from torch.utils.data import DataLoader
 
 from utils.augment import eval_transform, train_transform
-from utils.checkpoint import load_checkpoint, load_into, load_weights_file, save_checkpoint
+from utils.checkpoint import file_sha, load_checkpoint, load_into, load_weights_file, save_checkpoint
 from utils.config import RunConfig, add_config_args, config_from_args, config_to_dict
 from utils.device import amp_dtype, pick_device
 from utils.embedding import TTA_VIEWS, embed_images
@@ -105,10 +103,6 @@ def build_model(cfg: Config) -> nn.Module:
     if cfg.weights != "none":
         load_into(model, load_weights_file(cfg.weights), cfg.weights, strict=False)
     return model
-
-
-def file_sha(path: Path) -> str:
-    return hashlib.sha256(path.read_bytes()).hexdigest()[:16]
 
 
 def main(argv: Sequence[str] | None = None) -> int:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import logging
 import pickle
 from pathlib import Path
@@ -86,3 +87,12 @@ def load_into(model: torch.nn.Module, state: dict[str, torch.Tensor], path: str 
             "%s: loaded with %d missing and %d unexpected keys",
             path, len(result.missing_keys), len(result.unexpected_keys),
         )
+
+
+def file_sha(path: str | Path) -> str:
+    """First 16 hex digits of a file's SHA-256, read in chunks (checkpoints can be GBs)."""
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 24), b""):
+            h.update(chunk)
+    return h.hexdigest()[:16]
