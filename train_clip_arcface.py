@@ -50,7 +50,7 @@ from utils.device import amp_dtype
 from utils.distributed import DistInfo, barrier, broadcast, cleanup, init_distributed
 from utils.embedding import TTA_VIEWS, embed_images
 from utils.errors import KitError, run_cli
-from utils.image_dataset import ImageDataset
+from utils.image_dataset import ImageDataset, log_unreadable
 from utils.logs import setup_logging
 from utils.margin_loss import LOSS_KINDS, build_margin_loss
 from utils.metrics import relevance_matrix, topk_scores
@@ -324,9 +324,7 @@ def train_and_embed(cfg: Config, dist_info: DistInfo, device: torch.device) -> i
             for x, y, ok, err in loader:
                 if step >= total_steps:
                     break
-                for e in (e for e, good in zip(err, ok.tolist()) if not good and e not in skipped):
-                    skipped.add(e)
-                    log.warning("skipping training image %s", e)
+                log_unreadable(ok, err, skipped)
                 if int(ok.sum()) < 2 and not dist_info.ddp:  # BatchNorm needs 2; under DDP every rank must step
                     continue
                 x, y = x[ok].to(device, non_blocking=True), y[ok].to(device, non_blocking=True)

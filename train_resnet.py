@@ -37,7 +37,7 @@ from utils.config import RunConfig, add_config_args, config_from_args, config_to
 from utils.device import amp_dtype, pick_device
 from utils.embedding import TTA_VIEWS, embed_images
 from utils.errors import KitError, run_cli
-from utils.image_dataset import ImageDataset
+from utils.image_dataset import ImageDataset, log_unreadable
 from utils.logs import setup_logging
 from utils.metrics import relevance_matrix, topk_scores
 from utils.progress import ProgressBar
@@ -177,9 +177,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             for x, y, ok, err in loader:
                 if step >= total_steps:
                     break
-                for e in (e for e, good in zip(err, ok.tolist()) if not good and e not in skipped):
-                    skipped.add(e)
-                    log.warning("skipping training image %s", e)
+                log_unreadable(ok, err, skipped)
                 if not bool(ok.any()):
                     continue
                 x, y = x[ok].to(device, non_blocking=True), y[ok].to(device, non_blocking=True)

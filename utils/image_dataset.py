@@ -8,6 +8,7 @@ query/gallery images stops with that line.
 
 from __future__ import annotations
 
+import logging
 from pathlib import Path
 from typing import Callable
 
@@ -16,6 +17,8 @@ from PIL import Image
 from torch.utils.data import Dataset
 
 from utils.images import ImageError, load_image
+
+log = logging.getLogger(__name__)
 
 Transform = Callable[[Image.Image], torch.Tensor]
 
@@ -50,3 +53,11 @@ class ImageDataset(Dataset):
         except ImageError as err:
             blank = self.transform(Image.new("RGB", (64, 64)))
             return torch.zeros_like(blank), self.labels[index], False, str(err)
+
+
+def log_unreadable(ok: torch.Tensor, errors: list[str], seen: set[str]) -> None:
+    """Log each unreadable training image of a batch once per run (``seen`` keeps track)."""
+    for e, good in zip(errors, ok.tolist()):
+        if not good and e not in seen:
+            seen.add(e)
+            log.warning("skipping training image %s", e)
