@@ -28,6 +28,7 @@ from utils.errors import KitError
 from utils.fusion import FUSIONS, fuse, transform
 from utils.metrics import first_hit_rank
 from utils.rerank import RerankParams, rerank
+from utils.split import identity_of
 from utils.weight_search import (
     CandidateScorer,
     SearchResult,
@@ -97,13 +98,7 @@ def val_identities(names: list[str]) -> np.ndarray:
     Raises:
         KitError: a name does not look like ``train/<identity>/<image>``.
     """
-    out = []
-    for name in names:
-        parts = name.split("/")
-        if len(parts) < 3:
-            raise KitError(f"validation name {name!r} is not train/<identity>/<image>; re-run the model scripts with this kit")
-        out.append(parts[1])
-    return np.array(out)
+    return np.array([identity_of(n) for n in names])
 
 
 @dataclass

@@ -22,6 +22,18 @@ from utils.dataset_layout import DataLayout
 from utils.errors import KitError
 
 
+def identity_of(name: str) -> str:
+    """The identity folder of a split name (``train/<identity>/<image>``).
+
+    Raises:
+        KitError: the name does not have that shape.
+    """
+    parts = name.split("/")
+    if len(parts) < 3:
+        raise KitError(f"validation name {name!r} is not train/<identity>/<image>; re-run the model scripts with this kit")
+    return parts[1]
+
+
 @dataclass(frozen=True)
 class SplitParams:
     """What decides the split; a saved split is reused only for equal params."""
@@ -44,7 +56,7 @@ class Split:
 
     def identity_of(self, name: str) -> str:
         """The identity folder of a training-set name."""
-        return name.split("/")[1]
+        return identity_of(name)
 
     def val_relevant(self) -> dict[str, list[str]]:
         """Ground truth of the validation split: query -> gallery images of its identity."""
