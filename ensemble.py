@@ -38,16 +38,16 @@ import numpy as np
 from utils import __version__
 from utils.atomic import atomic_write_bytes, atomic_write_json
 from utils.config import add_config_args, config_from_args, config_to_dict
-from utils.dataset_layout import read_ground_truth
-from utils.ensemble_plan import Plan, Scorer, choose_plan, val_identities, val_relevance
-from utils.ensemble_report import options_markdown, options_table, plot_simplex
+from utils.data.layout import read_ground_truth
+from utils.ensemble.fusion import FUSIONS
+from utils.ensemble.plan import Plan, Scorer, choose_plan, val_identities, val_relevance
+from utils.ensemble.report import options_markdown, options_table, plot_simplex
+from utils.ensemble.rerank import RerankParams, check_steps
 from utils.errors import KitError, run_cli
-from utils.fusion import FUSIONS
 from utils.logs import console, setup_logging
-from utils.metrics import evaluate, relevance_matrix
-from utils.rerank import RerankParams, check_steps
-from utils.similarity_io import Run, SimMatrix, align_runs, load_run, save_run
-from utils.task import git_commit, metrics_table
+from utils.runs.metrics import evaluate, relevance_matrix
+from utils.runs.model_run import git_commit, metrics_table
+from utils.runs.similarity_io import Run, SimMatrix, align_runs, load_run, save_run
 
 log = logging.getLogger("ensemble")
 

@@ -40,16 +40,17 @@ import torch
 
 from utils.atomic import atomic_save_npy
 from utils.config import RunConfig, add_config_args, config_from_args, config_to_dict
+from utils.data.task import Task, prepare_task
 from utils.device import amp_dtype, pick_device
-from utils.embedding import files_key
+from utils.embedding.embed import cosine_similarity, files_key
+from utils.embedding.views import TTA_GROUPS, tta_views
 from utils.errors import KitError, run_cli
-from utils.face_crop import CropParams, face_crops
-from utils.face_detect import SELECT_METHODS, DetectorParams, FaceDetector
-from utils.face_embedder import EMBEDDERS, build_embedder, embed_crops
-from utils.face_tta import TTA_GROUPS, tta_views
+from utils.faces.crop import CropParams, face_crops
+from utils.faces.detect import SELECT_METHODS, DetectorParams, FaceDetector
+from utils.faces.embedder import EMBEDDERS, build_embedder, embed_crops
 from utils.logs import setup_logging
+from utils.runs.model_run import write_model_run
 from utils.seed import seed_everything
-from utils.task import Task, cosine_similarity, prepare_task, write_model_run
 
 log = logging.getLogger("infer_facenet")
 

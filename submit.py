@@ -33,11 +33,11 @@ from rich.table import Table
 
 from utils.atomic import atomic_write_bytes, atomic_write_json
 from utils.config import add_config_args, config_from_args
-from utils.dataset_layout import load_layout
+from utils.data.layout import load_layout
 from utils.errors import KitError, run_cli
 from utils.logs import console, setup_logging
-from utils.similarity_io import load_run
-from utils.submission import FORMATS, NotSubmitted, make_body, post, save_body, top_lists, validate_lists
+from utils.runs.similarity_io import load_run
+from utils.submission.lists import FORMATS, NotSubmitted, make_body, post, save_body, top_lists, validate_lists
 
 log = logging.getLogger("submit")
 NOT_SUBMITTED = 3

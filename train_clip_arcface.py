@@ -41,24 +41,25 @@ from torch import nn
 from torch.nn.parallel import DistributedDataParallel as DDP
 from torch.utils.data import DataLoader
 
-from utils.augment import train_transform
-from utils.checkpoint import file_sha, load_checkpoint, save_checkpoint
-from utils.class_sampler import MPerClassShardSampler
-from utils.clip_models import ClipVisual, count_trainable, create_visual, freeze_frozen_batchnorm, unfreeze_last
+from utils.clip.models import ClipVisual, count_trainable, create_visual, freeze_frozen_batchnorm, unfreeze_last
 from utils.config import RunConfig, add_config_args, config_from_args, config_to_dict
+from utils.data.augment import train_transform
+from utils.data.image_dataset import ImageDataset, log_unreadable
+from utils.data.task import Task, prepare_task
 from utils.device import amp_dtype
-from utils.distributed import DistInfo, barrier, broadcast, cleanup, init_distributed
-from utils.embedding import TTA_VIEWS, embed_images
+from utils.embedding.embed import TTA_VIEWS, cosine_similarity, embed_images
 from utils.errors import KitError, run_cli
-from utils.image_dataset import ImageDataset, log_unreadable
 from utils.logs import setup_logging
-from utils.margin_loss import LOSS_KINDS, build_margin_loss
-from utils.metrics import relevance_matrix, topk_scores
 from utils.progress import ProgressBar
-from utils.projection_head import HEAD_KINDS, ProjectionHead
-from utils.schedule import warmup_cosine
+from utils.runs.metrics import relevance_matrix, topk_scores
+from utils.runs.model_run import write_model_run
 from utils.seed import seed_everything, worker_init
-from utils.task import Task, cosine_similarity, prepare_task, write_model_run
+from utils.training.checkpoint import file_sha, load_checkpoint, save_checkpoint
+from utils.training.class_sampler import MPerClassShardSampler
+from utils.training.distributed import DistInfo, barrier, broadcast, cleanup, init_distributed
+from utils.training.margin_loss import LOSS_KINDS, build_margin_loss
+from utils.training.projection_head import HEAD_KINDS, ProjectionHead
+from utils.training.schedule import warmup_cosine
 
 log = logging.getLogger("train_clip_arcface")
 
@@ -151,7 +152,7 @@ class MarginStep(nn.Module):
     def forward(self, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
         emb = self.embedder(x)
         with torch.autocast(x.device.type, enabled=False):
-            return self.loss(emb.float(), y)  # float32: see utils/margin_loss.py
+            return self.loss(emb.float(), y)  # float32: see utils/training/margin_loss.py
 
 
 def check_config(cfg: Config) -> None:

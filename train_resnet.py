@@ -31,19 +31,20 @@ import torch
 from torch import nn
 from torch.utils.data import DataLoader
 
-from utils.augment import eval_transform, train_transform
-from utils.checkpoint import file_sha, load_checkpoint, load_into, load_weights_file, save_checkpoint
 from utils.config import RunConfig, add_config_args, config_from_args, config_to_dict
+from utils.data.augment import eval_transform, train_transform
+from utils.data.image_dataset import ImageDataset, log_unreadable
+from utils.data.task import prepare_task
 from utils.device import amp_dtype, pick_device
-from utils.embedding import TTA_VIEWS, embed_images
+from utils.embedding.embed import TTA_VIEWS, cosine_similarity, embed_images
 from utils.errors import KitError, run_cli
-from utils.image_dataset import ImageDataset, log_unreadable
 from utils.logs import setup_logging
-from utils.metrics import relevance_matrix, topk_scores
 from utils.progress import ProgressBar
-from utils.schedule import warmup_cosine
+from utils.runs.metrics import relevance_matrix, topk_scores
+from utils.runs.model_run import write_model_run
 from utils.seed import seed_everything, worker_init
-from utils.task import cosine_similarity, prepare_task, write_model_run
+from utils.training.checkpoint import file_sha, load_checkpoint, load_into, load_weights_file, save_checkpoint
+from utils.training.schedule import warmup_cosine
 
 log = logging.getLogger("train_resnet")
 

@@ -30,16 +30,16 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 from utils.atomic import atomic_write_bytes  # noqa: E402
-from utils.dataset_layout import read_ground_truth  # noqa: E402
-from utils.ensemble_plan import Scorer, choose_plan, val_identities, val_relevance  # noqa: E402
-from utils.ensemble_report import options_markdown, options_table  # noqa: E402
+from utils.data.layout import read_ground_truth  # noqa: E402
+from utils.ensemble.fusion import FUSIONS, transform  # noqa: E402
+from utils.ensemble.plan import Scorer, choose_plan, val_identities, val_relevance  # noqa: E402
+from utils.ensemble.report import options_markdown, options_table  # noqa: E402
+from utils.ensemble.rerank import RerankParams  # noqa: E402
+from utils.ensemble.weight_search import CandidateScorer, loop_first_hit  # noqa: E402
 from utils.errors import KitError, run_cli  # noqa: E402
-from utils.fusion import FUSIONS, transform  # noqa: E402
 from utils.logs import console, setup_logging  # noqa: E402
-from utils.metrics import relevance_matrix  # noqa: E402
-from utils.rerank import RerankParams  # noqa: E402
-from utils.similarity_io import align_runs, load_run  # noqa: E402
-from utils.weight_search import CandidateScorer, loop_first_hit  # noqa: E402
+from utils.runs.metrics import relevance_matrix  # noqa: E402
+from utils.runs.similarity_io import align_runs, load_run  # noqa: E402
 
 
 def build_parser() -> argparse.ArgumentParser:

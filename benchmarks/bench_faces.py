@@ -47,11 +47,11 @@ sys.path.insert(0, str(ROOT))
 import ensemble  # noqa: E402
 import infer_facenet  # noqa: E402
 from utils.atomic import atomic_write_bytes  # noqa: E402
+from utils.embedding.views import tta_views  # noqa: E402
 from utils.errors import KitError, run_cli  # noqa: E402
-from utils.face_crop import CropParams, face_crops  # noqa: E402
-from utils.face_detect import DetectorParams, FaceDetector  # noqa: E402
-from utils.face_embedder import build_embedder, embed_crops  # noqa: E402
-from utils.face_tta import tta_views  # noqa: E402
+from utils.faces.crop import CropParams, face_crops  # noqa: E402
+from utils.faces.detect import DetectorParams, FaceDetector  # noqa: E402
+from utils.faces.embedder import build_embedder, embed_crops  # noqa: E402
 from utils.logs import console, setup_logging  # noqa: E402
 
 ORL = ROOT.parent / "shared" / "data" / "orl_faces"

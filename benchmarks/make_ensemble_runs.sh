@@ -7,7 +7,7 @@ cd "$(dirname "$0")/.."
 export HF_HUB_OFFLINE=1 TIMM_OFFLINE=1
 PY=.venv/bin/python
 D=benchmarks/out/ens/data R=benchmarks/out/ens/runs
-[ -f "$D/test/ground_truth.json" ] || $PY -m utils.rehearsal_data --out "$D" --train-identities 150 --test-identities 250 --size 64
+[ -f "$D/test/ground_truth.json" ] || $PY -m utils.data.rehearsal_data --out "$D" --train-identities 150 --test-identities 250 --size 64
 $PY train_resnet.py --data "$D" --runs "$R" --run-name resnet18 --model resnet18 --weights none --img-size 64 --epochs 6 --lr 1e-3
 $PY train_resnet.py --data "$D" --runs "$R" --run-name regnetx --model regnetx_002 --weights none --img-size 64 --epochs 6 --lr 2e-3
 $PY train_resnet.py --data "$D" --runs "$R" --run-name resnet18_s1 --model resnet18 --weights none --img-size 48 --epochs 5 --lr 1e-3 --aug-strength 0.5

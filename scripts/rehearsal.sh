@@ -12,7 +12,7 @@ PY=.venv/bin/python
 OUT=${REHEARSAL_DIR:-rehearsal}
 DATA=$OUT/data RUNS=$OUT/runs
 
-[ -f "$DATA/test/ground_truth.json" ] || $PY -m utils.rehearsal_data --out "$DATA"
+[ -f "$DATA/test/ground_truth.json" ] || $PY -m utils.data.rehearsal_data --out "$DATA"
 
 # A small ResNet from random weights at 64 px: about a minute on 2 CPU cores.
 $PY train_resnet.py --data "$DATA" --runs "$RUNS" --model resnet18 --weights none \
@@ -21,7 +21,7 @@ $PY ensemble.py --runs "$RUNS" --data "$DATA" --auto
 
 # The local server on a free port; its first line says where.
 log=$(mktemp)
-$PY -m utils.competition_server --data "$DATA" >"$log" 2>&1 &
+$PY -m utils.submission.server --data "$DATA" >"$log" 2>&1 &
 server=$!
 trap 'kill $server 2>/dev/null || true; rm -f "$log"' EXIT
 for _ in $(seq 100); do grep -q "serving on" "$log" && break; sleep 0.1; done

@@ -19,7 +19,7 @@ SHARED_DATA = ROOT.parent / "shared" / "data"
 @pytest.fixture(scope="session")
 def rehearsal_data_session(tmp_path_factory) -> Path:
     """A small generated dataset (built once per test session; copy before changing it)."""
-    from utils.rehearsal_data import generate
+    from utils.data.rehearsal_data import generate
 
     out = tmp_path_factory.mktemp("data") / "rehearsal"
     generate(out, train_identities=16, test_identities=8, size=48, seed=0)

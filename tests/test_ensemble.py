@@ -9,10 +9,8 @@ import numpy as np
 import pytest
 
 import ensemble
-from utils.errors import KitError
-from utils.fusion import fuse, transform, weighted_sum
-from utils.metrics import relevance_matrix, topk_scores
-from utils.rerank import (
+from utils.ensemble.fusion import fuse, transform, weighted_sum
+from utils.ensemble.rerank import (
     RerankParams,
     database_augmentation,
     dual_softmax,
@@ -22,8 +20,10 @@ from utils.rerank import (
     rerank,
     sinkhorn,
 )
-from utils.similarity_io import SimMatrix, load_run, save_run
-from utils.weight_search import CandidateScorer, loop_first_hit, points_from_rank, search_weights, simplex_grid
+from utils.ensemble.weight_search import CandidateScorer, loop_first_hit, points_from_rank, search_weights, simplex_grid
+from utils.errors import KitError
+from utils.runs.metrics import relevance_matrix, topk_scores
+from utils.runs.similarity_io import SimMatrix, load_run, save_run
 
 
 def identity_case(n_id: int, per_id: int = 2, seed: int = 0):
@@ -245,7 +245,7 @@ def test_bad_flags_are_refused(tmp_path):
 
 
 def test_identity_bootstrap_moves_an_identity_s_queries_together():
-    from utils.weight_search import bootstrap_counts, bootstrap_stats
+    from utils.ensemble.weight_search import bootstrap_counts, bootstrap_stats
 
     groups = np.array(["a", "a", "a", "b", "c", "c"])
     counts = bootstrap_counts(6, 500, seed=0, groups=groups)

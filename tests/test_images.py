@@ -9,9 +9,9 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from utils import images
+from utils.data import images
+from utils.data.images import ImageError, check_images, list_images, load_image
 from utils.errors import KitError
-from utils.images import ImageError, check_images, list_images, load_image
 
 
 def _jpeg_bytes(img: Image.Image, **kw) -> bytes:

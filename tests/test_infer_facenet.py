@@ -14,13 +14,13 @@ import torch
 from PIL import Image
 
 import infer_facenet
+from utils.embedding.views import View, tta_views
 from utils.errors import KitError
-from utils.face_crop import CropParams, face_crops, square_affine
-from utils.face_detect import DetectorParams, FaceDetector
-from utils.face_embedder import FaceNetEmbedder, build_embedder, embed_crops
-from utils.face_tta import View, tta_views
+from utils.faces.crop import CropParams, face_crops, square_affine
+from utils.faces.detect import DetectorParams, FaceDetector
+from utils.faces.embedder import FaceNetEmbedder, build_embedder, embed_crops
+from utils.runs.similarity_io import load_run
 from utils.seed import seed_everything
-from utils.similarity_io import load_run
 
 CPU = torch.device("cpu")
 # the astronaut's face in skimage's 512x512 astronaut.png (by eye: forehead to chin, ear to ear)
@@ -108,7 +108,7 @@ def test_tta_views_change_the_input_and_identity_is_an_exact_centre_crop():
     assert ident == [View()]
     views = tta_views(["scale", "flip", "rot", "brightness"])
     assert len(views) == 8 and views == tta_views(["flip", "rot", "brightness", "scale"])
-    from utils.face_tta import render_view
+    from utils.embedding.views import render_view
 
     assert torch.equal(render_view(crops, View(), 160), crops[:, :, 20:180, 20:180])
     flipped = render_view(crops, View(flip=True), 160)
@@ -158,7 +158,7 @@ def test_bad_dlib_files_are_one_clear_line(tmp_path):
         assert weights in str(err.value) and "\n" not in str(err.value)
     with pytest.raises(KitError, match="--weights none"):
         build_embedder("dlib", "none", CPU)
-    from utils.face_crop import load_shape_predictor
+    from utils.faces.crop import load_shape_predictor
 
     with pytest.raises(KitError, match="not a dlib shape predictor"):
         load_shape_predictor(bad)

@@ -7,9 +7,9 @@ import shutil
 
 import pytest
 
-from utils.dataset_layout import load_layout
+from utils.data.layout import load_layout
+from utils.data.rehearsal_data import generate
 from utils.errors import KitError
-from utils.rehearsal_data import generate
 
 
 def _digest(root):

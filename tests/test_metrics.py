@@ -5,8 +5,8 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from utils.metrics import average_precision, competition_score, evaluate, precision_at_k, relevance_matrix, topk_scores
-from utils.topk import topk
+from utils.runs.metrics import average_precision, competition_score, evaluate, precision_at_k, relevance_matrix, topk_scores
+from utils.runs.topk import topk
 
 
 def test_competition_score_weights():

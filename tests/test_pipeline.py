@@ -15,7 +15,7 @@ import train_clip_arcface
 import train_resnet
 from tests.test_submit import server
 from tests.test_train_clip_arcface import TINY_VIT
-from utils.similarity_io import align_runs, load_run
+from utils.runs.similarity_io import align_runs, load_run
 
 
 def test_every_script_in_order_then_submit(rehearsal_data_session, tmp_path, capsys):

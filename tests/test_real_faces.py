@@ -6,7 +6,7 @@ from __future__ import annotations
 import infer_facenet
 from benchmarks.bench_faces import build_dataset
 from tests.conftest import shared_data
-from utils.similarity_io import load_run
+from utils.runs.similarity_io import load_run
 
 
 def test_aligned_dlib_matches_real_photos_to_restyled_ones(tmp_path):

@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 
 from utils.errors import KitError
-from utils.similarity_io import SimMatrix, align_runs, load_run, save_run
+from utils.runs.similarity_io import SimMatrix, align_runs, load_run, save_run
 
 
 def _save(path, sim_val, q=("q1", "q2"), g=tuple("abcdefghijk")):

@@ -7,9 +7,9 @@ import shutil
 
 import pytest
 
-from utils.dataset_layout import load_layout
+from utils.data.layout import load_layout
+from utils.data.split import SplitParams, load_or_create_split, make_split
 from utils.errors import KitError
-from utils.split import SplitParams, load_or_create_split, make_split
 
 
 def test_split_is_deterministic_and_by_identity(rehearsal_data_session):

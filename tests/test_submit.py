@@ -15,17 +15,17 @@ import requests
 
 import submit
 from tests.conftest import ROOT
-from utils.dataset_layout import load_layout
+from utils.data.layout import load_layout
 from utils.errors import KitError
-from utils.similarity_io import SimMatrix, save_run
-from utils.submission import NotSubmitted, make_body, post, top_lists, validate_lists
+from utils.runs.similarity_io import SimMatrix, save_run
+from utils.submission.lists import NotSubmitted, make_body, post, top_lists, validate_lists
 
 
 @contextmanager
 def server(data: Path, *extra: str):
     """The competition server in a subprocess on a free port; yields its URL."""
     proc = subprocess.Popen(
-        [sys.executable, "-m", "utils.competition_server", "--data", str(data), *extra],
+        [sys.executable, "-m", "utils.submission.server", "--data", str(data), *extra],
         cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
     )
     try:
@@ -74,7 +74,7 @@ def test_submission_scores_and_is_saved_first(rehearsal_data_session, run_dir, t
 
 def test_list_form_gets_the_same_score(rehearsal_data_session, tmp_path):
     run = make_run(rehearsal_data_session, tmp_path / "runs", perfect=False)
-    from utils.similarity_io import load_run
+    from utils.runs.similarity_io import load_run
 
     lists = top_lists(load_run(run).splits["test"])
     with server(rehearsal_data_session) as url:

@@ -15,10 +15,10 @@ import torch
 from torch import nn
 
 import train_clip_arcface as script
-from utils.class_sampler import MPerClassShardSampler
-from utils.clip_models import create_visual, unfreeze_last
+from utils.clip.models import create_visual, unfreeze_last
 from utils.errors import KitError
-from utils.projection_head import ProjectionHead
+from utils.training.class_sampler import MPerClassShardSampler
+from utils.training.projection_head import ProjectionHead
 
 ROOT = Path(__file__).resolve().parent.parent
 TINY_VIT = {

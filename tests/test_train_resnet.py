@@ -14,7 +14,7 @@ import torch
 import train_resnet
 from tests.conftest import ROOT
 from utils.errors import KitError
-from utils.similarity_io import load_run
+from utils.runs.similarity_io import load_run
 
 TINY = ["--model", "test_resnet", "--weights", "none", "--img-size", "32", "--batch-size", "16",
         "--lr", "3e-3", "--workers", "0", "--tta", "id", "flip"]

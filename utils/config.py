@@ -23,7 +23,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, TypeVar
 
-from utils.split import SplitParams
+from utils.data.split import SplitParams
 
 C = TypeVar("C")
 

@@ -10,7 +10,7 @@ One face is kept per image: ``largest`` (the biggest box) or ``center`` (box
 area minus twice the squared distance of its centre from the image centre, in
 image pixels: the face a portrait is about, not a bigger one at the edge).
 An image without a face gets ``found=False``; what to do then is the
-caller's choice (:mod:`utils.face_crop` uses a centre crop), never ``None``
+caller's choice (:mod:`utils.faces.crop` uses a centre crop), never ``None``
 passed on silently.
 
 Example:
@@ -31,8 +31,8 @@ import torch
 from PIL import Image
 from torch.utils.data import DataLoader, Dataset
 
+from utils.data.images import ImageError, load_image
 from utils.errors import KitError
-from utils.images import ImageError, load_image
 from utils.progress import ProgressBar
 
 log = logging.getLogger(__name__)
@@ -73,7 +73,7 @@ class Faces:
     boxes: np.ndarray  # (n, 4) float32 x0, y0, x1, y1; NaN where no face
     landmarks: np.ndarray  # (n, 5, 2) float32 eyes, nose, mouth corners; NaN where no face
     probs: np.ndarray  # (n,) float32 detection score; 0 where no face
-    sizes: np.ndarray  # (n, 2) int image width, height (after loading, see utils.images)
+    sizes: np.ndarray  # (n, 2) int image width, height (after loading, see utils.data.images)
 
     @property
     def found(self) -> np.ndarray:

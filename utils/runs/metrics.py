@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from utils.topk import topk
+from utils.runs.topk import topk
 
 SCORE_WEIGHTS = {1: 600.0, 5: 300.0, 10: 100.0}
 

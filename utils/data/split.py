@@ -18,7 +18,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 
 from utils.atomic import atomic_write_json
-from utils.dataset_layout import DataLayout
+from utils.data.layout import DataLayout
 from utils.errors import KitError
 
 

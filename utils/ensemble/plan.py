@@ -1,9 +1,9 @@
 """The ensemble's recipe (fusion, weights, re-ranking): scored and chosen on validation, applied to any split.
 
 A :class:`Plan` turns the member models' matrices of one split into one
-matrix: transform each (``utils.fusion``), add them with weights, re-rank
-(``utils.rerank``). :func:`choose_plan` searches the weights
-(``utils.weight_search``) for each fusion to try, then the re-ranking steps,
+matrix: transform each (``utils.ensemble.fusion``), add them with weights, re-rank
+(``utils.ensemble.rerank``). :func:`choose_plan` searches the weights
+(``utils.ensemble.weight_search``) for each fusion to try, then the re-ranking steps,
 and records every option it scored as an :class:`Option` row (validation
 bootstrap mean and spread, plain score, and the test score where a ground
 truth exists, which is only reported, never used to choose).
@@ -24,12 +24,10 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from utils.errors import KitError
-from utils.fusion import FUSIONS, fuse, transform
-from utils.metrics import first_hit_rank
-from utils.rerank import RerankParams, rerank
-from utils.split import identity_of
-from utils.weight_search import (
+from utils.data.split import identity_of
+from utils.ensemble.fusion import FUSIONS, fuse, transform
+from utils.ensemble.rerank import RerankParams, rerank
+from utils.ensemble.weight_search import (
     CandidateScorer,
     SearchResult,
     bootstrap_counts,
@@ -37,6 +35,8 @@ from utils.weight_search import (
     points_from_rank,
     search_weights,
 )
+from utils.errors import KitError
+from utils.runs.metrics import first_hit_rank
 
 log = logging.getLogger(__name__)
 

@@ -38,8 +38,8 @@ from dataclasses import dataclass
 import numpy as np
 from scipy.special import logsumexp
 
+from utils.ensemble.fusion import row_zscore
 from utils.errors import KitError
-from utils.fusion import row_zscore
 
 log = logging.getLogger(__name__)
 

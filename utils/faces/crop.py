@@ -2,7 +2,7 @@
 
 Every image becomes one ``context_px`` x ``context_px`` uint8 crop whose central
 ``size_px`` square is what the embedder sees; the extra context lets test-time
-views rotate, zoom out and shift without black corners (:mod:`utils.face_tta`).
+views rotate, zoom out and shift without black corners (:mod:`utils.embedding.views`).
 
 How the face square is found (``aligner``):
     ``box``: the MTCNN box made square, widened by ``margin_px`` (pixels of the
@@ -32,10 +32,10 @@ import numpy as np
 from torch.utils.data import DataLoader, Dataset
 
 from utils.atomic import atomic_write_bytes
-from utils.embedding import files_key
+from utils.data.images import ImageError, load_image
+from utils.embedding.embed import files_key
 from utils.errors import KitError
-from utils.face_detect import FaceDetector, Faces
-from utils.images import ImageError, load_image
+from utils.faces.detect import FaceDetector, Faces
 from utils.progress import ProgressBar
 
 log = logging.getLogger(__name__)

@@ -27,8 +27,8 @@ from open_clip.modified_resnet import ModifiedResNet
 from open_clip.transformer import VisionTransformer
 from torch import nn
 
-from utils.checkpoint import load_weights_file
 from utils.errors import KitError
+from utils.training.checkpoint import load_weights_file
 
 log = logging.getLogger(__name__)
 

@@ -7,7 +7,7 @@ with another colour and a position. Its *real* images are photo-like renders
 (flat pastel background, outlines, posterised and slightly hue-shifted
 colours, saved as PNG): the domain gap that the competition is about.
 
-    python -m utils.rehearsal_data --out data/rehearsal
+    python -m utils.data.rehearsal_data --out data/rehearsal
 
 writes ``train/<identity>/*``, ``test/query/*``, ``test/gallery/*``,
 ``domains.csv`` and ``test/ground_truth.json``. Test identities are disjoint

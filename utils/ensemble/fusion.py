@@ -10,7 +10,7 @@ sum", so the weight search scores all of them the same way:
 - ``rrf``: reciprocal-rank fusion, each row replaced by ``1 / (rrf_k + rank)``
   (rank 1 = best); weighted RRF when the weights differ.
 
-Ranks break ties by the lower column index, like :func:`utils.topk.topk`.
+Ranks break ties by the lower column index, like :func:`utils.runs.topk.topk`.
 
 Example:
     >>> t = transform(np.array([[0.1, 0.9, 0.5]], np.float32), "rank")
@@ -69,7 +69,7 @@ def transform(sim: np.ndarray, fusion: str, rrf_k: float = RRF_K) -> np.ndarray:
 def weighted_sum(mats: np.ndarray | list[np.ndarray], weights: np.ndarray) -> np.ndarray:
     """``sum_m weights[m] * mats[m]`` in float32, accumulated model by model.
 
-    The weight search (:mod:`utils.weight_search`) adds in exactly this order, so
+    The weight search (:mod:`utils.ensemble.weight_search`) adds in exactly this order, so
     its scores equal those of the fused matrix bit for bit.
     """
     weights = np.asarray(weights, dtype=np.float32)

@@ -11,8 +11,8 @@ import numpy as np
 from rich.table import Table
 
 from utils.atomic import atomic_write_bytes
-from utils.ensemble_plan import Option
-from utils.weight_search import SearchResult
+from utils.ensemble.plan import Option
+from utils.ensemble.weight_search import SearchResult
 
 log = logging.getLogger(__name__)
 

@@ -14,8 +14,8 @@ approximation: any column outside the set scores at most
 10 kept columns (or the best right answer) beat the bound, the kept set decides
 the Top-10. The few (candidate, query) pairs without that certificate are
 scored on their full row. Ties rank the lower column first, as in
-:func:`utils.topk.topk`, and sums are taken in the order of
-:func:`utils.fusion.weighted_sum`, so the scores equal a plain loop's
+:func:`utils.runs.topk.topk`, and sums are taken in the order of
+:func:`utils.ensemble.fusion.weighted_sum`, so the scores equal a plain loop's
 (:func:`loop_first_hit`) bit for bit.
 
 Noise guard: each candidate's per-query points (600/300/100 for a hit in the
@@ -35,9 +35,9 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from utils.fusion import weighted_sum
-from utils.metrics import SCORE_WEIGHTS, average_precision, first_hit_rank
+from utils.ensemble.fusion import weighted_sum
 from utils.progress import ProgressBar
+from utils.runs.metrics import SCORE_WEIGHTS, average_precision, first_hit_rank
 
 log = logging.getLogger(__name__)
 
@@ -92,7 +92,7 @@ class CandidateScorer:
     model (it can only enter a ranking where the first hit is already past 10).
 
     Args:
-        mats: per model, the (n_queries, n_gallery) transformed matrix (``utils.fusion.transform``).
+        mats: per model, the (n_queries, n_gallery) transformed matrix (``utils.ensemble.fusion.transform``).
         rel: (n_queries, n_gallery) bool, True where the gallery image is a right answer.
         top_m: columns kept per model and query; larger means fewer full-row fallbacks.
         batch_elems: bound on the temporary (batch, queries, kept) array size.

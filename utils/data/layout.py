@@ -15,7 +15,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from utils.errors import KitError
-from utils.images import list_images
+from utils.data.images import list_images
 
 MIN_GALLERY = 10  # a submission lists 10 distinct gallery images per query
 

@@ -16,7 +16,7 @@ import torch
 from PIL import Image
 from torch.utils.data import Dataset
 
-from utils.images import ImageError, load_image
+from utils.data.images import ImageError, load_image
 
 log = logging.getLogger(__name__)
 

@@ -17,8 +17,8 @@ import torch
 from torch.utils.data import DataLoader
 
 from utils.atomic import atomic_save_npy
+from utils.data.image_dataset import ImageDataset, Transform
 from utils.errors import KitError
-from utils.image_dataset import ImageDataset, Transform
 from utils.progress import ProgressBar
 
 log = logging.getLogger(__name__)
@@ -108,3 +108,8 @@ def embed_images(
     if cache is not None:
         atomic_save_npy(cache, out)
     return out
+
+
+def cosine_similarity(query_emb: np.ndarray, gallery_emb: np.ndarray) -> np.ndarray:
+    """Dot products of L2-normalised embeddings, float32."""
+    return (query_emb @ gallery_emb.T).astype(np.float32)

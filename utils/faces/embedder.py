@@ -26,12 +26,12 @@ from typing import Sequence
 import numpy as np
 import torch
 
-from utils.checkpoint import load_into, load_weights_file
-from utils.embedding import l2_normalize
+from utils.embedding.embed import l2_normalize
+from utils.embedding.views import View, render_view
 from utils.errors import KitError
-from utils.face_crop import face_models_file
-from utils.face_tta import View, render_view
+from utils.faces.crop import face_models_file
 from utils.progress import ProgressBar
+from utils.training.checkpoint import load_into, load_weights_file
 
 log = logging.getLogger(__name__)
 

@@ -1,9 +1,9 @@
 """A local competition server that speaks the real protocol, for rehearsals and tests.
 
-    python -m utils.competition_server --data data/rehearsal [--port 8000]
+    python -m utils.submission.server --data data/rehearsal [--port 8000]
 
 Listens on 127.0.0.1, takes ``POST`` bodies of either form (see
-utils.submission), scores them against ``DATA/test/ground_truth.json`` and
+utils.submission.lists), scores them against ``DATA/test/ground_truth.json`` and
 answers ``{"accuracy": score, "top1": ..., "top5": ..., "top10": ...}``.
 A malformed body gets HTTP 400 with ``{"error": reason}``. ``--fail-first N``
 answers 500 to the first N posts, to rehearse retries. The first line printed
@@ -19,10 +19,10 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 from typing import Any, Sequence
 
-from utils.dataset_layout import load_layout
+from utils.data.layout import load_layout
 from utils.errors import KitError, run_cli
-from utils.metrics import competition_score
-from utils.submission import TOP_K
+from utils.runs.metrics import competition_score
+from utils.submission.lists import TOP_K
 
 
 class BadBody(ValueError):

@@ -1,11 +1,11 @@
 """Test-time views of face crops: flip, small rotations, brightness, zoom.
 
-A view is an affine resampling of the context crop (see :mod:`utils.face_crop`)
+A view is an affine resampling of the context crop (see :mod:`utils.faces.crop`)
 down to the embedder's input size, plus a brightness gain. All views of a batch
 are made on the device with ``affine_grid``/``grid_sample``; the identity and
 flip views are pixel-exact centre crops. Query and gallery images get the same views: the
 embedder averages the L2-normalised embedding of every view, then normalises
-again (:func:`utils.face_embedder.embed_crops`).
+again (:func:`utils.faces.embedder.embed_crops`).
 
     --tta flip rot brightness scale   (all: 8 views with the identity)
     --tta                             (none: the identity only)

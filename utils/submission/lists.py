@@ -18,8 +18,8 @@ import requests
 
 from utils.atomic import atomic_write_bytes
 from utils.errors import KitError
-from utils.similarity_io import SimMatrix
-from utils.topk import topk
+from utils.runs.similarity_io import SimMatrix
+from utils.runs.topk import topk
 
 log = logging.getLogger(__name__)
 

@@ -1,0 +1,75 @@
+"""What every model script does before its own model.
+
+:func:`prepare_task` reads the data folder, makes or reuses the validation
+split, and checks the images (a broken training image is skipped with a line;
+a broken query or gallery image stops the run).
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+from pathlib import Path
+
+
+from utils.data.layout import DataLayout, load_layout
+from utils.data.images import check_images
+from utils.data.split import Split, SplitParams, load_or_create_split
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class Task:
+    """Image lists of one run; names are what the matrices are indexed by."""
+
+    layout: DataLayout
+    split: Split
+    full_train: bool
+    train_paths: list[Path]
+    train_labels: list[int]
+    classes: list[str]  # identity of each label
+    val_query: list[Path]
+    val_gallery: list[Path]
+    test_query: list[Path]
+    test_gallery: list[Path]
+
+    def names(self, which: str) -> list[str]:
+        """Row/column names: data-relative paths for val, basenames for test."""
+        paths = getattr(self, which)
+        if which.startswith("val"):
+            return [self.layout.rel(p) for p in paths]
+        return [p.name for p in paths]
+
+    def relevant(self, split: str) -> dict[str, list[str]] | None:
+        """Ground truth of a split: val from the split, test from ground_truth.json if any."""
+        if split == "val":
+            return self.split.val_relevant()
+        return self.layout.ground_truth
+
+
+def prepare_task(data: str | Path, runs: str | Path, params: SplitParams, full_train: bool = False) -> Task:
+    """Read the data, make or reuse the split, check every image once."""
+    layout = load_layout(data)
+    split = load_or_create_split(layout, params, runs)
+    root = layout.root
+    identities = split.training_identities(full_train)
+    classes = sorted(identities)
+    pairs = [(root / n, c) for c, ident in enumerate(classes) for n in identities[ident]]
+    cache = Path(runs) / "image_check.json"  # verdicts shared by every model script on this data
+    train_ok = set(check_images([p for p, _ in pairs], strict=False, what="training", cache=cache))
+    pairs = [(p, c) for p, c in pairs if p in train_ok]
+    val_q = check_images([root / n for n in split.val_query], strict=False, what="validation query", cache=cache)
+    val_g = check_images([root / n for n in split.val_gallery], strict=False, what="validation gallery", cache=cache)
+    test_q = check_images(layout.query, strict=True, what="query", cache=cache)
+    test_g = check_images(layout.gallery, strict=True, what="gallery", cache=cache)
+    log.info(
+        "data %s: %d training images of %d identities%s; val %d queries x %d gallery; test %d x %d",
+        root, len(pairs), len(classes), " (full train)" if full_train else "",
+        len(val_q), len(val_g), len(test_q), len(test_g),
+    )
+    return Task(
+        layout, split, full_train,
+        [p for p, _ in pairs], [c for _, c in pairs], classes,
+        val_q, val_g, test_q, test_g,
+    )

@@ -1,0 +1,1 @@
+"""Ensembling: fusions, re-ranking, the validation weight search, the chosen plan and its report."""

@@ -1,0 +1,1 @@
+"""Training: the shared loop, checkpoints, schedule, DDP helpers, samplers, losses and heads."""
