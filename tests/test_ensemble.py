@@ -53,6 +53,34 @@ def test_vectorised_scores_equal_the_loop(fusion, top_m):
         assert scorer.fallback_pairs > 0  # the full-row path was exercised too
 
 
+def uneven_case(seed: int, n_id: int = 40) -> np.ndarray:
+    """Relevance with 1 to 12 right answers per query (one identity holds 12 gallery images), 1-2 queries per identity."""
+    rng = np.random.default_rng(seed)
+    per_gallery = rng.integers(1, 13, n_id)
+    per_gallery[0] = 12
+    g_ident = np.repeat(np.arange(n_id), per_gallery)
+    q_ident = np.repeat(np.arange(n_id), rng.integers(1, 3, n_id))
+    return q_ident[rng.permutation(len(q_ident))][:, None] == g_ident[rng.permutation(len(g_ident))][None, :]
+
+
+@pytest.mark.parametrize("seed", range(4))
+@pytest.mark.parametrize("top_m", [10, 50])
+def test_vectorised_scores_equal_the_loop_with_uneven_right_answers(seed, top_m):
+    # issue 9, defect 2: right-answer columns are padded to the widest query, so a query with fewer
+    # right answers lost its highest-index other columns and ranked better than true
+    rel = uneven_case(seed)
+    n_rel = rel.sum(axis=1)
+    assert n_rel.min() == 1 and n_rel.max() == 12
+    rng = np.random.default_rng(100 + seed)
+    shared = rng.standard_normal(rel.shape)
+    mats = [transform((s * rel + shared + rng.standard_normal(rel.shape)).astype(np.float32), "zscore") for s in (1.0, 0.7, 0.5)]
+    weights = np.vstack([simplex_grid(3, 0.1), rng.dirichlet(np.ones(3), 30)]).astype(np.float32)
+    fast = CandidateScorer(mats, rel, top_m=top_m).first_hit(weights)
+    slow = loop_first_hit(mats, rel, weights)
+    for i in range(len(weights)):  # every candidate, not only the chosen one
+        np.testing.assert_array_equal(fast[i], slow[i], err_msg=f"candidate {weights[i]}")
+
+
 def test_search_finds_planted_weights():
     rng = np.random.default_rng(0)
     rel = identity_case(150)
@@ -142,7 +170,19 @@ def test_two_way_normalisation_recovers_a_permutation(method):
 def test_rerank_refuses_conflicting_steps():
     with pytest.raises(KitError, match="pick one"):
         rerank(block_case(), RerankParams(steps=("dual_softmax", "sinkhorn")))
-    assert rerank(block_case(), RerankParams()) is not None
+    with pytest.raises(KitError, match="step\\(s\\) \\['bogus'\\]: unknown"):
+        rerank(block_case(), RerankParams(steps=("bogus",)))
+
+
+def test_rerank_without_steps_is_the_identity_and_steps_run_in_a_fixed_order():
+    s = block_case()
+    np.testing.assert_array_equal(rerank(s, RerankParams()), s)
+    # the order given does not matter: dba then qe, always (STEPS order)
+    _, gg = profile_similarity(s)
+    expect = query_expansion(database_augmentation(s, gg, 2, 3.0), gg, 2, 3.0)
+    for steps in (("dba", "qe"), ("qe", "dba")):
+        np.testing.assert_allclose(rerank(s, RerankParams(steps=steps)), expect, rtol=1e-6, atol=1e-6)
+    assert not np.allclose(expect, s)
 
 
 # ---------------------------------------------------------------- main() on run folders
@@ -183,6 +223,19 @@ def test_main_end_to_end_two_runs(tmp_path):
     # a second call ignores its own output folder and gives the same matrices
     assert ensemble.main(["--runs", str(runs), "--bootstrap", "20"]) == 0
     np.testing.assert_array_equal(load_run(runs / "ensemble").splits["test"].sim, out.splits["test"].sim)
+
+
+def test_main_fixed_fusion_weights_and_search_seed(tmp_path):
+    runs, _ = write_runs(tmp_path)
+    out = tmp_path / "fixed"
+    assert ensemble.main(["--runs", str(runs), "--fusion-weights", "0.25", "0.75", "--search-seed", "3", "--fusion", "rank",
+                          "--bootstrap", "10", "--out", str(out), "--no-plot"]) == 0
+    fused = load_run(out)
+    assert json.loads((out / "weights.json").read_text())["weights"] == [0.25, 0.75]
+    assert fused.meta["config"]["fusion_weights"] == [0.25, 0.75] and fused.meta["config"]["search_seed"] == 3
+    a, b = load_run(runs / "a"), load_run(runs / "b")
+    expect = fuse([a.splits["test"].sim, b.splits["test"].sim], np.array([0.25, 0.75], np.float32), "rank")
+    np.testing.assert_array_equal(fused.splits["test"].sim, expect)
 
 
 def test_main_auto_records_its_choice(tmp_path):
@@ -234,8 +287,12 @@ def test_shape_mismatch_is_refused_naming_the_file(tmp_path):
 
 def test_bad_flags_are_refused(tmp_path):
     runs, _ = write_runs(tmp_path)
-    with pytest.raises(KitError, match="--weights: 3 values for 2 models"):
-        ensemble.main(["--runs", str(runs), "--weights", "0.2", "0.3", "0.5"])
+    with pytest.raises(KitError, match="--fusion-weights: 3 values for 2 models"):
+        ensemble.main(["--runs", str(runs), "--fusion-weights", "0.2", "0.3", "0.5"])
+    with pytest.raises(KitError, match=r"--fusion-weights \[0.0, 0.0\]: must be non-negative with a positive sum"):
+        ensemble.main(["--runs", str(runs), "--fusion-weights", "0", "0"])
+    with pytest.raises(SystemExit):  # the old names are gone: --weights means backbone weights in the model scripts
+        ensemble.main(["--runs", str(runs), "--weights", "0.5", "0.5"])
     with pytest.raises(KitError, match="--models nope"):
         ensemble.main(["--runs", str(runs), "--models", "a", "nope"])
     with pytest.raises(KitError, match="pick one"):

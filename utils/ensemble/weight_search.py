@@ -123,13 +123,15 @@ class CandidateScorer:
         other = _prune(stack, rel_cols, other, n_g)
         cols = np.concatenate([rel_cols, other], axis=1)
         floor = stack.min(axis=(1, 2)) - np.maximum(1.0, np.abs(stack).max(axis=(1, 2)))  # below anything real
-        width = (cols < n_g).sum(axis=1)
+        # the right answers take width_rel slots in every row (padded), so a row's last real column
+        # sits at width_rel + its count of other columns, not at its count of real columns
+        width = self.width_rel + (other < n_g).sum(axis=1)
         order = np.argsort(width, kind="stable")
         self.blocks = []
         for rows in np.array_split(order, min(n_blocks, n_q)):
             if len(rows) == 0:
                 continue
-            c = cols[rows, : max(self.width_rel + 1, int(width[rows].max()))]
+            c = cols[rows, : max(self.width_rel + 1, int(width[rows].max()))]  # never cuts a real column
             safe = np.minimum(c, n_g - 1)
             kept = np.stack([np.where(c < n_g, np.take_along_axis(m[rows], safe, axis=1), f) for m, f in zip(self.mats, floor)])
             self.blocks.append(_Block(rows, c, kept.astype(np.float32), n_rel[rows] > 0, None if bound_parts is None else bound_parts[:, rows]))
