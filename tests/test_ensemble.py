@@ -81,6 +81,17 @@ def test_vectorised_scores_equal_the_loop_with_uneven_right_answers(seed, top_m)
         np.testing.assert_array_equal(fast[i], slow[i], err_msg=f"candidate {weights[i]}")
 
 
+def test_all_zero_weights_rank_like_the_loop():
+    # every column ties at 0 and the lower column wins; the kept set had pruned the columns the
+    # right answer beats in every model, so the scorer said rank 0 where the loop says 5
+    m = np.zeros((1, 12), np.float32)
+    m[0, 5] = 1.0
+    rel = m > 0
+    w = np.array([[0.0, 0.0], [1.0, 0.0]], np.float32)
+    for top_m in (3, 50):
+        assert CandidateScorer([m, m], rel, top_m=top_m).first_hit(w).tolist() == [[5], [0]] == loop_first_hit([m, m], rel, w).tolist()
+
+
 def test_search_finds_planted_weights():
     rng = np.random.default_rng(0)
     rel = identity_case(150)

@@ -150,6 +150,10 @@ class CandidateScorer:
                 for block in self.blocks:
                     out[start : start + len(w), block.rows] = self._block_ranks(block, w)
                 bar.advance(len(w))
+        # all weights zero: every column ties at 0, so the lower column wins and the pruning's
+        # "wins for every weight" margins do not hold; such candidates are ranked on whole rows
+        for i in np.flatnonzero(~(weights > 0).any(axis=1)):
+            out[i] = self._full_rows(np.repeat(weights[i : i + 1], self.n_queries, axis=0), np.arange(self.n_queries))
         return out
 
     def points(self, weights: np.ndarray, progress: str | None = None) -> np.ndarray:
