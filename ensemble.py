@@ -19,6 +19,8 @@ neighbouring weights, wins) -> re-rank
 -> runs/ensemble/{val,test}_sim.npy + meta.json (same contract as a model run),
 weights.json (the plan and every scored option), simplex.png (2-3 models).
 One model and no re-ranking: its matrices are copied unchanged.
+Memory: each member's matrices once (as aligned), the fused results, and row chunks; the
+search and the fusion never hold a transformed copy per model (benchmarks/bench_ensemble.py --memory).
 Validation ground truth comes from the names (train/<identity>/<image>); the
 test ground truth (DATA/test/ground_truth.json, rehearsal data only) is only
 reported, never used to choose.
@@ -166,6 +168,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     check_config(cfg, len(runs))
     params = rerank_params(cfg)
     val, test = align_runs(runs, "val"), align_runs(runs, "test")
+    for r in runs:  # align_runs copied the other members' matrices: let the loaded ones go
+        r.splits.clear()
     val_rel = val_relevance(val[0].query_names, val[0].gallery_names)
     test_rel = load_test_relevance(cfg.data, test[0])
     if cfg.bootstrap_by == "identity":

@@ -79,6 +79,10 @@ def test_vectorised_scores_equal_the_loop_with_uneven_right_answers(seed, top_m)
     slow = loop_first_hit(mats, rel, weights)
     for i in range(len(weights)):  # every candidate, not only the chosen one
         np.testing.assert_array_equal(fast[i], slow[i], err_msg=f"candidate {weights[i]}")
+    # the same from the raw matrices, transformed a few rows at a time as they are read (what ensemble.py does)
+    raw = [transform(m, "minmax") * 7 - 2 for m in mats]  # z-scoring a min-max map of a z-score gives it back, up to rounding
+    lazy = CandidateScorer(raw, rel, top_m=top_m, fusion="zscore", chunk_elems=3 * rel.shape[1] * 7)
+    np.testing.assert_array_equal(lazy.first_hit(weights), loop_first_hit([transform(m, "zscore") for m in raw], rel, weights))
 
 
 def test_all_zero_weights_rank_like_the_loop():
@@ -125,6 +129,70 @@ def test_fusion_transforms():
     assert z.mean() == pytest.approx(0, abs=1e-6) and z.std() == pytest.approx(1, abs=1e-5)
     with pytest.raises(KitError, match="--fusion 'bogus'"):
         fuse([sim], np.ones(1), "bogus")
+
+
+def reference_transform(sim: np.ndarray, fusion: str) -> np.ndarray:
+    """The whole-matrix formulas (as before the chunked, in-place code)."""
+    sim = np.asarray(sim, dtype=np.float32)
+    if fusion == "zscore":
+        std = sim.std(axis=1, keepdims=True)
+        return ((sim - sim.mean(axis=1, keepdims=True)) / np.where(std > 0, std, 1.0)).astype(np.float32)
+    if fusion == "minmax":
+        lo = sim.min(axis=1, keepdims=True)
+        span = sim.max(axis=1, keepdims=True) - lo
+        return ((sim - lo) / np.where(span > 0, span, 1.0)).astype(np.float32)
+    ranks = np.argsort(np.argsort(-sim, axis=1, kind="stable"), axis=1, kind="stable")
+    if fusion == "rank":
+        return (1.0 - ranks / max(sim.shape[1] - 1, 1)).astype(np.float32)
+    return (1.0 / (61.0 + ranks)).astype(np.float32)
+
+
+@pytest.mark.parametrize("fusion", ["zscore", "minmax", "rank", "rrf"])
+def test_chunked_in_place_fusion_is_byte_identical_to_the_whole_matrix_formulas(fusion, monkeypatch):
+    import utils.ensemble.fusion as fusion_mod
+
+    rng = np.random.default_rng(5)
+    sims = [rng.standard_normal((37, 23)).astype(np.float32), np.round(3 * rng.standard_normal((37, 23))).astype(np.float32),
+            rng.standard_normal((37, 23))]  # float64 member: rounded to float32 first, as before
+    w = np.array([0.5, 0.3, 0.2], np.float32)
+    expect_t = [reference_transform(s, fusion) for s in sims]
+    expect = w[0] * expect_t[0] + w[1] * expect_t[1] + w[2] * expect_t[2]
+    for chunk in (1, 23 * 5, 1 << 22):  # one row, a few rows, everything at once
+        monkeypatch.setattr(fusion_mod, "CHUNK_ELEMS", chunk)
+        assert fuse(sims, w, fusion).tobytes() == expect.tobytes()
+        assert transform(sims[1], fusion).tobytes() == expect_t[1].tobytes()
+        assert weighted_sum(expect_t, w).tobytes() == expect.tobytes()
+        inplace = sims[0].copy()
+        assert transform(inplace, fusion, out=inplace) is inplace and inplace.tobytes() == expect_t[0].tobytes()
+
+
+def test_fusing_and_scoring_hold_no_full_matrix_per_model(monkeypatch):
+    # issue 11: fuse() and the weight scorer's set-up used to hold a transformed copy of every model
+    # (plus a stack of them all); now the result is the only full-size allocation
+    import tracemalloc
+
+    import utils.ensemble.fusion as fusion_mod
+
+    monkeypatch.setattr(fusion_mod, "CHUNK_ELEMS", 600 * 16)
+    rng = np.random.default_rng(0)
+    rel = identity_case(300)
+    mats = [(rel + rng.standard_normal(rel.shape)).astype(np.float32) for _ in range(3)]
+    size = mats[0].nbytes
+    w = np.array([0.5, 0.3, 0.2], np.float32)
+    for fusion in ("zscore", "rank"):
+        tracemalloc.start()
+        fused = fuse(mats, w, fusion)
+        peak = tracemalloc.get_traced_memory()[1]
+        tracemalloc.stop()
+        assert peak < 1.3 * size, f"{fusion}: fuse peaked at {peak / size:.2f} matrices"
+        tracemalloc.start()
+        scorer = CandidateScorer(mats, rel, top_m=10, fusion=fusion, chunk_elems=3 * 600 * 16)
+        ranks = scorer.first_hit(simplex_grid(3, 0.25))
+        peak = tracemalloc.get_traced_memory()[1]
+        tracemalloc.stop()
+        assert peak < 0.8 * size, f"{fusion}: the scorer peaked at {peak / size:.2f} matrices"
+        np.testing.assert_array_equal(ranks, loop_first_hit([transform(m, fusion) for m in mats], rel, simplex_grid(3, 0.25)))
+        np.testing.assert_array_equal(fused, weighted_sum([transform(m, fusion) for m in mats], w))
 
 
 # ---------------------------------------------------------------- re-ranking on hand-made cases

@@ -165,8 +165,12 @@ def test_vectorised_scorer_equals_the_loop_for_any_relevance_and_weights(data):
     weights = data.draw(arrays(np.float32, (data.draw(st.integers(1, 6)), n_models),
                                elements=st.one_of(st.just(0.0), st.floats(0, 4, width=32, allow_subnormal=False))))
     top_m = data.draw(st.integers(1, n_g + 3))
-    scorer = CandidateScorer(mats, rel, top_m=top_m, n_blocks=data.draw(st.integers(1, 4)))
+    fusion = data.draw(st.sampled_from([None, "zscore", "rank", "rrf"]))  # None: mats given transformed
+    scorer = CandidateScorer(mats, rel, top_m=top_m, n_blocks=data.draw(st.integers(1, 4)), fusion=fusion,
+                             chunk_elems=data.draw(st.integers(1, 400)))  # small: rows read in several chunks
     fast = scorer.first_hit(weights)
+    if fusion is not None:
+        mats = [transform(m, fusion) for m in mats]
     np.testing.assert_array_equal(fast, loop_first_hit(mats, rel, weights))
     for w, f in zip(weights, fast):  # and the points are the kit's score of the fused matrix
         assert np.isclose(points_from_rank(f).mean(), topk_scores(weighted_sum(mats, w), rel)["score"], atol=1e-3)
