@@ -110,8 +110,8 @@ def _request(url: str, data: bytes, timeout_s: float, deadline: float) -> _Answe
     try:
         resp = requests.post(url, data=data, headers={"Content-Type": "application/json"},
                              timeout=(timeout_s, timeout_s), allow_redirects=False, stream=True)
-    except requests.ConnectionError as err:
-        if not _reached(err):
+    except requests.RequestException as err:
+        if isinstance(err, requests.ConnectionError) and not _reached(err):
             raise _Unreached(f"{type(err).__name__}: cannot reach {url}") from None
         raise NotSubmitted(f"{url}: {type(err).__name__} before any answer; {MAY_HAVE_ARRIVED}", maybe_received=True) from None
     try:
