@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import os
+import socket
 import stat
 import subprocess
 import sys
@@ -165,6 +166,31 @@ def test_refused_connections_are_retried_then_reported(run_dir, tmp_path, caplog
     code = submit_to("http://127.0.0.1:9/", run_dir, tmp_path / "s", "--timeout-s", "2")
     assert code == submit.NOT_SUBMITTED
     assert caplog.text.count("retrying") == 3 and "gave up after 4 attempt(s)" in caplog.text
+
+
+def test_a_connect_timeout_is_retried_because_nothing_arrived(run_dir, tmp_path, caplog):
+    # a listening socket whose backlog is full: the kernel drops further SYNs, so connecting times out
+    with socket.socket() as listener:
+        listener.bind(("127.0.0.1", 0))
+        listener.listen(0)
+        port = listener.getsockname()[1]
+        fillers = []
+        for _ in range(3):
+            filler = socket.socket()
+            filler.settimeout(0.3)
+            try:
+                filler.connect(("127.0.0.1", port))
+            except OSError:
+                pass
+            fillers.append(filler)
+        try:
+            code = submit_to(f"http://127.0.0.1:{port}/", run_dir, tmp_path / "s", "--timeout-s", "0.5", "--retries", "2")
+        finally:
+            for filler in fillers:
+                filler.close()
+    assert code == submit.NOT_SUBMITTED
+    assert caplog.text.count("retrying") == 2 and "ConnectTimeout: cannot reach" in caplog.text
+    assert "may have received" not in caplog.text
 
 
 @pytest.mark.parametrize("flags, message", [

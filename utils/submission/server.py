@@ -134,8 +134,26 @@ class Handler(BaseHTTPRequestHandler):
                 self.close_connection = True
             self.end_headers()
             self.wfile.write(data)
+            self.wfile.flush()
+            if code >= 400:
+                self._linger()
         except OSError:  # the client is gone; nothing left to tell it
             self.close_connection = True
+
+    def _linger(self, max_s: float = 2.0) -> None:
+        """Close our side, then read and drop what the client still sends (for ``max_s`` at most).
+
+        Closing a socket with unread bytes makes the kernel send a reset, which can
+        destroy the answer before the client reads it (a 413 sent before the body).
+        """
+        self.connection.shutdown(socket.SHUT_WR)
+        self.connection.settimeout(0.2)
+        stop = time.monotonic() + min(max_s, self.server.read_timeout_s)
+        try:
+            while time.monotonic() < stop and self.connection.recv(1 << 16):
+                pass
+        except OSError:
+            pass
 
     def do_GET(self) -> None:  # noqa: N802 - http.server's naming
         self._answer(200, {"status": "ok", "queries": len(self.server.truth)})
