@@ -1,16 +1,27 @@
 """infer_clip_colour.py and its colour term: descriptors and distances on real image files,
-checked against OpenCV's own histogram comparison; the term's search on a handmade case."""
+checked against OpenCV's own histogram comparison; the term's search on a handmade case; the script
+end to end on generated data up to a real server, with open_clip and (if installed) transformers CLIP."""
 
 from __future__ import annotations
+
+import json
 
 import cv2
 import numpy as np
 import pytest
+import torch
 from PIL import Image
 
+import ensemble
+import infer_clip_colour as script
+import submit
+from tests.test_submit import server
+from tests.test_train_clip_arcface import TINY_VIT
 from utils.clip.colour_term import apply_colour_term, search_colour_term, threshold_grid
+from utils.clip.hf_clip import has_transformers
 from utils.data.colour import DESCRIPTORS, DISTANCES, colour_descriptors, colour_distances, emd
 from utils.errors import KitError
+from utils.runs.similarity_io import load_run
 
 
 @pytest.fixture
@@ -80,3 +91,71 @@ def test_colour_term_search_finds_the_bonus_that_fixes_rank_one():
     best, table = search_colour_term(cosine, dist, rel, [0.0, 0.05, 0.2], threshold_grid(dist, [0.4, 1.0]))
     assert best.alpha > 0 and best.val_score == 1000.0
     assert min(t.val_score for t in table) < 1000.0  # alpha 0 keeps the wrong rank 1
+
+
+# ----------------------------------------------------------------------------
+# the script, end to end on generated data, into ensemble.py and submit.py
+
+
+@pytest.fixture(scope="module", autouse=True)
+def one_thread():
+    """Two threads on a shared 2-core box thrash (much slower for these tiny models)."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+@pytest.fixture(scope="module")
+def tiny_vit(tmp_path_factory) -> str:
+    path = tmp_path_factory.mktemp("clip_cfg") / "tiny-vit.json"
+    path.write_text(json.dumps(TINY_VIT))
+    return str(path)
+
+
+def test_script_end_to_end_then_ensemble_and_submit(rehearsal_data_session, tmp_path, tiny_vit):
+    data, runs = str(rehearsal_data_session), tmp_path / "runs"
+    common = ["--data", data, "--runs", str(runs), "--model", tiny_vit, "--pretrained", "none", "--workers", "0"]
+    # cosine alone (alpha fixed at 0) is the zero-shot baseline
+    assert script.main([*common, "--alphas", "0", "--run-name", "cosine"]) == 0
+    cosine = load_run(runs / "cosine")
+    assert cosine.meta["colour_term"]["alpha"] == 0.0
+    assert script.main([*common, "--colour", "lab", "--distance", "chi2", "--colour-top-m", "5"]) == 0
+    run = load_run(runs / "clip_colour")
+    term = run.meta["colour_term"]
+    assert term["alpha"] > 0 and term["threshold"] > 0 and len(term["grid"]) > 1
+    # the bonus lies in [0, alpha], only on each query's 5 best by cosine, and never lowers validation
+    for split in ("val", "test"):
+        bonus = run.splits[split].sim - cosine.splits[split].sim
+        assert bonus.min() >= -1e-6 and bonus.max() <= term["alpha"] + 1e-6
+        assert ((bonus > 1e-6).sum(axis=1) <= 5).all()
+    assert run.meta["metrics"]["val"]["score"] >= cosine.meta["metrics"]["val"]["score"]
+    assert term["effect"]["val"]["score_cosine"] == cosine.meta["metrics"]["val"]["score"]
+
+    assert ensemble.main(["--runs", str(runs), "--models", "clip_colour", "--data", data, "--bootstrap", "10"]) == 0
+    with server(rehearsal_data_session) as url:
+        assert submit.main(["--run", str(runs / "ensemble"), "--url", url, "--group", "colour",
+                            "--out", str(tmp_path / "subs"), "--data", data]) == 0
+    reply = json.loads(next((tmp_path / "subs").glob("*.response.json")).read_text())
+    assert np.isclose(reply["accuracy"], run.meta["metrics"]["test"]["score"])  # one model passes through
+
+
+def test_hugging_face_clip_from_a_local_folder(rehearsal_data_session, tmp_path):
+    if not has_transformers:
+        with pytest.raises(KitError, match="needs transformers"):
+            script.main(["--data", str(rehearsal_data_session), "--runs", str(tmp_path / "runs"), "--model", "hf:any"])
+        return
+    from transformers import CLIPImageProcessor, CLIPVisionConfig, CLIPVisionModelWithProjection
+
+    folder = tmp_path / "tiny-hf-clip"
+    torch.manual_seed(0)
+    config = CLIPVisionConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=2,
+                              image_size=32, patch_size=8, projection_dim=16)
+    CLIPVisionModelWithProjection(config).save_pretrained(folder)
+    CLIPImageProcessor(size={"shortest_edge": 32}, crop_size={"height": 32, "width": 32}).save_pretrained(folder)
+    common = ["--data", str(rehearsal_data_session), "--runs", str(tmp_path / "runs"), "--workers", "0"]
+    assert script.main([*common, "--model", f"hf:{folder}", "--colour", "dominant", "--distance", "emd"]) == 0
+    run = load_run(tmp_path / "runs" / "clip_colour")
+    assert run.meta["embedding_dim"] == 16 and run.meta["colour_term"]["distance"] == "emd"
+    with pytest.raises(KitError, match="cannot load a CLIP model"):
+        script.main([*common, "--model", f"hf:{tmp_path / 'missing'}"])

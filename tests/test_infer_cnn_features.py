@@ -1,16 +1,26 @@
 """infer_cnn_features.py and its parts: the all-faces box on real ORL faces, RMSE/SSIM of the
-top-K on real image files."""
+top-K on real image files, and the script end to end on generated data up to a real server."""
 
 from __future__ import annotations
 
+import json
+import shutil
+
 import numpy as np
+import pytest
 import torch
 from PIL import Image
 
+import ensemble
+import infer_cnn_features as script
+import submit
 from tests.conftest import shared_data
+from tests.test_submit import server
+from utils.errors import KitError
 from utils.faces.detect import DetectorParams, FaceDetector
 from utils.faces.face_box import face_box_crops, union_box, widen
 from utils.runs.pixel_agreement import grey_squares, topk_agreement
+from utils.runs.similarity_io import load_run
 
 
 def test_union_box_and_widen():
@@ -55,3 +65,62 @@ def test_pixel_agreement_prefers_the_same_picture(tmp_path):
     other = topk_agreement(np.roll(np.eye(4, dtype=np.float32), 1, axis=1), grey, grey, k=1)
     assert same["rmse"] == 0.0 and np.isclose(same["ssim"], 1.0)
     assert other["rmse"] > 0.05 and other["ssim"] < 0.2
+
+
+# ----------------------------------------------------------------------------
+# the script, end to end on generated data, into ensemble.py and submit.py
+
+TINY = ["--model", "test_resnet", "--weights", "none", "--img-size", "32", "--workers", "0", "--pixel-px", "32"]
+
+
+@pytest.fixture(scope="module", autouse=True)
+def one_thread():
+    """Two threads on a shared 2-core box thrash (much slower for these tiny models)."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+def test_script_end_to_end_then_ensemble_and_submit(rehearsal_data_session, tmp_path):
+    data, runs = str(rehearsal_data_session), tmp_path / "runs"
+    common = ["--data", data, "--runs", str(runs), *TINY]
+    assert script.main([*common, "--stage", "2", "--pool", "gem", "--face-crop", "all"]) == 0
+    run = load_run(runs / "cnn_features")
+    meta = run.meta
+    # generated shapes hold no faces: every image is embedded whole, and counted
+    assert all(f["faces_found"] == 0 and f["whole_image"] == f["images"] for f in meta["faces"].values())
+    assert meta["faces"]["test_query"]["images"] == len(run.splits["test"].query_names)
+    assert meta["stage_index"] == 2 and meta["feature_dim"] > 0
+    for split in ("val", "test"):  # RMSE and SSIM recorded for both splits
+        pa = meta["pixel_agreement"][split]
+        assert pa["k"] == 5 and 0.0 < pa["rmse"] < 1.0 and -1.0 <= pa["ssim"] <= 1.0
+    first = np.load(runs / "cnn_features" / "test_sim.npy")
+    # same command again (the embedding cache emptied): the same matrix
+    shutil.rmtree(runs / "cnn_features" / "cache")
+    assert script.main([*common, "--stage", "2", "--pool", "gem", "--face-crop", "all"]) == 0
+    assert np.array_equal(first, np.load(runs / "cnn_features" / "test_sim.npy"))
+    # another stage and pooling is another feature
+    assert script.main([*common, "--stage", "-1", "--pool", "flatten", "--run-name", "flat", "--pixel-k", "0"]) == 0
+    flat = load_run(runs / "flat")
+    assert flat.meta["feature_dim"] > meta["feature_dim"] and "pixel_agreement" not in flat.meta
+
+    assert ensemble.main(["--runs", str(runs), "--data", data, "--bootstrap", "10"]) == 0
+    fused = load_run(runs / "ensemble")
+    with server(rehearsal_data_session) as url:
+        assert submit.main(["--run", str(runs / "ensemble"), "--url", url, "--group", "cnn",
+                            "--out", str(tmp_path / "subs"), "--data", data]) == 0
+    reply = json.loads(next((tmp_path / "subs").glob("*.response.json")).read_text())
+    assert np.isclose(reply["accuracy"], fused.meta["metrics"]["test"]["score"])
+
+
+def test_bad_flags_are_one_clear_error(rehearsal_data_session, tmp_path):
+    common = ["--data", str(rehearsal_data_session), "--runs", str(tmp_path / "runs"), *TINY]
+    with pytest.raises(KitError, match="--stage 9"):
+        script.main([*common, "--stage", "9"])
+    with pytest.raises(KitError, match="not a timm model"):
+        script.main([*common, "--model", "resnet_9000"])
+    with pytest.raises(KitError, match="weights file not found"):
+        script.main([*common, "--weights", str(tmp_path / "missing.pt")])
+    with pytest.raises(SystemExit):
+        script.main([*common, "--pool", "median"])
