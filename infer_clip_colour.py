@@ -8,12 +8,16 @@ bonus for gallery images of close colour, written as runs/<run-name>/ for the en
     # FashionCLIP (the retail project's model) through transformers, by hub name or local folder:
     python infer_clip_colour.py --data DATA --model hf:patrickjohncyh/fashion-clip
     python infer_clip_colour.py --data DATA --model hf:/models/fashion-clip
+    # references on plain backgrounds: crop every image to what differs from its border colour first
+    python infer_clip_colour.py --data DATA --crop-object border
     # dominant colours compared by the earth mover's distance; a wider search grid
     python infer_clip_colour.py --data DATA --colour dominant --distance emd --alphas 0 0.05 0.1 0.2 0.4
 
     sim = cosine + alpha * (1 - d / threshold)   where the colour distance d < threshold
 
-Stages: read data and the shared validation split -> embed the four image
+Stages: read data and the shared validation split -> (--crop-object border)
+crop each image to the box of pixels unlike its border colour, kept whole
+when that box is nearly all or nothing of the image (counted) -> embed the four image
 sets with the frozen image tower (its own preprocessing, flip TTA; cached)
 -> cosine matrices -> a colour histogram per image (``--colour hsv|lab|dominant``)
 -> colour distances (``--distance chi2|emd|bhattacharyya``) for each query's
@@ -21,8 +25,9 @@ sets with the frozen image tower (its own preprocessing, flip TTA; cached)
 ``alpha`` x ``threshold`` searched on the validation split by the competition
 score (thresholds: quantiles of the validation distances) -> the chosen term
 applied to val and test -> matrices + meta.json (the choice and the grid).
-There is no crop to the main object: background removal or a detector would
-need weights this kit cannot fetch offline.
+The object crop is a plain-background heuristic, not segmentation: background
+removal or an open-vocabulary detector would need weights that cannot be
+fetched offline here.
 """
 
 from __future__ import annotations
@@ -44,6 +49,7 @@ from utils.clip.hf_clip import HF_PREFIX, create_hf_visual
 from utils.clip.models import create_visual
 from utils.config import RunConfig, add_config_args, config_from_args, config_to_dict
 from utils.data.colour import DESCRIPTORS, DISTANCES, ColourDescriptors, bin_centres, colour_descriptors, colour_distances
+from utils.data.object_crop import OBJECT_CROPS, object_crops
 from utils.data.task import Task, prepare_task
 from utils.device import amp_dtype, pick_device
 from utils.embedding.embed import TTA_VIEWS, cosine_similarity, embed_images, files_key
@@ -71,6 +77,8 @@ class Config(RunConfig):
     weights: str = field(default="", metadata={"help": "local open_clip weights file instead of the download; --pretrained still says what they are", "metavar": "PATH"})
     img_size: int = field(default=0, metadata={"help": "open_clip input side in pixels; 0 keeps the model's own"})
     # the colour term
+    crop_object: str = field(default="none", metadata={"help": "none, or border: crop to what differs from the border colour (objects on plain backgrounds)", "choices": list(OBJECT_CROPS)})
+    object_tolerance: int = field(default=30, metadata={"help": "--crop-object border: 0..255 difference from the border colour that counts as object"})
     colour: str = field(default="hsv", metadata={"help": "colour descriptor of each image", "choices": list(DESCRIPTORS)})
     distance: str = field(default="bhattacharyya", metadata={"help": "distance between two descriptors", "choices": list(DISTANCES)})
     colour_top_m: int = field(default=100, metadata={"help": "colour distances for each query's best M gallery images by cosine (0: all; emd is slow on all)", "metavar": "M"})
@@ -117,11 +125,11 @@ def build_tower(cfg: Config) -> tuple[torch.nn.Module, object, str]:
     return clip.visual, clip.eval_transform(), tag
 
 
-def descriptors(task: Task, cfg: Config, cache_dir: Path) -> dict[str, ColourDescriptors]:
+def descriptors(inputs: dict[str, list[Path]], cfg: Config, cache_dir: Path) -> dict[str, ColourDescriptors]:
     """Colour histograms of the four image sets (cached by files and descriptor)."""
     out = {}
     for which in SETS:
-        paths = getattr(task, which)
+        paths = inputs[which]
         cache = cache_dir / f"colour_{files_key(paths, cfg.colour)}.npy"
         if cache.is_file():
             out[which] = ColourDescriptors(cfg.colour, np.load(cache), bin_centres(cfg.colour))
@@ -170,12 +178,14 @@ def main(argv: Sequence[str] | None = None) -> int:
     task = prepare_task(cfg.data, cfg.runs, cfg.split_params())
     timings = {"prepare": time.time() - t0}
 
-    # frozen image tower -> embeddings -> cosine
+    # frozen image tower first (bad flags fail before long work) -> object crops -> embeddings -> cosine
     tower, transform, tag = build_tower(cfg)
     tower = tower.to(device).eval()
+    crops = {which: object_crops(getattr(task, which), cfg.crop_object, run_dir / "cache", cfg.object_tolerance, which.replace("_", " ")) for which in SETS}
+    inputs = {which: c.paths for which, c in crops.items()}
     emb = {
         which: embed_images(
-            tower, getattr(task, which), transform, device=device, batch_size=cfg.embed_batch_size, workers=cfg.workers,
+            tower, inputs[which], transform, device=device, batch_size=cfg.embed_batch_size, workers=cfg.workers,
             views=cfg.tta, amp=amp, desc=which.replace("_", " "), cache_dir=run_dir / "cache", cache_tag=tag,
         )
         for which in SETS
@@ -188,7 +198,7 @@ def main(argv: Sequence[str] | None = None) -> int:
 
     # the colour term: distances, alpha x threshold searched on validation, applied to both splits
     t1 = time.time()
-    desc = descriptors(task, cfg, run_dir / "cache")
+    desc = descriptors(inputs, cfg, run_dir / "cache")
     dist = {split: distances(cosine[split], desc[f"{split}_query"], desc[f"{split}_gallery"], cfg) for split in ("val", "test")}
     rel_val = relevance_matrix(task.names("val_query"), task.names("val_gallery"), task.relevant("val"))
     thresholds = threshold_grid(dist["val"], cfg.threshold_quantiles)
@@ -204,6 +214,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         },
         "embedding_dim": int(emb["val_query"].shape[1]),
     }
+    if cfg.crop_object != "none":
+        extra["object_crop"] = {w: {"images": len(c.paths), "whole_image": c.n_whole} for w, c in crops.items()}
     write_model_run(run_dir, cfg.run_name, config_to_dict(cfg), task, fused, timings, extra)
     return 0
 

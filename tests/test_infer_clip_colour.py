@@ -20,6 +20,7 @@ from tests.test_train_clip_arcface import TINY_VIT
 from utils.clip.colour_term import apply_colour_term, search_colour_term, threshold_grid
 from utils.clip.hf_clip import has_transformers
 from utils.data.colour import DESCRIPTORS, DISTANCES, colour_descriptors, colour_distances, emd
+from utils.data.object_crop import object_box
 from utils.errors import KitError
 from utils.runs.similarity_io import load_run
 
@@ -77,6 +78,15 @@ def test_unknown_names_are_one_clear_error(colour_files):
     d = colour_descriptors(colour_files, "lab")
     with pytest.raises(KitError, match="--distance 'l1'"):
         colour_distances(d, d, "l1")
+
+
+def test_object_box_on_a_plain_background():
+    img = Image.new("RGB", (100, 80), (255, 255, 255))
+    img.paste(Image.new("RGB", (20, 30), (200, 0, 0)), (40, 20))
+    assert object_box(img, margin=0.0) == (40, 20, 60, 50)
+    assert object_box(Image.new("RGB", (50, 50), (255, 255, 255))) is None  # nothing there: kept whole
+    noise = np.random.default_rng(0).integers(0, 256, (50, 50, 3), dtype=np.uint8)
+    assert object_box(Image.fromarray(noise)) is None  # no plain background: kept whole
 
 
 def test_colour_term_search_finds_the_bonus_that_fixes_rank_one():
@@ -154,8 +164,12 @@ def test_hugging_face_clip_from_a_local_folder(rehearsal_data_session, tmp_path)
     CLIPVisionModelWithProjection(config).save_pretrained(folder)
     CLIPImageProcessor(size={"shortest_edge": 32}, crop_size={"height": 32, "width": 32}).save_pretrained(folder)
     common = ["--data", str(rehearsal_data_session), "--runs", str(tmp_path / "runs"), "--workers", "0"]
-    assert script.main([*common, "--model", f"hf:{folder}", "--colour", "dominant", "--distance", "emd"]) == 0
+    assert script.main([*common, "--model", f"hf:{folder}", "--colour", "dominant", "--distance", "emd", "--crop-object", "border"]) == 0
     run = load_run(tmp_path / "runs" / "clip_colour")
     assert run.meta["embedding_dim"] == 16 and run.meta["colour_term"]["distance"] == "emd"
+    # flat illustration-style gallery images are cropped; textured photo queries mostly stay whole (counted)
+    crops = run.meta["object_crop"]
+    assert crops["test_gallery"]["whole_image"] == 0
+    assert crops["test_query"]["whole_image"] > crops["test_query"]["images"] // 2
     with pytest.raises(KitError, match="cannot load a CLIP model"):
         script.main([*common, "--model", f"hf:{tmp_path / 'missing'}"])
