@@ -3,8 +3,8 @@ bonus for gallery images of close colour, written as runs/<run-name>/ for the en
 
     # open_clip ViT-B-32 with OpenAI's weights, HSV histograms, Bhattacharyya distance:
     python infer_clip_colour.py --data DATA
-    # offline: the same weights from a file (--pretrained still says what they are)
-    python infer_clip_colour.py --data DATA --weights /models/vit-b-32-openai.bin
+    # offline: the same weights from a file (--file-tag says which tag they are a copy of)
+    python infer_clip_colour.py --data DATA --weights /models/vit-b-32-openai.bin --file-tag openai
     # FashionCLIP (the retail project's model) through transformers, by hub name or local folder:
     python infer_clip_colour.py --data DATA --model hf:patrickjohncyh/fashion-clip
     python infer_clip_colour.py --data DATA --model hf:/models/fashion-clip
@@ -46,13 +46,16 @@ from rich.table import Table
 from utils.atomic import atomic_save_npy
 from utils.clip.colour_term import ColourTerm, apply_colour_term, search_colour_term, threshold_grid
 from utils.clip.hf_clip import HF_PREFIX, create_hf_visual
-from utils.clip.models import create_visual
+from utils.clip.models import create_visual, is_weights_file
 from utils.config import RunConfig, add_config_args, config_from_args, config_to_dict
 from utils.data.colour import DESCRIPTORS, DISTANCES, ColourDescriptors, bin_centres, colour_descriptors, colour_distances
 from utils.data.object_crop import OBJECT_CROPS, object_crops
 from utils.data.task import Task, prepare_task
 from utils.device import amp_dtype, pick_device
-from utils.embedding.embed import TTA_VIEWS, cosine_similarity, embed_images, files_key
+from utils.embedding.cache import files_key
+from utils.embedding.embed import embed_images
+from utils.embedding.step import SETS, embed_task, similarities
+from utils.embedding.views import TTA_GROUPS, PixelScale, tta_views
 from utils.errors import KitError, run_cli
 from utils.logs import console, setup_logging
 from utils.runs.metrics import evaluate, relevance_matrix
@@ -62,9 +65,6 @@ from utils.seed import seed_everything
 
 log = logging.getLogger("infer_clip_colour")
 
-SETS = ("val_query", "val_gallery", "test_query", "test_gallery")
-
-
 # ----------------------------------------------------------------------------
 # defaults: every field is a --flag (kebab-case); the resolved config goes to meta.json
 @dataclass
@@ -73,8 +73,8 @@ class Config(RunConfig):
     run_name: str = field(default="clip_colour", metadata={"help": "output folder name under --runs"})
     # model: an open_clip name or config .json, or hf:<hub name or folder> (needs transformers)
     model: str = field(default="ViT-B-32", metadata={"help": "open_clip model name, a model config .json, or hf:NAME_OR_FOLDER", "metavar": "NAME"})
-    pretrained: str = field(default="openai", metadata={"help": "open_clip weights tag, or 'none' for random init (not for hf:)", "metavar": "TAG"})
-    weights: str = field(default="", metadata={"help": "local open_clip weights file instead of the download; --pretrained still says what they are", "metavar": "PATH"})
+    weights: str = field(default="openai", metadata={"help": "backbone weights: an open_clip tag (hub), 'none' (random init) or a local .pt/.bin/.safetensors file (not for hf:)", "metavar": "TAG|none|PATH"})
+    file_tag: str = field(default="openai", metadata={"help": "for a local --weights file: the open_clip tag it is a copy of (sets QuickGELU, mean/std)", "metavar": "TAG"})
     img_size: int = field(default=0, metadata={"help": "open_clip input side in pixels; 0 keeps the model's own"})
     # the colour term
     crop_object: str = field(default="none", metadata={"help": "none, or border: crop to what differs from the border colour (objects on plain backgrounds)", "choices": list(OBJECT_CROPS)})
@@ -85,7 +85,7 @@ class Config(RunConfig):
     alphas: list[float] = field(default_factory=lambda: [0.0, 0.02, 0.05, 0.1, 0.2, 0.3], metadata={"help": "bonus weights searched on validation (one value: fixed)", "metavar": "A"})
     threshold_quantiles: list[float] = field(default_factory=lambda: [0.05, 0.1, 0.2, 0.3, 0.5], metadata={"help": "thresholds searched, as quantiles of the validation distances", "metavar": "Q"})
     # embedding
-    tta: list[str] = field(default_factory=lambda: ["id", "flip"], metadata={"help": f"test-time views, of {sorted(TTA_VIEWS)}"})
+    tta: list[str] = field(default_factory=lambda: ["flip"], metadata={"help": f"test-time view groups added to the identity, of {list(TTA_GROUPS)}; none: identity only"})
     embed_batch_size: int = field(default=64, metadata={"help": "batch size for embedding"})
     amp: bool = field(default=True, metadata={"help": "mixed precision on GPU (bf16 where supported)"})
     workers: int = field(default=2, metadata={"help": "DataLoader worker processes"})
@@ -107,22 +107,24 @@ def check_config(cfg: Config) -> None:
         raise KitError(f"--embed-batch-size {cfg.embed_batch_size}: at least 1")
     if not cfg.alphas or not cfg.threshold_quantiles:
         raise KitError("--alphas and --threshold-quantiles need at least one value each")
-    if cfg.model.startswith(HF_PREFIX) and (cfg.weights or cfg.img_size):
-        raise KitError(f"--model {cfg.model}: a transformers model brings its own weights and size; drop --weights/--img-size")
+    if cfg.model.startswith(HF_PREFIX) and cfg.img_size:
+        raise KitError(f"--model {cfg.model}: a transformers model brings its own input size; drop --img-size")
+    tta_views(cfg.tta)
 
 
-def build_tower(cfg: Config) -> tuple[torch.nn.Module, object, str]:
-    """The frozen image tower, its eval transform, and a tag of its weights for the cache."""
+def build_tower(cfg: Config) -> tuple[torch.nn.Module, object, PixelScale, str]:
+    """The frozen image tower, its eval transform and pixel scale, and a tag of its weights for the cache."""
     if cfg.model.startswith(HF_PREFIX):
         source = cfg.model[len(HF_PREFIX):]
         tower = create_hf_visual(source)
-        return tower, tower.transform, f"hf|{source}"
-    clip = create_visual(cfg.model, cfg.pretrained, cfg.weights, cfg.img_size)
-    tag = f"{clip.name}|{cfg.pretrained}|{clip.image_size}"
-    if cfg.weights:
+        return tower, tower.transform, PixelScale(tower.mean, tower.std), f"hf|{source}"
+    clip = create_visual(cfg.model, cfg.weights, cfg.file_tag, cfg.img_size)
+    tag = f"{clip.name}|{cfg.weights}|{clip.image_size}"
+    if is_weights_file(cfg.weights):
         st = Path(cfg.weights).stat()
-        tag += f"|{cfg.weights}:{st.st_size}:{st.st_mtime_ns}"
-    return clip.visual, clip.eval_transform(), tag
+        tag += f"|{cfg.file_tag}:{st.st_size}:{st.st_mtime_ns}"
+    scale = PixelScale(tuple(clip.preprocess["mean"]), tuple(clip.preprocess["std"]))
+    return clip.visual, clip.eval_transform(), scale, tag
 
 
 def descriptors(inputs: dict[str, list[Path]], cfg: Config, cache_dir: Path) -> dict[str, ColourDescriptors]:
@@ -179,21 +181,19 @@ def main(argv: Sequence[str] | None = None) -> int:
     timings = {"prepare": time.time() - t0}
 
     # frozen image tower first (bad flags fail before long work) -> object crops -> embeddings -> cosine
-    tower, transform, tag = build_tower(cfg)
+    tower, transform, scale, tag = build_tower(cfg)
     tower = tower.to(device).eval()
     crops = {which: object_crops(getattr(task, which), cfg.crop_object, run_dir / "cache", cfg.object_tolerance, which.replace("_", " ")) for which in SETS}
     inputs = {which: c.paths for which, c in crops.items()}
-    emb = {
-        which: embed_images(
-            tower, inputs[which], transform, device=device, batch_size=cfg.embed_batch_size, workers=cfg.workers,
-            views=cfg.tta, amp=amp, desc=which.replace("_", " "), cache_dir=run_dir / "cache", cache_tag=tag,
-        )
-        for which in SETS
-    }
-    cosine = {
-        "val": cosine_similarity(emb["val_query"], emb["val_gallery"]),
-        "test": cosine_similarity(emb["test_query"], emb["test_gallery"]),
-    }
+    model_input = {p: c for which in SETS for p, c in zip(getattr(task, which), inputs[which])}
+
+    def embed_set(paths, desc):
+        return embed_images(tower, [model_input[p] for p in paths], transform, device=device, views=tta_views(cfg.tta),
+                            batch_size=cfg.embed_batch_size, workers=cfg.workers, amp=amp, scale=scale, desc=desc,
+                            cache_dir=run_dir / "cache", cache_tag=tag)
+
+    emb = embed_task(task, embed_set)
+    cosine = similarities(emb)
     timings["embed"] = time.time() - t0 - timings["prepare"]
 
     # the colour term: distances, alpha x threshold searched on validation, applied to both splits

@@ -43,8 +43,10 @@ from utils.config import RunConfig, add_config_args, config_from_args, config_to
 from utils.data.augment import eval_transform
 from utils.data.task import prepare_task
 from utils.device import amp_dtype, pick_device
-from utils.embedding.embed import TTA_VIEWS, cosine_similarity, embed_images
+from utils.embedding.embed import embed_images
 from utils.embedding.stage_features import POOLS, StageFeatures
+from utils.embedding.step import SETS, embed_task, similarities
+from utils.embedding.views import TTA_GROUPS, PixelScale, tta_views
 from utils.errors import KitError, run_cli
 from utils.faces.detect import SELECT_METHODS, DetectorParams, FaceDetector
 from utils.faces.face_box import FACE_BOX_MODES, face_box_crops
@@ -56,9 +58,6 @@ from utils.training.checkpoint import load_into, load_weights_file
 
 log = logging.getLogger("infer_cnn_features")
 
-SETS = ("val_query", "val_gallery", "test_query", "test_gallery")
-
-
 # ----------------------------------------------------------------------------
 # defaults: every field is a --flag (kebab-case); the resolved config goes to meta.json
 @dataclass
@@ -67,7 +66,7 @@ class Config(RunConfig):
     run_name: str = field(default="cnn_features", metadata={"help": "output folder name under --runs"})
     # backbone: any timm model with intermediate features (resnet50, vgg16, convnext_tiny, vit_base_patch16_224, ...)
     model: str = field(default="resnet50", metadata={"help": "timm model name"})
-    weights: str = field(default="default", metadata={"help": "'default' (timm's pretrained weights from the hub), 'none' (random init) or a local file", "metavar": "PATH"})
+    weights: str = field(default="default", metadata={"help": "backbone weights: 'default' (timm's pretrained, from the hub), 'none' (random init) or a local file", "metavar": "TAG|none|PATH"})
     img_size: int = field(default=224, metadata={"help": "square input side in pixels"})
     stage: int = field(default=-1, metadata={"help": "feature stage (timm feature_info index; -1 = the last); earlier = more about texture and colour", "metavar": "N"})
     pool: str = field(default="avg", metadata={"help": "how the stage's map becomes a vector", "choices": list(POOLS)})
@@ -76,11 +75,12 @@ class Config(RunConfig):
     face_select: str = field(default="center", metadata={"help": "--face-crop one: which face", "choices": list(SELECT_METHODS)})
     face_margin: float = field(default=0.2, metadata={"help": "widen the face box by this share of its side on each side"})
     detect_px: int = field(default=320, metadata={"help": "side of MTCNN's detection canvas; raise it for small faces in big images"})
+    detect_batch_size: int = field(default=16, metadata={"help": "images per detection batch"})
     # evaluation beside the usual metrics: how alike each query and its top-K look
     pixel_k: int = field(default=5, metadata={"help": "retrieved images per query compared by RMSE and SSIM (0: skip)", "metavar": "K"})
     pixel_px: int = field(default=64, metadata={"help": "side of the grey squares RMSE and SSIM compare"})
     # embedding
-    tta: list[str] = field(default_factory=lambda: ["id", "flip"], metadata={"help": f"test-time views, of {sorted(TTA_VIEWS)}"})
+    tta: list[str] = field(default_factory=lambda: ["flip"], metadata={"help": f"test-time view groups added to the identity, of {list(TTA_GROUPS)}; none: identity only"})
     embed_batch_size: int = field(default=64, metadata={"help": "batch size for embedding"})
     amp: bool = field(default=True, metadata={"help": "mixed precision on GPU (bf16 where supported)"})
     workers: int = field(default=2, metadata={"help": "DataLoader worker processes"})
@@ -97,27 +97,25 @@ def check_config(cfg: Config) -> None:
     """Flags that argparse cannot check alone."""
     if not timm.is_model(cfg.model):
         raise KitError(f"--model {cfg.model!r}: not a timm model; list them with timm.list_models('*resnet*')")
-    for name in ("img_size", "embed_batch_size", "pixel_px"):
+    for name in ("img_size", "embed_batch_size", "detect_batch_size", "pixel_px"):
         if getattr(cfg, name) < 1:
             raise KitError(f"--{name.replace('_', '-')} {getattr(cfg, name)}: at least 1")
     if cfg.pixel_k < 0 or cfg.workers < 0:
         raise KitError(f"--pixel-k {cfg.pixel_k}, --workers {cfg.workers}: 0 or more")
     if cfg.pixel_px < 7:
         raise KitError(f"--pixel-px {cfg.pixel_px}: SSIM needs at least 7 pixels")
+    tta_views(cfg.tta)
 
 
 def build_backbone(cfg: Config) -> torch.nn.Module:
     """The timm model with the weights ``--weights`` asks for (classifier removed)."""
-    if cfg.weights == "default":
-        try:
-            return timm.create_model(cfg.model, pretrained=True, num_classes=0)
-        except (RuntimeError, OSError) as err:
-            raise KitError(
-                f"--weights default: cannot load {cfg.model!r}'s pretrained weights ({type(err).__name__}); "
-                "pass --weights PATH to a local file, or --weights none"
-            ) from None
-    model = timm.create_model(cfg.model, pretrained=False, num_classes=0)
-    if cfg.weights != "none":
+    try:
+        model = timm.create_model(cfg.model, pretrained=cfg.weights == "default", num_classes=0)
+    except RuntimeError as err:
+        raise KitError(f"--model {cfg.model!r}: {err}") from None
+    except OSError as err:
+        raise KitError(f"cannot download weights for {cfg.model!r} ({type(err).__name__}); pass --weights PATH to a local file, or --weights none") from None
+    if cfg.weights not in ("default", "none"):
         load_into(model, load_weights_file(cfg.weights), cfg.weights, strict=False)
     return model
 
@@ -141,7 +139,8 @@ def model_inputs(cfg: Config, task, device: torch.device) -> tuple[dict[str, lis
     detector = FaceDetector(DetectorParams(canvas_px=cfg.detect_px, select=cfg.face_select), device)
     faces = {}
     for which in SETS:
-        crops = face_box_crops(inputs[which], detector, cfg.face_crop, cfg.face_margin, cfg.runs / "face_cache", desc=which.replace("_", " "))
+        crops = face_box_crops(inputs[which], detector, cfg.face_crop, cfg.face_margin, cfg.runs / "face_cache",
+                               batch_size=cfg.detect_batch_size, desc=which.replace("_", " "))
         inputs[which] = crops.paths
         n = len(crops.paths)
         faces[which] = {"images": n, "faces_found": n - crops.n_whole, "whole_image": crops.n_whole, "faces_total": int(crops.n_faces.sum())}
@@ -185,20 +184,19 @@ def main(argv: Sequence[str] | None = None) -> int:
     inputs, faces = model_inputs(cfg, task, device)
     timings["faces"] = time.time() - t0 - timings["prepare"]
 
-    # embeddings and cosine matrices
-    transform = eval_transform(cfg.img_size, data_cfg["mean"], data_cfg["std"])
-    tag = weights_tag(cfg) + f"|faces={cfg.face_crop}:{cfg.face_select}:{cfg.face_margin}"
-    emb = {
-        which: embed_images(
-            features, inputs[which], transform, device=device, batch_size=cfg.embed_batch_size, workers=cfg.workers,
-            views=cfg.tta, amp=amp, desc=which.replace("_", " "), cache_dir=run_dir / "cache", cache_tag=tag,
-        )
-        for which in SETS
-    }
-    sims = {
-        "val": cosine_similarity(emb["val_query"], emb["val_gallery"]),
-        "test": cosine_similarity(emb["test_query"], emb["test_gallery"]),
-    }
+    # embeddings (of the face crops, where asked) and cosine matrices
+    scale = PixelScale(tuple(data_cfg["mean"]), tuple(data_cfg["std"]))
+    transform = eval_transform(cfg.img_size, scale.mean, scale.std)
+    model_input = {p: c for which in SETS for p, c in zip(getattr(task, which), inputs[which])}
+    tag = weights_tag(cfg) + f"|faces={cfg.face_crop}:{cfg.face_select}:{cfg.face_margin}:{cfg.detect_px}"
+
+    def embed_set(paths, desc):
+        return embed_images(features, [model_input[p] for p in paths], transform, device=device, views=tta_views(cfg.tta),
+                            batch_size=cfg.embed_batch_size, workers=cfg.workers, amp=amp, scale=scale, desc=desc,
+                            cache_dir=run_dir / "cache", cache_tag=tag)
+
+    emb = embed_task(task, embed_set)
+    sims = similarities(emb)
     timings["embed"] = time.time() - t0 - timings["prepare"] - timings["faces"]
     if faces:
         n_whole = sum(f["whole_image"] for f in faces.values())

@@ -18,9 +18,9 @@ import submit
 from tests.test_submit import server
 from tests.test_train_clip_arcface import TINY_VIT
 from utils.clip.colour_term import apply_colour_term, search_colour_term, threshold_grid
-from utils.clip.hf_clip import has_transformers
 from utils.data.colour import DESCRIPTORS, DISTANCES, colour_descriptors, colour_distances, emd
 from utils.data.object_crop import object_box
+from utils.deps import has_transformers
 from utils.errors import KitError
 from utils.runs.similarity_io import load_run
 
@@ -125,7 +125,7 @@ def tiny_vit(tmp_path_factory) -> str:
 
 def test_script_end_to_end_then_ensemble_and_submit(rehearsal_data_session, tmp_path, tiny_vit):
     data, runs = str(rehearsal_data_session), tmp_path / "runs"
-    common = ["--data", data, "--runs", str(runs), "--model", tiny_vit, "--pretrained", "none", "--workers", "0"]
+    common = ["--data", data, "--runs", str(runs), "--model", tiny_vit, "--weights", "none", "--workers", "0"]
     # cosine alone (alpha fixed at 0) is the zero-shot baseline
     assert script.main([*common, "--alphas", "0", "--run-name", "cosine"]) == 0
     cosine = load_run(runs / "cosine")
@@ -152,7 +152,7 @@ def test_script_end_to_end_then_ensemble_and_submit(rehearsal_data_session, tmp_
 
 def test_hugging_face_clip_from_a_local_folder(rehearsal_data_session, tmp_path):
     if not has_transformers:
-        with pytest.raises(KitError, match="needs transformers"):
+        with pytest.raises(KitError, match="transformers"):
             script.main(["--data", str(rehearsal_data_session), "--runs", str(tmp_path / "runs"), "--model", "hf:any"])
         return
     from transformers import CLIPImageProcessor, CLIPVisionConfig, CLIPVisionModelWithProjection

@@ -2,8 +2,8 @@
 
 FashionCLIP (``patrickjohncyh/fashion-clip``) and other CLIP fine-tunes are
 published as ``transformers`` checkpoints. ``transformers`` is not in the
-kit's pinned requirements; :data:`has_transformers` says whether it is
-installed, and :func:`create_hf_visual` refuses with one line when it is not.
+kit's pinned requirements; :data:`utils.deps.has_transformers` says whether
+it is installed, and :func:`create_hf_visual` refuses with one line when it is not.
 
 Example:
     >>> tower = create_hf_visual("patrickjohncyh/fashion-clip")   # or a folder saved with save_pretrained
@@ -12,7 +12,6 @@ Example:
 
 from __future__ import annotations
 
-import importlib.util
 import logging
 from pathlib import Path
 
@@ -20,21 +19,22 @@ import torch
 from torch import nn
 from torchvision import transforms as T
 
+from utils.deps import require
 from utils.errors import KitError
 
 log = logging.getLogger(__name__)
 
-has_transformers = importlib.util.find_spec("transformers") is not None
 HF_PREFIX = "hf:"
 
 
 class HFClipVisual(nn.Module):
     """``forward(pixels)`` -> the projected CLIP image embedding; ``transform`` makes the pixels from a PIL image."""
 
-    def __init__(self, model: nn.Module, transform, source: str):
+    def __init__(self, model: nn.Module, transform, mean: tuple[float, ...], std: tuple[float, ...], source: str):
         super().__init__()
         self.model = model.eval()
         self.transform = transform
+        self.mean, self.std = mean, std  # of the normalised pixels (the TTA views need them)
         self.source = source
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -47,8 +47,7 @@ def create_hf_visual(source: str) -> HFClipVisual:
     Raises:
         KitError: transformers missing, or the model cannot be found or read.
     """
-    if not has_transformers:
-        raise KitError(f"--model {HF_PREFIX}{source}: Hugging Face CLIP needs transformers (pip install transformers); or use an open_clip --model")
+    require("transformers", f"--model {HF_PREFIX}{source} (a Hugging Face CLIP)")
     from transformers import CLIPImageProcessor, CLIPVisionModelWithProjection
 
     try:
@@ -67,4 +66,4 @@ def create_hf_visual(source: str) -> HFClipVisual:
         T.Normalize(proc.image_mean, proc.image_std),
     ])
     log.info("%s: transformers CLIP image tower, %s px input", source, crop)
-    return HFClipVisual(model, transform, source)
+    return HFClipVisual(model, transform, tuple(proc.image_mean), tuple(proc.image_std), source)

@@ -25,9 +25,9 @@ from typing import Sequence
 
 import numpy as np
 
-from utils.atomic import atomic_save_npy, atomic_write_bytes
+from utils.atomic import atomic_write_bytes
 from utils.data.images import load_image
-from utils.embedding.embed import files_key
+from utils.embedding.cache import cached, files_key
 from utils.errors import KitError
 from utils.faces.detect import FaceDetector, letterbox, pick_face
 from utils.progress import ProgressBar
@@ -120,14 +120,13 @@ def face_box_crops(
         raise KitError(f"--face-margin {margin}: 0 or more")
     paths = [Path(p) for p in paths]
     key = files_key(paths, f"face_box|{detector.params.tag()}")
-    box_file = cache_dir / f"face_boxes_{key}.npy"  # (n, 9): all-faces box, one-face box, count
-    if box_file.is_file():
-        saved = np.load(box_file)
-        boxes = FaceBoxes(saved[:, :4], saved[:, 4:8], saved[:, 8].astype(np.int64))
-        log.info("%s: face boxes of %d images from cache %s", desc, len(paths), box_file.name)
-    else:
-        boxes = detect_face_boxes(detector, paths, batch_size, desc)
-        atomic_save_npy(box_file, np.column_stack([boxes.all_faces, boxes.one_face, boxes.n_faces]).astype(np.float32))
+    def detect() -> dict[str, np.ndarray]:
+        found = detect_face_boxes(detector, paths, batch_size, desc)
+        return {"all_faces": found.all_faces, "one_face": found.one_face, "n_faces": found.n_faces}
+
+    # NaN marks "no face" in the boxes, so only the counts must be finite
+    saved = cached(cache_dir / f"face_boxes_{key}.npz", detect, f"{desc}: face boxes", finite_keys=("n_faces",))
+    boxes = FaceBoxes(saved["all_faces"], saved["one_face"], saved["n_faces"].astype(np.int64))
     crop_dir = cache_dir / f"face_crops_{files_key(paths, f'{key}|{mode}|{margin}')}"
     chosen = boxes.boxes(mode)
     out: list[Path] = []
