@@ -3,11 +3,13 @@ top-K on real image files, and the script end to end on generated data up to a r
 
 from __future__ import annotations
 
+import copy
 import json
 import shutil
 
 import numpy as np
 import pytest
+import timm
 import torch
 from PIL import Image
 
@@ -16,6 +18,7 @@ import infer_cnn_features as script
 import submit
 from tests.conftest import shared_data
 from tests.test_submit import server
+from utils.embedding.stage_features import POOLS, StageFeatures
 from utils.errors import KitError
 from utils.faces.detect import DetectorParams, FaceDetector
 from utils.faces.face_box import face_box_crops, union_box, widen
@@ -124,3 +127,21 @@ def test_bad_flags_are_one_clear_error(rehearsal_data_session, tmp_path):
         script.main([*common, "--weights", str(tmp_path / "missing.pt")])
     with pytest.raises(SystemExit):
         script.main([*common, "--pool", "median"])
+
+
+def test_stage_features_match_timm_features_only_and_pool_by_hand():
+    torch.manual_seed(0)
+    full = timm.create_model("test_resnet", pretrained=False, num_classes=0).eval()
+    ref = timm.create_model("test_resnet", pretrained=False, features_only=True, out_indices=(2,)).eval()
+    ref.load_state_dict({k: v for k, v in full.state_dict().items() if k in ref.state_dict()})
+    x = torch.randn(2, 3, 32, 32)
+    with torch.no_grad():
+        fmap = ref(x)[0]
+        feats = {pool: StageFeatures(copy.deepcopy(full), stage=2, pool=pool)(x) for pool in POOLS}
+    assert torch.allclose(feats["avg"], fmap.mean(dim=(2, 3)), atol=1e-5)
+    assert torch.allclose(feats["max"], fmap.flatten(2).max(dim=2).values, atol=1e-5)
+    gem = (fmap.clamp(min=1e-6) ** 3).mean(dim=(2, 3)) ** (1 / 3)
+    assert torch.allclose(feats["gem"], gem, atol=1e-5)
+    assert torch.allclose(feats["flatten"], fmap.reshape(2, -1), atol=1e-5)
+    with pytest.raises(KitError, match="--stage 7"):
+        StageFeatures(copy.deepcopy(full), stage=7)
