@@ -51,7 +51,7 @@ from utils.config import RunConfig, add_config_args, config_from_args, config_to
 from utils.data.colour import DESCRIPTORS, DISTANCES, ColourDescriptors, bin_centres, colour_descriptors, colour_distances
 from utils.data.object_crop import OBJECT_CROPS, object_crops
 from utils.data.task import Task, prepare_task
-from utils.device import amp_dtype, pick_device
+from utils.device import amp_dtype, is_cnn, pick_device, resolve_workers
 from utils.embedding.cache import files_key
 from utils.embedding.embed import embed_images
 from utils.embedding.step import SETS, embed_task, similarities
@@ -88,7 +88,7 @@ class Config(RunConfig):
     tta: list[str] = field(default_factory=lambda: ["flip"], metadata={"help": f"test-time view groups added to the identity, of {list(TTA_GROUPS)}; none: identity only"})
     embed_batch_size: int = field(default=64, metadata={"help": "batch size for embedding"})
     amp: bool = field(default=True, metadata={"help": "mixed precision on GPU (bf16 where supported)"})
-    workers: int = field(default=2, metadata={"help": "DataLoader worker processes"})
+    workers: int = field(default=-1, metadata={"help": "DataLoader worker processes (-1: half the usable cores, 1 to 8; 0: main process)"})
 # ----------------------------------------------------------------------------
 
 
@@ -100,7 +100,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 def check_config(cfg: Config) -> None:
     """Flags that argparse cannot check alone."""
-    for name in ("colour_top_m", "img_size", "workers"):
+    for name in ("colour_top_m", "img_size"):
         if getattr(cfg, name) < 0:
             raise KitError(f"--{name.replace('_', '-')} {getattr(cfg, name)}: 0 or more")
     if cfg.embed_batch_size < 1:
@@ -174,6 +174,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     run_dir = cfg.runs / cfg.run_name
     device = pick_device(cfg.device)
     amp = amp_dtype(device, cfg.amp)
+    workers = resolve_workers(cfg.workers)
     seed_everything(cfg.seed)
 
     # data and the shared validation split (no training: only its val queries/gallery are used)
@@ -187,10 +188,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     inputs = {which: c.paths for which, c in crops.items()}
     model_input = {p: c for which in SETS for p, c in zip(getattr(task, which), inputs[which])}
 
+    channels_last = is_cnn(tower)
+
     def embed_set(paths, desc):
         return embed_images(tower, [model_input[p] for p in paths], transform, device=device, views=tta_views(cfg.tta),
-                            batch_size=cfg.embed_batch_size, workers=cfg.workers, amp=amp, scale=scale, desc=desc,
-                            cache_dir=run_dir / "cache", cache_tag=tag)
+                            batch_size=cfg.embed_batch_size, workers=workers, amp=amp, scale=scale, desc=desc,
+                            stack_views=True, channels_last=channels_last, cache_dir=run_dir / "cache", cache_tag=tag)
 
     emb = embed_task(task, embed_set)
     cosine = similarities(emb)

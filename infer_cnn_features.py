@@ -42,7 +42,7 @@ from rich.table import Table
 from utils.config import RunConfig, add_config_args, config_from_args, config_to_dict
 from utils.data.augment import eval_transform
 from utils.data.task import prepare_task
-from utils.device import amp_dtype, pick_device
+from utils.device import amp_dtype, is_cnn, pick_device, resolve_workers
 from utils.embedding.embed import embed_images
 from utils.embedding.stage_features import POOLS, StageFeatures
 from utils.embedding.step import SETS, embed_task, similarities
@@ -83,7 +83,7 @@ class Config(RunConfig):
     tta: list[str] = field(default_factory=lambda: ["flip"], metadata={"help": f"test-time view groups added to the identity, of {list(TTA_GROUPS)}; none: identity only"})
     embed_batch_size: int = field(default=64, metadata={"help": "batch size for embedding"})
     amp: bool = field(default=True, metadata={"help": "mixed precision on GPU (bf16 where supported)"})
-    workers: int = field(default=2, metadata={"help": "DataLoader worker processes"})
+    workers: int = field(default=-1, metadata={"help": "DataLoader worker processes (-1: half the usable cores, 1 to 8; 0: main process)"})
 # ----------------------------------------------------------------------------
 
 
@@ -100,8 +100,8 @@ def check_config(cfg: Config) -> None:
     for name in ("img_size", "embed_batch_size", "detect_batch_size", "pixel_px"):
         if getattr(cfg, name) < 1:
             raise KitError(f"--{name.replace('_', '-')} {getattr(cfg, name)}: at least 1")
-    if cfg.pixel_k < 0 or cfg.workers < 0:
-        raise KitError(f"--pixel-k {cfg.pixel_k}, --workers {cfg.workers}: 0 or more")
+    if cfg.pixel_k < 0:
+        raise KitError(f"--pixel-k {cfg.pixel_k}: 0 or more")
     if cfg.pixel_px < 7:
         raise KitError(f"--pixel-px {cfg.pixel_px}: SSIM needs at least 7 pixels")
     tta_views(cfg.tta)
@@ -171,6 +171,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     run_dir = cfg.runs / cfg.run_name
     device = pick_device(cfg.device)
     amp = amp_dtype(device, cfg.amp)
+    workers = resolve_workers(cfg.workers)
     seed_everything(cfg.seed)
 
     # data and the shared validation split (no training: only its val queries/gallery are used)
@@ -190,10 +191,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     model_input = {p: c for which in SETS for p, c in zip(getattr(task, which), inputs[which])}
     tag = weights_tag(cfg) + f"|faces={cfg.face_crop}:{cfg.face_select}:{cfg.face_margin}:{cfg.detect_px}"
 
+    channels_last = is_cnn(features)
+
     def embed_set(paths, desc):
         return embed_images(features, [model_input[p] for p in paths], transform, device=device, views=tta_views(cfg.tta),
-                            batch_size=cfg.embed_batch_size, workers=cfg.workers, amp=amp, scale=scale, desc=desc,
-                            cache_dir=run_dir / "cache", cache_tag=tag)
+                            batch_size=cfg.embed_batch_size, workers=workers, amp=amp, scale=scale, desc=desc,
+                            stack_views=True, channels_last=channels_last, cache_dir=run_dir / "cache", cache_tag=tag)
 
     emb = embed_task(task, embed_set)
     sims = similarities(emb)
