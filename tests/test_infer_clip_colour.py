@@ -52,6 +52,11 @@ def test_red_is_closer_to_red_than_to_blue(colour_files, kind, metric):
     assert np.allclose(dist, dist.T, atol=1e-4)
 
 
+def test_dominant_colours_are_deterministic(colour_files):
+    first = colour_descriptors(colour_files, "dominant").hist
+    assert np.array_equal(first, colour_descriptors(colour_files, "dominant").hist)  # k-means is seeded
+
+
 def test_distances_match_opencv(colour_files):
     d = colour_descriptors(colour_files, "hsv")
     a, b = d.hist[0], d.hist[3]
