@@ -42,6 +42,7 @@ from utils.logs import setup_logging
 from utils.progress import ProgressBar
 from utils.runs.metrics import relevance_matrix, topk_scores
 from utils.runs.model_run import write_model_run
+from utils.runs.similarity_io import invalidate_run
 from utils.seed import seed_everything, worker_init
 from utils.training.checkpoint import file_sha, load_checkpoint, load_into, load_weights_file, save_checkpoint
 from utils.training.schedule import warmup_cosine
@@ -113,6 +114,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         raise KitError(f"--model {cfg.model!r}: not a timm model; list them with timm.list_models('*resnet*')")
     t0 = time.time()
     run_dir = cfg.runs / cfg.run_name
+    invalidate_run(run_dir)  # a killed or failed re-run must not leave the old run looking complete
     device = pick_device(cfg.device)
     amp = amp_dtype(device, cfg.amp)
     shuffle_gen = seed_everything(cfg.seed)
