@@ -64,8 +64,12 @@ def read_ground_truth(path: Path) -> dict[str, list[str]]:
 def load_layout(root: str | Path, need_test: bool = True) -> DataLayout:
     """Read and check a data folder.
 
+    A training image that is a broken symbolic link is skipped with a warning
+    line; one among the query or gallery images stops here.
+
     Raises:
-        KitError: a folder is missing or empty, or the gallery has fewer than 10 images.
+        KitError: a folder is missing or empty, the gallery has fewer than 10
+            images, or a query or gallery link points nowhere or loops.
     """
     root = Path(root)
     if not root.is_dir():
@@ -75,7 +79,7 @@ def load_layout(root: str | Path, need_test: bool = True) -> DataLayout:
         raise KitError(f"{train_dir}: folder not found; expected DATA/train/<identity>/<image>")
     train = {}
     for d in sorted(p for p in train_dir.iterdir() if p.is_dir() and not p.name.startswith(".")):
-        imgs = list_images(d)
+        imgs = list_images(d, what="training", broken_links="skip")
         if imgs:
             train[d.name] = imgs
     if not train:
@@ -83,8 +87,8 @@ def load_layout(root: str | Path, need_test: bool = True) -> DataLayout:
     query: list[Path] = []
     gallery: list[Path] = []
     if need_test:
-        query = list_images(root / "test" / "query")
-        gallery = list_images(root / "test" / "gallery")
+        query = list_images(root / "test" / "query", what="query")
+        gallery = list_images(root / "test" / "gallery", what="gallery")
         if not query:
             raise KitError(f"{root / 'test' / 'query'}: no images")
         if len(gallery) < MIN_GALLERY:
