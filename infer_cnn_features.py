@@ -54,6 +54,7 @@ from utils.faces.face_box import FACE_BOX_MODES, face_box_crops
 from utils.logs import console, setup_logging
 from utils.runs.model_run import write_model_run
 from utils.runs.pixel_agreement import grey_squares, topk_agreement
+from utils.runs.similarity_io import invalidate_run
 from utils.seed import seed_everything
 
 log = logging.getLogger("infer_cnn_features")
@@ -152,6 +153,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     check_config(cfg)
     t0 = time.time()
     run_dir = cfg.runs / cfg.run_name
+    invalidate_run(run_dir)  # a killed or failed re-run must not leave the old run looking complete
     device = pick_device(cfg.device)
     amp = amp_dtype(device, cfg.amp)
     workers = resolve_workers(cfg.workers)
