@@ -42,7 +42,7 @@ from utils.logs import console  # noqa: E402
 CPU = torch.device("cpu")
 
 
-def matmul_peak_gflops(n: int = 2048, repeats: int = 5) -> float:
+def matmul_peak_gflops(n: int = 3072, repeats: int = 5) -> float:
     """Best fp32 GFLOP/s of an n x n matmul on this machine."""
     a, b = torch.randn(n, n), torch.randn(n, n)
     torch.mm(a, b)
@@ -90,34 +90,56 @@ def timed(fn) -> float:
     return time.perf_counter() - t0
 
 
-def bench_cnn(name: str, paths: list[Path], size: int, peak: float, rows: list, workers: int) -> None:
+def interleaved(methods: dict, rounds: int) -> tuple[dict[str, float], float]:
+    """Median images/s of each method over ``rounds``, run in rotating order, and the best matmul peak seen."""
+    times: dict[str, list[float]] = {k: [] for k in methods}
+    peak = 0.0
+    names = list(methods)
+    for r in range(rounds):
+        peak = max(peak, matmul_peak_gflops())
+        for k in names[r % len(names):] + names[: r % len(names)]:
+            n, fn = methods[k]
+            times[k].append(n / timed(fn))
+    return {k: float(np.median(v)) for k, v in times.items()}, peak
+
+
+def bench_cnn(name: str, paths: list[Path], size: int, rows: list, workers: int, rounds: int) -> float:
     import timm
 
     torch.manual_seed(0)
     model = timm.create_model(name, pretrained=False, num_classes=0).eval()
     flops = flops_per_image(model, size)
+    n, tf = len(paths), eval_transform(size)
+    methods = {
+        f"kit path, batch 32, {workers} workers, channels-last": (n, lambda: embed_images(
+            model, paths, tf, device=CPU, batch_size=32, workers=workers, channels_last=True)),
+        f"kit path, batch 32, {workers} workers, channels-first": (n, lambda: embed_images(
+            model.to(memory_format=torch.contiguous_format), paths, tf, device=CPU, batch_size=32, workers=workers)),
+        "kit path, one image at a time": (16, lambda: embed_images(model, paths[:16], tf, device=CPU, batch_size=1, workers=0)),
+        "plain batch-32 loop": (n, lambda: plain_loop(model.to(memory_format=torch.contiguous_format), paths, size)),
+    }
+    ips, peak = interleaved(methods, rounds)
     limit = peak * 1e9 / flops
-    n = len(paths)
-    plain = n / timed(lambda: plain_loop(model, paths, size))
-    kit = n / timed(lambda: embed_images(model, paths, eval_transform(size), device=CPU, batch_size=32, workers=workers, channels_last=True))
-    kit_cf = n / timed(lambda: embed_images(model, paths, eval_transform(size), device=CPU, batch_size=32, workers=workers, channels_last=False))
-    one = min(n, 16) / timed(lambda: embed_images(model, paths[:16], eval_transform(size), device=CPU, batch_size=1, workers=0))
-    for label, ips in ((f"kit path, batch 32, {workers} workers, channels-last", kit), ("kit path, channels-first", kit_cf),
-                       ("kit path, one image at a time", one), ("plain batch-32 loop", plain)):
-        rows.append((f"{name} @ {size}px", label, ips, ips / plain, ips / limit))
+    plain = ips["plain batch-32 loop"]
+    for label, v in ips.items():
+        rows.append((f"{name} @ {size}px", label, v, v / plain, v / limit))
     rows.append((f"{name} @ {size}px", f"FLOP-bound limit ({flops / 1e9:.2f} GFLOP/img at {peak:.0f} GFLOP/s)", limit, limit / plain, 1.0))
+    return peak
 
 
-def bench_clip(paths: list[Path], rows: list, workers: int) -> None:
+def bench_clip(paths: list[Path], rows: list, workers: int, rounds: int) -> None:
     import open_clip
 
     torch.manual_seed(0)
     model = open_clip.create_model("ViT-B-32", pretrained=None).visual.eval()
     n = len(paths)
-    plain = n / timed(lambda: plain_loop(model, paths, 224))
-    kit = n / timed(lambda: embed_images(model, paths, eval_transform(224), device=CPU, batch_size=32, workers=workers))
-    for label, ips in (("kit path, batch 32", kit), ("plain batch-32 loop", plain)):
-        rows.append(("open_clip ViT-B-32 tower @ 224px", label, ips, ips / plain, float("nan")))
+    ips, peak = interleaved({
+        "kit path, batch 32": (n, lambda: embed_images(model, paths, eval_transform(224), device=CPU, batch_size=32, workers=workers)),
+        "plain batch-32 loop": (n, lambda: plain_loop(model, paths, 224)),
+    }, rounds)
+    limit = peak * 1e9 / flops_per_image(model, 224)
+    for label, v in ips.items():
+        rows.append(("open_clip ViT-B-32 tower @ 224px", label, v, v / ips["plain batch-32 loop"], v / limit))
 
 
 def bench_faces(rows: list) -> None:
@@ -139,6 +161,7 @@ def main() -> int:
     ap.add_argument("--images", type=int, default=64, help="photos to embed (default: %(default)s)")
     ap.add_argument("--models", nargs="+", default=["resnet50", "clip", "faces"], choices=["resnet50", "clip", "faces"],
                     help="what to measure (default: %(default)s)")
+    ap.add_argument("--rounds", type=int, default=3, help="interleaved rounds per method; the median is reported (default: %(default)s)")
     ap.add_argument("--workers", type=int, default=-1, help="DataLoader workers of the kit path; -1: the kit's choice (default: %(default)s)")
     ap.add_argument("--out", type=Path, default=ROOT / "benchmarks" / "results" / "bench_embed.md", help="table file (default: %(default)s)")
     args = ap.parse_args()
@@ -148,9 +171,9 @@ def main() -> int:
     with tempfile.TemporaryDirectory() as tmp:
         paths = make_photos(Path(tmp), args.images)
         if "resnet50" in args.models:
-            bench_cnn("resnet50", paths, 224, peak, rows, workers)
+            peak = bench_cnn("resnet50", paths, 224, rows, workers, args.rounds)
         if "clip" in args.models:
-            bench_clip(paths, rows, workers)
+            bench_clip(paths, rows, workers, args.rounds)
     if "faces" in args.models:
         bench_faces(rows)
     table = Table(title=f"embedding throughput, {args.images} images, {torch.get_num_threads()} threads, fp32 matmul peak {peak:.0f} GFLOP/s")
