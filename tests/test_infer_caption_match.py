@@ -146,7 +146,7 @@ def test_captioner_errors_are_one_line(tmp_path, tiny_blip):
         caption_images([], CaptionParams(str(tiny_blip)), torch.device("cpu"), tmp_path / "bad.json")
 
 
-def test_text_encoding_matches_open_clip(tiny_clip):
+def test_text_encoding_matches_open_clip(tiny_clip, tmp_path):
     torch.manual_seed(0)
     clip = create_clip(tiny_clip, "none")
     texts = ["a red square", "a blue circle", "a red square"]
@@ -158,6 +158,15 @@ def test_text_encoding_matches_open_clip(tiny_clip):
     assert np.allclose(emb[:2], ref, atol=1e-5)
     with pytest.raises(KitError, match="file not found"):
         create_clip(tiny_clip, "/no/such/weights.bin")
+    with pytest.raises(KitError, match="no such open_clip tag"):
+        create_clip(tiny_clip, "laion-typo")
+    # --weights PATH: the whole model from a file gives the same texts' embeddings; an image tower alone is refused
+    torch.save(clip.model.state_dict(), tmp_path / "clip.pt")
+    again = create_clip(tiny_clip, str(tmp_path / "clip.pt"))
+    assert np.allclose(encode_texts(again, texts, torch.device("cpu")), emb, atol=1e-6)
+    torch.save({k: v for k, v in clip.model.state_dict().items() if k.startswith("visual.")}, tmp_path / "visual.pt")
+    with pytest.raises(KitError, match="needs both towers"):
+        create_clip(tiny_clip, str(tmp_path / "visual.pt"))
 
 
 def test_blend_zscores_rows():

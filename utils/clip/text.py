@@ -25,7 +25,7 @@ import open_clip
 import torch
 from torch import nn
 
-from utils.clip.models import _quiet_open_clip, _tag_config, resolve_model_name
+from utils.clip.models import _quiet_open_clip, resolve_model_name
 from utils.embedding.embed import l2_normalize
 from utils.errors import KitError
 from utils.training.checkpoint import load_weights_file
@@ -104,7 +104,10 @@ def create_clip(model: str, weights: str = "none", img_size: int = 0) -> ClipMod
         _load_full_weights(clip, weights)
         log.info("%s: weights from %s", name, weights)
     else:
-        tag_cfg = _tag_config(name, weights)
+        tag_cfg = open_clip.get_pretrained_cfg(name, weights)
+        if not tag_cfg:
+            tags = open_clip.list_pretrained_tags_by_model(name)
+            raise KitError(f"--weights {weights!r}: not a file and no such open_clip tag for {name}; use one of {tags}, 'none' or a path")
         preprocess = {k: tag_cfg[k] for k in ("mean", "std", "interpolation", "resize_mode") if k in tag_cfg}
         try:
             with _quiet_open_clip():
