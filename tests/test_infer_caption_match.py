@@ -133,6 +133,40 @@ def test_captions_are_cached_and_reused(tiny_blip, tmp_path):
     assert read_cache(fresh)[other.tag()] == read_cache(cache)[other.tag()]
 
 
+def test_blip2_captioner_in_batches(tmp_path):
+    """BLIP-2 (Q-Former + OPT language model), tiny and random, saved and loaded like a hub folder."""
+    from transformers import (
+        BertTokenizer,
+        Blip2Config,
+        Blip2ForConditionalGeneration,
+        Blip2Processor,
+        BlipImageProcessor,
+        OPTConfig,
+    )
+
+    vocab = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]", "[DEC]", "<image>", *WORDS]
+    tok = BertTokenizer(vocab={w: i for i, w in enumerate(vocab)}, bos_token="[DEC]", eos_token="[SEP]")
+    config = Blip2Config(
+        vision_config=dict(hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=2,
+                           image_size=32, patch_size=8),
+        qformer_config=dict(hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=2,
+                            encoder_hidden_size=32, vocab_size=len(vocab)),
+        text_config=OPTConfig(vocab_size=len(vocab), hidden_size=32, ffn_dim=64, num_hidden_layers=1, num_attention_heads=2,
+                              word_embed_proj_dim=32, max_position_embeddings=64, bos_token_id=5, eos_token_id=3,
+                              pad_token_id=0).to_dict(),
+        num_query_tokens=4, image_token_index=vocab.index("<image>"),
+    )
+    torch.manual_seed(0)
+    Blip2ForConditionalGeneration(config).save_pretrained(tmp_path / "blip2")
+    Blip2Processor(image_processor=BlipImageProcessor(size={"height": 32, "width": 32}), tokenizer=tok,
+                   num_query_tokens=4).save_pretrained(tmp_path / "blip2")
+    paths = make_images(tmp_path / "imgs", 3)
+    params = CaptionParams(str(tmp_path / "blip2"), max_new_tokens=4, num_beams=2, prompt="a photo of", batch_size=2)
+    captions = caption_images(paths, params, torch.device("cpu"), tmp_path / "captions.json")
+    assert len(captions) == 3 and all(c.startswith("a photo of") for c in captions)
+    assert all(len(c.split()) <= 3 + 4 for c in captions)  # the prompt and at most 4 new tokens
+
+
 def test_captioner_errors_are_one_line(tmp_path, tiny_blip):
     with pytest.raises(KitError, match="offline, pass a local folder"):
         Captioner(CaptionParams(str(tmp_path / "no-such-model")), torch.device("cpu"))

@@ -196,4 +196,8 @@ def caption_images(
     elif tag not in own or any(k not in own[tag] for k in keys):  # captions came from --captions: keep them here too
         own[tag] = known
         write_cache(cache, own)
-    return [known[k] for k in keys]
+    out = [known[k] for k in keys]
+    empty = sum(not c.strip() for c in out)
+    if empty:
+        log.warning("%s: %d of %d captions are empty (the captioner generated no words); check --captioner", desc, empty, len(out))
+    return out
