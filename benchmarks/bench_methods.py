@@ -280,6 +280,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         clip_model = str(args.out / "configs" / "bench-clip.json")
         atomic_write_json(Path(clip_model), BENCH_CLIP)
     chosen = [m for m in METHODS if m.key in args.methods]
+    n_classes = len([p for p in (args.pacs / QUERY_DOMAIN).iterdir() if p.is_dir()]) if (args.pacs / QUERY_DOMAIN).is_dir() else 0
     rows: dict[str, dict] = {"chance (random scores, mean of 20)": {"weights": "-", "metrics": {}, "seconds": 0.0}}
     rows.update({m.label: {"weights": "random" if m.random_weights(args) else "pretrained", "metrics": {}, "seconds": 0.0}
                  for m in chosen})
@@ -300,8 +301,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         console.print(table)
     command = " ".join([".venv/bin/python benchmarks/bench_methods.py", *(sys.argv[1:] if argv is None else argv)])
     notes = [
-        f"Data: {args.pacs.name}, 7 classes; per pair {args.per_class} photos per class as test queries against "
-        f"{args.per_class} images per class of the gallery domain ({7 * args.per_class} x {7 * args.per_class}); "
+        f"Data: {args.pacs.name}, {n_classes} classes; per pair {args.per_class} photos per class as test queries against "
+        f"{args.per_class} images per class of the gallery domain ({n_classes * args.per_class} x {n_classes * args.per_class}); "
         "the remaining images of both domains are train/ (nothing here trains on them; the split is only for validation). "
         "Relevant = same class.",
         f"Models: CLIP = {args.clip_model or 'a small open_clip ViT (64 px, 4 blocks of width 128, text tower 2 blocks of width 64)'}"

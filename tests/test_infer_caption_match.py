@@ -287,3 +287,28 @@ def test_label_captions_mode(rehearsal_data, tiny_clip, tmp_path):
     assert set(captions["test"].values()) <= {f"a photo of a {n}" for n in ("alpha", "bravo", "charlie", "delta", "echo",
                                               "foxtrot", "golf", "hotel", "india", "juliet", "kilo", "lima", "mike",
                                               "november", "oscar", "papa")}
+
+
+def test_pacs_benchmark_runs_and_writes_its_table(tmp_path):
+    """benchmarks/bench_methods.py on a PACS-shaped folder of generated images (4 classes, photo and sketch)."""
+    from benchmarks import bench_methods
+
+    rng = np.random.default_rng(0)
+    for domain in ("photo", "sketch"):
+        for c, cls in enumerate(("dog", "horse", "house", "person")):
+            (tmp_path / "pacs" / domain / cls).mkdir(parents=True)
+            for i in range(5):
+                pixels = np.full((24, 24, 3), 60 * c, np.uint8) + rng.integers(0, 30, (24, 24, 3), dtype=np.uint8)
+                Image.fromarray(pixels).save(tmp_path / "pacs" / domain / cls / f"{i}.jpg")
+    results = tmp_path / "table.md"
+    assert bench_methods.main(["--pacs", str(tmp_path / "pacs"), "--out", str(tmp_path / "out"), "--results", str(results),
+                               "--pairs", "sketch", "--methods", "clip_img2img", "caption_labels", "--per-class", "3",
+                               "--threads", "1"]) == 0
+    truth = json.loads((tmp_path / "out" / "sketch" / "data" / "test" / "ground_truth.json").read_text())
+    assert len(truth) == 12 and all(len(g) == 3 for g in truth.values())  # a gallery of 12: a top-10 needs 10
+    table = results.read_text()
+    assert "| photo->sketch P@1 | photo->sketch P@5 | photo->sketch P@15 | photo->sketch mAP@All |" in table
+    for row in ("chance (random scores", "CLIP image-to-image, zero-shot | random", "class-label captions (ablation) | random"):
+        assert row in table
+    sim = np.load(tmp_path / "out" / "sketch" / "runs" / "caption_labels" / "test_sim.npy")
+    assert sim.shape == (12, 12)

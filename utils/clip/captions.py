@@ -193,6 +193,9 @@ def caption_images(
                 own[tag] = known
                 write_cache(cache, own)
                 bar.advance(len(batch))
+        del captioner  # free its memory before CLIP runs
+        if device.type == "cuda":
+            torch.cuda.empty_cache()
     elif tag not in own or any(k not in own[tag] for k in keys):  # captions came from --captions: keep them here too
         own[tag] = known
         write_cache(cache, own)
