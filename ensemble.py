@@ -8,7 +8,7 @@ re-rank, and write runs/ensemble/ (the test matrix is what submit.py submits).
     # chosen runs, one fusion, one re-ranking; print test scores too (rehearsal data only)
     python ensemble.py --runs runs --models facenet clip --fusion rank --dual-softmax --temperature 1 --data DATA
     # fixed weights, no search
-    python ensemble.py --runs runs --models facenet clip --weights 0.7 0.3
+    python ensemble.py --runs runs --models facenet clip --fusion-weights 0.7 0.3
 
 Stages: load and check the runs, join them by query/gallery name -> per fusion,
 search the weights on the validation matrices (simplex grid up to 4 models,
@@ -62,7 +62,7 @@ class Config:
     data: Path | None = field(default=None, metadata={"help": "data folder; with test/ground_truth.json, test scores are printed too", "metavar": "DIR"})
     # fusion: zscore suits cosine-like scores; rank/rrf ignore score scales entirely
     fusion: str = field(default="zscore", metadata={"help": "per-query normalisation before the weighted sum", "choices": FUSIONS})
-    weights: list[float] = field(default_factory=list, metadata={"help": "fixed weights, one per --models entry (default: searched)", "metavar": "W"})
+    fusion_weights: list[float] = field(default_factory=list, metadata={"help": "fixed fusion weights, one per --models entry (default: searched)", "metavar": "W"})
     # weight search
     grid_step: float = field(default=0.05, metadata={"help": "simplex grid step (up to 4 models)"})
     n_random: int = field(default=2000, metadata={"help": "Dirichlet candidates for 5+ models (a quarter more per refinement round)"})
@@ -72,7 +72,7 @@ class Config:
     bootstrap_by: str = field(default="query", metadata={
         "help": "resample whole identities (honest when a few identities decide the score) or single queries",
         "choices": ["identity", "query"]})
-    seed: int = field(default=0, metadata={"help": "seed of the bootstrap and the random search"})
+    search_seed: int = field(default=0, metadata={"help": "seed of the bootstrap and the random search"})
     # re-ranking (in this order when several are on); --auto chooses among them on validation
     auto: bool = field(default=False, metadata={"help": "try every fusion and re-ranking, keep the best on validation"})
     min_win: float = field(default=0.75, metadata={"help": "--auto keeps a re-ranking only if it wins this share of bootstrap resamples"})
@@ -135,10 +135,10 @@ def rerank_params(cfg: Config) -> RerankParams:
 
 
 def check_config(cfg: Config, n_models: int) -> None:
-    if cfg.weights and len(cfg.weights) != n_models:
-        raise KitError(f"--weights: {len(cfg.weights)} values for {n_models} models; give one per --models entry")
-    if cfg.weights and (min(cfg.weights) < 0 or sum(cfg.weights) <= 0):
-        raise KitError(f"--weights {cfg.weights}: must be non-negative with a positive sum")
+    if cfg.fusion_weights and len(cfg.fusion_weights) != n_models:
+        raise KitError(f"--fusion-weights: {len(cfg.fusion_weights)} values for {n_models} models; give one per --models entry")
+    if cfg.fusion_weights and (min(cfg.fusion_weights) < 0 or sum(cfg.fusion_weights) <= 0):
+        raise KitError(f"--fusion-weights {cfg.fusion_weights}: must be non-negative with a positive sum")
     if not 0 < cfg.grid_step <= 0.5:
         raise KitError(f"--grid-step {cfg.grid_step}: must be in (0, 0.5]")
     if cfg.bootstrap < 1 or cfg.top_m < 10 or cfg.temperature <= 0:
@@ -173,13 +173,13 @@ def main(argv: Sequence[str] | None = None) -> int:
         groups = None
     else:
         raise KitError(f"--bootstrap-by {cfg.bootstrap_by!r}: choose identity or query")
-    scorer = Scorer(val_rel, test_rel, n_boot=cfg.bootstrap, seed=cfg.seed, groups=groups)
+    scorer = Scorer(val_rel, test_rel, n_boot=cfg.bootstrap, seed=cfg.search_seed, groups=groups)
     log.info("fusing %d run(s): %s; val %d x %d, test %d x %d", len(runs), ", ".join(names), *val[0].sim.shape, *test[0].sim.shape)
 
     passthrough = len(runs) == 1 and not params.steps and not cfg.auto
     plan, rows, searches = choose_plan(
         names, [m.sim for m in val], [m.sim for m in test], scorer,
-        fusions=FUSIONS if cfg.auto else (cfg.fusion,), weights=cfg.weights or None, rerank_params=params,
+        fusions=FUSIONS if cfg.auto else (cfg.fusion,), weights=cfg.fusion_weights or None, rerank_params=params,
         auto=cfg.auto, min_win=cfg.min_win,
         search={"grid_step": cfg.grid_step, "n_random": cfg.n_random, "top_m": cfg.top_m, "smooth_radius": cfg.smooth_radius},
     )

@@ -234,8 +234,8 @@ def test_shape_mismatch_is_refused_naming_the_file(tmp_path):
 
 def test_bad_flags_are_refused(tmp_path):
     runs, _ = write_runs(tmp_path)
-    with pytest.raises(KitError, match="--weights: 3 values for 2 models"):
-        ensemble.main(["--runs", str(runs), "--weights", "0.2", "0.3", "0.5"])
+    with pytest.raises(KitError, match="--fusion-weights: 3 values for 2 models"):
+        ensemble.main(["--runs", str(runs), "--fusion-weights", "0.2", "0.3", "0.5"])
     with pytest.raises(KitError, match="--models nope"):
         ensemble.main(["--runs", str(runs), "--models", "a", "nope"])
     with pytest.raises(KitError, match="pick one"):
