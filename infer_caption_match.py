@@ -6,7 +6,7 @@ written as runs/<run-name>/{val,test}_sim.npy + meta.json for the ensemble.
     python infer_caption_match.py --data DATA
     # offline: a captioner saved with save_pretrained and a local open_clip file
     python infer_caption_match.py --data DATA --captioner /models/blip2-opt-2.7b \\
-        --model ViT-L-14-quickgelu --weights /models/vit-l-14-openai.bin
+        --weights /models/vit-l-14-openai.bin --file-tag openai
     # a smaller captioner (BLIP base), fewer beams; a second run reuses the first run's captions
     python infer_caption_match.py --data DATA --captioner Salesforce/blip-image-captioning-base --num-beams 1
     python infer_caption_match.py --data DATA --run-name caption_match_b16 --model ViT-B-16 \\
@@ -17,12 +17,13 @@ written as runs/<run-name>/{val,test}_sim.npy + meta.json for the ensemble.
     python infer_caption_match.py --data DATA --captions-from labels --closed-set
 
 Stages: read data and the shared validation split -> build the open_clip model
-(both towers; --weights tag|none|PATH) -> caption every validation and test
+(both towers; --weights TAG|none|PATH, as in every script) -> caption every validation and test
 gallery image (batched generation, float16/bfloat16 on GPU; cached in
 runs/<run-name>/captions.json by file path/size/mtime and captioner settings,
 so a second run never loads the captioner; --captions FILE adds the captions
 of another run) -> embed the captions with the text tower and the query
-images with the image tower, L2-normalise -> image-to-text cosine matrices;
+images with the image tower (the shared embedding step, --tta views averaged,
+cached), L2-normalise -> image-to-text cosine matrices;
 with --blend B > 0 also gallery image embeddings, and each row of both
 matrices is z-scored (minus its mean, over its standard deviation) before
 they are mixed; with --blend 0 the matrix is the plain cosine.
@@ -59,6 +60,8 @@ from utils.data.split import identity_of
 from utils.data.task import Task, prepare_task
 from utils.device import amp_dtype, pick_device
 from utils.embedding.embed import cosine_similarity, embed_images
+from utils.embedding.step import embed_task
+from utils.embedding.views import TTA_GROUPS, PixelScale, tta_views
 from utils.ensemble.fusion import row_zscore
 from utils.errors import KitError, run_cli
 from utils.logs import setup_logging
@@ -79,7 +82,8 @@ class Config(RunConfig):
     run_name: str = field(default="caption_match", metadata={"help": "output folder under --runs"})
     # CLIP: any open_clip name or a config .json; text and image towers of the same model
     model: str = field(default="ViT-L-14", metadata={"help": "open_clip model name or a model config .json file", "metavar": "NAME"})
-    weights: str = field(default="openai", metadata={"help": "open_clip tag, 'none' (random init) or a local .bin/.pt/.safetensors file of the whole model", "metavar": "TAG|PATH"})
+    weights: str = field(default="openai", metadata={"help": "open_clip tag, 'none' (random init) or a local .bin/.pt/.safetensors file of the whole model (both towers)", "metavar": "TAG|none|PATH"})
+    file_tag: str = field(default="openai", metadata={"help": "for a local --weights file: the open_clip tag it is a copy of (sets QuickGELU, mean/std)", "metavar": "TAG"})
     img_size: int = field(default=0, metadata={"help": "CLIP input side in pixels; 0 keeps the model's own"})
     # what the gallery's texts are
     captions_from: str = field(default="captioner", metadata={"help": "captioner (generated captions) or labels (class names, the paper's ablation)", "choices": list(CAPTION_SOURCES)})
@@ -93,6 +97,7 @@ class Config(RunConfig):
     closed_set: bool = field(default=False, metadata={"help": "--captions-from labels: test identities are the training classes (PACS); label test gallery images by CLIP"})
     # matrix
     blend: float = field(default=0.0, metadata={"help": "B in (1-B)*z(img2txt) + B*z(img2img), rows z-scored when B > 0; 0 = image-to-text only", "metavar": "B"})
+    tta: list[str] = field(default_factory=lambda: ["flip"], metadata={"help": f"test-time view groups of the image embeddings, of {list(TTA_GROUPS)}; none: identity only"})
     # machine
     embed_batch_size: int = field(default=64, metadata={"help": "images per CLIP embedding batch"})
     amp: bool = field(default=True, metadata={"help": "mixed precision on GPU (CLIP and the captioner)"})
@@ -116,6 +121,12 @@ def check_config(cfg: Config) -> None:
         raise KitError(f"--workers {cfg.workers}: 0 or more")
     if "{}" not in cfg.label_template:
         raise KitError(f"--label-template {cfg.label_template!r}: must contain '{{}}' where the class name goes")
+    tta_views(cfg.tta)
+    if cfg.captions_from == "labels" and not cfg.closed_set:
+        raise KitError(
+            "--captions-from labels: test gallery images have no labels; pass --closed-set when the test identities "
+            "are the training class names (e.g. PACS), otherwise use --captions-from captioner"
+        )
     for f in cfg.captions:
         if not Path(f).is_file():
             raise KitError(f"--captions {f}: file not found; give a captions.json written by an earlier run")
@@ -139,22 +150,19 @@ def label_caption(identity: str, template: str) -> str:
     return template.replace("{}", identity.replace("_", " ").replace("-", " "))
 
 
-def label_texts(task: Task, cfg: Config, clip: ClipModel, device: torch.device, embed) -> dict[str, list[str]]:
+def label_texts(task: Task, cfg: Config, clip: ClipModel, device: torch.device, test_gallery_emb: np.ndarray | None) -> dict[str, list[str]]:
     """Gallery texts of the ablation: identity names for val, CLIP-assigned class names for test.
 
     Raises:
-        KitError: an identity is not words, or --closed-set is missing (the test gallery has no labels).
+        KitError: an identity is not words.
     """
     val = [label_caption(identity_of(n), cfg.label_template) for n in task.names("val_gallery")]
-    if not cfg.closed_set:
-        raise KitError(
-            "--captions-from labels: test gallery images have no labels; pass --closed-set when the test identities "
-            "are the training class names (e.g. PACS), otherwise use --captions-from captioner"
-        )
+    if test_gallery_emb is None:
+        raise KitError("--captions-from labels: the test gallery's image embeddings are needed (--closed-set)")
     classes = sorted({**task.split.train, **task.split.val})
     prompts = [label_caption(c, cfg.label_template) for c in classes]
     class_emb = encode_texts(clip, prompts, device)
-    nearest = (embed("test_gallery") @ class_emb.T).argmax(axis=1)
+    nearest = (test_gallery_emb @ class_emb.T).argmax(axis=1)
     log.info("closed set: test gallery labelled by CLIP with %d training class names", len(classes))
     return {"val": val, "test": [prompts[i] for i in nearest]}
 
@@ -180,19 +188,24 @@ def main(argv: Sequence[str] | None = None) -> int:
     timings = {"prepare": time.time() - t0}
 
     # CLIP, both towers (weights checked before any long work)
-    clip = create_clip(cfg.model, cfg.weights, cfg.img_size)
+    clip = create_clip(cfg.model, cfg.weights, cfg.file_tag, cfg.img_size)
     clip.model.to(device)
-    cache_tag = f"{clip.weights_tag}|seed={cfg.seed}" if cfg.weights in ("", "none") else clip.weights_tag
-    emb: dict[str, np.ndarray] = {}
+    cache_tag = f"{clip.weights_tag}|seed={cfg.seed}" if cfg.weights == "none" else clip.weights_tag
+    scale = PixelScale(tuple(clip.preprocess["mean"]), tuple(clip.preprocess["std"]))
 
-    def embed(which: str) -> np.ndarray:
-        if which not in emb:
-            emb[which] = embed_images(
-                clip.model.encode_image, getattr(task, which), clip.eval_transform(), device=device,
-                batch_size=cfg.embed_batch_size, workers=cfg.workers, amp=amp_dtype(device, cfg.amp),
-                desc=which.replace("_", " "), cache_dir=run_dir / "cache", cache_tag=cache_tag,
-            )
-        return emb[which]
+    def embed_set(paths, desc: str) -> np.ndarray:
+        return embed_images(clip.model.encode_image, paths, clip.eval_transform(), device=device, views=tta_views(cfg.tta),
+                            batch_size=cfg.embed_batch_size, workers=cfg.workers, amp=amp_dtype(device, cfg.amp),
+                            scale=scale, desc=desc, cache_dir=run_dir / "cache", cache_tag=cache_tag)
+
+    # image embeddings (the shared step): queries always; galleries for --blend and the closed-set labels
+    sets = ["val_query", "test_query"]
+    if cfg.blend > 0:
+        sets += ["val_gallery", "test_gallery"]
+    elif cfg.captions_from == "labels" and cfg.closed_set:
+        sets += ["test_gallery"]
+    emb = embed_task(task, embed_set, sets)
+    timings["embed"] = time.time() - t0 - timings["prepare"]
 
     # the gallery's texts: generated captions (cached) or class labels
     t1 = time.time()
@@ -202,7 +215,7 @@ def main(argv: Sequence[str] | None = None) -> int:
                                   extra_caches=[Path(f) for f in cfg.captions], desc="captioning gallery")
         texts = {"val": captions[:len(task.val_gallery)], "test": captions[len(task.val_gallery):]}
     elif cfg.captions_from == "labels":
-        texts = label_texts(task, cfg, clip, device, embed)
+        texts = label_texts(task, cfg, clip, device, emb.get("test_gallery"))
     else:
         raise KitError(f"--captions-from {cfg.captions_from!r}: choose one of {list(CAPTION_SOURCES)}")
     timings["captions"] = time.time() - t1
@@ -213,8 +226,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     t2 = time.time()
     sims = {}
     for split in ("val", "test"):
-        img2txt = cosine_similarity(embed(f"{split}_query"), encode_texts(clip, texts[split], device))
-        img2img = cosine_similarity(embed(f"{split}_query"), embed(f"{split}_gallery")) if cfg.blend > 0 else None
+        img2txt = cosine_similarity(emb[f"{split}_query"], encode_texts(clip, texts[split], device))
+        img2img = cosine_similarity(emb[f"{split}_query"], emb[f"{split}_gallery"]) if cfg.blend > 0 else None
         sims[split] = blend_similarity(img2txt, img2img, cfg.blend)
     timings["match"] = time.time() - t2
     distinct = {split: len(set(t)) for split, t in texts.items()}

@@ -20,7 +20,7 @@ competition score.
 No pretrained weights can be had offline, so every model here starts from
 random weights (marked "random" in the table): the rows show the methods run
 end to end and what the floor is, not what they reach with BLIP-2 and CLIP
-weights. With weights at hand, pass --clip-model/--clip-weights and --timm-model
+weights. With weights at hand, pass --clip-model/--clip-weights (--clip-file-tag) and --timm-model
 with --timm-weights (and --captioner for a captions row) to rerun the same table.
 
 To add a method: write a function ``run_x(ctx: Context, run_name: str) -> None``
@@ -93,27 +93,24 @@ class Method:
 
 def run_clip_img2img(ctx: Context, run_name: str) -> None:
     """Zero-shot CLIP image-to-image: train_clip_arcface.py --zero-shot (frozen tower, flip TTA)."""
+    train_clip_arcface.main([*ctx.common(run_name), *clip_flags(ctx), "--zero-shot"])
+
+
+def clip_flags(ctx: Context) -> list[str]:
+    """The CLIP model of every CLIP row, in the kit's one --weights grammar."""
     a = ctx.args
-    pretrained, weights = ("none", "") if a.clip_weights == "none" else (a.clip_weights, "")
-    if a.clip_weights.endswith((".bin", ".pt", ".safetensors")):
-        pretrained, weights = a.clip_tag, a.clip_weights
-    flags = ["--model", ctx.clip_model, "--pretrained", pretrained, "--zero-shot", "--embed-batch-size", "128"]
-    train_clip_arcface.main([*ctx.common(run_name), *flags, *(["--weights", weights] if weights else [])])
-
-
-def caption_flags(ctx: Context) -> list[str]:
-    return ["--model", ctx.clip_model, "--weights", ctx.args.clip_weights, "--embed-batch-size", "128"]
+    return ["--model", ctx.clip_model, "--weights", a.clip_weights, "--file-tag", a.clip_file_tag, "--embed-batch-size", "128"]
 
 
 def run_caption_labels(ctx: Context, run_name: str) -> None:
     """Caption matching, the paper's ablation: class names as the gallery's captions (closed set)."""
-    infer_caption_match.main([*ctx.common(run_name), *caption_flags(ctx), "--captions-from", "labels", "--closed-set",
+    infer_caption_match.main([*ctx.common(run_name), *clip_flags(ctx), "--captions-from", "labels", "--closed-set",
                               "--label-template", "a {}"])
 
 
 def run_caption_labels_blend(ctx: Context, run_name: str) -> None:
     """The same, mixed half and half with CLIP image-to-image (rows z-scored)."""
-    infer_caption_match.main([*ctx.common(run_name), *caption_flags(ctx), "--captions-from", "labels", "--closed-set",
+    infer_caption_match.main([*ctx.common(run_name), *clip_flags(ctx), "--captions-from", "labels", "--closed-set",
                               "--label-template", "a {}", "--blend", "0.5"])
 
 
@@ -121,7 +118,7 @@ def run_caption_blip(ctx: Context, run_name: str) -> None:
     """Caption matching with generated captions (needs --captioner: a BLIP/BLIP-2 folder)."""
     if not ctx.args.captioner:
         raise KitError("--methods caption_blip needs --captioner DIR (a BLIP/BLIP-2 save_pretrained folder)")
-    infer_caption_match.main([*ctx.common(run_name), *caption_flags(ctx), "--captioner", ctx.args.captioner,
+    infer_caption_match.main([*ctx.common(run_name), *clip_flags(ctx), "--captioner", ctx.args.captioner,
                               "--num-beams", "1", "--max-new-tokens", "20"])
 
 
@@ -152,7 +149,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--per-class", type=int, default=20, metavar="N", help="test queries and gallery images per class; the rest train (default: %(default)s)")
     p.add_argument("--clip-model", default="", metavar="NAME", help="open_clip name ('' = the benchmark's small random ViT) (default: '')")
     p.add_argument("--clip-weights", default="none", metavar="TAG|PATH", help="open_clip weights: tag, none or file (default: %(default)s)")
-    p.add_argument("--clip-tag", default="openai", metavar="TAG", help="what a --clip-weights file was trained as, for train_clip_arcface (default: %(default)s)")
+    p.add_argument("--clip-file-tag", default="openai", metavar="TAG", help="the open_clip tag a --clip-weights file is a copy of (default: %(default)s)")
     p.add_argument("--timm-model", default="resnet18", metavar="NAME", help="timm backbone of the frozen-CNN row (default: %(default)s)")
     p.add_argument("--timm-weights", default="none", metavar="PATH", help="its weights: none or a local file (default: %(default)s)")
     p.add_argument("--captioner", default="", metavar="DIR", help="BLIP/BLIP-2 folder for --methods caption_blip (default: none)")

@@ -196,11 +196,11 @@ def test_text_encoding_matches_open_clip(tiny_clip, tmp_path):
         create_clip(tiny_clip, "laion-typo")
     # --weights PATH: the whole model from a file gives the same texts' embeddings; an image tower alone is refused
     torch.save(clip.model.state_dict(), tmp_path / "clip.pt")
-    again = create_clip(tiny_clip, str(tmp_path / "clip.pt"))
+    again = create_clip(tiny_clip, str(tmp_path / "clip.pt"), file_tag="none")  # a config of our own: no tag
     assert np.allclose(encode_texts(again, texts, torch.device("cpu")), emb, atol=1e-6)
     torch.save({k: v for k, v in clip.model.state_dict().items() if k.startswith("visual.")}, tmp_path / "visual.pt")
     with pytest.raises(KitError, match="needs both towers"):
-        create_clip(tiny_clip, str(tmp_path / "visual.pt"))
+        create_clip(tiny_clip, str(tmp_path / "visual.pt"), file_tag="none")
 
 
 def test_blend_zscores_rows():

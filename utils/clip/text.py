@@ -1,15 +1,15 @@
 """A whole OpenCLIP model (image and text towers) for image-to-text matching.
 
-    >>> clip = create_clip("ViT-B-32", "laion2b_s34b_b79k")        # hub tag
-    >>> clip = create_clip("ViT-B-32-quickgelu", "/models/openai-b32.bin")  # offline: a local file
-    >>> clip = create_clip("configs/tiny.json", "none")             # own config, random weights
+    >>> clip = create_clip("ViT-B-32", "laion2b_s34b_b79k")                       # hub tag
+    >>> clip = create_clip("ViT-B-32", "/models/openai-b32.bin", file_tag="openai")  # offline: a local file
+    >>> clip = create_clip("configs/tiny.json", "none")                            # own config, random weights
     >>> text_emb = encode_texts(clip, ["a dog on grass", "a sketch of a house"], device)
 
-``weights`` has one grammar: an open_clip tag (downloaded, or taken from the
-open_clip cache), ``none`` (random initialisation), or a path to a
-``.bin``/``.pt``/``.safetensors`` state dict of the whole model (both towers).
-A local file does not say whether it was trained with QuickGELU: pick the
-``-quickgelu`` model name for OpenAI weights. The tokenizer is
+``weights`` has the kit's one grammar (as in :func:`utils.clip.models.create_visual`):
+an open_clip tag (downloaded, or taken from the open_clip cache), ``none``
+(random initialisation), or a ``.bin``/``.pt``/``.safetensors`` state dict of
+the whole model (both towers), with ``file_tag`` naming the tag it is a copy
+of (QuickGELU and mean/std come from it). The tokenizer is
 ``open_clip.get_tokenizer`` of the model name.
 """
 
@@ -25,15 +25,12 @@ import open_clip
 import torch
 from torch import nn
 
-from utils.clip.models import _quiet_open_clip, resolve_model_name
+from utils.clip.models import _quiet_open_clip, _tag_config, is_weights_file, resolve_model_name
 from utils.embedding.embed import l2_normalize
 from utils.errors import KitError
 from utils.training.checkpoint import load_weights_file
 
 log = logging.getLogger(__name__)
-
-WEIGHT_SUFFIXES = (".bin", ".pt", ".pth", ".safetensors")
-
 
 @dataclass
 class ClipModel:
@@ -59,11 +56,6 @@ class ClipModel:
         return int(emb.num_embeddings) if isinstance(emb, nn.Embedding) else -1
 
 
-def is_weights_path(weights: str) -> bool:
-    """Does ``--weights`` name a file rather than a tag (a path separator or a weights suffix)?"""
-    return "/" in weights or weights.endswith(WEIGHT_SUFFIXES) or Path(weights).is_file()
-
-
 def _load_full_weights(model: nn.Module, path: str) -> None:
     state = load_weights_file(path)
     state = {k.removeprefix("module."): v for k, v in state.items()}
@@ -79,53 +71,50 @@ def _load_full_weights(model: nn.Module, path: str) -> None:
         )
 
 
-def create_clip(model: str, weights: str = "none", img_size: int = 0) -> ClipModel:
+def create_clip(model: str, weights: str = "none", file_tag: str = "openai", img_size: int = 0) -> ClipModel:
     """Build an open_clip model with both towers.
 
     Args:
         model: open_clip name (``ViT-B-32``) or a config ``.json`` file.
         weights: open_clip tag, ``none`` or a local state dict file (see the module docstring).
+        file_tag: for a file, the tag it is a copy of.
         img_size: input side in pixels; 0 keeps the model's own.
 
     Raises:
         KitError: unknown model or tag, failed download, missing or unfitting weights file.
     """
     name = resolve_model_name(model)
-    kwargs: dict[str, Any] = dict(force_image_size=img_size or None)
-    if weights in ("", "none"):
+    from_file = is_weights_file(weights)
+    if from_file and not Path(weights).is_file():
+        raise KitError(f"--weights {weights}: file not found; give an open_clip .bin/.pt/.safetensors file, a tag or 'none'")
+    tag = file_tag if from_file else weights
+    tag_cfg = _tag_config(name, tag)  # {} for none
+    preprocess = {k: tag_cfg[k] for k in ("mean", "std", "interpolation", "resize_mode") if k in tag_cfg}
+    kwargs: dict[str, Any] = dict(force_image_size=img_size or None, force_quick_gelu=bool(tag_cfg.get("quick_gelu", False)),
+                                  force_preprocess_cfg=preprocess)
+    if from_file or not tag_cfg:
         with _quiet_open_clip():
             clip = open_clip.create_model(name, pretrained=None, **kwargs)
-        log.info("%s: random initialisation (--weights none)", name)
-    elif is_weights_path(weights):
-        if not Path(weights).is_file():
-            raise KitError(f"--weights {weights}: file not found; give an open_clip .bin/.pt/.safetensors file, a tag or 'none'")
-        with _quiet_open_clip():
-            clip = open_clip.create_model(name, pretrained=None, **kwargs)
-        _load_full_weights(clip, weights)
-        log.info("%s: weights from %s", name, weights)
+        if from_file:
+            _load_full_weights(clip, weights)
+            log.info("%s: weights from %s (as %s)", name, weights, file_tag)
+        else:
+            log.info("%s: random initialisation (--weights none)", name)
     else:
-        tag_cfg = open_clip.get_pretrained_cfg(name, weights)
-        if not tag_cfg:
-            tags = open_clip.list_pretrained_tags_by_model(name)
-            raise KitError(f"--weights {weights!r}: not a file and no such open_clip tag for {name}; use one of {tags}, 'none' or a path")
-        preprocess = {k: tag_cfg[k] for k in ("mean", "std", "interpolation", "resize_mode") if k in tag_cfg}
         try:
             with _quiet_open_clip():
-                clip = open_clip.create_model(
-                    name, pretrained=weights, force_quick_gelu=bool(tag_cfg.get("quick_gelu", False)),
-                    force_preprocess_cfg=preprocess, **kwargs,
-                )
+                clip = open_clip.create_model(name, pretrained=weights, **kwargs)
         except (RuntimeError, OSError) as err:
             first = (str(err).strip().splitlines() or [type(err).__name__])[0][:200]
             raise KitError(
                 f"--weights {weights}: cannot load weights for {name} ({first}); offline, pass --weights PATH "
-                "(the open_clip .bin/.safetensors file) or --weights none"
+                "(the open_clip .bin/.safetensors file) with --file-tag TAG, or --weights none"
             ) from None
     if not hasattr(clip, "encode_text"):
         raise KitError(f"--model {model}: this open_clip model has no text tower; caption matching needs one")
     clip.eval()
     pp = dict(open_clip.get_model_preprocess_cfg(clip))
-    stamp = Path(weights).stat().st_mtime_ns if is_weights_path(weights) else ""
+    stamp = f"{file_tag}:{Path(weights).stat().st_size}:{Path(weights).stat().st_mtime_ns}" if from_file else ""
     return ClipModel(clip, name, open_clip.get_tokenizer(name), pp, f"{name}|{weights}|{stamp}|{img_size}")
 
 
