@@ -28,6 +28,7 @@ import torch
 
 from utils.atomic import atomic_write_json
 from utils.data.images import load_image
+from utils.deps import require
 from utils.errors import KitError
 from utils.progress import ProgressBar
 
@@ -113,11 +114,12 @@ class Captioner:
     """A BLIP/BLIP-2 model and its processor; ``caption`` runs one batched generation.
 
     Raises:
-        KitError: the name or folder cannot be loaded (offline without a local copy),
-            or it is not a BLIP/BLIP-2 model.
+        KitError: transformers is not installed, the name or folder cannot be loaded
+            (offline without a local copy), or it is not a BLIP/BLIP-2 model.
     """
 
     def __init__(self, params: CaptionParams, device: torch.device):
+        require("transformers", "--captioner (BLIP/BLIP-2 captions)")
         from transformers import AutoConfig, AutoProcessor
 
         self.params, self.device = params, device
