@@ -19,6 +19,8 @@ neighbouring weights, wins) -> re-rank
 -> runs/ensemble/{val,test}_sim.npy + meta.json (same contract as a model run),
 weights.json (the plan and every scored option), simplex.png (2-3 models).
 One model and no re-ranking: its matrices are copied unchanged.
+Memory: each member's matrices once (as aligned), the fused results, and row chunks; the
+search and the fusion never hold a transformed copy per model (benchmarks/bench_ensemble.py --memory).
 Validation ground truth comes from the names (train/<identity>/<image>); the
 test ground truth (DATA/test/ground_truth.json, rehearsal data only) is only
 reported, never used to choose.
@@ -72,7 +74,7 @@ class Config:
     bootstrap_by: str = field(default="query", metadata={
         "help": "resample whole identities (honest when a few identities decide the score) or single queries",
         "choices": ["identity", "query"]})
-    search_seed: int = field(default=0, metadata={"help": "seed of the bootstrap and the random search"})
+    search_seed: int = field(default=0, metadata={"help": "seed of the weight search: bootstrap resamples and random candidates"})
     # re-ranking (in this order when several are on); --auto chooses among them on validation
     auto: bool = field(default=False, metadata={"help": "try every fusion and re-ranking, keep the best on validation"})
     min_win: float = field(default=0.75, metadata={"help": "--auto keeps a re-ranking only if it wins this share of bootstrap resamples"})
@@ -135,10 +137,11 @@ def rerank_params(cfg: Config) -> RerankParams:
 
 
 def check_config(cfg: Config, n_models: int) -> None:
-    if cfg.fusion_weights and len(cfg.fusion_weights) != n_models:
-        raise KitError(f"--fusion-weights: {len(cfg.fusion_weights)} values for {n_models} models; give one per --models entry")
-    if cfg.fusion_weights and (min(cfg.fusion_weights) < 0 or sum(cfg.fusion_weights) <= 0):
-        raise KitError(f"--fusion-weights {cfg.fusion_weights}: must be non-negative with a positive sum")
+    w = cfg.fusion_weights
+    if w and len(w) != n_models:
+        raise KitError(f"--fusion-weights: {len(w)} values for {n_models} models; give one per --models entry")
+    if w and (min(w) < 0 or sum(w) <= 0):
+        raise KitError(f"--fusion-weights {w}: must be non-negative with a positive sum")
     if not 0 < cfg.grid_step <= 0.5:
         raise KitError(f"--grid-step {cfg.grid_step}: must be in (0, 0.5]")
     if cfg.bootstrap < 1 or cfg.top_m < 10 or cfg.temperature <= 0:
@@ -165,6 +168,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     check_config(cfg, len(runs))
     params = rerank_params(cfg)
     val, test = align_runs(runs, "val"), align_runs(runs, "test")
+    for r in runs:  # align_runs copied the other members' matrices: let the loaded ones go
+        r.splits.clear()
     val_rel = val_relevance(val[0].query_names, val[0].gallery_names)
     test_rel = load_test_relevance(cfg.data, test[0])
     if cfg.bootstrap_by == "identity":

@@ -40,7 +40,7 @@ import torch
 
 from utils.config import RunConfig, add_config_args, config_from_args, config_to_dict
 from utils.data.task import prepare_task
-from utils.device import amp_dtype, pick_device
+from utils.device import amp_dtype, pick_device, resolve_workers
 from utils.embedding.cache import cached, files_key
 from utils.embedding.embed import embed_arrays
 from utils.embedding.step import embed_task, similarities
@@ -85,7 +85,7 @@ class Config(RunConfig):
     embed_batch_size: int = field(default=64, metadata={"help": "crops per embedding batch"})
     # machine
     amp: bool = field(default=True, metadata={"help": "mixed precision on GPU for FaceNet"})
-    workers: int = field(default=2, metadata={"help": "DataLoader worker processes for loading and cropping"})
+    workers: int = field(default=-1, metadata={"help": "DataLoader worker processes for loading and cropping (-1: half the usable cores, 1 to 8; 0: main process)"})
 # ----------------------------------------------------------------------------
 
 
@@ -100,8 +100,7 @@ def check_config(cfg: Config) -> None:
     for name in ("detect_batch_size", "embed_batch_size"):
         if getattr(cfg, name) < 1:
             raise KitError(f"--{name.replace('_', '-')} {getattr(cfg, name)}: at least 1")
-    if cfg.workers < 0:
-        raise KitError(f"--workers {cfg.workers}: 0 or more")
+    resolve_workers(cfg.workers)
     tta_views(cfg.tta)
 
 
@@ -140,7 +139,7 @@ def main(argv: Sequence[str] | None = None) -> int:
 
     def embed_set(paths: Sequence[Path], desc: str) -> np.ndarray:
         """Crops (cached), then every view's embedding (cached) of one image set; counts its fallbacks."""
-        crops = face_crops(paths, detector, crop_params, batch_size=cfg.detect_batch_size, workers=cfg.workers, cache_dir=cache_dir, desc=desc)
+        crops = face_crops(paths, detector, crop_params, batch_size=cfg.detect_batch_size, workers=resolve_workers(cfg.workers), cache_dir=cache_dir, desc=desc)
         faces[desc.replace(" ", "_")] = {"images": len(paths), "faces_found": len(paths) - crops.n_fallback, "fallback": crops.n_fallback}
         key = files_key(paths, "|".join([det_tag, crop_params.tag(), embedder.tag, repr(views)]))
         return cached(cache_dir / f"emb_{key}.npy", lambda: embed_arrays(

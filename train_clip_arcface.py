@@ -45,7 +45,8 @@ from utils.config import RunConfig, add_config_args, config_from_args, config_to
 from utils.data.augment import train_transform
 from utils.data.image_dataset import ImageDataset
 from utils.data.task import prepare_task
-from utils.device import amp_dtype
+from utils.device import amp_dtype, resolve_workers
+from utils.embedding.cache import files_key
 from utils.embedding.embed import embed_images
 from utils.embedding.step import embed_task, similarities, val_score
 from utils.embedding.views import TTA_GROUPS, PixelScale, tta_views
@@ -102,12 +103,13 @@ class Config(RunConfig):
     eval_every: int = field(default=1, metadata={"help": "score validation every N epochs and keep best.pt (0: never)"})
     patience: int = field(default=5, metadata={"help": "stop after N validations without a better score (0: never)", "metavar": "N"})
     resume: bool = field(default=False, metadata={"help": "continue from <run>/last.pt"})
+    retrain: bool = field(default=False, metadata={"help": "train again even when last.pt holds a finished run with the same settings and training images"})
     full_train: bool = field(default=False, metadata={"help": "train on the validation identities too (final test run; uses the last epoch)"})
     # embedding
     tta: list[str] = field(default_factory=lambda: ["flip"], metadata={"help": f"test-time view groups added to the identity, of {list(TTA_GROUPS)}; none: identity only"})
     embed_batch_size: int = field(default=64, metadata={"help": "images per embedding batch"})
     amp: bool = field(default=True, metadata={"help": "mixed precision on GPU (bf16 where supported); the loss stays float32"})
-    workers: int = field(default=4, metadata={"help": "DataLoader worker processes"})
+    workers: int = field(default=-1, metadata={"help": "DataLoader worker processes (-1: half the usable cores, 1 to 8; 0: main process)"})
 # ----------------------------------------------------------------------------
 
 
@@ -188,7 +190,8 @@ def embedder_for(forward: nn.Module, clip: ClipVisual, cfg: Config, device, amp,
 
     def embed(paths, desc, views=None, cache_tag=None):
         return embed_images(forward.eval(), paths, clip.eval_transform(), device=device, views=views or tta_views([]),
-                            batch_size=cfg.embed_batch_size, workers=cfg.workers, amp=amp, scale=scale, desc=desc,
+                            batch_size=cfg.embed_batch_size, workers=resolve_workers(cfg.workers), amp=amp, scale=scale, desc=desc,
+                            stack_views=True,
                             cache_dir=run_dir / "cache" if cache_tag else None, cache_tag=cache_tag or "")
     return embed
 
@@ -254,14 +257,14 @@ def train_and_embed(cfg: Config, dist_info: DistInfo, device: torch.device) -> i
         LoopSettings.from_config(cfg), run_dir=run_dir, modules={"model": clip.visual, "head": head, "loss": loss_fn},
         step_module=trainer_module, optimizer=optimizer, device=device, amp=amp, config=config_to_dict(cfg), classes=task.classes,
         resume_keys=("model", "weights", "unfreeze", "embed_dim", "head", "loss", "sub_centers", "img_size"),
-        evaluate=lambda: val_score(task, embed), dist_info=dist_info, min_batch=2,
+        evaluate=lambda: val_score(task, embed), dist_info=dist_info, min_batch=2, data_key=files_key(task.train_paths, "train"),
     )
 
     # data: M images per identity in each batch, each rank its share
     mean, std = clip.preprocess["mean"], clip.preprocess["std"]
     train_set = ImageDataset(task.train_paths, train_transform(clip.image_size, mean, std, cfg.aug_strength), task.train_labels, seed=cfg.seed)
     sampler = MPerClassShardSampler(task.train_labels, cfg.m_per_class, cfg.batch_size, dist_info.world_size, dist_info.rank, seed=cfg.seed)
-    loader = DataLoader(train_set, batch_size=cfg.batch_size, sampler=sampler, drop_last=True, num_workers=cfg.workers,
+    loader = DataLoader(train_set, batch_size=cfg.batch_size, sampler=sampler, drop_last=True, num_workers=resolve_workers(cfg.workers),
                         worker_init_fn=worker_init, pin_memory=device.type == "cuda")
 
     def on_epoch(epoch: int) -> None:

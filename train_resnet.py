@@ -38,7 +38,8 @@ from utils.config import RunConfig, add_config_args, config_from_args, config_to
 from utils.data.augment import eval_transform, train_transform
 from utils.data.image_dataset import ImageDataset
 from utils.data.task import Task, prepare_task
-from utils.device import amp_dtype, pick_device
+from utils.device import amp_dtype, is_cnn, pick_device, resolve_workers
+from utils.embedding.cache import files_key
 from utils.embedding.embed import embed_images
 from utils.embedding.step import embed_task, similarities, val_score
 from utils.embedding.views import TTA_GROUPS, PixelScale, tta_views
@@ -83,12 +84,13 @@ class Config(RunConfig):
     eval_every: int = field(default=1, metadata={"help": "score validation every N epochs and keep best.pt (0: never)"})
     patience: int = field(default=0, metadata={"help": "stop after N validations without a better score (0: never)", "metavar": "N"})
     resume: bool = field(default=False, metadata={"help": "continue from <run>/last.pt"})
+    retrain: bool = field(default=False, metadata={"help": "train again even when last.pt holds a finished run with the same settings and training images"})
     full_train: bool = field(default=False, metadata={"help": "train on the validation identities too (final test run; uses the last epoch)"})
     # embedding
     tta: list[str] = field(default_factory=lambda: ["flip"], metadata={"help": f"test-time view groups added to the identity, of {list(TTA_GROUPS)}; none: identity only"})
     embed_batch_size: int = field(default=64, metadata={"help": "images per embedding batch"})
     amp: bool = field(default=True, metadata={"help": "mixed precision on GPU (bf16 where supported)"})
-    workers: int = field(default=2, metadata={"help": "DataLoader worker processes"})
+    workers: int = field(default=-1, metadata={"help": "DataLoader worker processes (-1: half the usable cores, 1 to 8; 0: main process)"})
 # ----------------------------------------------------------------------------
 
 
@@ -150,10 +152,10 @@ def build_objective(cfg: Config, backbone: nn.Module, n_classes: int, device: to
     return Classifier(backbone, head, cfg.label_smoothing), {"model": backbone, "head": head}, groups
 
 
-def build_loader(cfg: Config, task: Task, mean, std, shuffle_gen: torch.Generator, device: torch.device) -> tuple[ImageDataset, DataLoader, Any]:
+def build_loader(cfg: Config, task: Task, mean, std, shuffle_gen: torch.Generator, device: torch.device, workers: int) -> tuple[ImageDataset, DataLoader, Any]:
     """Augmented training images: shuffled (ce) or M images per identity per batch (pair losses)."""
     train_set = ImageDataset(task.train_paths, train_transform(cfg.img_size, mean, std, cfg.aug_strength), task.train_labels, seed=cfg.seed)
-    common = dict(batch_size=cfg.batch_size, num_workers=cfg.workers, worker_init_fn=worker_init, pin_memory=device.type == "cuda")
+    common = dict(batch_size=cfg.batch_size, num_workers=workers, worker_init_fn=worker_init, pin_memory=device.type == "cuda")
     if cfg.loss == "ce":
         loader = DataLoader(train_set, shuffle=True, drop_last=len(train_set) > cfg.batch_size, generator=shuffle_gen, persistent_workers=False, **common)
         return train_set, loader, None
@@ -168,7 +170,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     run_dir = cfg.runs / cfg.run_name
     device = pick_device(cfg.device)
     amp = amp_dtype(device, cfg.amp)
-    views = tta_views(cfg.tta)
+    views, workers = tta_views(cfg.tta), resolve_workers(cfg.workers)
     shuffle_gen = seed_everything(cfg.seed)
 
     # data and the shared validation split
@@ -184,7 +186,7 @@ def main(argv: Sequence[str] | None = None) -> int:
 
     def embed(paths, desc, views=(views[0],), cache_tag=None):  # the embedding the matrices use
         return embed_images(backbone.eval(), paths, eval_tf, device=device, views=views, batch_size=cfg.embed_batch_size,
-                            workers=cfg.workers, amp=amp, scale=scale, desc=desc,
+                            workers=workers, amp=amp, scale=scale, desc=desc, stack_views=True, channels_last=is_cnn(backbone),
                             cache_dir=run_dir / "cache" if cache_tag else None, cache_tag=cache_tag or "")
 
     # training: the shared loop (best.pt/last.pt, --resume, eval every N epochs)
@@ -192,9 +194,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         LoopSettings.from_config(cfg), run_dir=run_dir, modules=modules, step_module=step_module,
         optimizer=torch.optim.AdamW(groups, weight_decay=cfg.weight_decay), device=device, amp=amp,
         config=config_to_dict(cfg), classes=task.classes, resume_keys=("model", "weights", "img_size", "loss"),
-        evaluate=lambda: val_score(task, embed),
+        evaluate=lambda: val_score(task, embed), data_key=files_key(task.train_paths, "train"),
     )
-    train_set, loader, sampler = build_loader(cfg, task, scale.mean, scale.std, shuffle_gen, device)
+    train_set, loader, sampler = build_loader(cfg, task, scale.mean, scale.std, shuffle_gen, device, workers)
 
     def on_epoch(epoch: int) -> None:
         train_set.epoch = epoch

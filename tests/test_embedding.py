@@ -180,3 +180,22 @@ def test_embedding_sharded_under_torchrun_equals_one_process(tmp_path):
     )
     assert proc.returncode == 0, proc.stderr[-2000:]
     assert np.allclose(np.load(out), single, atol=1e-6)
+
+
+def test_stacked_views_and_channels_last_give_the_same_embeddings(tmp_path):
+    paths = _images(tmp_path / "imgs")
+    views = tta_views(["flip", "rot", "brightness", "scale"])
+    base = embed_images(_cnn(), paths, eval_transform(24), device=CPU, views=views, workers=0)
+    stacked = embed_images(_cnn(), paths, eval_transform(24), device=CPU, views=views, workers=0, stack_views=True)
+    nhwc = embed_images(_cnn(), paths, eval_transform(24), device=CPU, views=views, workers=0, stack_views=True, channels_last=True)
+    assert np.allclose(base, stacked, atol=1e-5) and np.allclose(base, nhwc, atol=1e-5)
+
+
+def test_worker_count_is_chosen_for_the_machine():
+    from utils.device import default_workers, is_cnn, resolve_workers
+
+    assert 1 <= default_workers() <= 8 and resolve_workers(-1) == default_workers() and resolve_workers(0) == 0
+    with pytest.raises(KitError, match="--workers -2"):
+        resolve_workers(-2)
+    assert is_cnn(torch.nn.Sequential(*[torch.nn.Conv2d(3, 3, 1) for _ in range(5)]))
+    assert not is_cnn(torch.nn.Linear(3, 3))

@@ -142,15 +142,15 @@ def _loader(n_batches: int = 4, seed: int = 0):
     return batches
 
 
-def _trainer(tmp_path, scores=None, **settings) -> tuple[Trainer, _Toy]:
+def _trainer(tmp_path, scores=None, data_key="", config=None, **settings) -> tuple[Trainer, _Toy]:
     torch.manual_seed(0)
     model = _Toy()
     it = iter(scores) if scores is not None else None
     trainer = Trainer(
         LoopSettings(**{"epochs": 3, "warmup_epochs": 0.5, **settings}), run_dir=tmp_path, modules={"model": model},
         step_module=model, optimizer=torch.optim.SGD(model.parameters(), lr=0.5), device=torch.device("cpu"), amp=None,
-        config={"model": "toy", "lr": 0.5}, classes=["a", "b", "c"], resume_keys=("model",),
-        evaluate=(lambda: next(it)) if it is not None else None,
+        config=config or {"model": "toy", "lr": 0.5}, classes=["a", "b", "c"], resume_keys=("model",),
+        evaluate=(lambda: next(it)) if it is not None else None, data_key=data_key,
     )
     return trainer, model
 
@@ -229,3 +229,40 @@ def test_a_nan_loss_stops_with_one_line(tmp_path):
 def test_negative_loop_settings_name_the_flag():
     with pytest.raises(KitError, match="--max-steps -1"):
         LoopSettings(max_steps=-1).check()
+
+
+def _must_not_train(*args, **kwargs):
+    raise AssertionError("a finished run with the same settings should have been reused")
+
+
+def test_a_finished_run_with_the_same_settings_is_reused_not_retrained(tmp_path, monkeypatch):
+    first, m1 = _trainer(tmp_path, scores=[1.0, 3.0, 2.0], data_key="files-A")
+    first.fit(_loader())
+    assert torch.load(tmp_path / "last.pt", weights_only=True)["finished"] is True
+    again, _ = _trainer(tmp_path, scores=[], data_key="files-A")
+    monkeypatch.setattr(again, "_train_step", _must_not_train)
+    state = again.fit(_loader())
+    assert state.history == first.state.history and again.final_checkpoint() == tmp_path / "best.pt"
+    monkeypatch.undo()
+    # other training files, --retrain, or other settings: train again
+    for kwargs in ({"data_key": "files-B"}, {"data_key": "files-A", "retrain": True},
+                   {"data_key": "files-A", "config": {"model": "toy", "lr": 0.1}}):
+        other, _ = _trainer(tmp_path, scores=[1.0, 1.0, 1.0], **kwargs)
+        steps = []
+        monkeypatch.setattr(other, "_train_step", lambda *a, _s=steps: _s.append(1) or 0.0)
+        other.fit(_loader())
+        assert steps, kwargs
+        monkeypatch.undo()
+
+
+def test_a_killed_run_is_never_reused(tmp_path):
+    def killed(epoch: int) -> None:
+        if epoch == 1:
+            raise RuntimeError("killed")
+
+    first, _ = _trainer(tmp_path, scores=[1.0, 2.0, 3.0], data_key="files-A")
+    with pytest.raises(RuntimeError):
+        first.fit(_loader(), on_epoch=killed)
+    assert torch.load(tmp_path / "last.pt", weights_only=True)["finished"] is False
+    again, _ = _trainer(tmp_path, scores=[1.0, 2.0, 3.0], data_key="files-A")
+    assert len(again.fit(_loader()).history) == 3

@@ -57,6 +57,8 @@ def embed_batches(
     out_px: int | None = None,
     scale: PixelScale | None = None,
     desc: str = "embedding",
+    stack_views: bool = False,
+    channels_last: bool = False,
 ) -> np.ndarray:
     """Embed every view of every batch; (n, d) float32, L2-normalised, TTA-averaged.
 
@@ -66,15 +68,27 @@ def embed_batches(
         views: test-time views; the identity first (see ``tta_views``).
         total: number of images, for the progress bar.
         out_px, scale: passed to :func:`render_view` (model input side, pixel units).
+        stack_views: put all views of a batch through the model in one call
+            (fewer, bigger calls; the same result up to float rounding).
+        channels_last: hand the model NHWC batches (convert a CNN with
+            ``model.to(memory_format=torch.channels_last)`` to match).
     """
+    fmt = torch.channels_last if channels_last else torch.contiguous_format
+
+    def run(x: torch.Tensor) -> torch.Tensor:
+        with torch.autocast(device.type, dtype=amp, enabled=amp is not None):
+            return forward(x.contiguous(memory_format=fmt)).float()
+
     chunks = []
     with ProgressBar(desc, total=total) as bar:
         for x in batches:
             x = x.to(device, non_blocking=True)
+            if stack_views and len(views) > 1:
+                parts = run(torch.cat([render_view(x, v, out_px, scale) for v in views])).split(len(x))
+            else:
+                parts = [run(render_view(x, v, out_px, scale)) for v in views]
             acc = None
-            for view in views:
-                with torch.autocast(device.type, dtype=amp, enabled=amp is not None):
-                    e = forward(render_view(x, view, out_px, scale)).float()
+            for e in parts:
                 e = torch.nn.functional.normalize(e, dim=1)
                 acc = e if acc is None else acc + e
             chunks.append(acc.cpu().numpy())
@@ -124,6 +138,8 @@ def embed_images(
     cache_dir: Path | None = None,
     cache_tag: str = "",
     dist_info: DistInfo | None = None,
+    stack_views: bool = False,
+    channels_last: bool = False,
 ) -> np.ndarray:
     """Embed image files in batches; (n, d) float32, L2-normalised.
 
@@ -133,6 +149,8 @@ def embed_images(
         cache_dir: if given, reuse embeddings saved there for the same files,
             views and ``cache_tag`` (which must identify the model weights).
         dist_info: under torchrun, each rank embeds its share; all get the whole.
+        stack_views, channels_last: see :func:`embed_batches` (a CNN module is
+            converted to channels-last here).
 
     Raises:
         KitError: an image cannot be read (query and gallery need every one).
@@ -140,12 +158,15 @@ def embed_images(
     paths = [Path(p) for p in paths]
     cache = Path(cache_dir) / f"emb_{files_key(paths, f'{cache_tag}|{views!r}')}.npy" if cache_dir is not None else None
 
+    if channels_last and isinstance(forward, torch.nn.Module):
+        forward.to(memory_format=torch.channels_last)
+
     def compute() -> np.ndarray:
         mine = paths[_shard(len(paths), dist_info)]
         loader = DataLoader(ImageDataset(mine, transform), batch_size=batch_size, shuffle=False,
                             num_workers=workers, pin_memory=device.type == "cuda")
-        part = embed_batches(forward, _readable_batches(loader), views, device=device, total=len(mine),
-                             amp=amp, scale=scale, desc=desc) if mine else np.zeros((0, 0), np.float32)
+        part = embed_batches(forward, _readable_batches(loader), views, device=device, total=len(mine), amp=amp, scale=scale,
+                             desc=desc, stack_views=stack_views, channels_last=channels_last) if mine else np.zeros((0, 0), np.float32)
         return _gather(part, dist_info)
 
     if dist_info is not None and dist_info.ddp:
@@ -163,8 +184,9 @@ def embed_arrays(
     batch_size: int = 64,
     amp: torch.dtype | None = None,
     desc: str = "embedding",
+    stack_views: bool = True,
 ) -> np.ndarray:
-    """Embed an (n, H, W, 3) uint8 pixel array (e.g. face context crops) with every view."""
+    """Embed an (n, H, W, 3) uint8 pixel array (e.g. face context crops) with every view (stacked in one call by default)."""
 
     def batches() -> Iterator[torch.Tensor]:
         for start in range(0, len(pixels), batch_size):
@@ -174,4 +196,4 @@ def embed_arrays(
             yield batch.to(device, non_blocking=True).permute(0, 3, 1, 2).float()
 
     return embed_batches(forward, batches(), views, device=device, total=len(pixels), amp=amp,
-                         out_px=out_px, scale=PixelScale.raw255(), desc=desc)
+                         out_px=out_px, scale=PixelScale.raw255(), desc=desc, stack_views=stack_views)

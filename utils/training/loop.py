@@ -12,6 +12,9 @@ way for everyone:
   epoch, step, best score, evaluations without improvement, history, config,
   identities and kit version;
 - ``--resume`` from ``last.pt``, checked against the flags that shape the model;
+- training as a cache: a plain re-run whose ``last.pt`` holds a *finished* run with
+  the same settings and the same training files reuses it instead of training again
+  (``--retrain`` forces a new run);
 - early stopping (``--patience``), and DDP: rank 0 evaluates, logs and saves,
   every rank follows its decision to stop.
 
@@ -60,6 +63,7 @@ class LoopSettings:
     eval_every: int = 1  # score validation every N epochs (0: never; then last.pt is used)
     patience: int = 0  # stop after N validations without a better score (0: never)
     resume: bool = False  # continue from last.pt
+    retrain: bool = False  # train again even when last.pt holds a finished run with the same settings
     full_train: bool = False  # validation identities are trained on: never pick best.pt, never stop early
 
     @classmethod
@@ -74,6 +78,10 @@ class LoopSettings:
                 raise KitError(f"--{name.replace('_', '-')} {getattr(self, name)}: must be >= 0")
         if self.warmup_epochs < 0 or self.grad_clip < 0:
             raise KitError("--warmup-epochs and --grad-clip must be >= 0")
+
+
+# config keys that do not change what training produces: a finished run that differs only in these is reused
+VOLATILE_KEYS = frozenset({"resume", "retrain", "verbose", "workers", "device", "tta", "embed_batch_size", "data", "runs", "run_name", "amp"})
 
 
 @dataclass
@@ -103,6 +111,8 @@ class Trainer:
         evaluate: () -> validation score (rank 0 only); None: no validation.
         dist_info: DDP placement (None: one process).
         min_batch: a batch with fewer readable images is skipped (BatchNorm needs 2).
+        data_key: identifies the training files (e.g. ``utils.embedding.cache.files_key``);
+            a finished run is reused only for the same key.
     """
 
     def __init__(
@@ -121,30 +131,34 @@ class Trainer:
         evaluate: Callable[[], float] | None = None,
         dist_info: DistInfo | None = None,
         min_batch: int = 1,
+        data_key: str = "",
     ):
         settings.check()
         self.s, self.run_dir, self.modules = settings, Path(run_dir), modules
         self.step_module, self.optimizer, self.device, self.amp = step_module, optimizer, device, amp
         self.config, self.classes, self.resume_keys = config, classes, tuple(resume_keys)
         self.evaluate, self.dist = evaluate, dist_info or DistInfo()
-        self.min_batch = min_batch
+        self.min_batch, self.data_key = min_batch, data_key
         self.base_lrs = [g["lr"] for g in optimizer.param_groups]
         self.scaler = torch.amp.GradScaler(device.type if device.type == "cuda" else "cpu", enabled=amp == torch.float16)
         self.state = LoopState()
         self.trained = False  # set once this run (or the one it resumed) has a checkpoint
         if settings.resume:
             self._resume()
+        elif (done := None if settings.retrain else self._finished_run()) is not None:
+            self._reuse(done)
         elif self.dist.master:
             (self.run_dir / "best.pt").unlink(missing_ok=True)  # an earlier run's best never stands for this one
 
     # -- checkpoints -----------------------------------------------------------------------------
-    def _snapshot(self) -> dict[str, Any]:
+    def _snapshot(self, finished: bool) -> dict[str, Any]:
+        """The full state; ``finished`` marks the last epoch of a run that was not killed (only such a run is reused)."""
         st = self.state
         return dict(
             **{k: m.state_dict() for k, m in self.modules.items()},
             optimizer=self.optimizer.state_dict(), scaler=self.scaler.state_dict(),
             epoch=st.epoch - 1, step=st.step, best_score=st.best_score, bad_evals=st.bad_evals,
-            history=st.history, config=self.config, classes=self.classes,
+            history=st.history, config=self.config, classes=self.classes, data_key=self.data_key, finished=finished,
         )
 
     def _resume(self) -> None:
@@ -164,6 +178,27 @@ class Trainer:
         self.state = LoopState(ckpt["epoch"] + 1, ckpt["step"], ckpt["best_score"], ckpt["bad_evals"], list(ckpt["history"]))
         self.trained = True
         log.info("resumed from %s after epoch %d", path, ckpt["epoch"] + 1)
+
+    def _finished_run(self) -> dict[str, Any] | None:
+        """``last.pt`` when it holds a finished run of this config on these training files, else None."""
+        path = self.run_dir / "last.pt"
+        if not path.is_file() or not self.data_key:
+            return None
+        try:
+            ckpt = load_checkpoint(path, "cpu")
+        except KitError:
+            return None
+        same = lambda cfg: {k: v for k, v in cfg.items() if k not in VOLATILE_KEYS}  # noqa: E731
+        ok = (ckpt.get("finished") and ckpt.get("data_key") == self.data_key and ckpt.get("classes") == self.classes
+              and same(ckpt.get("config", {})) == same(self.config) and all(k in ckpt for k in self.modules))
+        return ckpt if ok else None
+
+    def _reuse(self, ckpt: dict[str, Any]) -> None:
+        self.state = LoopState(ckpt["epoch"] + 1, ckpt["step"], ckpt["best_score"], ckpt["bad_evals"], list(ckpt["history"]))
+        self.state.epoch = self.s.epochs  # finished: fit() has nothing left to do
+        self.trained = True
+        log.info("training: %s holds a finished run with these settings and training images; reusing it (--retrain to train again)",
+                 self.run_dir / "last.pt")
 
     def final_checkpoint(self) -> Path | None:
         """The checkpoint to embed with: best.pt if this run scored validation (not --full-train), else last.pt."""
@@ -228,15 +263,15 @@ class Trainer:
         if "val_score" in record:
             st.best_score, st.bad_evals = (record["val_score"], 0) if improved else (st.best_score, st.bad_evals + 1)
         st.epoch = epoch + 1
-        snapshot = self._snapshot()
+        stop = bool(s.patience and st.bad_evals >= s.patience and not s.full_train)
+        if stop:
+            log.info("no better validation score for %d evaluations: stopping early", st.bad_evals)
+        snapshot = self._snapshot(finished=stop or st.epoch >= s.epochs or st.step >= self.total_steps)
         if improved:  # best.pt first: a crash in between never leaves last.pt claiming a better best.pt
             save_checkpoint(self.run_dir / "best.pt", **snapshot)
         save_checkpoint(self.run_dir / "last.pt", **snapshot)
         self.trained = True
-        if s.patience and st.bad_evals >= s.patience and not s.full_train:
-            log.info("no better validation score for %d evaluations: stopping early", st.bad_evals)
-            return True
-        return False
+        return stop
 
     def fit(self, loader: Iterable, on_epoch: Callable[[int], None] | None = None) -> LoopState:
         """Train from the current state to ``epochs`` (or ``max_steps``), one epoch at a time.
