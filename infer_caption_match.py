@@ -58,7 +58,7 @@ from utils.clip.text import ClipModel, create_clip, encode_texts
 from utils.config import RunConfig, add_config_args, config_from_args, config_to_dict
 from utils.data.split import identity_of
 from utils.data.task import Task, prepare_task
-from utils.device import amp_dtype, pick_device
+from utils.device import amp_dtype, pick_device, resolve_workers
 from utils.embedding.embed import cosine_similarity, embed_images
 from utils.embedding.step import embed_task
 from utils.embedding.views import TTA_GROUPS, PixelScale, tta_views
@@ -101,7 +101,7 @@ class Config(RunConfig):
     # machine
     embed_batch_size: int = field(default=64, metadata={"help": "images per CLIP embedding batch"})
     amp: bool = field(default=True, metadata={"help": "mixed precision on GPU (CLIP and the captioner)"})
-    workers: int = field(default=2, metadata={"help": "DataLoader worker processes for image loading"})
+    workers: int = field(default=-1, metadata={"help": "DataLoader worker processes (-1: half the usable cores, 1 to 8; 0: main process)"})
 # ----------------------------------------------------------------------------
 
 
@@ -117,8 +117,7 @@ def check_config(cfg: Config) -> None:
         raise KitError(f"--blend {cfg.blend}: must be in [0, 1] (0 = image-to-text only, 1 = image-to-image only)")
     if cfg.embed_batch_size < 1:
         raise KitError(f"--embed-batch-size {cfg.embed_batch_size}: at least 1")
-    if cfg.workers < 0:
-        raise KitError(f"--workers {cfg.workers}: 0 or more")
+    resolve_workers(cfg.workers)
     if "{}" not in cfg.label_template:
         raise KitError(f"--label-template {cfg.label_template!r}: must contain '{{}}' where the class name goes")
     tta_views(cfg.tta)
@@ -204,8 +203,8 @@ def main(argv: Sequence[str] | None = None) -> int:
 
     def embed_set(paths, desc: str) -> np.ndarray:
         return embed_images(clip.model.encode_image, paths, clip.eval_transform(), device=device, views=tta_views(cfg.tta),
-                            batch_size=cfg.embed_batch_size, workers=cfg.workers, amp=amp_dtype(device, cfg.amp),
-                            scale=scale, desc=desc, cache_dir=run_dir / "cache", cache_tag=cache_tag)
+                            batch_size=cfg.embed_batch_size, workers=resolve_workers(cfg.workers), amp=amp_dtype(device, cfg.amp),
+                            scale=scale, desc=desc, cache_dir=run_dir / "cache", cache_tag=cache_tag, stack_views=True)
 
     # image embeddings (the shared step): queries always; galleries for --blend and the closed-set labels
     t2 = time.time()
