@@ -100,10 +100,22 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def build_model(cfg: Config) -> nn.Module:
-    """A timm backbone with pooled features (no classifier), weights as ``--weights`` says."""
+def check_config(cfg: Config) -> None:
+    """Flag mistakes, before any data is read."""
     if not timm.is_model(cfg.model):
         raise KitError(f"--model {cfg.model!r}: not a timm model; list them with timm.list_models('*resnet*')")
+    for name in ("batch_size", "embed_batch_size", "img_size", "m_per_class"):
+        if getattr(cfg, name) < 1:
+            raise KitError(f"--{name.replace('_', '-')} {getattr(cfg, name)}: must be at least 1")
+    if cfg.loss != "ce" and cfg.batch_size % cfg.m_per_class:
+        raise KitError(f"--batch-size {cfg.batch_size} must be a multiple of --m-per-class {cfg.m_per_class}")
+    LoopSettings.from_config(cfg).check()
+    tta_views(cfg.tta)
+    resolve_workers(cfg.workers)
+
+
+def build_model(cfg: Config) -> nn.Module:
+    """A timm backbone with pooled features (no classifier), weights as ``--weights`` says."""
     try:
         model = timm.create_model(cfg.model, pretrained=cfg.weights == "default", num_classes=0)
     except RuntimeError as err:
@@ -166,6 +178,7 @@ def build_loader(cfg: Config, task: Task, mean, std, shuffle_gen: torch.Generato
 def main(argv: Sequence[str] | None = None) -> int:
     cfg = config_from_args(Config, build_parser().parse_args(argv))
     setup_logging(cfg.verbose)
+    check_config(cfg)
     t0 = time.time()
     run_dir = cfg.runs / cfg.run_name
     device = pick_device(cfg.device)
