@@ -49,6 +49,8 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 import infer_caption_match  # noqa: E402
+import infer_clip_colour  # noqa: E402
+import infer_cnn_features  # noqa: E402
 import train_clip_arcface  # noqa: E402
 import train_resnet  # noqa: E402
 from utils.atomic import atomic_write_bytes, atomic_write_json  # noqa: E402
@@ -129,14 +131,28 @@ def run_timm_frozen(ctx: Context, run_name: str) -> None:
                        "--img-size", "64", "--embed-batch-size", "128"])
 
 
+def run_cnn_features(ctx: Context, run_name: str) -> None:
+    """infer_cnn_features.py: the frozen timm backbone's last stage, GeM-pooled, whole images (no faces in PACS)."""
+    a = ctx.args
+    infer_cnn_features.main([*ctx.common(run_name), "--model", a.timm_model, "--weights", a.timm_weights,
+                             "--img-size", "64", "--pool", "gem", "--embed-batch-size", "128"])
+
+
+def run_clip_colour(ctx: Context, run_name: str) -> None:
+    """infer_clip_colour.py: zero-shot CLIP plus the colour term, alpha and threshold searched on validation."""
+    infer_clip_colour.main([*ctx.common(run_name), *clip_flags(ctx)])
+
+
 METHODS = [
     Method("clip_img2img", "CLIP image-to-image, zero-shot", lambda a: a.clip_weights == "none", run_clip_img2img),
     Method("caption_labels", "caption matching, class-label captions (ablation)", lambda a: a.clip_weights == "none", run_caption_labels),
     Method("caption_labels_blend", "caption matching, class labels + 0.5 image-to-image", lambda a: a.clip_weights == "none", run_caption_labels_blend),
     Method("caption_blip", "caption matching, BLIP captions", lambda a: True, run_caption_blip),
     Method("timm_frozen", "frozen timm CNN features", lambda a: a.timm_weights == "none", run_timm_frozen),
+    Method("cnn_features", "frozen timm CNN, GeM pool (infer_cnn_features.py)", lambda a: a.timm_weights == "none", run_cnn_features),
+    Method("clip_colour", "CLIP image-to-image + colour term (infer_clip_colour.py)", lambda a: a.clip_weights == "none", run_clip_colour),
 ]
-DEFAULT_METHODS = ["clip_img2img", "caption_labels", "caption_labels_blend", "timm_frozen"]
+DEFAULT_METHODS = ["clip_img2img", "caption_labels", "caption_labels_blend", "timm_frozen", "cnn_features", "clip_colour"]
 
 
 def build_parser() -> argparse.ArgumentParser:
