@@ -1,7 +1,7 @@
 """Every retrieval method that runs offline, on PACS, per query->gallery domain pair, in the
 layout of the caption-matching paper's Table I (rows: methods; columns: domain pairs).
 
-    .venv/bin/python benchmarks/bench_methods.py                  # 3-6 min on 2 shared CPU cores
+    .venv/bin/python benchmarks/bench_methods.py                  # 2-6 min on 2 shared CPU cores
     .venv/bin/python benchmarks/bench_methods.py --methods clip_img2img caption_labels
     .venv/bin/python benchmarks/bench_methods.py --pairs sketch --per-class 10   # a quick look
 
