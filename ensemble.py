@@ -49,7 +49,7 @@ from utils.errors import KitError, run_cli
 from utils.logs import console, setup_logging
 from utils.runs.metrics import evaluate, relevance_matrix
 from utils.runs.model_run import git_commit, metrics_table
-from utils.runs.similarity_io import Run, SimMatrix, align_runs, load_run, save_run
+from utils.runs.similarity_io import Run, SimMatrix, align_runs, load_run, save_run, scan_runs
 
 log = logging.getLogger("ensemble")
 
@@ -104,23 +104,30 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def find_runs(runs_dir: Path, models: list[str], out_dir: Path) -> list[Run]:
-    """The named runs, or every complete run folder under ``runs_dir`` except the output."""
+    """The named runs (each must be complete), or every complete run under ``runs_dir`` except the output.
+
+    Without ``models``, a run folder that is incomplete, does not match its
+    hashes, or whose names differ from the others is left out with a warning line.
+    """
     if not runs_dir.is_dir():
         raise KitError(f"{runs_dir}: runs folder not found; run a model script first or pass --runs DIR")
-    needed = ("meta.json", "val_sim.npy", "test_sim.npy")
-    if models:
-        dirs = [runs_dir / m for m in models]
-        for d in dirs:
-            if not d.is_dir():
-                raise KitError(f"--models {d.name}: {d} not found; available: {sorted(p.name for p in runs_dir.iterdir() if p.is_dir())}")
-    else:
-        dirs = sorted(d for d in runs_dir.iterdir() if d.is_dir() and d.resolve() != out_dir.resolve() and d.name != "ensemble"
-                      and all((d / f).is_file() for f in needed))
-    if not dirs:
-        raise KitError(f"{runs_dir}: no run folder with {', '.join(needed)}; run a model script first")
-    if len({d.name for d in dirs}) != len(dirs):
+    if len(set(models)) != len(models):
         raise KitError(f"--models {models}: a run is named twice")
-    runs = [load_run(d) for d in dirs]
+    runs = []
+    for m in models:
+        d = runs_dir / m
+        if not d.is_dir():
+            raise KitError(f"--models {m}: {d} not found; available: {sorted(p.name for p in runs_dir.iterdir() if p.is_dir())}")
+        try:
+            runs.append(load_run(d))
+        except KitError as err:
+            raise KitError(f"--models {m}: {err}") from None
+    if not models:
+        runs, left_out = scan_runs(runs_dir, exclude=(out_dir, runs_dir / "ensemble"))
+        for d, why in left_out:
+            log.warning("leaving out %s: %s", d, why)
+        if not runs:
+            raise KitError(f"{runs_dir}: no run folder holds a complete run (meta.json, val_sim.npy, test_sim.npy); run a model script first")
     for r in runs:
         if r.meta.get("full_train"):
             log.warning("%s was trained with --full-train: its validation matrix is optimistic and skews the weights", r.path)

@@ -60,6 +60,7 @@ from utils.errors import KitError, run_cli
 from utils.logs import console, setup_logging
 from utils.runs.metrics import evaluate, relevance_matrix
 from utils.runs.model_run import write_model_run
+from utils.runs.similarity_io import invalidate_run
 from utils.runs.topk import topk
 from utils.seed import seed_everything
 
@@ -172,6 +173,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     check_config(cfg)
     t0 = time.time()
     run_dir = cfg.runs / cfg.run_name
+    invalidate_run(run_dir)  # a killed or failed re-run must not leave the old run looking complete
     device = pick_device(cfg.device)
     amp = amp_dtype(device, cfg.amp)
     workers = resolve_workers(cfg.workers)

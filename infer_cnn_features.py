@@ -43,6 +43,7 @@ from utils.config import RunConfig, add_config_args, config_from_args, config_to
 from utils.data.augment import eval_transform
 from utils.data.task import prepare_task
 from utils.device import amp_dtype, is_cnn, pick_device, resolve_workers
+from utils.embedding.backbone import create_backbone, weights_id
 from utils.embedding.embed import embed_images
 from utils.embedding.stage_features import POOLS, StageFeatures
 from utils.embedding.step import SETS, embed_task, similarities
@@ -53,8 +54,8 @@ from utils.faces.face_box import FACE_BOX_MODES, face_box_crops
 from utils.logs import console, setup_logging
 from utils.runs.model_run import write_model_run
 from utils.runs.pixel_agreement import grey_squares, topk_agreement
+from utils.runs.similarity_io import invalidate_run
 from utils.seed import seed_everything
-from utils.training.checkpoint import load_into, load_weights_file
 
 log = logging.getLogger("infer_cnn_features")
 
@@ -107,26 +108,9 @@ def check_config(cfg: Config) -> None:
     tta_views(cfg.tta)
 
 
-def build_backbone(cfg: Config) -> torch.nn.Module:
-    """The timm model with the weights ``--weights`` asks for (classifier removed)."""
-    try:
-        model = timm.create_model(cfg.model, pretrained=cfg.weights == "default", num_classes=0)
-    except RuntimeError as err:
-        raise KitError(f"--model {cfg.model!r}: {err}") from None
-    except OSError as err:
-        raise KitError(f"cannot download weights for {cfg.model!r} ({type(err).__name__}); pass --weights PATH to a local file, or --weights none") from None
-    if cfg.weights not in ("default", "none"):
-        load_into(model, load_weights_file(cfg.weights), cfg.weights, strict=False)
-    return model
-
-
 def weights_tag(cfg: Config) -> str:
     """Identifies the features for the embedding cache."""
-    tag = f"{cfg.model}|{cfg.weights}|stage={cfg.stage}|{cfg.pool}|{cfg.img_size}"
-    if cfg.weights not in ("default", "none"):
-        st = Path(cfg.weights).stat()
-        tag += f"|{st.st_size}:{st.st_mtime_ns}"
-    return tag
+    return f"{cfg.model}|{weights_id(cfg.weights)}|stage={cfg.stage}|{cfg.pool}|{cfg.img_size}"
 
 
 def model_inputs(cfg: Config, task, device: torch.device) -> tuple[dict[str, list[Path]], dict[str, dict[str, int]]]:
@@ -169,6 +153,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     check_config(cfg)
     t0 = time.time()
     run_dir = cfg.runs / cfg.run_name
+    invalidate_run(run_dir)  # a killed or failed re-run must not leave the old run looking complete
     device = pick_device(cfg.device)
     amp = amp_dtype(device, cfg.amp)
     workers = resolve_workers(cfg.workers)
@@ -179,7 +164,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     timings = {"prepare": time.time() - t0}
 
     # model first (a bad --model/--weights/--stage fails before any long work), then the face crops
-    backbone = build_backbone(cfg)
+    backbone = create_backbone(cfg.model, cfg.weights)
     data_cfg = timm.data.resolve_data_config({}, model=backbone)
     features = StageFeatures(backbone, cfg.stage, cfg.pool).to(device).eval()
     inputs, faces = model_inputs(cfg, task, device)

@@ -51,6 +51,7 @@ from utils.faces.detect import SELECT_METHODS, DetectorParams, FaceDetector
 from utils.faces.embedder import EMBEDDERS, build_embedder
 from utils.logs import setup_logging
 from utils.runs.model_run import write_model_run
+from utils.runs.similarity_io import invalidate_run
 from utils.seed import seed_everything
 
 log = logging.getLogger("infer_facenet")
@@ -120,6 +121,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     t0 = time.time()
     run_name = cfg.run_name or cfg.embedder
     run_dir = cfg.runs / run_name
+    invalidate_run(run_dir)  # a killed or failed re-run must not leave the old run looking complete
     device = pick_device(cfg.device)
     seed_everything(cfg.seed)
 

@@ -53,6 +53,7 @@ from utils.embedding.views import TTA_GROUPS, PixelScale, tta_views
 from utils.errors import KitError, run_cli
 from utils.logs import setup_logging
 from utils.runs.model_run import write_model_run
+from utils.runs.similarity_io import invalidate_run
 from utils.seed import seed_everything, worker_init
 from utils.training.checkpoint import file_sha
 from utils.training.class_sampler import MPerClassShardSampler
@@ -225,6 +226,8 @@ def train_and_embed(cfg: Config, dist_info: DistInfo, device: torch.device) -> i
     t0 = time.time()
     zero_shot = cfg.zero_shot or cfg.epochs == 0
     run_dir = cfg.runs / (ZERO_SHOT_RUN if zero_shot and cfg.run_name == DEFAULT_RUN else cfg.run_name)
+    if master:
+        invalidate_run(run_dir)  # a killed or failed re-run must not leave the old run looking complete
     amp = amp_dtype(device, cfg.amp)
     views = tta_views(cfg.tta)
     seed_everything(cfg.seed)

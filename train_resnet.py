@@ -39,6 +39,7 @@ from utils.data.augment import eval_transform, train_transform
 from utils.data.image_dataset import ImageDataset
 from utils.data.task import Task, prepare_task
 from utils.device import amp_dtype, is_cnn, pick_device, resolve_workers
+from utils.embedding.backbone import create_backbone
 from utils.embedding.cache import files_key
 from utils.embedding.embed import embed_images
 from utils.embedding.step import embed_task, similarities, val_score
@@ -46,8 +47,9 @@ from utils.embedding.views import TTA_GROUPS, PixelScale, tta_views
 from utils.errors import KitError, run_cli
 from utils.logs import setup_logging
 from utils.runs.model_run import write_model_run
+from utils.runs.similarity_io import invalidate_run
 from utils.seed import seed_everything, worker_init
-from utils.training.checkpoint import file_sha, load_into, load_weights_file
+from utils.training.checkpoint import file_sha
 from utils.training.class_sampler import MPerClassShardSampler
 from utils.training.loop import LoopSettings, Trainer
 from utils.training.pair_loss import PAIR_LOSSES, build_pair_loss
@@ -114,19 +116,6 @@ def check_config(cfg: Config) -> None:
     resolve_workers(cfg.workers)
 
 
-def build_model(cfg: Config) -> nn.Module:
-    """A timm backbone with pooled features (no classifier), weights as ``--weights`` says."""
-    try:
-        model = timm.create_model(cfg.model, pretrained=cfg.weights == "default", num_classes=0)
-    except RuntimeError as err:
-        raise KitError(f"--model {cfg.model!r}: {err}") from None
-    except OSError as err:
-        raise KitError(f"cannot download weights for {cfg.model!r} ({type(err).__name__}); pass --weights PATH to a local file, or --weights none") from None
-    if cfg.weights not in ("default", "none"):
-        load_into(model, load_weights_file(cfg.weights), cfg.weights, strict=False)
-    return model
-
-
 class Classifier(nn.Module):
     """--loss ce: backbone + linear head over the training identities; ``forward(x, y)`` is the loss."""
 
@@ -181,6 +170,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     check_config(cfg)
     t0 = time.time()
     run_dir = cfg.runs / cfg.run_name
+    invalidate_run(run_dir)  # a killed or failed re-run must not leave the old run looking complete
     device = pick_device(cfg.device)
     amp = amp_dtype(device, cfg.amp)
     views, workers = tta_views(cfg.tta), resolve_workers(cfg.workers)
@@ -191,7 +181,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     timings = {"prepare": time.time() - t0}
 
     # model and its objective (a head over the training identities, or a pair loss)
-    backbone = build_model(cfg).to(device)
+    backbone = create_backbone(cfg.model, cfg.weights).to(device)
     data_cfg = timm.data.resolve_data_config({}, model=backbone)
     scale = PixelScale(tuple(data_cfg["mean"]), tuple(data_cfg["std"]))
     step_module, modules, groups = build_objective(cfg, backbone, len(task.classes), device)

@@ -11,7 +11,7 @@ import pytest
 
 from tests.conftest import ROOT
 
-SCRIPTS = sorted(p.stem for p in ROOT.glob("*.py") if (p.stem.startswith(("train_", "infer_")) or p.stem in ("ensemble", "submit")))
+SCRIPTS = sorted(p.stem for p in ROOT.glob("*.py") if (p.stem.startswith(("train_", "infer_")) or p.stem in ("ensemble", "submit", "visualize", "preflight")))
 MODULES = ["utils.submission.server", "utils.data.rehearsal_data"]
 
 

@@ -13,6 +13,7 @@ import torch
 
 import train_resnet
 from tests.conftest import ROOT
+from utils.embedding.backbone import create_backbone
 from utils.errors import KitError
 from utils.runs.similarity_io import load_run
 
@@ -71,7 +72,7 @@ def test_local_weights_file_is_loaded(rehearsal_data_session, tmp_path):
     ref = timm.create_model("test_resnet", num_classes=0)
     torch.save(ref.state_dict(), tmp_path / "w.pth")
     cfg = train_resnet.Config(model="test_resnet", weights=str(tmp_path / "w.pth"))
-    model = train_resnet.build_model(cfg)
+    model = create_backbone(cfg.model, cfg.weights)
     for (k, v), w in zip(ref.state_dict().items(), model.state_dict().values()):
         assert torch.equal(v, w), k
 
@@ -91,13 +92,13 @@ def test_bad_weights_file_is_one_clear_error(tmp_path, content, message):
     elif content is not None:
         path.write_bytes(content)
     with pytest.raises(KitError, match=message):
-        train_resnet.build_model(train_resnet.Config(model="test_resnet", weights=str(path)))
+        create_backbone("test_resnet", str(path))
 
 
 def test_hub_weights_offline_say_the_fix(monkeypatch):
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     with pytest.raises(KitError, match="pass --weights PATH to a local file, or --weights none"):
-        train_resnet.build_model(train_resnet.Config(model="test_resnet", weights="default"))
+        create_backbone("test_resnet", "default")
 
 
 def test_cli_user_errors_are_one_line_without_traceback(rehearsal_data, tmp_path):

@@ -266,3 +266,16 @@ def test_a_killed_run_is_never_reused(tmp_path):
     assert torch.load(tmp_path / "last.pt", weights_only=True)["finished"] is False
     again, _ = _trainer(tmp_path, scores=[1.0, 2.0, 3.0], data_key="files-A")
     assert len(again.fit(_loader()).history) == 3
+
+
+def test_a_temp_file_left_by_a_killed_checkpoint_write_is_removed(tmp_path):
+    import os
+
+    tmp_path.mkdir(exist_ok=True)
+    stale = tmp_path / ".last.pt.abc123.tmp"
+    stale.write_bytes(b"x" * 1000)
+    os.utime(stale, (1, 1))  # long ago
+    fresh = tmp_path / ".best.pt.def456.tmp"
+    fresh.write_bytes(b"y")  # a writer still at work
+    trainer, _ = _trainer(tmp_path, epochs=0)
+    assert not stale.exists() and fresh.exists()

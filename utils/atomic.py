@@ -70,3 +70,26 @@ def atomic_torch_save(path: str | os.PathLike, obj: Any) -> Path:
     buf = io.BytesIO()
     torch.save(obj, buf)
     return atomic_write_bytes(path, buf.getvalue())
+
+
+def remove_stale_temps(folder: str | os.PathLike, min_age_s: float = 60.0) -> list[Path]:
+    """Delete the temp files (``.NAME.*.tmp``) that a killed writer left in ``folder``.
+
+    Only files older than ``min_age_s`` go, so a writer still at work in another
+    process keeps its file. Returns what was removed.
+    """
+    import time
+
+    folder = Path(folder)
+    if not folder.is_dir():
+        return []
+    removed = []
+    now = time.time()
+    for p in folder.glob(".*.tmp"):
+        try:
+            if p.is_file() and now - p.stat().st_mtime >= min_age_s:
+                p.unlink()
+                removed.append(p)
+        except OSError:
+            continue
+    return removed

@@ -42,6 +42,7 @@ import numpy as np
 import torch
 from torch import nn
 
+from utils.atomic import remove_stale_temps
 from utils.data.image_dataset import log_unreadable
 from utils.errors import KitError
 from utils.progress import ProgressBar, QuietBar
@@ -143,6 +144,8 @@ class Trainer:
         self.scaler = torch.amp.GradScaler(device.type if device.type == "cuda" else "cpu", enabled=amp == torch.float16)
         self.state = LoopState()
         self.trained = False  # set once this run (or the one it resumed) has a checkpoint
+        for stale in remove_stale_temps(self.run_dir) if self.dist.master else []:
+            log.info("removed %s, left by a killed checkpoint write", stale.name)
         if settings.resume:
             self._resume()
         elif (done := None if settings.retrain else self._finished_run()) is not None:
