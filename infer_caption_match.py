@@ -66,6 +66,7 @@ from utils.ensemble.fusion import row_zscore
 from utils.errors import KitError, run_cli
 from utils.logs import setup_logging
 from utils.runs.model_run import write_model_run
+from utils.runs.similarity_io import invalidate_run
 from utils.seed import seed_everything
 
 log = logging.getLogger("infer_caption_match")
@@ -179,6 +180,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     check_config(cfg)
     t0 = time.time()
     run_dir = cfg.runs / cfg.run_name
+    invalidate_run(run_dir)  # a killed or failed re-run must not leave the old run looking complete
     device = pick_device(cfg.device)
     seed_everything(cfg.seed)
 

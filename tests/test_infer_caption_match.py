@@ -228,6 +228,16 @@ def test_end_to_end_into_ensemble_and_submit(rehearsal_data, tiny_blip, tiny_cli
     assert (runs / "caption_match" / "captions.json").is_file()
     first = np.load(runs / "caption_match" / "test_sim.npy")
 
+    # a re-run that fails leaves no complete-looking run behind
+    with pytest.raises(KitError):
+        script.main([*common, "--captions", str(tmp_path / "missing.json")])
+    assert load_run(runs / "caption_match").meta  # a bad flag stops before anything is touched
+    with pytest.raises(KitError):
+        script.main([*common, "--weights", str(tmp_path / "missing.pt")])
+    with pytest.raises(KitError):
+        load_run(runs / "caption_match")
+    assert script.main([*common]) == 0
+
     # second run, another name, reuses the captions: the captioner must not be built
     def no_captioner(*_a, **_k):
         raise AssertionError("captioner built although every caption was cached")
