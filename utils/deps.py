@@ -21,7 +21,7 @@ INSTALL = {
     "dlib": "pip install dlib-bin==20.0.1.post1 face-recognition-models==0.3.0",
     "face_recognition_models": "pip install face-recognition-models==0.3.0",
     "faiss": "pip install faiss-cpu (or faiss-gpu on a CUDA box)",
-    "transformers": "pip install transformers",
+    "transformers": "pip install transformers==5.23.0 tokenizers==0.23.3 safetensors==0.8.0",
     "open_clip": "pip install open_clip_torch==3.3.0",
     "timm": "pip install timm==1.0.31",
 }

@@ -80,7 +80,7 @@ def resolve_model_name(model: str) -> str:
     return model
 
 
-def _tag_config(name: str, pretrained: str) -> dict[str, Any]:
+def tag_config(name: str, pretrained: str) -> dict[str, Any]:
     if pretrained in ("", "none"):
         return {}
     cfg = open_clip.get_pretrained_cfg(name, pretrained)
@@ -117,7 +117,7 @@ def load_visual_weights(model: nn.Module, path: str | Path) -> None:
 
 
 @contextlib.contextmanager
-def _quiet_open_clip():
+def quiet_open_clip():
     """open_clip logs every creation step on the root logger; keep only its errors."""
     root = logging.getLogger()
     level = root.level
@@ -155,18 +155,18 @@ def create_visual(model: str, weights: str = "openai", file_tag: str = "openai",
     else:
         pretrained, weights = weights, ""
     name = resolve_model_name(model)
-    tag_cfg = _tag_config(name, pretrained)
+    tag_cfg = tag_config(name, pretrained)
     quick_gelu = bool(tag_cfg.get("quick_gelu", False))
     preprocess = {k: tag_cfg[k] for k in ("mean", "std", "interpolation", "resize_mode") if k in tag_cfg}
     kwargs = dict(force_quick_gelu=quick_gelu, force_image_size=img_size or None, force_preprocess_cfg=preprocess)
     if weights:
-        with _quiet_open_clip():
+        with quiet_open_clip():
             clip = open_clip.create_model(name, pretrained=None, **kwargs)
         load_visual_weights(clip, weights)
         log.info("%s: image tower weights from %s", name, weights)
     elif tag_cfg:
         try:
-            with _quiet_open_clip():
+            with quiet_open_clip():
                 clip = open_clip.create_model(name, pretrained=pretrained, **kwargs)
         except (RuntimeError, OSError) as err:
             first = (str(err).strip().splitlines() or [type(err).__name__])[0][:200]
@@ -175,7 +175,7 @@ def create_visual(model: str, weights: str = "openai", file_tag: str = "openai",
                 "--weights PATH (the open_clip .bin/.safetensors file) with --file-tag TAG, or --weights none"
             ) from None
     else:
-        with _quiet_open_clip():
+        with quiet_open_clip():
             clip = open_clip.create_model(name, pretrained=None, **kwargs)
         log.info("%s: random initialisation (--weights none)", name)
     visual = clip.visual

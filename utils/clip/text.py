@@ -25,7 +25,7 @@ import open_clip
 import torch
 from torch import nn
 
-from utils.clip.models import _quiet_open_clip, _tag_config, is_weights_file, resolve_model_name
+from utils.clip.models import is_weights_file, quiet_open_clip, resolve_model_name, tag_config
 from utils.embedding.embed import l2_normalize
 from utils.errors import KitError
 from utils.training.checkpoint import load_weights_file
@@ -88,12 +88,12 @@ def create_clip(model: str, weights: str = "none", file_tag: str = "openai", img
     if from_file and not Path(weights).is_file():
         raise KitError(f"--weights {weights}: file not found; give an open_clip .bin/.pt/.safetensors file, a tag or 'none'")
     tag = file_tag if from_file else weights
-    tag_cfg = _tag_config(name, tag)  # {} for none
+    tag_cfg = tag_config(name, tag)  # {} for none
     preprocess = {k: tag_cfg[k] for k in ("mean", "std", "interpolation", "resize_mode") if k in tag_cfg}
     kwargs: dict[str, Any] = dict(force_image_size=img_size or None, force_quick_gelu=bool(tag_cfg.get("quick_gelu", False)),
                                   force_preprocess_cfg=preprocess)
     if from_file or not tag_cfg:
-        with _quiet_open_clip():
+        with quiet_open_clip():
             clip = open_clip.create_model(name, pretrained=None, **kwargs)
         if from_file:
             _load_full_weights(clip, weights)
@@ -102,7 +102,7 @@ def create_clip(model: str, weights: str = "none", file_tag: str = "openai", img
             log.info("%s: random initialisation (--weights none)", name)
     else:
         try:
-            with _quiet_open_clip():
+            with quiet_open_clip():
                 clip = open_clip.create_model(name, pretrained=weights, **kwargs)
         except (RuntimeError, OSError) as err:
             first = (str(err).strip().splitlines() or [type(err).__name__])[0][:200]
