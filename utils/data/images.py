@@ -66,12 +66,11 @@ def _broken_link(path: Path) -> str:
         return f"symbolic link points nowhere (-> {target})"
 
 
-def list_images(folder: str | Path, recursive: bool = False, what: str = "", broken_links: str = "raise") -> list[Path]:
+def list_images(folder: str | Path, what: str = "", broken_links: str = "raise") -> list[Path]:
     """Image files in ``folder`` sorted by name; hidden and non-image files skipped.
 
     Args:
         folder: the folder to list.
-        recursive: list subfolders too.
         what: name of the set for messages, e.g. ``"gallery"``.
         broken_links: what to do with a link named like an image that points
             nowhere or loops: ``"raise"`` (query and gallery: every image is
@@ -84,9 +83,8 @@ def list_images(folder: str | Path, recursive: bool = False, what: str = "", bro
     folder = Path(folder)
     if not folder.is_dir():
         raise KitError(f"{folder}: folder not found (check --data)")
-    pattern = "**/*" if recursive else "*"
     out = []
-    for p in sorted(folder.glob(pattern)):
+    for p in sorted(folder.iterdir()):
         if p.name.startswith(".") or p.suffix.lower() not in IMAGE_EXTENSIONS:
             if not p.is_dir():
                 log.debug("skipping non-image file %s", p)

@@ -61,7 +61,7 @@ def read_ground_truth(path: Path) -> dict[str, list[str]]:
     return {str(k): [str(x) for x in v] for k, v in data.items()}
 
 
-def load_layout(root: str | Path, need_test: bool = True) -> DataLayout:
+def load_layout(root: str | Path) -> DataLayout:
     """Read and check a data folder.
 
     A training image that is a broken symbolic link is skipped with a warning
@@ -84,17 +84,12 @@ def load_layout(root: str | Path, need_test: bool = True) -> DataLayout:
             train[d.name] = imgs
     if not train:
         raise KitError(f"{train_dir}: no identity folders with images")
-    query: list[Path] = []
-    gallery: list[Path] = []
-    if need_test:
-        query = list_images(root / "test" / "query", what="query")
-        gallery = list_images(root / "test" / "gallery", what="gallery")
-        if not query:
-            raise KitError(f"{root / 'test' / 'query'}: no images")
-        if len(gallery) < MIN_GALLERY:
-            raise KitError(
-                f"{root / 'test' / 'gallery'}: {len(gallery)} images; a top-10 needs at least {MIN_GALLERY}"
-            )
+    query = list_images(root / "test" / "query", what="query")
+    gallery = list_images(root / "test" / "gallery", what="gallery")
+    if not query:
+        raise KitError(f"{root / 'test' / 'query'}: no images")
+    if len(gallery) < MIN_GALLERY:
+        raise KitError(f"{root / 'test' / 'gallery'}: {len(gallery)} images; a top-10 needs at least {MIN_GALLERY}")
     domains = read_domains(root / "domains.csv") if (root / "domains.csv").is_file() else {}
     gt_path = root / "test" / "ground_truth.json"
     ground_truth = read_ground_truth(gt_path) if gt_path.is_file() else None
