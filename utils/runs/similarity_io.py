@@ -39,6 +39,10 @@ RUN_FILES = (MARKER, "val_sim.npy", "test_sim.npy", "last.pt", "best.pt")  # any
 _CHUNK = 1 << 20
 
 
+class IncompleteRun(KitError):
+    """A run folder without its completion marker or a matrix: killed, failed or still running."""
+
+
 @dataclass
 class SimMatrix:
     """One split's matrix with the names of its rows and columns."""
@@ -162,8 +166,8 @@ def load_run(run_dir: str | Path, splits: tuple[str, ...] = SPLITS) -> Run:
     meta_path = run_dir / MARKER
     if not meta_path.is_file():
         if any((run_dir / f).exists() for f in RUN_FILES):
-            raise KitError(f"{meta_path}: not found; the run is incomplete (killed, failed or still running); re-run the model")
-        raise KitError(f"{meta_path}: not found; run the model script first")
+            raise IncompleteRun(f"{meta_path}: not found; the run is incomplete (killed, failed or still running); re-run the model")
+        raise IncompleteRun(f"{meta_path}: not found; run the model script first")
     try:
         meta = json.loads(meta_path.read_text())
     except json.JSONDecodeError as err:
@@ -177,7 +181,7 @@ def load_run(run_dir: str | Path, splits: tuple[str, ...] = SPLITS) -> Run:
         if names is None:
             raise KitError(f"{meta_path}: no names for split {split!r}")
         if not where.is_file():
-            raise KitError(f"{where}: not found; the model run did not finish")
+            raise IncompleteRun(f"{where}: not found; the model run did not finish")
         sim = _load_checked(where, meta.get("files", {}).get(where.name))
         q, g = names["query_names"], names["gallery_names"]
         check_matrix(sim, len(q), len(g), where)
@@ -229,6 +233,15 @@ def _names_differ(ref: Run, run: Run) -> str:
     return ""
 
 
+def run_folders(runs_dir: str | Path, exclude: tuple[Path, ...] = ()) -> list[Path]:
+    """Subfolders of ``runs_dir`` that hold any of :data:`RUN_FILES` (caches and the like are not runs)."""
+    skip = {Path(p).resolve() for p in exclude}
+    return sorted(
+        d for d in Path(runs_dir).iterdir()
+        if d.is_dir() and d.resolve() not in skip and any((d / f).exists() for f in RUN_FILES)
+    )
+
+
 def scan_runs(runs_dir: str | Path, exclude: tuple[Path, ...] = ()) -> tuple[list[Run], list[tuple[Path, str]]]:
     """The complete runs under ``runs_dir`` that agree on names, and each folder left out with why.
 
@@ -241,12 +254,8 @@ def scan_runs(runs_dir: str | Path, exclude: tuple[Path, ...] = ()) -> tuple[lis
         KitError: two equally large groups of runs disagree on names (which
             one is current cannot be told).
     """
-    runs_dir = Path(runs_dir)
-    skip = {Path(p).resolve() for p in exclude}
     runs, left_out = [], []
-    for d in sorted(p for p in runs_dir.iterdir() if p.is_dir() and p.resolve() not in skip):
-        if not any((d / f).exists() for f in RUN_FILES):
-            continue
+    for d in run_folders(runs_dir, exclude):
         try:
             runs.append(load_run(d))
         except KitError as err:

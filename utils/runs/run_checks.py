@@ -1,0 +1,95 @@
+"""Preflight checks of a runs folder: each run complete (hashes), on the current data's
+query and gallery names, and the weight files its config names present and loadable.
+
+Blockers: a matrix that does not match its hash, a run whose test names differ
+from the data folder, a weight file that is missing or does not load. An
+incomplete run (killed, failed, still running) is a warning: ``ensemble.py``
+leaves it out.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+from utils.checklist import Checklist
+from utils.data.layout import DataLayout
+from utils.errors import KitError
+from utils.runs.similarity_io import IncompleteRun, Run, load_run, run_folders
+
+WEIGHT_KEYS = ("weights", "checkpoint", "predictor")  # config keys that may name a weights file
+WEIGHT_SUFFIXES = (".pt", ".pth", ".bin", ".safetensors", ".ckpt", ".dat")
+
+
+def weight_files(config: dict[str, Any]) -> list[tuple[str, str]]:
+    """``(key, value)`` of config entries that name a weights file (not tags like 'hub' or 'none')."""
+    out = []
+    for key, val in config.items():
+        if isinstance(val, str) and any(k in key for k in WEIGHT_KEYS):
+            if "/" in val or "\\" in val or val.lower().endswith(WEIGHT_SUFFIXES):
+                out.append((key, val))
+    return out
+
+
+def weights_problem(path: Path) -> str:
+    """'' when ``path`` exists and loads (torch state dict or safetensors); else why not."""
+    if not path.is_file():
+        return "not found"
+    if path.suffix.lower() == ".dat":  # dlib models: present and non-empty is all that is checked
+        return "" if path.stat().st_size > 0 else "empty file"
+    from utils.training.checkpoint import load_weights_file
+
+    try:
+        load_weights_file(path)
+    except KitError as err:
+        return str(err).removeprefix(f"{path}: ")
+    return ""
+
+
+def _names_vs_data(run: Run, layout: DataLayout) -> str:
+    test = run.splits["test"]
+    for what, names, paths in (("query", test.query_names, layout.query), ("gallery", test.gallery_names, layout.gallery)):
+        on_disk = {p.name for p in paths}
+        if set(names) != on_disk:
+            return (f"test {what} names differ from {layout.root / 'test' / what} (not in run: {sorted(on_disk - set(names))[:3]}, "
+                    f"not on disk: {sorted(set(names) - on_disk)[:3]}); re-run the model on this data")
+    return ""
+
+
+def check_run(cl: Checklist, d: Path, layout: DataLayout | None, seen_weights: dict[Path, str]) -> None:
+    try:
+        run = load_run(d)
+    except IncompleteRun as err:
+        cl.warn("runs", d.name, f"incomplete, ensemble.py leaves it out: {err}")
+        return
+    except KitError as err:
+        cl.block("runs", d.name, str(err))
+        return
+    mismatch = _names_vs_data(run, layout) if layout is not None else ""
+    if mismatch:
+        cl.block("runs", d.name, mismatch)
+    else:
+        shape = run.splits["test"].sim.shape
+        cl.ok("runs", d.name, f"complete, hashes match; test {shape[0]} x {shape[1]}" + (" = the data's lists" if layout else ""))
+    for key, value in weight_files(run.meta.get("config", {})):
+        path = Path(value)
+        if path not in seen_weights:
+            seen_weights[path] = weights_problem(path)
+        problem = seen_weights[path]
+        if problem:
+            cl.block("weights", f"{d.name} {key}", f"{value}: {problem} (paths are relative to the current folder)")
+        else:
+            cl.ok("weights", f"{d.name} {key}", f"{value}: loads")
+
+
+def check_runs(cl: Checklist, runs_dir: Path, layout: DataLayout | None) -> None:
+    """Every run folder under ``runs_dir`` (the ensemble's output included)."""
+    if not runs_dir.is_dir():
+        cl.warn("runs", str(runs_dir), "no runs folder yet; run a model script first")
+        return
+    folders = run_folders(runs_dir)
+    if not folders:
+        cl.warn("runs", str(runs_dir), "no run folders yet; run a model script first")
+    seen: dict[Path, str] = {}
+    for d in folders:
+        check_run(cl, d, layout, seen)
