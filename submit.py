@@ -37,6 +37,7 @@ from utils.data.layout import load_layout
 from utils.errors import KitError, run_cli
 from utils.logs import console, setup_logging
 from utils.runs.similarity_io import load_run
+from utils.runs.topk_run import is_topk_run, load_topk_split, topk_lists
 from utils.submission.lists import FORMATS, NotSubmitted, make_body, post, save_body, top_lists, validate_lists
 
 log = logging.getLogger("submit")
@@ -114,10 +115,11 @@ def main(argv: Sequence[str] | None = None) -> int:
         except (OSError, json.JSONDecodeError) as err:
             raise KitError(f"{body_path}: cannot read a saved body ({err})") from None
     else:
-        test = load_run(cfg.run, splits=("test",)).splits["test"]
+        topk_form = is_topk_run(cfg.run)  # the top-k run form (large galleries): lists from its stored candidates
+        test = load_topk_split(cfg.run, "test", with_embeddings=False) if topk_form else load_run(cfg.run, splits=("test",)).splits["test"]
         if cfg.data:
             check_against_data(Path(cfg.data), test.query_names, test.gallery_names)
-        lists = top_lists(test)
+        lists = topk_lists(test) if topk_form else top_lists(test)
         validate_lists(lists, test.query_names, test.gallery_names)
         body = make_body(lists, group, cfg.format)
         body_path = save_body(body, cfg.out)
