@@ -52,6 +52,7 @@ LABELS = {
     "faiss": "FAISS IndexFlatIP",
     "sklearn": "scikit-learn NearestNeighbors (cosine, brute)",
     "argsort": "full matrix + argsort",
+    "fuse": "fuse_topk: 2 models' top-K runs, union scored exactly",
 }
 N_CHECK = 200  # queries whose lists are compared with the exact search
 
@@ -73,6 +74,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int, default=0, help="data seed (default: %(default)s)")
     p.add_argument("--out", type=Path, default=ROOT / "benchmarks/results/bench_topk.md", metavar="MD",
                    help="markdown output (default: %(default)s)")
+    p.add_argument("--fuse-sizes", type=int, nargs="*", default=[], metavar="N",
+                   help="also time fuse_topk on two models' top-k runs at N x N (default: none)")
+    p.add_argument("--fuse-candidates", type=int, default=100, metavar="K", help="candidates per query and model for --fuse-sizes (default: %(default)s)")
     p.add_argument("--worker", nargs=3, metavar=("METHOD", "N", "N_SEARCHED"), help=argparse.SUPPRESS)
     p.add_argument("--result", type=Path, help=argparse.SUPPRESS)
     return p
@@ -101,9 +105,35 @@ def run_method(method: str, q: np.ndarray, g: np.ndarray, k: int) -> np.ndarray:
         raise KitError(f"--methods {method!r}: unknown; use one of {', '.join(METHODS)}")
 
 
+def fuse_worker(args, n: int, n_searched: int) -> int:
+    """Child process: two models' top-K runs at n x n, fused by fuse_topk (candidate union scored exactly)."""
+    from utils.runs.topk_run import TopkSplit, fuse_topk
+
+    k = args.fuse_candidates
+    rng = np.random.default_rng(args.seed)
+    first = rng.integers(0, n, size=(n, 1))
+    # stand-in candidate lists (the fusion's cost does not depend on which images they name): half shared
+    idx_a = (first + 7919 * np.arange(k)) % n
+    idx_b = idx_a.copy()
+    idx_b[:, k // 2 :] = (first + 7907 * np.arange(k // 2, k) + 1) % n
+    names = [str(i) for i in range(n)]
+    runs = []
+    for m, idx in enumerate((idx_a, idx_b)):
+        q, g = unit_vectors(n, args.dim, args.seed + 2 * m), unit_vectors(n, args.dim, args.seed + 2 * m + 1)
+        runs.append(TopkSplit(idx[:n_searched], np.zeros(idx[:n_searched].shape, np.float32), names[:n_searched], names, q[:n_searched], g))
+    data_rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+    t0 = time.perf_counter()
+    _, idx = fuse_topk(runs, [0.5, 0.5], "zscore", k=args.k)
+    seconds = time.perf_counter() - t0
+    args.result.write_text(json.dumps({"seconds": seconds, "data_rss": data_rss, "check": []}))
+    return 0
+
+
 def worker(args) -> int:
     """Child process: make the data, time one method, write the result as JSON."""
     method, n, n_searched = args.worker[0], int(args.worker[1]), int(args.worker[2])
+    if method == "fuse":
+        return fuse_worker(args, n, n_searched)
     q = unit_vectors(n, args.dim, args.seed)
     g = unit_vectors(n, args.dim, args.seed + 1)
     if method == "sklearn":
@@ -121,7 +151,7 @@ def measure(method: str, n: int, n_searched: int, args, tmp: Path) -> dict:
     """Run one method in a fresh process; its own peak RSS comes from os.wait4."""
     result = tmp / f"{method}_{n}.json"
     cmd = [sys.executable, __file__, "--worker", method, str(n), str(n_searched), "--dim", str(args.dim),
-           "--k", str(args.k), "--seed", str(args.seed), "--result", str(result)]
+           "--k", str(args.k), "--seed", str(args.seed), "--fuse-candidates", str(args.fuse_candidates), "--result", str(result)]
     proc = subprocess.Popen(cmd)
     _, status, usage = os.wait4(proc.pid, 0)
     proc.returncode = os.waitstatus_to_exitcode(status)
@@ -143,7 +173,7 @@ def plan(args) -> list[tuple[int, str]]:
             if (m == "sklearn" and n > args.sklearn_max) or (m == "argsort" and n > args.argsort_max):
                 continue
             jobs.append((n, m))
-    return jobs
+    return jobs + [(n, "fuse") for n in args.fuse_sizes]
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -169,11 +199,11 @@ def main(argv: Sequence[str] | None = None) -> int:
                 check = np.array(r["check"])
                 if m == "exact":
                     reference[n] = check
-                agree = f"{(check == reference[n]).all(axis=1).mean():.3f}" if n in reference else "-"
+                agree = f"{(check == reference[n]).all(axis=1).mean():.3f}" if n in reference and m != "fuse" else "-"
                 total = r["seconds"] * n / n_searched
                 note = " (extrapolated)" if n_searched < n else ""
                 row = [f"{n:,}", LABELS[m], f"{n_searched:,}", f"{total:,.1f}{note}",
-                       f"{r['peak_rss'] / 2**30:.2f}", f"{2 * n * args.dim * 4 / 2**30:.2f}", agree]
+                       f"{r['peak_rss'] / 2**30:.2f}", f"{(4 if m == 'fuse' else 2) * n * args.dim * 4 / 2**30:.2f}", agree]
             table.add_row(*row)
             md.append("| " + " | ".join(row) + " |")
     console.print(table)
