@@ -132,3 +132,19 @@ def test_faiss_equals_exact_on_random_unit_vectors():
     s_faiss, i_faiss = search_topk(q, g, 10, backend="faiss")
     assert np.allclose(s_faiss, s_exact, atol=1e-5)
     assert (i_faiss == i_exact).mean() > 0.999
+
+
+def test_benchmark_runs_each_method_in_its_own_process(tmp_path):
+    """bench_topk.py end to end at a tiny size: rows for each method, the subset marked, lists agreeing."""
+    from benchmarks import bench_topk
+
+    out = tmp_path / "bench.md"
+    code = bench_topk.main(["--sizes", "400", "--methods", "exact", "argsort", "--dim", "16", "--subset-from", "400",
+                            "--query-subset", "250", "--fuse-sizes", "300", "--fuse-candidates", "20", "--out", str(out)])
+    assert code == 0
+    rows = [line for line in out.read_text().splitlines() if line.startswith("| 400") or line.startswith("| 300")]
+    assert len(rows) == 3, out.read_text()
+    exact, argsort, fused = (r.split(" | ") for r in rows)
+    assert "(extrapolated)" in exact[3] and exact[2] == "250"
+    assert argsort[-1].rstrip(" |") == "1.000"  # the full sort's lists equal the exact search's
+    assert "fuse_topk" in fused[1] and float(fused[5]) > 0  # a peak RSS was read from the child
