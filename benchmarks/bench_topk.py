@@ -1,6 +1,6 @@
 """Top-10 from embeddings at scale: the kit's chunked exact search, FAISS, scikit-learn and a full argsort.
 
-    # the default: 1,500 / 20,000 / 50,000 / 200,000 queries x gallery, 512-d (about 10 minutes on 2 cores)
+    # the default: 1,500 / 20,000 / 50,000 / 200,000 queries x gallery, 512-d (about 7 minutes on 2 idle cores)
     .venv/bin/python benchmarks/bench_topk.py
     # one size, one method, every query searched (no extrapolation)
     .venv/bin/python benchmarks/bench_topk.py --sizes 200000 --methods exact --query-subset 0
@@ -64,7 +64,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--methods", nargs="+", choices=METHODS, default=list(METHODS), help="methods to run (default: all)")
     p.add_argument("--dim", type=int, default=512, metavar="D", help="embedding size (default: %(default)s)")
     p.add_argument("--k", type=int, default=10, metavar="K", help="results per query (default: %(default)s)")
-    p.add_argument("--query-subset", type=int, default=10000, metavar="N",
+    p.add_argument("--query-subset", type=int, default=5000, metavar="N",
                    help="from --subset-from on, search only N queries and scale the time; 0 = all (default: %(default)s)")
     p.add_argument("--subset-from", type=int, default=100000, metavar="N", help="size where the subset starts (default: %(default)s)")
     p.add_argument("--fast-only-from", type=int, default=100000, metavar="N",
