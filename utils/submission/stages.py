@@ -20,6 +20,7 @@ from utils.data.layout import load_layout
 from utils.errors import KitError
 from utils.logs import console
 from utils.runs.similarity_io import load_run
+from utils.runs.topk_run import is_topk_run, load_topk_split, topk_lists
 from utils.submission import ledger
 from utils.submission.client import NotSubmitted, check_url, post
 from utils.submission.lists import make_body, parse_body, save_body, top_lists, validate_lists
@@ -67,10 +68,11 @@ def body_from_run(run: Path, data: str, group: str, form: str, out: Path, previe
     """Top-10 lists of the run's test matrix, validated, written to ``out`` as the body."""
     if preview and not data:
         raise KitError("--preview needs --data DIR to find the images")
-    test = load_run(run, splits=("test",)).splits["test"]
+    topk_form = is_topk_run(run)  # the top-k run form (large galleries): lists from its stored candidates
+    test = load_topk_split(run, "test", with_embeddings=False) if topk_form else load_run(run, splits=("test",)).splits["test"]
     if data:
         check_against_data(Path(data), test.query_names, test.gallery_names)
-    lists = top_lists(test)
+    lists = topk_lists(test) if topk_form else top_lists(test)
     validate_lists(lists, test.query_names, test.gallery_names)
     body = make_body(lists, group, form)
     body_path = save_body(body, out)
