@@ -41,11 +41,10 @@ from rich.table import Table
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from utils.runs.search import has_faiss, search_topk  # noqa: E402
-
 from utils.atomic import atomic_write_bytes  # noqa: E402
 from utils.errors import KitError, run_cli  # noqa: E402
 from utils.logs import console  # noqa: E402
+from utils.runs.search import has_faiss, search_topk  # noqa: E402
 
 METHODS = ("exact", "faiss", "sklearn", "argsort")
 LABELS = {

@@ -7,10 +7,10 @@ import tracemalloc
 
 import numpy as np
 import pytest
-from utils.runs.search import chunk_shape, search_topk
 
 from utils.errors import KitError
 from utils.runs import search
+from utils.runs.search import chunk_shape, search_topk
 
 needs_faiss = pytest.mark.skipif(not search.has_faiss, reason="faiss-cpu not installed")
 

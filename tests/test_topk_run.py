@@ -7,6 +7,14 @@ import json
 
 import numpy as np
 import pytest
+
+import submit
+from utils.ensemble.fusion import FUSIONS, fuse, weighted_sum
+from utils.ensemble.weight_search import CandidateScorer, points_from_rank
+from utils.errors import KitError
+from utils.runs.metrics import first_hit_rank
+from utils.runs.similarity_io import SimMatrix, save_run
+from utils.runs.topk import topk
 from utils.runs.topk_run import (
     candidate_matrices,
     ensemble_topk,
@@ -19,14 +27,6 @@ from utils.runs.topk_run import (
     use_topk_form,
     write_topk_run,
 )
-
-import submit
-from utils.ensemble.fusion import FUSIONS, fuse, weighted_sum
-from utils.ensemble.weight_search import CandidateScorer, points_from_rank
-from utils.errors import KitError
-from utils.runs.metrics import first_hit_rank
-from utils.runs.similarity_io import SimMatrix, save_run
-from utils.runs.topk import topk
 from utils.submission.lists import top_lists
 
 
