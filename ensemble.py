@@ -45,11 +45,12 @@ from utils.ensemble.fusion import FUSIONS
 from utils.ensemble.plan import Plan, Scorer, choose_plan, val_identities, val_relevance
 from utils.ensemble.report import options_markdown, options_table, plot_simplex
 from utils.ensemble.rerank import RerankParams, check_steps
+from utils.ensemble.topk_plan import fuse_topk_runs, topk_members
 from utils.errors import KitError, run_cli
 from utils.logs import console, setup_logging
 from utils.runs.metrics import evaluate, relevance_matrix
 from utils.runs.model_run import git_commit, metrics_table
-from utils.runs.similarity_io import Run, SimMatrix, align_runs, load_run, save_run, scan_runs
+from utils.runs.similarity_io import Run, SimMatrix, align_runs, invalidate_run, load_run, save_run, scan_runs
 
 log = logging.getLogger("ensemble")
 
@@ -170,7 +171,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     setup_logging(cfg.verbose)
     t0 = time.time()
     out_dir = cfg.out or cfg.runs / "ensemble"
+    if cfg.runs.is_dir() and (topk_dirs := topk_members(cfg.runs, cfg.models, out_dir)):
+        return ensemble_topk_form(cfg, out_dir, topk_dirs, t0)
     runs = find_runs(cfg.runs, cfg.models, out_dir)
+    invalidate_run(out_dir)  # a failed re-run must not leave the old ensemble looking current
     names = [r.path.name for r in runs]
     check_config(cfg, len(runs))
     params = rerank_params(cfg)
@@ -200,6 +204,24 @@ def main(argv: Sequence[str] | None = None) -> int:
     else:
         sims = {"val": plan.apply([m.sim for m in val]), "test": plan.apply([m.sim for m in test])}
     write_outputs(cfg, out_dir, runs, names, plan, rows, searches, sims, val[0], test[0], val_rel, test_rel, passthrough, time.time() - t0)
+    return 0
+
+
+def ensemble_topk_form(cfg: Config, out_dir: Path, dirs: list[Path], t0: float) -> int:
+    """Members in the top-k run form (large galleries): weights searched on the candidate unions, no re-ranking."""
+    if cfg.models and len(dirs) != len(cfg.models):
+        raise KitError(f"--models {cfg.models}: mixes the top-k run form with the matrix form; re-run the models with the same --matrix-limit")
+    if rerank_params(cfg).steps:
+        raise KitError("re-ranking needs full matrices; the runs are in the top-k form (drop the re-ranking flags)")
+    check_config(cfg, len(dirs))
+    invalidate_run(out_dir)
+    search = {"grid_step": cfg.grid_step, "n_random": cfg.n_random, "top_m": cfg.top_m, "smooth_radius": cfg.smooth_radius,
+              "bootstrap": cfg.bootstrap, "seed": cfg.search_seed}
+    meta = {"model": "ensemble", "config": config_to_dict(cfg), "commit": git_commit(Path(__file__).resolve().parent), "kit_version": __version__}
+    choice = fuse_topk_runs(dirs, out_dir, FUSIONS if cfg.auto else (cfg.fusion,), cfg.fusion_weights or None, search, meta)
+    atomic_write_json(out_dir / "weights.json", choice)
+    console.print(f"ensemble (top-k form, {choice['fusion']}): {dict(zip(choice['members'], choice['weights']))} -> {out_dir} "
+                  f"in {time.time() - t0:.1f} s")
     return 0
 
 

@@ -38,19 +38,19 @@ from typing import Sequence
 import numpy as np
 import torch
 
-from utils.config import RunConfig, add_config_args, config_from_args, config_to_dict
+from utils.config import FormConfig, RunConfig, add_config_args, config_from_args, config_to_dict
 from utils.data.task import prepare_task
 from utils.device import amp_dtype, pick_device, resolve_workers
 from utils.embedding.cache import cached, files_key
 from utils.embedding.embed import embed_arrays
-from utils.embedding.step import embed_task, similarities
+from utils.embedding.step import embed_task
 from utils.embedding.views import TTA_GROUPS, tta_views
 from utils.errors import KitError, run_cli
 from utils.faces.crop import CropParams, face_crops
 from utils.faces.detect import SELECT_METHODS, DetectorParams, FaceDetector
 from utils.faces.embedder import EMBEDDERS, build_embedder
 from utils.logs import setup_logging
-from utils.runs.model_run import write_model_run
+from utils.runs.model_run import write_embedding_run
 from utils.runs.similarity_io import invalidate_run
 from utils.seed import seed_everything
 
@@ -60,7 +60,7 @@ log = logging.getLogger("infer_facenet")
 # ----------------------------------------------------------------------------
 # defaults: every field is a --flag (kebab-case); the resolved config goes to meta.json
 @dataclass
-class Config(RunConfig):
+class Config(FormConfig, RunConfig):
     # --data, --runs, --seed, --val-fraction, --query-domain, --device, --verbose: utils.config.RunConfig
     run_name: str = field(default="", metadata={"help": "output folder under --runs ('' = the embedder's name: facenet or dlib)"})
     # embedder: run both (each writes its own run) and let ensemble.py fuse them
@@ -102,6 +102,7 @@ def check_config(cfg: Config) -> None:
         if getattr(cfg, name) < 1:
             raise KitError(f"--{name.replace('_', '-')} {getattr(cfg, name)}: at least 1")
     resolve_workers(cfg.workers)
+    cfg.run_form()
     tta_views(cfg.tta)
 
 
@@ -154,7 +155,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     n_fb = sum(f["fallback"] for f in faces.values())
     log.info("no face found in %d of %d images (centre square used): %s", n_fb, sum(f["images"] for f in faces.values()),
              ", ".join(f"{k} {v['fallback']}/{v['images']}" for k, v in faces.items()))
-    write_model_run(run_dir, run_name, config_to_dict(cfg), task, similarities(emb), timings, {"faces": faces, "tta_views": len(views)})
+    write_embedding_run(run_dir, run_name, config_to_dict(cfg), task, emb, timings, {"faces": faces, "tta_views": len(views)}, form=cfg.run_form())
     return 0
 
 

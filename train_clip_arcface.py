@@ -41,18 +41,18 @@ from torch.nn.parallel import DistributedDataParallel as DDP
 from torch.utils.data import DataLoader
 
 from utils.clip.models import ClipVisual, count_trainable, create_visual, freeze_frozen_batchnorm, is_weights_file, unfreeze_last
-from utils.config import RunConfig, add_config_args, config_from_args, config_to_dict
+from utils.config import FormConfig, RunConfig, add_config_args, config_from_args, config_to_dict
 from utils.data.augment import train_transform
 from utils.data.image_dataset import ImageDataset
 from utils.data.task import prepare_task
 from utils.device import amp_dtype, resolve_workers
 from utils.embedding.cache import files_key
 from utils.embedding.embed import embed_images
-from utils.embedding.step import embed_task, similarities, val_score
+from utils.embedding.step import embed_task, val_score
 from utils.embedding.views import TTA_GROUPS, PixelScale, tta_views
 from utils.errors import KitError, run_cli
 from utils.logs import setup_logging
-from utils.runs.model_run import write_model_run
+from utils.runs.model_run import write_embedding_run
 from utils.runs.similarity_io import invalidate_run
 from utils.seed import seed_everything, worker_init
 from utils.training.checkpoint import file_sha
@@ -71,7 +71,7 @@ ZERO_SHOT_RUN = "clip_zeroshot"
 # ----------------------------------------------------------------------------
 # defaults = the seed's setup; every field is a --flag (kebab-case); the resolved config goes to meta.json
 @dataclass
-class Config(RunConfig):
+class Config(FormConfig, RunConfig):
     # --data, --runs, --seed, --val-fraction, --query-domain, --device, --verbose: utils.config.RunConfig
     run_name: str = field(default=DEFAULT_RUN, metadata={"help": f"output folder under --runs ({ZERO_SHOT_RUN} for --zero-shot unless set)"})
     # backbone: any open_clip name (open_clip.list_models()) or a config .json; ViT-B-16 is ~4x cheaper
@@ -155,6 +155,7 @@ def check_config(cfg: Config) -> None:
         raise KitError(f"--layer-decay {cfg.layer_decay}: must be in (0, 1]")
     LoopSettings.from_config(cfg).check()
     tta_views(cfg.tta)
+    cfg.run_form()
 
 
 def param_groups(cfg: Config, backbone: list[list[nn.Parameter]], head: nn.Module, loss: nn.Module) -> list[dict[str, Any]]:
@@ -204,7 +205,7 @@ def run_zero_shot(cfg: Config, task, clip: ClipVisual, device, amp, run_dir: Pat
     embed = embedder_for(clip.visual, clip, cfg, device, amp, run_dir)
     emb = embed_task(task, lambda paths, desc: embed(paths, desc, tta_views(cfg.tta), weights_tag(cfg, clip) + "|zero-shot"))
     timings["embed"] = time.time() - t0
-    write_model_run(run_dir, run_dir.name, config_to_dict(cfg), task, similarities(emb), timings, {"zero_shot": True, "quick_gelu": clip.quick_gelu})
+    write_embedding_run(run_dir, run_dir.name, config_to_dict(cfg), task, emb, timings, {"zero_shot": True, "quick_gelu": clip.quick_gelu}, form=cfg.run_form())
     return 0
 
 
@@ -292,7 +293,7 @@ def train_and_embed(cfg: Config, dist_info: DistInfo, device: torch.device) -> i
     timings["embed"] = time.time() - t1
     extra = {"history": trainer.state.history, "checkpoint": str(final) if final else None, "quick_gelu": clip.quick_gelu,
              "world_size": dist_info.world_size}
-    write_model_run(run_dir, run_dir.name, config_to_dict(cfg), task, similarities(emb), timings, extra)
+    write_embedding_run(run_dir, run_dir.name, config_to_dict(cfg), task, emb, timings, extra, form=cfg.run_form())
     return 0
 
 

@@ -34,7 +34,7 @@ import torch
 from torch import nn
 from torch.utils.data import DataLoader
 
-from utils.config import RunConfig, add_config_args, config_from_args, config_to_dict
+from utils.config import FormConfig, RunConfig, add_config_args, config_from_args, config_to_dict
 from utils.data.augment import eval_transform, train_transform
 from utils.data.image_dataset import ImageDataset
 from utils.data.task import Task, prepare_task
@@ -42,11 +42,11 @@ from utils.device import amp_dtype, is_cnn, pick_device, resolve_workers
 from utils.embedding.backbone import create_backbone
 from utils.embedding.cache import files_key
 from utils.embedding.embed import embed_images
-from utils.embedding.step import embed_task, similarities, val_score
+from utils.embedding.step import embed_task, val_score
 from utils.embedding.views import TTA_GROUPS, PixelScale, tta_views
 from utils.errors import KitError, run_cli
 from utils.logs import setup_logging
-from utils.runs.model_run import write_model_run
+from utils.runs.model_run import write_embedding_run
 from utils.runs.similarity_io import invalidate_run
 from utils.seed import seed_everything, worker_init
 from utils.training.checkpoint import file_sha
@@ -62,7 +62,7 @@ LOSSES = ("ce", *PAIR_LOSSES)
 # ----------------------------------------------------------------------------
 # defaults: every field is a --flag (kebab-case); the resolved config goes to meta.json
 @dataclass
-class Config(RunConfig):
+class Config(FormConfig, RunConfig):
     # --data, --runs, --seed, --val-fraction, --query-domain, --device, --verbose: utils.config.RunConfig
     run_name: str = field(default="resnet", metadata={"help": "output folder name under --runs"})
     # model: any timm name; change for a stronger backbone (convnext_tiny, vit_base_patch16_224, ...)
@@ -114,6 +114,7 @@ def check_config(cfg: Config) -> None:
     LoopSettings.from_config(cfg).check()
     tta_views(cfg.tta)
     resolve_workers(cfg.workers)
+    cfg.run_form()
 
 
 class Classifier(nn.Module):
@@ -220,7 +221,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     emb = embed_task(task, lambda paths, desc: embed(paths, desc, views, tag))
     timings["embed"] = time.time() - t0 - timings["prepare"] - timings["train"]
     extra = {"history": trainer.state.history, "checkpoint": str(final) if final else None}
-    write_model_run(run_dir, cfg.run_name, config_to_dict(cfg), task, similarities(emb), timings, extra)
+    write_embedding_run(run_dir, cfg.run_name, config_to_dict(cfg), task, emb, timings, extra, form=cfg.run_form())
     return 0
 
 

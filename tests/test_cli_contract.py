@@ -33,6 +33,10 @@ def test_script_shape_and_every_option_is_used(name):
         from utils.training.loop import LoopSettings
 
         via_split |= {f.name for f in dataclasses.fields(LoopSettings)}
+    if "cfg.run_form()" in source:  # the run-form flags (matrix or top-k form) are read by FormConfig.run_form
+        from utils.config import FormConfig
+
+        via_split |= {f.name for f in dataclasses.fields(FormConfig)}
     unused = [d for d in dests if d not in via_split and not re.search(rf"\b(cfg|args|config)\.{d}\b", source)]
     assert not unused, f"{name}: options never read: {unused}"
     for action in parser._actions:  # every option with a value says its default in --help

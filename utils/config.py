@@ -24,6 +24,7 @@ from pathlib import Path
 from typing import Any, TypeVar
 
 from utils.data.split import SplitParams
+from utils.errors import KitError
 
 C = TypeVar("C")
 
@@ -105,3 +106,21 @@ class RunConfig:
     def split_params(self) -> SplitParams:
         """The validation split these flags ask for."""
         return SplitParams(self.seed, self.val_fraction, self.query_domain)
+
+
+@dataclass
+class FormConfig:
+    """Flags of scripts whose runs can take the top-k form (their matrices are cosines of embeddings)."""
+
+    # past this size a run stores embeddings + each query's top-K instead of the matrices (utils/runs/topk_run.py)
+    matrix_limit: int = field(default=20_000 * 20_000, metadata={"help": "query x gallery cells up to which the full matrices are written; beyond, the top-k form", "metavar": "CELLS"})
+    topk: int = field(default=100, metadata={"help": "candidates kept per query in the top-k form", "metavar": "K"})
+    search_backend: str = field(default="exact", metadata={"help": "top-k search of that form: exact (chunked, bounded memory) or faiss", "choices": ["exact", "faiss"]})
+
+    def run_form(self):
+        """The :class:`utils.runs.model_run.RunForm` these flags ask for."""
+        from utils.runs.model_run import RunForm
+
+        if self.matrix_limit < 1 or self.topk < 10:
+            raise KitError(f"--matrix-limit {self.matrix_limit} / --topk {self.topk}: the limit must be positive and K at least 10 (a top-10 needs it)")
+        return RunForm(self.matrix_limit, self.topk, self.search_backend)

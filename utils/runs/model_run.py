@@ -10,6 +10,7 @@ from __future__ import annotations
 import logging
 import subprocess
 import time
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -19,8 +20,9 @@ from rich.table import Table
 from utils import __version__
 from utils.data.task import Task
 from utils.logs import console
-from utils.runs.metrics import evaluate, relevance_matrix
+from utils.runs.metrics import competition_score, evaluate, relevance_matrix
 from utils.runs.similarity_io import SimMatrix, save_run
+from utils.runs.topk_run import DEFAULT_K, MAX_MATRIX_CELLS, TopkSplit, make_topk_split, save_topk_run, use_topk_form
 
 log = logging.getLogger(__name__)
 
@@ -78,7 +80,14 @@ def write_model_run(
         relevant = task.relevant(split)
         if relevant is not None:
             metrics[split] = evaluate(m.sim, relevance_matrix(m.query_names, m.gallery_names, relevant))
-    meta = {
+    save_run(run_dir, matrices, run_meta(model, config, task, timings, metrics, extra))
+    console.print(metrics_table(f"{model} -> {run_dir}", metrics))
+    return metrics
+
+
+def run_meta(model: str, config: dict[str, Any], task: Task, timings: dict[str, float], metrics: dict, extra: dict | None) -> dict[str, Any]:
+    """What every model run records: model, config, provenance, split, timings, metrics, and the script's extras."""
+    return {
         "model": model,
         "config": config,
         "commit": git_commit(Path(__file__).resolve().parents[2]),
@@ -90,6 +99,56 @@ def write_model_run(
         "metrics": metrics,
         **(extra or {}),
     }
-    save_run(run_dir, matrices, meta)
-    console.print(metrics_table(f"{model} -> {run_dir}", metrics))
+
+
+@dataclass
+class RunForm:
+    """When a run holds full matrices and when the top-k form (see utils/runs/topk_run.py)."""
+
+    max_cells: int = MAX_MATRIX_CELLS  # query x gallery cells up to which the matrices are written
+    k: int = DEFAULT_K  # candidates per query in the top-k form
+    backend: str = "exact"  # search backend of the top-k form: exact (chunked) or faiss
+
+
+def topk_metrics(split: TopkSplit, relevant: dict[str, list[str]]) -> dict[str, float]:
+    """Top-1/5/10 and the score from a top-k split; the full-ranking metrics (mAP@All, P@k) are NaN."""
+    g = np.asarray(split.gallery_names)
+    first = np.full(len(split.query_names), 10)
+    for i, q in enumerate(split.query_names):
+        right = set(relevant.get(q, ()))
+        hits = [r for r, j in enumerate(split.indices[i, :10]) if j >= 0 and g[j] in right]
+        first[i] = hits[0] if hits else 10
+    top = {k: float((first < k).mean()) for k in (1, 5, 10)}
+    nan = float("nan")
+    return {"score": competition_score(top[1], top[5], top[10]), "top1": top[1], "top5": top[5], "top10": top[10],
+            "map_all": nan, "p@1": nan, "p@5": nan, "p@10": nan}
+
+
+def write_embedding_run(
+    run_dir: str | Path, model: str, config: dict[str, Any], task: Task, emb: dict[str, np.ndarray],
+    timings: dict[str, float], extra: dict[str, Any] | None = None, form: RunForm | None = None,
+) -> dict[str, dict[str, float]]:
+    """A run from the four embedding sets: the two cosine matrices, or past ``form.max_cells`` the top-k form.
+
+    Returns:
+        metrics per split that has a ground truth.
+    """
+    from utils.embedding.step import similarities
+
+    form = form or RunForm()
+    if not use_topk_form(len(emb["test_query"]), len(emb["test_gallery"]), form.max_cells):
+        return write_model_run(run_dir, model, config, task, similarities(emb), timings, extra)
+    run_dir = Path(run_dir)
+    log.info("%d x %d test cells exceed --matrix-limit %d: writing the top-k form (K=%d, %s search)",
+             len(emb["test_query"]), len(emb["test_gallery"]), form.max_cells, form.k, form.backend)
+    splits, metrics = {}, {}
+    for split in ("val", "test"):
+        q, g = f"{split}_query", f"{split}_gallery"
+        k = min(form.k, len(emb[g]))
+        splits[split] = make_topk_split(emb[q], emb[g], task.names(q), task.names(g), k=k, backend=form.backend, progress=True)
+        relevant = task.relevant(split)
+        if relevant is not None:
+            metrics[split] = topk_metrics(splits[split], relevant)
+    save_topk_run(run_dir, splits, {**run_meta(model, config, task, timings, metrics, extra), "search_backend": form.backend})
+    console.print(metrics_table(f"{model} (top-k form) -> {run_dir}", metrics))
     return metrics
