@@ -88,3 +88,20 @@ def test_unknown_options_are_rejected(name, capsys):
         importlib.import_module(name).build_parser().parse_args(["--definitely-not-an-option"])
     assert info.value.code == 2
     assert "unrecognized arguments" in capsys.readouterr().err
+
+
+def test_readme_layout_names_every_module():
+    """The README's "Layout of the code" section matches the tree: every group and module is named."""
+    readme = (ROOT / "README.md").read_text()
+    section = readme[readme.index("## Layout of the code"):]
+    section = section[: section.index("\n## ", 3)]
+    missing = []
+    for path in sorted((ROOT / "utils").rglob("*.py")):
+        if path.name == "__init__.py" or "__pycache__" in path.parts:
+            continue
+        group = path.parent.relative_to(ROOT / "utils")
+        if str(group) != "." and f"{group}/" not in section:
+            missing.append(f"utils/{group}/")
+        if not re.search(rf"\b{path.stem}\b", section):
+            missing.append(str(path.relative_to(ROOT)))
+    assert not missing, f"README layout does not name: {sorted(set(missing))}"
