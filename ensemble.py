@@ -8,7 +8,7 @@ re-rank, and write runs/ensemble/ (the test matrix is what submit.py submits).
     # chosen runs, one fusion, one re-ranking; print test scores too (rehearsal data only)
     python ensemble.py --runs runs --models facenet clip --fusion rank --dual-softmax --temperature 1 --data DATA
     # fixed weights, no search
-    python ensemble.py --runs runs --models facenet clip --weights 0.7 0.3
+    python ensemble.py --runs runs --models facenet clip --fusion-weights 0.7 0.3
 
 Stages: load and check the runs, join them by query/gallery name -> per fusion,
 search the weights on the validation matrices (simplex grid up to 4 models,
@@ -19,6 +19,8 @@ neighbouring weights, wins) -> re-rank
 -> runs/ensemble/{val,test}_sim.npy + meta.json (same contract as a model run),
 weights.json (the plan and every scored option), simplex.png (2-3 models).
 One model and no re-ranking: its matrices are copied unchanged.
+Memory: each member's matrices once (as aligned), the fused results, and row chunks; the
+search and the fusion never hold a transformed copy per model (benchmarks/bench_ensemble.py --memory).
 Validation ground truth comes from the names (train/<identity>/<image>); the
 test ground truth (DATA/test/ground_truth.json, rehearsal data only) is only
 reported, never used to choose.
@@ -47,7 +49,7 @@ from utils.errors import KitError, run_cli
 from utils.logs import console, setup_logging
 from utils.runs.metrics import evaluate, relevance_matrix
 from utils.runs.model_run import git_commit, metrics_table
-from utils.runs.similarity_io import Run, SimMatrix, align_runs, load_run, save_run
+from utils.runs.similarity_io import Run, SimMatrix, align_runs, load_run, save_run, scan_runs
 
 log = logging.getLogger("ensemble")
 
@@ -62,7 +64,7 @@ class Config:
     data: Path | None = field(default=None, metadata={"help": "data folder; with test/ground_truth.json, test scores are printed too", "metavar": "DIR"})
     # fusion: zscore suits cosine-like scores; rank/rrf ignore score scales entirely
     fusion: str = field(default="zscore", metadata={"help": "per-query normalisation before the weighted sum", "choices": FUSIONS})
-    weights: list[float] = field(default_factory=list, metadata={"help": "fixed weights, one per --models entry (default: searched)", "metavar": "W"})
+    fusion_weights: list[float] = field(default_factory=list, metadata={"help": "fixed fusion weights, one per --models entry (default: searched)", "metavar": "W"})
     # weight search
     grid_step: float = field(default=0.05, metadata={"help": "simplex grid step (up to 4 models)"})
     n_random: int = field(default=2000, metadata={"help": "Dirichlet candidates for 5+ models (a quarter more per refinement round)"})
@@ -72,7 +74,7 @@ class Config:
     bootstrap_by: str = field(default="query", metadata={
         "help": "resample whole identities (honest when a few identities decide the score) or single queries",
         "choices": ["identity", "query"]})
-    seed: int = field(default=0, metadata={"help": "seed of the bootstrap and the random search"})
+    search_seed: int = field(default=0, metadata={"help": "seed of the weight search: bootstrap resamples and random candidates"})
     # re-ranking (in this order when several are on); --auto chooses among them on validation
     auto: bool = field(default=False, metadata={"help": "try every fusion and re-ranking, keep the best on validation"})
     min_win: float = field(default=0.75, metadata={"help": "--auto keeps a re-ranking only if it wins this share of bootstrap resamples"})
@@ -102,23 +104,30 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def find_runs(runs_dir: Path, models: list[str], out_dir: Path) -> list[Run]:
-    """The named runs, or every complete run folder under ``runs_dir`` except the output."""
+    """The named runs (each must be complete), or every complete run under ``runs_dir`` except the output.
+
+    Without ``models``, a run folder that is incomplete, does not match its
+    hashes, or whose names differ from the others is left out with a warning line.
+    """
     if not runs_dir.is_dir():
         raise KitError(f"{runs_dir}: runs folder not found; run a model script first or pass --runs DIR")
-    needed = ("meta.json", "val_sim.npy", "test_sim.npy")
-    if models:
-        dirs = [runs_dir / m for m in models]
-        for d in dirs:
-            if not d.is_dir():
-                raise KitError(f"--models {d.name}: {d} not found; available: {sorted(p.name for p in runs_dir.iterdir() if p.is_dir())}")
-    else:
-        dirs = sorted(d for d in runs_dir.iterdir() if d.is_dir() and d.resolve() != out_dir.resolve() and d.name != "ensemble"
-                      and all((d / f).is_file() for f in needed))
-    if not dirs:
-        raise KitError(f"{runs_dir}: no run folder with {', '.join(needed)}; run a model script first")
-    if len({d.name for d in dirs}) != len(dirs):
+    if len(set(models)) != len(models):
         raise KitError(f"--models {models}: a run is named twice")
-    runs = [load_run(d) for d in dirs]
+    runs = []
+    for m in models:
+        d = runs_dir / m
+        if not d.is_dir():
+            raise KitError(f"--models {m}: {d} not found; available: {sorted(p.name for p in runs_dir.iterdir() if p.is_dir())}")
+        try:
+            runs.append(load_run(d))
+        except KitError as err:
+            raise KitError(f"--models {m}: {err}") from None
+    if not models:
+        runs, left_out = scan_runs(runs_dir, exclude=(out_dir, runs_dir / "ensemble"))
+        for d, why in left_out:
+            log.warning("leaving out %s: %s", d, why)
+        if not runs:
+            raise KitError(f"{runs_dir}: no run folder holds a complete run (meta.json, val_sim.npy, test_sim.npy); run a model script first")
     for r in runs:
         if r.meta.get("full_train"):
             log.warning("%s was trained with --full-train: its validation matrix is optimistic and skews the weights", r.path)
@@ -135,10 +144,11 @@ def rerank_params(cfg: Config) -> RerankParams:
 
 
 def check_config(cfg: Config, n_models: int) -> None:
-    if cfg.weights and len(cfg.weights) != n_models:
-        raise KitError(f"--weights: {len(cfg.weights)} values for {n_models} models; give one per --models entry")
-    if cfg.weights and (min(cfg.weights) < 0 or sum(cfg.weights) <= 0):
-        raise KitError(f"--weights {cfg.weights}: must be non-negative with a positive sum")
+    w = cfg.fusion_weights
+    if w and len(w) != n_models:
+        raise KitError(f"--fusion-weights: {len(w)} values for {n_models} models; give one per --models entry")
+    if w and (min(w) < 0 or sum(w) <= 0):
+        raise KitError(f"--fusion-weights {w}: must be non-negative with a positive sum")
     if not 0 < cfg.grid_step <= 0.5:
         raise KitError(f"--grid-step {cfg.grid_step}: must be in (0, 0.5]")
     if cfg.bootstrap < 1 or cfg.top_m < 10 or cfg.temperature <= 0:
@@ -165,6 +175,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     check_config(cfg, len(runs))
     params = rerank_params(cfg)
     val, test = align_runs(runs, "val"), align_runs(runs, "test")
+    for r in runs:  # align_runs copied the other members' matrices: let the loaded ones go
+        r.splits.clear()
     val_rel = val_relevance(val[0].query_names, val[0].gallery_names)
     test_rel = load_test_relevance(cfg.data, test[0])
     if cfg.bootstrap_by == "identity":
@@ -173,13 +185,13 @@ def main(argv: Sequence[str] | None = None) -> int:
         groups = None
     else:
         raise KitError(f"--bootstrap-by {cfg.bootstrap_by!r}: choose identity or query")
-    scorer = Scorer(val_rel, test_rel, n_boot=cfg.bootstrap, seed=cfg.seed, groups=groups)
+    scorer = Scorer(val_rel, test_rel, n_boot=cfg.bootstrap, seed=cfg.search_seed, groups=groups)
     log.info("fusing %d run(s): %s; val %d x %d, test %d x %d", len(runs), ", ".join(names), *val[0].sim.shape, *test[0].sim.shape)
 
     passthrough = len(runs) == 1 and not params.steps and not cfg.auto
     plan, rows, searches = choose_plan(
         names, [m.sim for m in val], [m.sim for m in test], scorer,
-        fusions=FUSIONS if cfg.auto else (cfg.fusion,), weights=cfg.weights or None, rerank_params=params,
+        fusions=FUSIONS if cfg.auto else (cfg.fusion,), weights=cfg.fusion_weights or None, rerank_params=params,
         auto=cfg.auto, min_win=cfg.min_win,
         search={"grid_step": cfg.grid_step, "n_random": cfg.n_random, "top_m": cfg.top_m, "smooth_radius": cfg.smooth_radius},
     )

@@ -38,23 +38,23 @@ from typing import Sequence
 import numpy as np
 import torch
 
-from utils.atomic import atomic_save_npy
 from utils.config import RunConfig, add_config_args, config_from_args, config_to_dict
-from utils.data.task import Task, prepare_task
-from utils.device import amp_dtype, pick_device
-from utils.embedding.embed import cosine_similarity, files_key
+from utils.data.task import prepare_task
+from utils.device import amp_dtype, pick_device, resolve_workers
+from utils.embedding.cache import cached, files_key
+from utils.embedding.embed import embed_arrays
+from utils.embedding.step import embed_task, similarities
 from utils.embedding.views import TTA_GROUPS, tta_views
 from utils.errors import KitError, run_cli
 from utils.faces.crop import CropParams, face_crops
 from utils.faces.detect import SELECT_METHODS, DetectorParams, FaceDetector
-from utils.faces.embedder import EMBEDDERS, build_embedder, embed_crops
+from utils.faces.embedder import EMBEDDERS, build_embedder
 from utils.logs import setup_logging
 from utils.runs.model_run import write_model_run
+from utils.runs.similarity_io import invalidate_run
 from utils.seed import seed_everything
 
 log = logging.getLogger("infer_facenet")
-
-SETS = ("val_query", "val_gallery", "test_query", "test_gallery")
 
 
 # ----------------------------------------------------------------------------
@@ -66,9 +66,9 @@ class Config(RunConfig):
     # embedder: run both (each writes its own run) and let ensemble.py fuse them
     embedder: str = field(default="facenet", metadata={"help": "facenet (InceptionResnetV1, 512-d) or dlib (ResNet, 128-d)", "choices": list(EMBEDDERS)})
     weights: str = field(default="default", metadata={
-        "help": "'default' (facenet: VGGFace2 from the hub/torch cache; dlib: the .dat of face-recognition-models), "
-                "facenet: 'casia-webface', 'none' (random init, the floor) or a state dict file; dlib: a .dat file",
-        "metavar": "PATH"})
+        "help": "backbone weights: 'default' (facenet: VGGFace2 from the hub/torch cache; dlib: the .dat of face-recognition-models), "
+                "facenet: 'casia-webface' or 'none' (random init, the floor); or a local file (facenet: state dict; dlib: .dat)",
+        "metavar": "TAG|none|PATH"})
     shape_predictor: str = field(default="", metadata={"help": "dlib only: 5-point landmarks .dat ('' = face-recognition-models')", "metavar": "PATH"})
     # detection: MTCNN on a letterboxed square canvas; 'none' = every image uses the centre-square fallback
     detector: str = field(default="mtcnn", metadata={"help": "face detector", "choices": ["mtcnn", "none"]})
@@ -81,12 +81,12 @@ class Config(RunConfig):
     margin_px: int = field(default=20, metadata={"help": "facenet only: context around the box, pixels of the 160 px crop (dlib uses its chip padding)"})
     align_eyes: bool = field(default=True, metadata={"help": "facenet only: rotate crops so the eyes are level"})
     # test-time augmentation, on query and gallery alike; '--tta' alone = identity only
-    tta: list[str] = field(default_factory=lambda: ["flip", "rot", "brightness", "scale"], metadata={"help": f"view groups added to the identity, of {list(TTA_GROUPS)}"})
-    batch_size: int = field(default=32, metadata={"help": "images per detection batch"})
+    tta: list[str] = field(default_factory=lambda: ["flip", "rot", "brightness", "scale"], metadata={"help": f"test-time view groups added to the identity, of {list(TTA_GROUPS)}; none: identity only"})
+    detect_batch_size: int = field(default=32, metadata={"help": "images per detection batch"})
     embed_batch_size: int = field(default=64, metadata={"help": "crops per embedding batch"})
     # machine
     amp: bool = field(default=True, metadata={"help": "mixed precision on GPU for FaceNet"})
-    workers: int = field(default=2, metadata={"help": "DataLoader worker processes for loading and cropping"})
+    workers: int = field(default=-1, metadata={"help": "DataLoader worker processes for loading and cropping (-1: half the usable cores, 1 to 8; 0: main process)"})
 # ----------------------------------------------------------------------------
 
 
@@ -98,30 +98,20 @@ def build_parser() -> argparse.ArgumentParser:
 
 def check_config(cfg: Config) -> None:
     """Flags that argparse cannot check alone."""
-    for name in ("batch_size", "embed_batch_size"):
+    for name in ("detect_batch_size", "embed_batch_size"):
         if getattr(cfg, name) < 1:
             raise KitError(f"--{name.replace('_', '-')} {getattr(cfg, name)}: at least 1")
-    if cfg.workers < 0:
-        raise KitError(f"--workers {cfg.workers}: 0 or more")
+    resolve_workers(cfg.workers)
     tta_views(cfg.tta)
 
 
-def embed_set(task: Task, which: str, cfg: Config, detector, crop_params: CropParams, embedder, device: torch.device, cache_dir: Path) -> tuple[np.ndarray, dict]:
-    """Crops (cached) then TTA embeddings (cached) of one image set, and its face counts."""
-    paths = getattr(task, which)
-    desc = which.replace("_", " ")
-    crops = face_crops(paths, detector, crop_params, batch_size=cfg.batch_size, workers=cfg.workers, cache_dir=cache_dir, desc=desc)
-    views = tta_views(cfg.tta)
-    det_tag = detector.params.tag() if detector is not None else "no-detector"
-    cache = cache_dir / f"emb_{files_key(paths, '|'.join([det_tag, crop_params.tag(), embedder.tag, repr(views)]))}.npy"
-    if cache.is_file():
-        log.info("%s: %d embeddings from cache %s", desc, len(paths), cache.name)
-        emb = np.load(cache)
-    else:
-        emb = embed_crops(embedder, crops.pixels, views, device=device, batch_size=cfg.embed_batch_size, desc=f"{desc}: embedding x{len(views)} views")
-        atomic_save_npy(cache, emb)
-    counts = {"images": len(paths), "faces_found": len(paths) - crops.n_fallback, "fallback": crops.n_fallback}
-    return emb, counts
+def build_detector(cfg: Config, device: torch.device) -> FaceDetector | None:
+    """MTCNN with the configured canvas, thresholds and selection; None for --detector none."""
+    if cfg.detector == "mtcnn":
+        return FaceDetector(DetectorParams(cfg.detect_px, cfg.min_face_px, tuple(cfg.thresholds), cfg.face_select), device)
+    if cfg.detector == "none":
+        return None
+    raise KitError(f"--detector {cfg.detector!r}: choose mtcnn or none")
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -131,6 +121,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     t0 = time.time()
     run_name = cfg.run_name or cfg.embedder
     run_dir = cfg.runs / run_name
+    invalidate_run(run_dir)  # a killed or failed re-run must not leave the old run looking complete
     device = pick_device(cfg.device)
     seed_everything(cfg.seed)
 
@@ -138,33 +129,32 @@ def main(argv: Sequence[str] | None = None) -> int:
     task = prepare_task(cfg.data, cfg.runs, cfg.split_params())
     timings = {"prepare": time.time() - t0}
 
-    # models: detector, then the embedder (weights checked before any long work)
+    # models: the embedder (weights checked before any long work), then the detector
     embedder = build_embedder(cfg.embedder, cfg.weights, device, amp_dtype(device, cfg.amp))
-    crop_params = CropParams(
-        size_px=embedder.input_px, aligner=embedder.aligner, margin_px=cfg.margin_px,
-        align_eyes=cfg.align_eyes, shape_predictor=cfg.shape_predictor,
-    )
+    crop_params = CropParams(size_px=embedder.input_px, aligner=embedder.aligner, margin_px=cfg.margin_px,
+                             align_eyes=cfg.align_eyes, shape_predictor=cfg.shape_predictor)
     crop_params.check()
-    if cfg.detector == "mtcnn":
-        detector = FaceDetector(DetectorParams(cfg.detect_px, cfg.min_face_px, tuple(cfg.thresholds), cfg.face_select), device)
-    elif cfg.detector == "none":
-        detector = None
-    else:
-        raise KitError(f"--detector {cfg.detector!r}: choose mtcnn or none")
+    detector = build_detector(cfg, device)
+    views, cache_dir = tta_views(cfg.tta), cfg.runs / "face_cache"  # shared by every face run on this data
+    det_tag = detector.params.tag() if detector is not None else "no-detector"
+    faces: dict[str, dict[str, int]] = {}
 
-    # crops and embeddings of the four image sets
-    emb, faces = {}, {}
-    for which in SETS:
-        emb[which], faces[which] = embed_set(task, which, cfg, detector, crop_params, embedder, device, cfg.runs / "face_cache")
+    def embed_set(paths: Sequence[Path], desc: str) -> np.ndarray:
+        """Crops (cached), then every view's embedding (cached) of one image set; counts its fallbacks."""
+        crops = face_crops(paths, detector, crop_params, batch_size=cfg.detect_batch_size, workers=resolve_workers(cfg.workers), cache_dir=cache_dir, desc=desc)
+        faces[desc.replace(" ", "_")] = {"images": len(paths), "faces_found": len(paths) - crops.n_fallback, "fallback": crops.n_fallback}
+        key = files_key(paths, "|".join([det_tag, crop_params.tag(), embedder.tag, repr(views)]))
+        return cached(cache_dir / f"emb_{key}.npy", lambda: embed_arrays(
+            embedder, crops.pixels, views, device=device, out_px=embedder.input_px, batch_size=cfg.embed_batch_size,
+            desc=f"{desc}: embedding x{len(views)} views"), desc)
+
+    # crops and embeddings of the four image sets, then the two matrices
+    emb = embed_task(task, embed_set)
     timings["embed"] = time.time() - t0 - timings["prepare"]
     n_fb = sum(f["fallback"] for f in faces.values())
     log.info("no face found in %d of %d images (centre square used): %s", n_fb, sum(f["images"] for f in faces.values()),
              ", ".join(f"{k} {v['fallback']}/{v['images']}" for k, v in faces.items()))
-    sims = {
-        "val": cosine_similarity(emb["val_query"], emb["val_gallery"]),
-        "test": cosine_similarity(emb["test_query"], emb["test_gallery"]),
-    }
-    write_model_run(run_dir, run_name, config_to_dict(cfg), task, sims, timings, {"faces": faces, "tta_views": len(tta_views(cfg.tta))})
+    write_model_run(run_dir, run_name, config_to_dict(cfg), task, similarities(emb), timings, {"faces": faces, "tta_views": len(views)})
     return 0
 
 

@@ -1,4 +1,4 @@
-"""Turn a run's test matrix into top-10 lists and submit them.
+"""Turn a run's test matrix into top-10 lists and submit them; keep a ledger of every attempt.
 
     # check everything and write the body, no network:
     python submit.py --run runs/ensemble --group TEAM --dry-run
@@ -6,41 +6,46 @@
     python submit.py --run runs/ensemble --url http://HOST:PORT/ --group TEAM
     # earlier rounds' list form, plus an HTML page of the top-10s to look at:
     python submit.py --run runs/facenet --format list --data DATA --preview 30
+    # every attempt so far, numbered; send one again (a number from --history, or a file):
+    python submit.py --history
+    python submit.py --resend 3 --url http://HOST:PORT/
 
-Order of work: load and check the matrix -> top-10 per query -> validate
-(every query present, 10 distinct gallery names each; with --data, the names
-must be exactly the files of DATA/test/query and DATA/test/gallery) -> write
-the exact body to submissions/<timestamp>.json -> POST it with a timeout and
-retries (connection errors and 5xx; never 4xx) -> print the score and save the
-reply beside the body.
+Order of work: check the flags -> load and check the matrix -> top-10 per query
+-> validate (every query present, 10 distinct gallery names each; with --data,
+the names must be exactly the files of DATA/test/query and DATA/test/gallery)
+-> write the exact body to submissions/<timestamp>.json -> POST it (redirects
+are never followed; --timeout-s bounds each attempt to the last byte; retried
+only when it never reached the server or got a 5xx) -> print the score, save the
+reply beside the body, and append the attempt to submissions/ledger.jsonl.
 
 Exit codes: 0 submitted (or dry run), 2 bad input, 3 not submitted (the body is
-on disk; send it again later with --resend FILE).
+on disk; after a timeout the server may hold it: check the leaderboard, then
+send it again with --resend FILE or --resend N).
 """
 
 from __future__ import annotations
 
 import argparse
-import html
-import json
-import logging
-import os
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Sequence
 
-from rich.table import Table
-
-from utils.atomic import atomic_write_bytes, atomic_write_json
 from utils.config import add_config_args, config_from_args
-from utils.data.layout import load_layout
-from utils.errors import KitError, run_cli
-from utils.logs import console, setup_logging
-from utils.runs.similarity_io import load_run
-from utils.submission.lists import FORMATS, NotSubmitted, make_body, post, save_body, top_lists, validate_lists
+from utils.errors import run_cli
+from utils.logs import setup_logging
+from utils.submission.client import check_send_options
+from utils.submission.lists import FORMATS
+from utils.submission.stages import (
+    NOT_SUBMITTED,
+    body_from_run,
+    body_to_resend,
+    record_dry_run,
+    resolve_target,
+    send,
+    show_history,
+)
 
-log = logging.getLogger("submit")
-NOT_SUBMITTED = 3
+__all__ = ["NOT_SUBMITTED", "Config", "build_parser", "main"]
 
 
 @dataclass
@@ -49,13 +54,14 @@ class Config:
     url: str = field(default="", metadata={"help": "server URL (default: $COMPETITION_URL)"})
     group: str = field(default="", metadata={"help": "team name (default: $COMPETITION_GROUP)", "metavar": "NAME"})
     format: str = field(default="dict", metadata={"help": "body form: dict (current) or list (earlier rounds)", "choices": FORMATS})
-    out: Path = field(default=Path("submissions"), metadata={"help": "where bodies and replies are written", "metavar": "DIR"})
+    out: Path = field(default=Path("submissions"), metadata={"help": "where bodies, replies and ledger.jsonl are written", "metavar": "DIR"})
     data: str = field(default="", metadata={"help": "data folder: check names against test/query and test/gallery", "metavar": "DIR"})
     preview: int = field(default=0, metadata={"help": "write an HTML page of the first N queries' top-10 (needs --data)", "metavar": "N"})
-    resend: str = field(default="", metadata={"help": "POST an earlier saved body as it is (skips --run)", "metavar": "FILE"})
+    resend: str = field(default="", metadata={"help": "POST an earlier body as it is, checked first: a file, or an entry number from --history (skips --run)", "metavar": "FILE|N"})
+    history: bool = field(default=False, metadata={"help": "print the ledger of --out (every attempt, numbered) and stop"})
     dry_run: bool = field(default=False, metadata={"help": "validate and write the body, do not POST"})
-    timeout_s: float = field(default=30.0, metadata={"help": "seconds to wait for each answer"})
-    retries: int = field(default=3, metadata={"help": "extra attempts after connection errors or 5xx"})
+    timeout_s: float = field(default=30.0, metadata={"help": "seconds an attempt may take in all, connect to last byte of the answer"})
+    retries: int = field(default=3, metadata={"help": "extra attempts when the server was not reached or answered 5xx"})
     backoff_s: float = field(default=1.0, metadata={"help": "first wait between attempts; doubles each time"})
     verbose: bool = field(default=False, metadata={"help": "debug logging"})
 
@@ -66,90 +72,20 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def check_against_data(data: Path, query_names: list[str], gallery_names: list[str]) -> None:
-    """The run's names must be exactly the files in DATA/test/{query,gallery}."""
-    layout = load_layout(data)
-    for what, names, paths in (("query", query_names, layout.query), ("gallery", gallery_names, layout.gallery)):
-        on_disk = {p.name for p in paths}
-        if set(names) != on_disk:
-            missing, extra = sorted(on_disk - set(names))[:3], sorted(set(names) - on_disk)[:3]
-            raise KitError(
-                f"{data / 'test' / what}: the run's {what} names differ from the folder "
-                f"(not in run: {missing}, not on disk: {extra}); re-run the model on this data"
-            )
-
-
-def write_preview(path: Path, lists: dict[str, list[str]], data: Path, n: int) -> Path:
-    """An HTML page: each query photo followed by its top-10 gallery images."""
-    q_dir, g_dir = (data / "test" / "query").resolve(), (data / "test" / "gallery").resolve()
-    truth = load_layout(data).ground_truth or {}
-    rows = []
-    for q, names in list(lists.items())[:n]:
-        right = set(truth.get(q, []))
-        cells = "".join(
-            f'<td class="{"hit" if g in right else ""}"><img src="{html.escape((g_dir / g).as_uri())}"><br>{i + 1}. {html.escape(g)}</td>'
-            for i, g in enumerate(names)
-        )
-        rows.append(f'<tr><th><img src="{html.escape((q_dir / q).as_uri())}"><br>{html.escape(q)}</th>{cells}</tr>')
-    page = (
-        "<!doctype html><meta charset=utf-8><title>top-10 preview</title><style>"
-        "img{height:96px}td,th{font:11px sans-serif;padding:3px;text-align:center}"
-        "th{background:#eef}.hit{background:#9e9}</style>"
-        f"<p>First {len(rows)} queries; green = correct (when the data has a ground truth).</p>"
-        f"<table>{''.join(rows)}</table>"
-    )
-    return atomic_write_bytes(path, page.encode())
-
-
 def main(argv: Sequence[str] | None = None) -> int:
     cfg = config_from_args(Config, build_parser().parse_args(argv))
     setup_logging(cfg.verbose)
-    url = cfg.url or os.environ.get("COMPETITION_URL", "")
-    group = cfg.group or os.environ.get("COMPETITION_GROUP", "")
-
+    if cfg.history:
+        return show_history(cfg.out)
+    url, group = resolve_target(cfg.url, cfg.group, sending=not cfg.dry_run)
+    check_send_options(cfg.timeout_s, cfg.retries, cfg.backoff_s)
     if cfg.resend:
-        body_path = Path(cfg.resend)
-        try:
-            body = json.loads(body_path.read_text())
-        except (OSError, json.JSONDecodeError) as err:
-            raise KitError(f"{body_path}: cannot read a saved body ({err})") from None
+        body, body_path = body_to_resend(cfg.resend, cfg.out, cfg.data)
     else:
-        test = load_run(cfg.run, splits=("test",)).splits["test"]
-        if cfg.data:
-            check_against_data(Path(cfg.data), test.query_names, test.gallery_names)
-        lists = top_lists(test)
-        validate_lists(lists, test.query_names, test.gallery_names)
-        body = make_body(lists, group, cfg.format)
-        body_path = save_body(body, cfg.out)
-        log.info("wrote %s (%d queries, %s form)", body_path, len(lists), cfg.format)
-        if cfg.preview:
-            if not cfg.data:
-                raise KitError("--preview needs --data DIR to find the images")
-            page = write_preview(body_path.with_suffix(".html"), lists, Path(cfg.data), cfg.preview)
-            log.info("top-10 preview: %s", page)
-
+        body, body_path = body_from_run(cfg.run, cfg.data, group, cfg.format, cfg.out, cfg.preview)
     if cfg.dry_run:
-        console.print(f"dry run: body at {body_path}, nothing sent")
-        return 0
-    if not url:
-        raise KitError("no server URL: pass --url URL or set COMPETITION_URL (or use --dry-run)")
-    try:
-        reply = post(url, body, cfg.timeout_s, cfg.retries, cfg.backoff_s)
-    except NotSubmitted as err:
-        log.error("NOT SUBMITTED: %s; the body is saved at %s (send it with --resend %s)", err, body_path, body_path)
-        return NOT_SUBMITTED
-    atomic_write_json(body_path.with_suffix(".response.json"), reply)
-    table = Table(title="submitted")
-    table.add_column("key")
-    table.add_column("value", justify="right")
-    table.add_row("body", str(body_path))
-    table.add_row("server", url)
-    for key, val in reply.items():
-        table.add_row(str(key), f"{val:.4f}" if isinstance(val, float) else str(val))
-    console.print(table)
-    if "accuracy" in reply:
-        console.print(f"[bold green]score: {reply['accuracy']}[/]")
-    return 0
+        return record_dry_run(body_path, url, body["groupname"], cfg.out)
+    return send(body, body_path, url, cfg.out, cfg.timeout_s, cfg.retries, cfg.backoff_s)
 
 
 if __name__ == "__main__":

@@ -5,7 +5,7 @@ write its similarity matrices to runs/<run-name>/.
     # 1024-d head, ArcFace s=64 m=0.5 rad (28.6 deg), batch 32, 20 epochs
     python train_clip_arcface.py --data DATA
     # offline: the same weights from a local file (open_clip_pytorch_model.bin / .safetensors)
-    python train_clip_arcface.py --data DATA --weights /models/vit-l-14-openai.bin
+    python train_clip_arcface.py --data DATA --weights /models/vit-l-14-openai.bin --file-tag openai
     # the baseline any fine-tune must beat: frozen tower, no training (writes runs/clip_zeroshot/)
     python train_clip_arcface.py --data DATA --zero-shot
     # sub-centre ArcFace, a wider unfreeze with layer-wise decay, continue after a crash
@@ -16,13 +16,13 @@ write its similarity matrices to runs/<run-name>/.
     python train_clip_arcface.py --data DATA --full-train --run-name clip_arcface_full
 
 Stages: read data and the shared validation split -> build the image tower
-(open_clip name or config .json; hub tag, local weights or random) -> freeze
+(open_clip name or config .json; --weights hub tag, none or a local file) -> freeze
 it except its last --unfreeze blocks -> projection head (Linear-BN-GELU-Linear,
 no final ReLU) -> train with pml's ArcFace/SubCenterArcFace (float32) on
-M-per-class batches: AdamW with layer-wise learning rates (loss weights >=
-head > unfrozen blocks), warm-up + cosine, gradient clipping, mixed precision
-on GPU, last.pt/best.pt every epoch, early stopping on the validation score
--> embed validation and test images with open_clip's preprocessing and flip
+M-per-class batches with the shared loop (utils/training/loop.py): AdamW with
+layer-wise learning rates (loss weights >= head > unfrozen blocks), warm-up +
+cosine, gradient clipping, mixed precision on GPU, last.pt/best.pt every epoch,
+early stopping on the validation score -> embed validation and test images with open_clip's preprocessing and flip
 TTA, L2-normalise -> cosine similarity matrices + meta.json.
 """
 
@@ -35,31 +35,32 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Sequence
 
-import numpy as np
 import torch
 from torch import nn
 from torch.nn.parallel import DistributedDataParallel as DDP
 from torch.utils.data import DataLoader
 
-from utils.clip.models import ClipVisual, count_trainable, create_visual, freeze_frozen_batchnorm, unfreeze_last
+from utils.clip.models import ClipVisual, count_trainable, create_visual, freeze_frozen_batchnorm, is_weights_file, unfreeze_last
 from utils.config import RunConfig, add_config_args, config_from_args, config_to_dict
 from utils.data.augment import train_transform
-from utils.data.image_dataset import ImageDataset, log_unreadable
-from utils.data.task import Task, prepare_task
-from utils.device import amp_dtype
-from utils.embedding.embed import TTA_VIEWS, cosine_similarity, embed_images
+from utils.data.image_dataset import ImageDataset
+from utils.data.task import prepare_task
+from utils.device import amp_dtype, resolve_workers
+from utils.embedding.cache import files_key
+from utils.embedding.embed import embed_images
+from utils.embedding.step import embed_task, similarities, val_score
+from utils.embedding.views import TTA_GROUPS, PixelScale, tta_views
 from utils.errors import KitError, run_cli
 from utils.logs import setup_logging
-from utils.progress import ProgressBar
-from utils.runs.metrics import relevance_matrix, topk_scores
 from utils.runs.model_run import write_model_run
+from utils.runs.similarity_io import invalidate_run
 from utils.seed import seed_everything, worker_init
-from utils.training.checkpoint import file_sha, load_checkpoint, save_checkpoint
+from utils.training.checkpoint import file_sha
 from utils.training.class_sampler import MPerClassShardSampler
-from utils.training.distributed import DistInfo, barrier, broadcast, cleanup, init_distributed
+from utils.training.distributed import DistInfo, barrier, cleanup, init_distributed
+from utils.training.loop import LoopSettings, Trainer
 from utils.training.margin_loss import LOSS_KINDS, build_margin_loss
 from utils.training.projection_head import HEAD_KINDS, ProjectionHead
-from utils.training.schedule import warmup_cosine
 
 log = logging.getLogger("train_clip_arcface")
 
@@ -75,8 +76,8 @@ class Config(RunConfig):
     run_name: str = field(default=DEFAULT_RUN, metadata={"help": f"output folder under --runs ({ZERO_SHOT_RUN} for --zero-shot unless set)"})
     # backbone: any open_clip name (open_clip.list_models()) or a config .json; ViT-B-16 is ~4x cheaper
     model: str = field(default="ViT-L-14", metadata={"help": "open_clip model name or a model config .json file", "metavar": "NAME"})
-    pretrained: str = field(default="openai", metadata={"help": "open_clip weights tag, or 'none' for random init", "metavar": "TAG"})
-    weights: str = field(default="", metadata={"help": "local weights file (.pt/.bin/.safetensors) instead of the download; --pretrained still says what they are", "metavar": "PATH"})
+    weights: str = field(default="openai", metadata={"help": "backbone weights: an open_clip tag (hub), 'none' (random init) or a local .pt/.bin/.safetensors file", "metavar": "TAG|none|PATH"})
+    file_tag: str = field(default="openai", metadata={"help": "for a local --weights file: the open_clip tag it is a copy of (sets QuickGELU, mean/std)", "metavar": "TAG"})
     img_size: int = field(default=0, metadata={"help": "input side in pixels; 0 keeps the model's own"})
     unfreeze: int = field(default=4, metadata={"help": "train the last N blocks of the image tower (0: frozen, -1: all)", "metavar": "N"})
     # head and loss: the embedding the matrices use; subcenter copes better with noisy identities
@@ -103,12 +104,13 @@ class Config(RunConfig):
     eval_every: int = field(default=1, metadata={"help": "score validation every N epochs and keep best.pt (0: never)"})
     patience: int = field(default=5, metadata={"help": "stop after N validations without a better score (0: never)", "metavar": "N"})
     resume: bool = field(default=False, metadata={"help": "continue from <run>/last.pt"})
+    retrain: bool = field(default=False, metadata={"help": "train again even when last.pt holds a finished run with the same settings and training images"})
     full_train: bool = field(default=False, metadata={"help": "train on the validation identities too (final test run; uses the last epoch)"})
     # embedding
-    tta: list[str] = field(default_factory=lambda: ["id", "flip"], metadata={"help": f"test-time views, of {sorted(TTA_VIEWS)}"})
-    embed_batch_size: int = field(default=64, metadata={"help": "batch size for embedding"})
+    tta: list[str] = field(default_factory=lambda: ["flip"], metadata={"help": f"test-time view groups added to the identity, of {list(TTA_GROUPS)}; none: identity only"})
+    embed_batch_size: int = field(default=64, metadata={"help": "images per embedding batch"})
     amp: bool = field(default=True, metadata={"help": "mixed precision on GPU (bf16 where supported); the loss stays float32"})
-    workers: int = field(default=4, metadata={"help": "DataLoader worker processes"})
+    workers: int = field(default=-1, metadata={"help": "DataLoader worker processes (-1: half the usable cores, 1 to 8; 0: main process)"})
 # ----------------------------------------------------------------------------
 
 
@@ -116,19 +118,6 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     add_config_args(parser, Config)
     return parser
-
-
-class QuietBar:
-    """What ranks other than 0 draw instead of a progress bar: nothing."""
-
-    def __enter__(self) -> "QuietBar":
-        return self
-
-    def __exit__(self, *exc) -> None:
-        return None
-
-    def advance(self, n: int = 1, info: str | None = None) -> None:
-        return None
 
 
 class ClipEmbedder(nn.Module):
@@ -157,13 +146,15 @@ class MarginStep(nn.Module):
 
 def check_config(cfg: Config) -> None:
     """User mistakes that would otherwise fail deep inside torch."""
-    for name in ("epochs", "max_steps", "batch_size", "embed_dim", "eval_every", "patience", "img_size"):
+    for name in ("batch_size", "embed_dim", "img_size", "embed_batch_size", "workers"):
         if getattr(cfg, name) < 0:
             raise KitError(f"--{name.replace('_', '-')} {getattr(cfg, name)}: must be >= 0")
     if cfg.sub_centers < 1:
         raise KitError(f"--sub-centers {cfg.sub_centers}: must be >= 1")
     if cfg.layer_decay <= 0 or cfg.layer_decay > 1:
         raise KitError(f"--layer-decay {cfg.layer_decay}: must be in (0, 1]")
+    LoopSettings.from_config(cfg).check()
+    tta_views(cfg.tta)
 
 
 def param_groups(cfg: Config, backbone: list[list[nn.Parameter]], head: nn.Module, loss: nn.Module) -> list[dict[str, Any]]:
@@ -187,55 +178,34 @@ def param_groups(cfg: Config, backbone: list[list[nn.Parameter]], head: nn.Modul
 
 def weights_tag(cfg: Config, clip: ClipVisual) -> str:
     """Identifies the tower's starting weights for the embedding cache."""
-    tag = f"{clip.name}|{cfg.pretrained}|{clip.image_size}"
-    if cfg.weights:
+    tag = f"{clip.name}|{cfg.weights}|{clip.image_size}"
+    if is_weights_file(cfg.weights):
         st = Path(cfg.weights).stat()
-        tag += f"|{cfg.weights}:{st.st_size}:{st.st_mtime_ns}"
+        tag += f"|{cfg.file_tag}:{st.st_size}:{st.st_mtime_ns}"
     return tag
 
 
-def embed_splits(forward, task: Task, clip: ClipVisual, cfg: Config, device, amp, cache_dir: Path, tag: str) -> dict[str, np.ndarray]:
-    """Val and test matrices from L2-normalised, TTA-averaged embeddings (open_clip preprocessing)."""
-    emb = {}
-    for which in ("val_query", "val_gallery", "test_query", "test_gallery"):
-        emb[which] = embed_images(
-            forward, getattr(task, which), clip.eval_transform(), device=device, batch_size=cfg.embed_batch_size,
-            workers=cfg.workers, views=cfg.tta, amp=amp, desc=which.replace("_", " "), cache_dir=cache_dir, cache_tag=tag,
-        )
-    return {
-        "val": cosine_similarity(emb["val_query"], emb["val_gallery"]),
-        "test": cosine_similarity(emb["test_query"], emb["test_gallery"]),
-    }
+def embedder_for(forward: nn.Module, clip: ClipVisual, cfg: Config, device, amp, run_dir: Path):
+    """``embed(paths, desc, views, cache_tag)`` with open_clip's preprocessing; identity view, no cache by default."""
+    scale = PixelScale(tuple(clip.preprocess["mean"]), tuple(clip.preprocess["std"]))
+
+    def embed(paths, desc, views=None, cache_tag=None):
+        return embed_images(forward.eval(), paths, clip.eval_transform(), device=device, views=views or tta_views([]),
+                            batch_size=cfg.embed_batch_size, workers=resolve_workers(cfg.workers), amp=amp, scale=scale, desc=desc,
+                            stack_views=True,
+                            cache_dir=run_dir / "cache" if cache_tag else None, cache_tag=cache_tag or "")
+    return embed
 
 
-def val_score(forward, task: Task, clip: ClipVisual, cfg: Config, device, amp) -> float:
-    """Competition score on the validation split (no TTA, no cache)."""
-    kw = dict(device=device, batch_size=cfg.embed_batch_size, workers=cfg.workers, amp=amp)
-    q = embed_images(forward, task.val_query, clip.eval_transform(), desc="val queries", **kw)
-    g = embed_images(forward, task.val_gallery, clip.eval_transform(), desc="val gallery", **kw)
-    rel = relevance_matrix(task.names("val_query"), task.names("val_gallery"), task.relevant("val"))
-    return topk_scores(cosine_similarity(q, g), rel)["score"]
-
-
-def run_zero_shot(cfg: Config, task: Task, clip: ClipVisual, device, amp, run_dir: Path, timings: dict[str, float]) -> int:
+def run_zero_shot(cfg: Config, task, clip: ClipVisual, device, amp, run_dir: Path, timings: dict[str, float]) -> int:
     """Embed with the frozen tower (no head, no training): the baseline a fine-tune must beat."""
     t0 = time.time()
-    clip.visual.to(device).eval()
-    sims = embed_splits(clip.visual, task, clip, cfg, device, amp, run_dir / "cache", weights_tag(cfg, clip) + "|zero-shot")
+    clip.visual.to(device)
+    embed = embedder_for(clip.visual, clip, cfg, device, amp, run_dir)
+    emb = embed_task(task, lambda paths, desc: embed(paths, desc, tta_views(cfg.tta), weights_tag(cfg, clip) + "|zero-shot"))
     timings["embed"] = time.time() - t0
-    write_model_run(run_dir, run_dir.name, config_to_dict(cfg), task, sims, timings, {"zero_shot": True, "quick_gelu": clip.quick_gelu})
+    write_model_run(run_dir, run_dir.name, config_to_dict(cfg), task, similarities(emb), timings, {"zero_shot": True, "quick_gelu": clip.quick_gelu})
     return 0
-
-
-def resume_state(path: Path, cfg: Config, task: Task, device) -> dict[str, Any]:
-    """last.pt, checked against this run's model, head, loss and identities."""
-    ckpt = load_checkpoint(path, device)
-    keys = ("model", "pretrained", "weights", "unfreeze", "embed_dim", "head", "loss", "sub_centers", "img_size")
-    diff = [k for k in keys if ckpt["config"].get(k) != getattr(cfg, k)]
-    if diff or ckpt["classes"] != task.classes:
-        what = ", ".join(f"--{k.replace('_', '-')}" for k in diff) or "the training identities"
-        raise KitError(f"{path}: made with other {what}; use the same flags or drop --resume")
-    return ckpt
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -256,7 +226,10 @@ def train_and_embed(cfg: Config, dist_info: DistInfo, device: torch.device) -> i
     t0 = time.time()
     zero_shot = cfg.zero_shot or cfg.epochs == 0
     run_dir = cfg.runs / (ZERO_SHOT_RUN if zero_shot and cfg.run_name == DEFAULT_RUN else cfg.run_name)
+    if master:
+        invalidate_run(run_dir)  # a killed or failed re-run must not leave the old run looking complete
     amp = amp_dtype(device, cfg.amp)
+    views = tta_views(cfg.tta)
     seed_everything(cfg.seed)
 
     # data and the shared validation split (rank 0 writes runs/split.json first)
@@ -265,8 +238,8 @@ def train_and_embed(cfg: Config, dist_info: DistInfo, device: torch.device) -> i
     task = task or prepare_task(cfg.data, cfg.runs, cfg.split_params(), cfg.full_train)
     timings = {"prepare": time.time() - t0}
 
-    # image tower; zero-shot stops here
-    clip = create_visual(cfg.model, cfg.pretrained, cfg.weights, cfg.img_size)
+    # image tower; zero-shot embeds it as it is (the baseline a fine-tune must beat)
+    clip = create_visual(cfg.model, cfg.weights, cfg.file_tag, cfg.img_size)
     if zero_shot:
         return run_zero_shot(cfg, task, clip, device, amp, run_dir, timings) if master else 0
 
@@ -276,122 +249,50 @@ def train_and_embed(cfg: Config, dist_info: DistInfo, device: torch.device) -> i
     loss_fn = build_margin_loss(cfg.loss, len(task.classes), cfg.embed_dim, cfg.margin_deg, cfg.scale, cfg.sub_centers)
     embedder = ClipEmbedder(clip.visual, head)
     step_module = MarginStep(embedder, loss_fn).to(device)
-    log.info(
-        "%s (%s, quick_gelu=%s): %d trainable tower parameters in the last %s blocks, head %d, loss %d",
-        clip.name, cfg.pretrained, clip.quick_gelu, count_trainable(clip.visual), cfg.unfreeze,
-        count_trainable(head), count_trainable(loss_fn),
-    )
+    log.info("%s (%s, quick_gelu=%s): %d trainable tower parameters in the last %s blocks, head %d, loss %d", clip.name, cfg.weights,
+             clip.quick_gelu, count_trainable(clip.visual), cfg.unfreeze, count_trainable(head), count_trainable(loss_fn))
     optimizer = torch.optim.AdamW(param_groups(cfg, backbone_groups, head, loss_fn))
-    base_lrs = [g["lr"] for g in optimizer.param_groups]
-    scaler = torch.amp.GradScaler("cuda", enabled=amp == torch.float16)
-    start_epoch, best_score, bad_evals, history = 0, -1.0, 0, []
-    if cfg.resume:
-        ckpt = resume_state(run_dir / "last.pt", cfg, task, device)
-        clip.visual.load_state_dict(ckpt["model"])
-        head.load_state_dict(ckpt["head"])
-        loss_fn.load_state_dict(ckpt["loss"])
-        optimizer.load_state_dict(ckpt["optimizer"])
-        scaler.load_state_dict(ckpt["scaler"])
-        start_epoch, best_score, bad_evals, history = ckpt["epoch"] + 1, ckpt["best_score"], ckpt["bad_evals"], ckpt["history"]
-        log.info("resumed from %s at epoch %d", run_dir / "last.pt", start_epoch + 1)
     if dist_info.ddp and device.type == "cuda":
         step_module = nn.SyncBatchNorm.convert_sync_batchnorm(step_module)
-    trainer = DDP(step_module, device_ids=[device.index] if device.type == "cuda" else None) if dist_info.ddp else step_module
+    trainer_module = DDP(step_module, device_ids=[device.index] if device.type == "cuda" else None) if dist_info.ddp else step_module
+    embed = embedder_for(embedder, clip, cfg, device, amp, run_dir)
+    trainer = Trainer(
+        LoopSettings.from_config(cfg), run_dir=run_dir, modules={"model": clip.visual, "head": head, "loss": loss_fn},
+        step_module=trainer_module, optimizer=optimizer, device=device, amp=amp, config=config_to_dict(cfg), classes=task.classes,
+        resume_keys=("model", "weights", "unfreeze", "embed_dim", "head", "loss", "sub_centers", "img_size"),
+        evaluate=lambda: val_score(task, embed), dist_info=dist_info, min_batch=2, data_key=files_key(task.train_paths, "train"),
+    )
 
     # data: M images per identity in each batch, each rank its share
     mean, std = clip.preprocess["mean"], clip.preprocess["std"]
     train_set = ImageDataset(task.train_paths, train_transform(clip.image_size, mean, std, cfg.aug_strength), task.train_labels, seed=cfg.seed)
     sampler = MPerClassShardSampler(task.train_labels, cfg.m_per_class, cfg.batch_size, dist_info.world_size, dist_info.rank, seed=cfg.seed)
-    loader = DataLoader(
-        train_set, batch_size=cfg.batch_size, sampler=sampler, drop_last=True, num_workers=cfg.workers,
-        worker_init_fn=worker_init, pin_memory=device.type == "cuda",
-    )
-    steps_per_epoch = len(loader)
-    total_steps = cfg.epochs * steps_per_epoch if not cfg.max_steps else min(cfg.max_steps, cfg.epochs * steps_per_epoch)
-    warmup_steps = max(1, int(cfg.warmup_epochs * steps_per_epoch))
-    trainable = [p for p in step_module.parameters() if p.requires_grad]
-    step = start_epoch * steps_per_epoch
-    skipped: set[str] = set()
-    for epoch in range(start_epoch, cfg.epochs):
-        if step >= total_steps:
-            break
-        trainer.train()
+    loader = DataLoader(train_set, batch_size=cfg.batch_size, sampler=sampler, drop_last=True, num_workers=resolve_workers(cfg.workers),
+                        worker_init_fn=worker_init, pin_memory=device.type == "cuda")
+
+    def on_epoch(epoch: int) -> None:
         freeze_frozen_batchnorm(clip.visual)
         train_set.epoch = epoch
         sampler.set_epoch(epoch)
-        losses = []
-        bar_or_quiet = ProgressBar(f"epoch {epoch + 1}/{cfg.epochs}", min(steps_per_epoch, total_steps - step)) if master else QuietBar()
-        with bar_or_quiet as bar:
-            for x, y, ok, err in loader:
-                if step >= total_steps:
-                    break
-                log_unreadable(ok, err, skipped)
-                if int(ok.sum()) < 2 and not dist_info.ddp:  # BatchNorm needs 2; under DDP every rank must step
-                    continue
-                x, y = x[ok].to(device, non_blocking=True), y[ok].to(device, non_blocking=True)
-                for g, base in zip(optimizer.param_groups, base_lrs):
-                    g["lr"] = base * warmup_cosine(step, total_steps, warmup_steps)
-                with torch.autocast(device.type, dtype=amp, enabled=amp is not None):
-                    loss = trainer(x, y)
-                if not torch.isfinite(loss):
-                    raise KitError(f"loss is {loss.item()} at step {step}; lower --lr/--head-lr or --scale, or use --no-amp")
-                optimizer.zero_grad(set_to_none=True)
-                scaler.scale(loss).backward()
-                if cfg.grad_clip:
-                    scaler.unscale_(optimizer)
-                    nn.utils.clip_grad_norm_(trainable, cfg.grad_clip)
-                scaler.step(optimizer)
-                scaler.update()
-                losses.append(loss.item())
-                step += 1
-                bar.advance(info=f"loss {np.mean(losses[-20:]):.3f}")
 
-        # validation, checkpoints and early stopping (rank 0 decides, every rank follows)
-        record: dict[str, float] = {"epoch": epoch + 1, "loss": float(np.mean(losses)) if losses else float("nan")}
-        stop = False
-        if master:
-            if cfg.eval_every and ((epoch + 1) % cfg.eval_every == 0 or epoch + 1 == cfg.epochs):
-                embedder.eval()
-                record["val_score"] = val_score(embedder, task, clip, cfg, device, amp)
-            history.append(record)
-            log.info("epoch %d: %s", epoch + 1, ", ".join(f"{k} {v:.4g}" for k, v in record.items() if k != "epoch"))
-            improved = record.get("val_score", -1.0) > best_score
-            if "val_score" in record:
-                best_score, bad_evals = (record["val_score"], 0) if improved else (best_score, bad_evals + 1)
-            state = dict(
-                model=clip.visual.state_dict(), head=head.state_dict(), loss=loss_fn.state_dict(),
-                optimizer=optimizer.state_dict(), scaler=scaler.state_dict(), epoch=epoch, step=step,
-                best_score=best_score, bad_evals=bad_evals, history=history, config=config_to_dict(cfg), classes=task.classes,
-            )
-            if improved:  # best.pt first: a crash in between never leaves last.pt claiming a better best.pt
-                save_checkpoint(run_dir / "best.pt", **state)
-            save_checkpoint(run_dir / "last.pt", **state)
-            if cfg.patience and bad_evals >= cfg.patience and not cfg.full_train:
-                log.info("no better validation score for %d evaluations: stopping early", bad_evals)
-                stop = True
-        if broadcast(dist_info, stop):
-            break
+    trainer.fit(loader, on_epoch)
     timings["train"] = time.time() - t0 - timings["prepare"]
     if not master:
         return 0
 
-    # embed with the best checkpoint by validation score (the last with --full-train)
-    use_best = not cfg.full_train and best_score > -1 and (run_dir / "best.pt").is_file()  # never a stale best.pt
-    final = run_dir / ("best.pt" if use_best else "last.pt")
+    # embed with the checkpoint the loop picked (best by validation; last with --full-train)
+    final = trainer.final_checkpoint()
     tag = weights_tag(cfg, clip) + f"|{cfg.head}|{cfg.embed_dim}"
-    if final.is_file():
-        ckpt = load_checkpoint(final, device)
-        clip.visual.load_state_dict(ckpt["model"])
-        head.load_state_dict(ckpt["head"])
+    if final is not None:
+        trainer.restore(final)
         tag += "|" + file_sha(final)
         log.info("embedding with %s", final)
-    embedder.eval()
     t1 = time.time()
-    sims = embed_splits(embedder, task, clip, cfg, device, amp, run_dir / "cache", tag)
+    emb = embed_task(task, lambda paths, desc: embed(paths, desc, views, tag))
     timings["embed"] = time.time() - t1
-    extra = {"history": history, "checkpoint": str(final) if final.is_file() else None, "quick_gelu": clip.quick_gelu,
+    extra = {"history": trainer.state.history, "checkpoint": str(final) if final else None, "quick_gelu": clip.quick_gelu,
              "world_size": dist_info.world_size}
-    write_model_run(run_dir, run_dir.name, config_to_dict(cfg), task, sims, timings, extra)
+    write_model_run(run_dir, run_dir.name, config_to_dict(cfg), task, similarities(emb), timings, extra)
     return 0
 
 

@@ -47,11 +47,12 @@ sys.path.insert(0, str(ROOT))
 import ensemble  # noqa: E402
 import infer_facenet  # noqa: E402
 from utils.atomic import atomic_write_bytes  # noqa: E402
+from utils.embedding.embed import embed_arrays  # noqa: E402
 from utils.embedding.views import tta_views  # noqa: E402
 from utils.errors import KitError, run_cli  # noqa: E402
 from utils.faces.crop import CropParams, face_crops  # noqa: E402
 from utils.faces.detect import DetectorParams, FaceDetector  # noqa: E402
-from utils.faces.embedder import build_embedder, embed_crops  # noqa: E402
+from utils.faces.embedder import build_embedder  # noqa: E402
 from utils.logs import console, setup_logging  # noqa: E402
 
 ORL = ROOT.parent / "shared" / "data" / "orl_faces"
@@ -207,8 +208,8 @@ def speed(data: Path, facenet_weights: str, n_images: int) -> list[tuple[str, fl
         crops = face_crops(paths, det, CropParams(size_px=emb.input_px, aligner=emb.aligner), workers=0).pixels
         views = tta_views([])
         rows.append((f"{name} embedding (1 view)", *images_per_s(
-            lambda: embed_crops(emb, crops, views, device=cpu, batch_size=32),  # noqa: B023
-            lambda: embed_crops(emb, crops, views, device=cpu, batch_size=1),  # noqa: B023
+            lambda: embed_arrays(emb, crops, views, device=cpu, out_px=emb.input_px, batch_size=32),  # noqa: B023
+            lambda: embed_arrays(emb, crops, views, device=cpu, out_px=emb.input_px, batch_size=1),  # noqa: B023
             len(paths))))
     return rows
 

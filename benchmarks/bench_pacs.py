@@ -145,7 +145,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     config = args.out / "configs" / "pacs-vit.json"
     atomic_write_json(config, BENCH_VIT)
     split = ["--seed", str(args.seed), "--val-fraction", str(args.val_fraction), "--query-domain", QUERY_DOMAIN, "--workers", "1"]
-    clip = ["--data", str(data), "--runs", str(runs), "--model", str(config), "--pretrained", "none", *split,
+    clip = ["--data", str(data), "--runs", str(runs), "--model", str(config), "--weights", "none", *split,
             "--embed-dim", "256", "--batch-size", "24", "--m-per-class", "8", "--unfreeze", "-1", "--lr", "5e-4",
             "--scale", "16", "--margin-deg", "15", "--patience", "0", "--embed-batch-size", "128"]
     train_clip_arcface.main([*clip, "--zero-shot"])

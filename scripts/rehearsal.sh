@@ -3,7 +3,8 @@
 #   setup .venv -> generate data -> train_resnet.py -> ensemble.py
 #   -> local competition server -> submit.py -> the server's score.
 # Everything goes under rehearsal/ (data, runs, submissions); run it again and the
-# data is reused, the model retrained. Extra arguments go to train_resnet.py.
+# data, the finished training (same settings, same files) and the embeddings are reused
+# from their caches. Extra arguments go to train_resnet.py (--retrain trains again).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 bash scripts/setup.sh

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import importlib
 import re
 
@@ -10,7 +11,7 @@ import pytest
 
 from tests.conftest import ROOT
 
-SCRIPTS = sorted(p.stem for p in ROOT.glob("*.py") if (p.stem.startswith(("train_", "infer_")) or p.stem in ("ensemble", "submit")))
+SCRIPTS = sorted(p.stem for p in ROOT.glob("*.py") if (p.stem.startswith(("train_", "infer_")) or p.stem in ("ensemble", "submit", "visualize", "preflight")))
 MODULES = ["utils.submission.server", "utils.data.rehearsal_data"]
 
 
@@ -28,10 +29,53 @@ def test_script_shape_and_every_option_is_used(name):
     parser = mod.build_parser()
     dests = [a.dest for a in parser._actions if not isinstance(a, argparse._HelpAction)]
     via_split = {"seed", "val_fraction", "query_domain"} if "cfg.split_params()" in source else set()
+    if "LoopSettings.from_config(cfg)" in source:  # the shared loop reads its own flags off the config
+        from utils.training.loop import LoopSettings
+
+        via_split |= {f.name for f in dataclasses.fields(LoopSettings)}
     unused = [d for d in dests if d not in via_split and not re.search(rf"\b(cfg|args|config)\.{d}\b", source)]
     assert not unused, f"{name}: options never read: {unused}"
-    helptext = parser.format_help()
-    assert "default" in helptext
+    for action in parser._actions:  # every option with a value says its default in --help
+        if action.option_strings and not isinstance(action, argparse._HelpAction) and action.default is not None:
+            assert "(default:" in (action.help or ""), f"{name}: {action.option_strings[0]} does not show its default"
+
+
+def _options(name: str) -> dict[str, argparse.Action]:
+    parser = importlib.import_module(name).build_parser()
+    return {s: a for a in parser._actions for s in a.option_strings}
+
+
+@pytest.mark.parametrize("name", SCRIPTS)
+def test_one_flag_name_one_meaning(name):
+    """--weights is the backbone's weights, --tta one grammar, batch sizes say what they batch."""
+    from utils.embedding.views import TTA_GROUPS
+
+    opts = _options(name)
+    if "--weights" in opts:
+        assert opts["--weights"].metavar == "TAG|none|PATH", f"{name}: --weights must be a tag, none or a file"
+        assert opts["--weights"].nargs is None
+    if "--tta" in opts:
+        assert opts["--tta"].nargs == "*" and set(opts["--tta"].default) <= set(TTA_GROUPS)
+        assert "identity" in opts["--tta"].help
+    if "--batch-size" in opts:
+        assert name.startswith("train_"), f"{name}: --batch-size means the training batch; name what it batches"
+    if "--seed" in opts and name not in ("ensemble", "submit"):
+        assert "split" in opts["--seed"].help
+
+
+def test_readme_flags_exist_in_their_scripts():
+    """Every --flag the README shows on a `python SCRIPT.py` line is an option of that script."""
+    readme = (ROOT / "README.md").read_text()
+    bad = []
+    for line in readme.splitlines():
+        m = re.search(r"python (?:-m )?(\w+)\.py\b(.*)", line)
+        if not m or m.group(1) not in SCRIPTS:
+            continue
+        opts = _options(m.group(1))
+        for flag in re.findall(r"(?<![\w-])(--[a-z][a-z0-9-]*)", m.group(2)):
+            if flag not in opts and flag not in ("--help",):
+                bad.append(f"{m.group(1)}.py {flag}")
+    assert not bad, f"README flags the scripts do not have: {bad}"
 
 
 @pytest.mark.parametrize("name", SCRIPTS)

@@ -53,6 +53,49 @@ def test_vectorised_scores_equal_the_loop(fusion, top_m):
         assert scorer.fallback_pairs > 0  # the full-row path was exercised too
 
 
+def uneven_case(seed: int, n_id: int = 40) -> np.ndarray:
+    """Relevance with 1 to 12 right answers per query (one identity holds 12 gallery images), 1-2 queries per identity."""
+    rng = np.random.default_rng(seed)
+    per_gallery = rng.integers(1, 13, n_id)
+    per_gallery[0] = 12
+    g_ident = np.repeat(np.arange(n_id), per_gallery)
+    q_ident = np.repeat(np.arange(n_id), rng.integers(1, 3, n_id))
+    return q_ident[rng.permutation(len(q_ident))][:, None] == g_ident[rng.permutation(len(g_ident))][None, :]
+
+
+@pytest.mark.parametrize("seed", range(4))
+@pytest.mark.parametrize("top_m", [10, 50])
+def test_vectorised_scores_equal_the_loop_with_uneven_right_answers(seed, top_m):
+    # issue 9, defect 2: right-answer columns are padded to the widest query, so a query with fewer
+    # right answers lost its highest-index other columns and ranked better than true
+    rel = uneven_case(seed)
+    n_rel = rel.sum(axis=1)
+    assert n_rel.min() == 1 and n_rel.max() == 12
+    rng = np.random.default_rng(100 + seed)
+    shared = rng.standard_normal(rel.shape)
+    mats = [transform((s * rel + shared + rng.standard_normal(rel.shape)).astype(np.float32), "zscore") for s in (1.0, 0.7, 0.5)]
+    weights = np.vstack([simplex_grid(3, 0.1), rng.dirichlet(np.ones(3), 30)]).astype(np.float32)
+    fast = CandidateScorer(mats, rel, top_m=top_m).first_hit(weights)
+    slow = loop_first_hit(mats, rel, weights)
+    for i in range(len(weights)):  # every candidate, not only the chosen one
+        np.testing.assert_array_equal(fast[i], slow[i], err_msg=f"candidate {weights[i]}")
+    # the same from the raw matrices, transformed a few rows at a time as they are read (what ensemble.py does)
+    raw = [transform(m, "minmax") * 7 - 2 for m in mats]  # z-scoring a min-max map of a z-score gives it back, up to rounding
+    lazy = CandidateScorer(raw, rel, top_m=top_m, fusion="zscore", chunk_elems=3 * rel.shape[1] * 7)
+    np.testing.assert_array_equal(lazy.first_hit(weights), loop_first_hit([transform(m, "zscore") for m in raw], rel, weights))
+
+
+def test_all_zero_weights_rank_like_the_loop():
+    # every column ties at 0 and the lower column wins; the kept set had pruned the columns the
+    # right answer beats in every model, so the scorer said rank 0 where the loop says 5
+    m = np.zeros((1, 12), np.float32)
+    m[0, 5] = 1.0
+    rel = m > 0
+    w = np.array([[0.0, 0.0], [1.0, 0.0]], np.float32)
+    for top_m in (3, 50):
+        assert CandidateScorer([m, m], rel, top_m=top_m).first_hit(w).tolist() == [[5], [0]] == loop_first_hit([m, m], rel, w).tolist()
+
+
 def test_search_finds_planted_weights():
     rng = np.random.default_rng(0)
     rel = identity_case(150)
@@ -86,6 +129,70 @@ def test_fusion_transforms():
     assert z.mean() == pytest.approx(0, abs=1e-6) and z.std() == pytest.approx(1, abs=1e-5)
     with pytest.raises(KitError, match="--fusion 'bogus'"):
         fuse([sim], np.ones(1), "bogus")
+
+
+def reference_transform(sim: np.ndarray, fusion: str) -> np.ndarray:
+    """The whole-matrix formulas (as before the chunked, in-place code)."""
+    sim = np.asarray(sim, dtype=np.float32)
+    if fusion == "zscore":
+        std = sim.std(axis=1, keepdims=True)
+        return ((sim - sim.mean(axis=1, keepdims=True)) / np.where(std > 0, std, 1.0)).astype(np.float32)
+    if fusion == "minmax":
+        lo = sim.min(axis=1, keepdims=True)
+        span = sim.max(axis=1, keepdims=True) - lo
+        return ((sim - lo) / np.where(span > 0, span, 1.0)).astype(np.float32)
+    ranks = np.argsort(np.argsort(-sim, axis=1, kind="stable"), axis=1, kind="stable")
+    if fusion == "rank":
+        return (1.0 - ranks / max(sim.shape[1] - 1, 1)).astype(np.float32)
+    return (1.0 / (61.0 + ranks)).astype(np.float32)
+
+
+@pytest.mark.parametrize("fusion", ["zscore", "minmax", "rank", "rrf"])
+def test_chunked_in_place_fusion_is_byte_identical_to_the_whole_matrix_formulas(fusion, monkeypatch):
+    import utils.ensemble.fusion as fusion_mod
+
+    rng = np.random.default_rng(5)
+    sims = [rng.standard_normal((37, 23)).astype(np.float32), np.round(3 * rng.standard_normal((37, 23))).astype(np.float32),
+            rng.standard_normal((37, 23))]  # float64 member: rounded to float32 first, as before
+    w = np.array([0.5, 0.3, 0.2], np.float32)
+    expect_t = [reference_transform(s, fusion) for s in sims]
+    expect = w[0] * expect_t[0] + w[1] * expect_t[1] + w[2] * expect_t[2]
+    for chunk in (1, 23 * 5, 1 << 22):  # one row, a few rows, everything at once
+        monkeypatch.setattr(fusion_mod, "CHUNK_ELEMS", chunk)
+        assert fuse(sims, w, fusion).tobytes() == expect.tobytes()
+        assert transform(sims[1], fusion).tobytes() == expect_t[1].tobytes()
+        assert weighted_sum(expect_t, w).tobytes() == expect.tobytes()
+        inplace = sims[0].copy()
+        assert transform(inplace, fusion, out=inplace) is inplace and inplace.tobytes() == expect_t[0].tobytes()
+
+
+def test_fusing_and_scoring_hold_no_full_matrix_per_model(monkeypatch):
+    # issue 11: fuse() and the weight scorer's set-up used to hold a transformed copy of every model
+    # (plus a stack of them all); now the result is the only full-size allocation
+    import tracemalloc
+
+    import utils.ensemble.fusion as fusion_mod
+
+    monkeypatch.setattr(fusion_mod, "CHUNK_ELEMS", 600 * 16)
+    rng = np.random.default_rng(0)
+    rel = identity_case(300)
+    mats = [(rel + rng.standard_normal(rel.shape)).astype(np.float32) for _ in range(3)]
+    size = mats[0].nbytes
+    w = np.array([0.5, 0.3, 0.2], np.float32)
+    for fusion in ("zscore", "rank"):
+        tracemalloc.start()
+        fused = fuse(mats, w, fusion)
+        peak = tracemalloc.get_traced_memory()[1]
+        tracemalloc.stop()
+        assert peak < 1.3 * size, f"{fusion}: fuse peaked at {peak / size:.2f} matrices"
+        tracemalloc.start()
+        scorer = CandidateScorer(mats, rel, top_m=10, fusion=fusion, chunk_elems=3 * 600 * 16)
+        ranks = scorer.first_hit(simplex_grid(3, 0.25))
+        peak = tracemalloc.get_traced_memory()[1]
+        tracemalloc.stop()
+        assert peak < 0.8 * size, f"{fusion}: the scorer peaked at {peak / size:.2f} matrices"
+        np.testing.assert_array_equal(ranks, loop_first_hit([transform(m, fusion) for m in mats], rel, simplex_grid(3, 0.25)))
+        np.testing.assert_array_equal(fused, weighted_sum([transform(m, fusion) for m in mats], w))
 
 
 # ---------------------------------------------------------------- re-ranking on hand-made cases
@@ -142,7 +249,19 @@ def test_two_way_normalisation_recovers_a_permutation(method):
 def test_rerank_refuses_conflicting_steps():
     with pytest.raises(KitError, match="pick one"):
         rerank(block_case(), RerankParams(steps=("dual_softmax", "sinkhorn")))
-    assert rerank(block_case(), RerankParams()) is not None
+    with pytest.raises(KitError, match="step\\(s\\) \\['bogus'\\]: unknown"):
+        rerank(block_case(), RerankParams(steps=("bogus",)))
+
+
+def test_rerank_without_steps_is_the_identity_and_steps_run_in_a_fixed_order():
+    s = block_case()
+    np.testing.assert_array_equal(rerank(s, RerankParams()), s)
+    # the order given does not matter: dba then qe, always (STEPS order)
+    _, gg = profile_similarity(s)
+    expect = query_expansion(database_augmentation(s, gg, 2, 3.0), gg, 2, 3.0)
+    for steps in (("dba", "qe"), ("qe", "dba")):
+        np.testing.assert_allclose(rerank(s, RerankParams(steps=steps)), expect, rtol=1e-6, atol=1e-6)
+    assert not np.allclose(expect, s)
 
 
 # ---------------------------------------------------------------- main() on run folders
@@ -185,6 +304,19 @@ def test_main_end_to_end_two_runs(tmp_path):
     np.testing.assert_array_equal(load_run(runs / "ensemble").splits["test"].sim, out.splits["test"].sim)
 
 
+def test_main_fixed_fusion_weights_and_search_seed(tmp_path):
+    runs, _ = write_runs(tmp_path)
+    out = tmp_path / "fixed"
+    assert ensemble.main(["--runs", str(runs), "--fusion-weights", "0.25", "0.75", "--search-seed", "3", "--fusion", "rank",
+                          "--bootstrap", "10", "--out", str(out), "--no-plot"]) == 0
+    fused = load_run(out)
+    assert json.loads((out / "weights.json").read_text())["weights"] == [0.25, 0.75]
+    assert fused.meta["config"]["fusion_weights"] == [0.25, 0.75] and fused.meta["config"]["search_seed"] == 3
+    a, b = load_run(runs / "a"), load_run(runs / "b")
+    expect = fuse([a.splits["test"].sim, b.splits["test"].sim], np.array([0.25, 0.75], np.float32), "rank")
+    np.testing.assert_array_equal(fused.splits["test"].sim, expect)
+
+
 def test_main_auto_records_its_choice(tmp_path):
     runs, data = write_runs(tmp_path)
     out = tmp_path / "fused"
@@ -221,21 +353,25 @@ def test_nan_matrix_is_refused_naming_the_file(tmp_path):
     sim = np.load(runs / "b" / "val_sim.npy")
     sim[3, 4] = np.nan
     np.save(runs / "b" / "val_sim.npy", sim)
-    with pytest.raises(KitError, match=r"b/val_sim\.npy: 1 NaN"):
-        ensemble.main(["--runs", str(runs)])
+    with pytest.raises(KitError, match=r"b/val_sim\.npy: does not match the sha256"):
+        ensemble.main(["--runs", str(runs), "--models", "a", "b"])
 
 
 def test_shape_mismatch_is_refused_naming_the_file(tmp_path):
     runs, _ = write_runs(tmp_path)
     np.save(runs / "a" / "test_sim.npy", np.zeros((5, 7), np.float32))
-    with pytest.raises(KitError, match=r"a/test_sim\.npy: shape \(5, 7\) does not match"):
-        ensemble.main(["--runs", str(runs)])
+    with pytest.raises(KitError, match=r"a/test_sim\.npy: does not match the sha256"):
+        ensemble.main(["--runs", str(runs), "--models", "a", "b"])
 
 
 def test_bad_flags_are_refused(tmp_path):
     runs, _ = write_runs(tmp_path)
-    with pytest.raises(KitError, match="--weights: 3 values for 2 models"):
-        ensemble.main(["--runs", str(runs), "--weights", "0.2", "0.3", "0.5"])
+    with pytest.raises(KitError, match="--fusion-weights: 3 values for 2 models"):
+        ensemble.main(["--runs", str(runs), "--fusion-weights", "0.2", "0.3", "0.5"])
+    with pytest.raises(KitError, match=r"--fusion-weights \[0.0, 0.0\]: must be non-negative with a positive sum"):
+        ensemble.main(["--runs", str(runs), "--fusion-weights", "0", "0"])
+    with pytest.raises(SystemExit):  # the old names are gone: --weights means backbone weights in the model scripts
+        ensemble.main(["--runs", str(runs), "--weights", "0.5", "0.5"])
     with pytest.raises(KitError, match="--models nope"):
         ensemble.main(["--runs", str(runs), "--models", "a", "nope"])
     with pytest.raises(KitError, match="pick one"):

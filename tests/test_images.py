@@ -4,11 +4,17 @@ from __future__ import annotations
 
 import io
 import logging
+import os
+import struct
+import subprocess
+import sys
+import zlib
 
 import numpy as np
 import pytest
 from PIL import Image
 
+from tests.conftest import ROOT
 from utils.data import images
 from utils.data.images import ImageError, check_images, list_images, load_image
 from utils.errors import KitError
@@ -120,8 +126,7 @@ def test_image_error_survives_pickling():
     import pickle
 
     err = pickle.loads(pickle.dumps(ImageError("x.png", "empty file")))
-    assert str(err) == "x.png: empty file" and err.path == "x.png"
-    assert images.MAX_SIDE >= 1024
+    assert str(err) == "x.png: empty file" and err.path == "x.png" and err.problem == "empty file"
 
 
 def test_check_cache_skips_decoding_and_notices_changed_files(tmp_path, monkeypatch):
@@ -138,3 +143,105 @@ def test_check_cache_skips_decoding_and_notices_changed_files(tmp_path, monkeypa
     (tmp_path / "bad.png").write_bytes(b"now something else")  # size changes: checked again
     check_images(paths, strict=False, what="training", cache=cache)
     assert calls == [tmp_path / "bad.png"]
+
+
+def _write_flat_png(path, width, height, color_type, bit_depth, pixel: bytes, rows_per_block=64):
+    """A one-colour PNG written without ever holding its pixels: one compressed block of rows,
+    ended by a full flush (byte-aligned, no reference to earlier data), repeated."""
+    def chunk(tag, data):
+        return struct.pack(">I", len(data)) + tag + data + struct.pack(">I", zlib.crc32(tag + data) & 0xFFFFFFFF)
+
+    rows = (b"\0" + pixel * width) * rows_per_block
+    comp = zlib.compressobj(9, zlib.DEFLATED, -15)
+    block = comp.compress(rows) + comp.flush(zlib.Z_FULL_FLUSH)
+    n, rest = divmod(height, rows_per_block)
+    adler = 1
+    for _ in range(n):
+        adler = zlib.adler32(rows, adler)
+    tail = rows[: rest * (width * len(pixel) + 1)]
+    adler = zlib.adler32(tail, adler)
+    stream = b"\x78\xda" + block * n + comp.compress(tail) + comp.flush(zlib.Z_FINISH) + struct.pack(">I", adler)
+    header = struct.pack(">IIBBBBB", width, height, bit_depth, color_type, 0, 0, 0)
+    path.write_bytes(b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", header) + chunk(b"IDAT", stream) + chunk(b"IEND", b""))
+    return path
+
+
+LOAD_UNDER_3_GIB = """
+import resource, sys
+resource.setrlimit(resource.RLIMIT_AS, (3 << 30, 3 << 30))
+from utils.data.images import ImageError, load_image
+try:
+    img = load_image(sys.argv[1])
+except ImageError as err:
+    print("ImageError:", err)
+else:
+    print("loaded", img.size, img.mode, img.getpixel((0, 0)))
+"""
+
+
+def _load_under_3_gib(path):
+    return subprocess.run([sys.executable, "-c", LOAD_UNDER_3_GIB, str(path)], cwd=ROOT, capture_output=True, text=True,
+                          env={**os.environ, "PYTHONPATH": str(ROOT)})
+
+
+def test_flat_png_writer_writes_what_pil_reads(tmp_path):
+    _write_flat_png(tmp_path / "s.png", 300, 130, 2, 8, bytes((10, 200, 30)))
+    arr = np.asarray(Image.open(tmp_path / "s.png"))
+    assert arr.shape == (130, 300, 3) and (arr == (10, 200, 30)).all()
+
+
+def test_16bit_memory_bomb_under_the_pixel_limit_loads_in_3_gib(tmp_path):
+    # 20000 x 20000 16-bit greyscale: ~0.8 MB on disk, 0.8 GB decoded; converted at full size in
+    # float64 it needed ~11 GB. It must load, shrunk, under a 3 GiB address-space limit.
+    png = _write_flat_png(tmp_path / "bomb.png", 20000, 20000, 0, 16, struct.pack(">H", 40000))
+    assert png.stat().st_size < 2_000_000
+    res = _load_under_3_gib(png)
+    assert res.returncode == 0 and res.stderr == "", res.stderr[-2000:]
+    assert res.stdout.strip() == "loaded (2048, 2048) RGB (155, 155, 155)"  # 40000 / 65535 * 255
+
+
+def test_image_too_big_to_decode_is_refused_with_one_line(tmp_path):
+    # 17000 x 17000 RGB: under the pixel limit, 1.1 GB decoded (PIL keeps RGB in 4 bytes a pixel)
+    png = _write_flat_png(tmp_path / "wide.png", 17000, 17000, 2, 8, bytes((1, 2, 3)))
+    res = _load_under_3_gib(png)
+    assert res.returncode == 0 and res.stderr == "", res.stderr[-2000:]
+    line = res.stdout.strip()
+    assert "\n" not in line and line.startswith(f"ImageError: {png}: image would need 1.1 GB to decode (17000x17000, mode RGB")
+    assert "shrink it first" in line
+
+
+def test_palette_and_16bit_images_are_shrunk_in_their_own_mode(tmp_path):
+    Image.new("P", (5000, 40), 3).save(tmp_path / "p.png")
+    Image.fromarray(np.full((32, 4000), 65535, np.uint16)).save(tmp_path / "d.png")
+    assert load_image(tmp_path / "p.png", max_side=1000).size == (1000, 8)
+    out = load_image(tmp_path / "d.png", max_side=1000)
+    assert out.size == (1000, 8) and out.getpixel((0, 0)) == (255, 255, 255)
+
+
+def test_broken_links_in_a_folder_stop_the_listing_naming_the_link(tmp_path):
+    Image.new("RGB", (4, 4)).save(tmp_path / "ok.png")
+    os.symlink(tmp_path / "ok.png", tmp_path / "good_link.png")
+    os.symlink(tmp_path / "gone.png", tmp_path / "dangling.jpg")
+    with pytest.raises(ImageError) as info:
+        list_images(tmp_path, what="query")
+    msg = str(info.value)
+    assert msg.startswith(f"{tmp_path / 'dangling.jpg'}: symbolic link points nowhere (-> {tmp_path / 'gone.png'})")
+    assert "query images must all be readable" in msg and "\n" not in msg
+    (tmp_path / "dangling.jpg").unlink()
+    os.symlink("loop_b.jpg", tmp_path / "loop_a.jpg")
+    os.symlink("loop_a.jpg", tmp_path / "loop_b.jpg")
+    with pytest.raises(ImageError, match=r"loop_a.jpg: symbolic link loop \(-> loop_b.jpg\)"):
+        list_images(tmp_path, what="gallery")
+    with pytest.raises(ImageError, match="loop_a.jpg: symbolic link loop"):
+        load_image(tmp_path / "loop_a.jpg")
+
+
+def test_broken_links_can_be_skipped_with_a_line(tmp_path, caplog):
+    Image.new("RGB", (4, 4)).save(tmp_path / "ok.png")
+    os.symlink(tmp_path / "ok.png", tmp_path / "good_link.png")
+    os.symlink(tmp_path / "gone.png", tmp_path / "dangling.jpg")
+    os.symlink(tmp_path / "gone.txt", tmp_path / "notes.txt")  # not named like an image: not listed, no line
+    with caplog.at_level(logging.WARNING):
+        assert [p.name for p in list_images(tmp_path, what="training", broken_links="skip")] == ["good_link.png", "ok.png"]
+    assert f"skipping training image {tmp_path / 'dangling.jpg'}: symbolic link points nowhere" in caplog.text
+    assert "notes.txt" not in caplog.text

@@ -3,10 +3,14 @@
 from __future__ import annotations
 
 import hashlib
+import logging
+import os
 import shutil
 
 import pytest
 
+import submit
+from tests.test_submit import make_run
 from utils.data.layout import load_layout
 from utils.data.rehearsal_data import generate
 from utils.errors import KitError
@@ -52,3 +56,32 @@ def test_layout_errors_name_the_file(rehearsal_data, change, message):
     change(rehearsal_data)
     with pytest.raises(KitError, match=message):
         load_layout(rehearsal_data)
+
+
+@pytest.mark.parametrize("folder", ["query", "gallery"])
+def test_a_dangling_or_looping_test_link_stops_naming_the_link(rehearsal_data, folder):
+    link = rehearsal_data / "test" / folder / "zz_moved.jpg"
+    os.symlink(rehearsal_data / "elsewhere" / "photo.jpg", link)
+    with pytest.raises(KitError, match=rf"zz_moved.jpg: symbolic link points nowhere .*{folder} images must all be readable"):
+        load_layout(rehearsal_data)
+    link.unlink()
+    os.symlink(link.name, link)  # points at itself
+    with pytest.raises(KitError, match="zz_moved.jpg: symbolic link loop"):
+        load_layout(rehearsal_data)
+
+
+def test_a_dangling_training_link_is_skipped_with_a_line(rehearsal_data, caplog):
+    ident = sorted((rehearsal_data / "train").iterdir())[0]
+    os.symlink(rehearsal_data / "gone.png", ident / "zz_link.png")
+    with caplog.at_level(logging.WARNING):
+        layout = load_layout(rehearsal_data)
+    assert ident / "zz_link.png" not in layout.train[ident.name] and layout.train[ident.name]
+    assert f"skipping training image {ident / 'zz_link.png'}: symbolic link points nowhere" in caplog.text
+
+
+def test_submit_with_data_refuses_a_query_folder_with_a_dangling_link(rehearsal_data, tmp_path):
+    run = make_run(rehearsal_data, tmp_path / "runs")
+    os.symlink(rehearsal_data / "gone.jpg", rehearsal_data / "test" / "query" / "zz_lost.jpg")
+    with pytest.raises(KitError, match=r"query/zz_lost.jpg: symbolic link points nowhere"):
+        submit.main(["--run", str(run), "--group", "t", "--dry-run", "--out", str(tmp_path / "subs"), "--data", str(rehearsal_data)])
+    assert not (tmp_path / "subs").exists()

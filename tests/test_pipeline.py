@@ -25,7 +25,7 @@ def test_every_script_in_order_then_submit(rehearsal_data_session, tmp_path, cap
 
     assert train_resnet.main([*common, "--model", "test_resnet", "--weights", "none", "--img-size", "32",
                               "--epochs", "2", "--batch-size", "16", "--lr", "3e-3", "--workers", "0"]) == 0
-    assert train_clip_arcface.main([*common, "--model", str(tmp_path / "tiny.json"), "--pretrained", "none",
+    assert train_clip_arcface.main([*common, "--model", str(tmp_path / "tiny.json"), "--weights", "none",
                                     "--epochs", "2", "--batch-size", "16", "--embed-dim", "32", "--unfreeze", "-1",
                                     "--lr", "1e-3", "--scale", "16", "--margin-deg", "15", "--workers", "0"]) == 0
     assert infer_facenet.main([*common, "--embedder", "dlib", "--detector", "none", "--tta", "--workers", "0"]) == 0

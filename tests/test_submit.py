@@ -18,7 +18,8 @@ from tests.conftest import ROOT
 from utils.data.layout import load_layout
 from utils.errors import KitError
 from utils.runs.similarity_io import SimMatrix, save_run
-from utils.submission.lists import NotSubmitted, make_body, post, top_lists, validate_lists
+from utils.submission.client import NotSubmitted, post
+from utils.submission.lists import make_body, top_lists, validate_lists
 
 
 @contextmanager

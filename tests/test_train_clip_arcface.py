@@ -32,7 +32,7 @@ TINY_RN = {
     "text_cfg": {"context_length": 16, "vocab_size": 64, "width": 32, "heads": 2, "layers": 1},
 }
 # what the tiny model learns with in a few seconds (the seed's s=64, m=28.6 deg needs far more steps)
-TRAIN = ["--pretrained", "none", "--workers", "0", "--tta", "id", "--embed-dim", "64", "--batch-size", "16",
+TRAIN = ["--weights", "none", "--workers", "0", "--tta", "--embed-dim", "64", "--batch-size", "16",
          "--unfreeze", "-1", "--lr", "1e-3", "--scale", "16", "--margin-deg", "15", "--patience", "0"]
 
 
@@ -133,7 +133,9 @@ def test_resume_continues_from_last_checkpoint(rehearsal_data, tmp_path, configs
     class Crash(Exception):
         pass
 
-    real_save, saved = script.save_checkpoint, []
+    import utils.training.loop as loop  # the shared loop writes the checkpoints
+
+    real_save, saved = loop.save_checkpoint, []
 
     def save_then_crash(path, **state):
         real_save(path, **state)
@@ -141,10 +143,10 @@ def test_resume_continues_from_last_checkpoint(rehearsal_data, tmp_path, configs
         if saved.count("last.pt") == 2:
             raise Crash  # the machine dies after epoch 2 was saved
 
-    monkeypatch.setattr(script, "save_checkpoint", save_then_crash)
+    monkeypatch.setattr(loop, "save_checkpoint", save_then_crash)
     with pytest.raises(Crash):
         script.main([*common, "--run-name", "crashed"])
-    monkeypatch.setattr(script, "save_checkpoint", real_save)
+    monkeypatch.setattr(loop, "save_checkpoint", real_save)
     assert not (runs / "crashed" / "meta.json").exists()
     assert script.main([*common, "--run-name", "crashed", "--resume"]) == 0
 
@@ -157,7 +159,7 @@ def test_resume_continues_from_last_checkpoint(rehearsal_data, tmp_path, configs
 
 
 def test_weights_file_errors_are_one_clear_line(rehearsal_data, tmp_path, configs):
-    common = ["--data", str(rehearsal_data), "--runs", str(tmp_path / "runs"), "--model", configs["tiny-vit"], "--pretrained", "none", "--zero-shot", "--workers", "0"]
+    common = ["--data", str(rehearsal_data), "--runs", str(tmp_path / "runs"), "--model", configs["tiny-vit"], "--file-tag", "none", "--zero-shot", "--workers", "0"]
     missing = tmp_path / "nope.safetensors"
     with pytest.raises(KitError) as err:
         script.main([*common, "--weights", str(missing)])
@@ -172,17 +174,17 @@ def test_weights_file_errors_are_one_clear_line(rehearsal_data, tmp_path, config
     other = tmp_path / "resnet.pt"  # tensors of another tower
     torch.save(create_visual(configs["tiny-rn"], "none").visual.state_dict(), other)
     with pytest.raises(KitError, match="weights do not fit this image tower") as err:
-        create_visual(configs["tiny-vit"], "none", weights=str(other))
+        create_visual(configs["tiny-vit"], weights=str(other), file_tag="none")
     assert "\n" not in str(err.value)
 
     good = tmp_path / "vit.pt"  # a full CLIP state dict loads, and gives the same tensors back
     torch.manual_seed(1)
     state = create_visual(configs["tiny-vit"], "none").visual.state_dict()
     torch.save({f"visual.{k}": v for k, v in state.items()}, good)
-    loaded = create_visual(configs["tiny-vit"], "none", weights=str(good)).visual.state_dict()
+    loaded = create_visual(configs["tiny-vit"], weights=str(good), file_tag="none").visual.state_dict()
     assert all(torch.equal(loaded[k], v) for k, v in state.items())
 
-    with pytest.raises(KitError, match="--pretrained 'no-such-tag'"):
+    with pytest.raises(KitError, match="--weights 'no-such-tag'"):
         create_visual("ViT-B-32", "no-such-tag")
 
 

@@ -55,6 +55,19 @@ class ProgressBar:
             self._progress.update(self._task, advance=n, info=info)
 
 
+class QuietBar:
+    """What a DDP rank other than 0 draws instead of a :class:`ProgressBar`: nothing."""
+
+    def __enter__(self) -> "QuietBar":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        return None
+
+    def advance(self, n: int = 1, info: str | None = None) -> None:
+        return None
+
+
 def track(items: Iterable[T], description: str, total: int | None = None) -> Iterator[T]:
     """Iterate ``items`` while drawing a bar."""
     if total is None and hasattr(items, "__len__"):

@@ -9,15 +9,14 @@ import numpy as np
 import torch
 
 
-def seed_everything(seed: int, deterministic: bool = True) -> torch.Generator:
-    """Seed python, numpy and torch; return a generator for DataLoader shuffling."""
+def seed_everything(seed: int) -> torch.Generator:
+    """Seed python, numpy and torch, ask for deterministic kernels; return a generator for DataLoader shuffling."""
     random.seed(seed)
     np.random.seed(seed % 2**32)
     torch.manual_seed(seed)
-    if deterministic:
-        os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
-        torch.backends.cudnn.benchmark = False
-        torch.use_deterministic_algorithms(True, warn_only=True)
+    os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
+    torch.backends.cudnn.benchmark = False
+    torch.use_deterministic_algorithms(True, warn_only=True)
     g = torch.Generator()
     g.manual_seed(seed)
     return g

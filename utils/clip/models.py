@@ -1,15 +1,15 @@
 """OpenCLIP image towers: build one by name, load its weights, unfreeze its last blocks.
 
-    >>> clip = create_visual("ViT-L-14", pretrained="openai")         # hub weights
-    >>> clip = create_visual("ViT-L-14", "openai", weights="vit-l.bin")  # same, from a local file
-    >>> clip = create_visual("configs/tiny-vit.json", pretrained="none")  # own config, random init
+    >>> clip = create_visual("ViT-L-14", weights="openai")                    # hub weights by tag
+    >>> clip = create_visual("ViT-L-14", weights="vit-l.bin", file_tag="openai")  # same, from a local file
+    >>> clip = create_visual("configs/tiny-vit.json", weights="none")          # own config, random init
     >>> groups = unfreeze_last(clip.visual, 4)  # last 4 blocks + the pooling/projection after them
 
-``pretrained`` is an open_clip tag (``openai``, ``laion2b_s32b_b82k``, ...) or
-``none``. With ``weights`` the tensors come from that file; the tag then only
-sets what the weights were trained with (QuickGELU, mean/std), so
-``--pretrained openai --weights open_clip_pytorch_model.bin`` is the offline
-form of ``--pretrained openai``. The text tower is dropped.
+``weights`` has the kit's one grammar: an open_clip tag (``openai``,
+``laion2b_s32b_b82k``, ...), ``none``, or a local ``.pt``/``.bin``/
+``.safetensors`` file. For a file, ``file_tag`` says which tag it is a copy of
+(QuickGELU and mean/std come from it), so ``--weights open_clip_pytorch_model.bin
+--file-tag openai`` is the offline form of ``--weights openai``. The text tower is dropped.
 """
 
 from __future__ import annotations
@@ -86,7 +86,7 @@ def _tag_config(name: str, pretrained: str) -> dict[str, Any]:
     cfg = open_clip.get_pretrained_cfg(name, pretrained)
     if not cfg:
         tags = open_clip.list_pretrained_tags_by_model(name)
-        raise KitError(f"--pretrained {pretrained!r}: no such tag for {name}; use one of {tags} or 'none'")
+        raise KitError(f"--weights {pretrained!r}: no such open_clip tag for {name}; use one of {tags}, 'none' or a local file (with --file-tag TAG)")
     return cfg
 
 
@@ -128,20 +128,32 @@ def _quiet_open_clip():
         root.setLevel(level)
 
 
-def create_visual(model: str, pretrained: str = "openai", weights: str = "", img_size: int = 0) -> ClipVisual:
+WEIGHT_SUFFIXES = (".pt", ".pth", ".bin", ".safetensors")
+
+
+def is_weights_file(value: str) -> bool:
+    """Whether a ``--weights`` value names a file (a path or a weights suffix) rather than a tag."""
+    return Path(value).suffix in WEIGHT_SUFFIXES or "/" in value or "\\" in value or Path(value).is_file()
+
+
+def create_visual(model: str, weights: str = "openai", file_tag: str = "openai", img_size: int = 0) -> ClipVisual:
     """Build the image tower of an open_clip model with the weights asked for.
 
     Args:
         model: open_clip name (``ViT-L-14``) or a config ``.json`` file.
-        pretrained: tag of the weights (hub download unless ``weights`` is given) or ``none``.
-        weights: local ``.pt``/``.bin``/``.safetensors`` file; overrides the download.
+        weights: an open_clip tag (hub download), ``none`` (random init), or a local file.
+        file_tag: for a file, the tag it is a copy of (sets QuickGELU and mean/std).
         img_size: input side in pixels; 0 keeps the model's own.
 
     Raises:
         KitError: unknown model or tag, failed download, bad weights file.
     """
-    if weights and not Path(weights).is_file():
-        raise KitError(f"{weights}: weights file not found (--weights PATH); give an existing .pt/.bin/.safetensors file")
+    if is_weights_file(weights):
+        if not Path(weights).is_file():
+            raise KitError(f"{weights}: weights file not found (--weights PATH); give an existing .pt/.bin/.safetensors file, a tag, or none")
+        pretrained, weights = file_tag, weights
+    else:
+        pretrained, weights = weights, ""
     name = resolve_model_name(model)
     tag_cfg = _tag_config(name, pretrained)
     quick_gelu = bool(tag_cfg.get("quick_gelu", False))
@@ -159,13 +171,13 @@ def create_visual(model: str, pretrained: str = "openai", weights: str = "", img
         except (RuntimeError, OSError) as err:
             first = (str(err).strip().splitlines() or [type(err).__name__])[0][:200]
             raise KitError(
-                f"--pretrained {pretrained}: cannot load weights for {name} ({first}); offline, pass "
-                "--weights PATH (the open_clip .bin/.safetensors file) or --pretrained none"
+                f"--weights {pretrained}: cannot load weights for {name} ({first}); offline, pass "
+                "--weights PATH (the open_clip .bin/.safetensors file) with --file-tag TAG, or --weights none"
             ) from None
     else:
         with _quiet_open_clip():
             clip = open_clip.create_model(name, pretrained=None, **kwargs)
-        log.info("%s: random initialisation (--pretrained none)", name)
+        log.info("%s: random initialisation (--weights none)", name)
     visual = clip.visual
     pp = dict(open_clip.get_model_preprocess_cfg(visual))
     return ClipVisual(visual, name, pp, quick_gelu)

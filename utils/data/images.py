@@ -2,16 +2,23 @@
 
 Handled: EXIF rotation, greyscale, palette and transparency (composited on
 white), CMYK, 16-bit and float images (rescaled to 8 bits), very large images
-(decoded reduced where the format allows, then shrunk to ``max_side``).
-Non-image files in a folder (``.DS_Store``, ``notes.txt``) are not listed.
-A file that cannot be decoded raises :class:`ImageError` naming it; callers
-decide whether skipping is safe (a training image) or not (query, gallery).
+(JPEG decoded reduced; others shrunk by an integer factor in their own mode
+before any conversion, then to ``max_side``), and memory bombs under the pixel
+limit: an image whose decoded size would pass :data:`MAX_DECODE_BYTES` is
+refused with one line before it is decoded. Non-image files in a folder
+(``.DS_Store``, ``notes.txt``) are not listed; a symbolic link named like an
+image that points nowhere or loops is reported (or skipped with a line, for
+training images), never dropped silently. A file that cannot be decoded raises
+:class:`ImageError` naming it; callers decide whether skipping is safe (a
+training image) or not (query, gallery).
 """
 
 from __future__ import annotations
 
+import errno
 import json
 import logging
+import os
 import warnings
 from pathlib import Path
 
@@ -28,6 +35,9 @@ IMAGE_EXTENSIONS = frozenset(
 MAX_SIDE = 2048  # longest side after loading; bigger inputs only cost time
 MAX_PIXELS = 400_000_000  # refuse beyond this (a decompression bomb, not a photo)
 Image.MAX_IMAGE_PIXELS = MAX_PIXELS
+MAX_DECODE_BYTES = 1 << 30  # refuse an image whose decoded pixels need more (e.g. 20000^2 RGB: 1.5 GiB)
+BROKEN_LINKS = ("raise", "skip")
+_BYTES_PER_PIXEL = {"1": 1, "L": 1, "P": 1, "I;16": 2, "I;16B": 2, "I;16L": 2, "I;16N": 2}  # PIL keeps others in 4
 
 
 class ImageError(KitError):
@@ -42,24 +52,53 @@ class ImageError(KitError):
         return (ImageError, (self.path, self.problem))
 
 
-def list_images(folder: str | Path, recursive: bool = False) -> list[Path]:
+def _broken_link(path: Path) -> str:
+    """Why ``path`` is a symbolic link that cannot be followed ('' when it is not one)."""
+    if not path.is_symlink():
+        return ""
+    try:
+        os.stat(path)
+        return ""
+    except OSError as err:
+        target = os.readlink(path)
+        if err.errno == errno.ELOOP:
+            return f"symbolic link loop (-> {target})"
+        return f"symbolic link points nowhere (-> {target})"
+
+
+def list_images(folder: str | Path, what: str = "", broken_links: str = "raise") -> list[Path]:
     """Image files in ``folder`` sorted by name; hidden and non-image files skipped.
+
+    Args:
+        folder: the folder to list.
+        what: name of the set for messages, e.g. ``"gallery"``.
+        broken_links: what to do with a link named like an image that points
+            nowhere or loops: ``"raise"`` (query and gallery: every image is
+            needed) or ``"skip"`` with a warning line (training images).
 
     Raises:
         KitError: the folder does not exist or is not a folder.
+        ImageError: a broken link and ``broken_links="raise"``.
     """
     folder = Path(folder)
     if not folder.is_dir():
         raise KitError(f"{folder}: folder not found (check --data)")
-    pattern = "**/*" if recursive else "*"
     out = []
-    for p in sorted(folder.glob(pattern)):
-        if p.name.startswith(".") or not p.is_file():
+    for p in sorted(folder.iterdir()):
+        if p.name.startswith(".") or p.suffix.lower() not in IMAGE_EXTENSIONS:
+            if not p.is_dir():
+                log.debug("skipping non-image file %s", p)
             continue
-        if p.suffix.lower() in IMAGE_EXTENSIONS:
-            out.append(p)
+        problem = _broken_link(p)
+        if not problem:
+            if p.is_file():
+                out.append(p)
+        elif broken_links == "raise":
+            raise ImageError(p, f"{problem}; fix or remove the link ({what or folder.name} images must all be readable)")
+        elif broken_links == "skip":
+            log.warning("skipping %s image %s: %s", what or folder.name, p, problem)
         else:
-            log.debug("skipping non-image file %s", p)
+            raise KitError(f"broken_links={broken_links!r}: choose one of {BROKEN_LINKS}")
     return out
 
 
@@ -86,17 +125,36 @@ def _to_8bit_rgb(img: Image.Image) -> Image.Image:
     return img.convert("RGB")  # L, 1, CMYK, YCbCr, LAB, HSV
 
 
+def decoded_bytes(img: Image.Image) -> int:
+    """Bytes PIL needs to hold ``img``'s pixels once decoded (at its current, possibly drafted, size)."""
+    return img.width * img.height * _BYTES_PER_PIXEL.get(img.mode, 4)
+
+
+def _shrink_in_mode(img: Image.Image, max_side: int) -> Image.Image:
+    """Shrink by an integer factor without changing the mode, so no conversion runs at full size."""
+    factor = max(img.size) // max_side
+    if factor < 2:
+        return img
+    size = (max(1, img.width // factor), max(1, img.height // factor))
+    if img.mode in ("P", "1"):  # other filters would convert to RGB at full size first
+        return img.resize(size, Image.Resampling.NEAREST)
+    if img.mode.startswith("I;16"):  # Image.reduce does not take 16-bit modes
+        return img.resize(size, Image.Resampling.BOX)
+    return img.reduce(factor)
+
+
 def load_image(path: str | Path, max_side: int = MAX_SIDE) -> Image.Image:
     """Open ``path`` as an upright 8-bit RGB image, longest side at most ``max_side``.
 
     Raises:
-        ImageError: missing, empty, not an image, truncated or too large.
+        ImageError: missing, empty, not an image, truncated, too many pixels,
+            or more than :data:`MAX_DECODE_BYTES` once decoded.
     """
     path = Path(path)
     try:
         size = path.stat().st_size
     except OSError:
-        raise ImageError(path, "file not found") from None
+        raise ImageError(path, _broken_link(path) or "file not found") from None
     if size == 0:
         raise ImageError(path, "empty file (0 bytes)")
     try:
@@ -105,13 +163,22 @@ def load_image(path: str | Path, max_side: int = MAX_SIDE) -> Image.Image:
             with Image.open(path) as img:
                 if img.format == "JPEG" and max(img.size) > 2 * max_side:
                     img.draft("RGB", (max_side, max_side))
+                need = decoded_bytes(img)
+                if need > MAX_DECODE_BYTES:
+                    raise ImageError(
+                        path, f"image would need {need / 2**30:.1f} GB to decode ({img.width}x{img.height}, mode {img.mode}; "
+                        f"limit {MAX_DECODE_BYTES / 2**30:.0f} GB per image); shrink it first, e.g. to 4096 px on its longest side",
+                    )
                 img.load()
+                img = _shrink_in_mode(img, max_side)
                 img = ImageOps.exif_transpose(img)
                 img = _to_8bit_rgb(img)
     except UnidentifiedImageError:
         raise ImageError(path, "not an image PIL can read (wrong extension or corrupt header)") from None
     except (Image.DecompressionBombError, Image.DecompressionBombWarning):
         raise ImageError(path, f"image has more than {MAX_PIXELS:,} pixels") from None
+    except MemoryError:
+        raise ImageError(path, "not enough memory to decode it; shrink it first, e.g. to 4096 px on its longest side") from None
     except (OSError, SyntaxError, ValueError) as err:
         raise ImageError(path, f"cannot decode ({err}); the file is truncated or corrupt") from None
     if max(img.size) > max_side:

@@ -61,11 +61,15 @@ def read_ground_truth(path: Path) -> dict[str, list[str]]:
     return {str(k): [str(x) for x in v] for k, v in data.items()}
 
 
-def load_layout(root: str | Path, need_test: bool = True) -> DataLayout:
+def load_layout(root: str | Path) -> DataLayout:
     """Read and check a data folder.
 
+    A training image that is a broken symbolic link is skipped with a warning
+    line; one among the query or gallery images stops here.
+
     Raises:
-        KitError: a folder is missing or empty, or the gallery has fewer than 10 images.
+        KitError: a folder is missing or empty, the gallery has fewer than 10
+            images, or a query or gallery link points nowhere or loops.
     """
     root = Path(root)
     if not root.is_dir():
@@ -75,22 +79,17 @@ def load_layout(root: str | Path, need_test: bool = True) -> DataLayout:
         raise KitError(f"{train_dir}: folder not found; expected DATA/train/<identity>/<image>")
     train = {}
     for d in sorted(p for p in train_dir.iterdir() if p.is_dir() and not p.name.startswith(".")):
-        imgs = list_images(d)
+        imgs = list_images(d, what="training", broken_links="skip")
         if imgs:
             train[d.name] = imgs
     if not train:
         raise KitError(f"{train_dir}: no identity folders with images")
-    query: list[Path] = []
-    gallery: list[Path] = []
-    if need_test:
-        query = list_images(root / "test" / "query")
-        gallery = list_images(root / "test" / "gallery")
-        if not query:
-            raise KitError(f"{root / 'test' / 'query'}: no images")
-        if len(gallery) < MIN_GALLERY:
-            raise KitError(
-                f"{root / 'test' / 'gallery'}: {len(gallery)} images; a top-10 needs at least {MIN_GALLERY}"
-            )
+    query = list_images(root / "test" / "query", what="query")
+    gallery = list_images(root / "test" / "gallery", what="gallery")
+    if not query:
+        raise KitError(f"{root / 'test' / 'query'}: no images")
+    if len(gallery) < MIN_GALLERY:
+        raise KitError(f"{root / 'test' / 'gallery'}: {len(gallery)} images; a top-10 needs at least {MIN_GALLERY}")
     domains = read_domains(root / "domains.csv") if (root / "domains.csv").is_file() else {}
     gt_path = root / "test" / "ground_truth.json"
     ground_truth = read_ground_truth(gt_path) if gt_path.is_file() else None

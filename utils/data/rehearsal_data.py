@@ -233,7 +233,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--test-identities", type=int, default=40, metavar="N", help="identities in test/ (default: %(default)s)")
     p.add_argument("--size", type=int, default=96, metavar="PX", help="image side in pixels (default: %(default)s)")
     p.add_argument("--seed", type=int, default=0, metavar="N", help="random seed (default: %(default)s)")
-    p.add_argument("--overwrite", action="store_true", help="replace an existing --out folder")
+    p.add_argument("--overwrite", action="store_true", help="replace an existing --out folder (default: off)")
     return p
 
 

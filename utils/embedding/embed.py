@@ -1,115 +1,199 @@
-"""Batched image embedding with test-time augmentation and an on-disk cache.
+"""Batched embedding with test-time views, one core for every model script.
 
-One DataLoader pass per image set; the model sees whole batches. TTA views
-are tensor functions applied to the batch (e.g. a horizontal flip); the
-embeddings of all views are averaged, then L2-normalised.
+:func:`embed_batches` is the core: every batch goes to the device once, each
+view of it (:mod:`utils.embedding.views`) goes through the model, and the
+L2-normalised embeddings of the views are averaged, then normalised again.
+:func:`embed_images` feeds it from image files (a DataLoader decoding in
+worker processes); :func:`embed_arrays` from an in-memory pixel array (the
+face path's crops). Both cache through :mod:`utils.embedding.cache` and, under
+``torchrun``, split the images across ranks and gather the result on every rank.
 """
 
 from __future__ import annotations
 
-import hashlib
 import logging
 from pathlib import Path
-from typing import Callable, Sequence
+from typing import Callable, Iterable, Iterator, Sequence
 
 import numpy as np
 import torch
+import torch.distributed as dist
 from torch.utils.data import DataLoader
 
-from utils.atomic import atomic_save_npy
 from utils.data.image_dataset import ImageDataset, Transform
+from utils.embedding.cache import cached, files_key
+from utils.embedding.views import PixelScale, View, render_view
 from utils.errors import KitError
 from utils.progress import ProgressBar
+from utils.training.distributed import DistInfo
 
 log = logging.getLogger(__name__)
 
-View = Callable[[torch.Tensor], torch.Tensor]
-
-TTA_VIEWS: dict[str, View] = {
-    "id": lambda x: x,
-    "flip": lambda x: torch.flip(x, dims=[3]),
-}
+Forward = Callable[[torch.Tensor], torch.Tensor]
 
 
 def l2_normalize(x: np.ndarray) -> np.ndarray:
-    """Rows scaled to unit length (zero rows stay zero)."""
+    """Rows scaled to unit length (zero rows stay zero), float32."""
+    x = np.asarray(x, dtype=np.float32)
     norm = np.linalg.norm(x, axis=1, keepdims=True)
-    return (x / np.maximum(norm, 1e-12)).astype(np.float32)
+    return (x / np.maximum(norm, 1e-12)).astype(np.float32, copy=False)
 
 
-def files_key(paths: Sequence[Path], extra: str) -> str:
-    """A key that changes when any file (name, size, mtime) or ``extra`` changes."""
-    h = hashlib.sha256(extra.encode())
-    for p in paths:
-        st = p.stat()
-        h.update(f"{p}|{st.st_size}|{st.st_mtime_ns}\n".encode())
-    return h.hexdigest()[:20]
+def cosine_similarity(query_emb: np.ndarray, gallery_emb: np.ndarray) -> np.ndarray:
+    """Dot products of L2-normalised embeddings, float32 (no extra copy of the matrix)."""
+    sim = np.asarray(query_emb, dtype=np.float32) @ np.asarray(gallery_emb, dtype=np.float32).T
+    return sim.astype(np.float32, copy=False)
 
 
-@torch.no_grad()
-def embed_images(
-    forward: Callable[[torch.Tensor], torch.Tensor],
-    paths: Sequence[Path],
-    transform: Transform,
+@torch.inference_mode()
+def embed_batches(
+    forward: Forward,
+    batches: Iterable[torch.Tensor],
+    views: Sequence[View],
     *,
     device: torch.device,
-    batch_size: int = 64,
-    workers: int = 2,
-    views: Sequence[str] = ("id",),
+    total: int,
     amp: torch.dtype | None = None,
+    out_px: int | None = None,
+    scale: PixelScale | None = None,
     desc: str = "embedding",
-    cache_dir: Path | None = None,
-    cache_tag: str = "",
+    stack_views: bool = False,
+    channels_last: bool = False,
 ) -> np.ndarray:
-    """Embed ``paths`` in batches; returns (n, d) float32, L2-normalised.
+    """Embed every view of every batch; (n, d) float32, L2-normalised, TTA-averaged.
 
     Args:
         forward: batch (B, C, H, W) on ``device`` -> embeddings (B, d).
-        views: TTA view names from :data:`TTA_VIEWS`, averaged.
-        cache_dir: if given, reuse embeddings saved there for the same files,
-            views and ``cache_tag`` (which should identify the model weights).
-
-    Raises:
-        KitError: an image cannot be read (query and gallery need every one).
+        batches: (B, C, H, W) float tensors (CPU or device).
+        views: test-time views; the identity first (see ``tta_views``).
+        total: number of images, for the progress bar.
+        out_px, scale: passed to :func:`render_view` (model input side, pixel units).
+        stack_views: put all views of a batch through the model in one call
+            (fewer, bigger calls; the same result up to float rounding).
+        channels_last: hand the model NHWC batches (convert a CNN with
+            ``model.to(memory_format=torch.channels_last)`` to match).
     """
-    for v in views:
-        if v not in TTA_VIEWS:
-            raise KitError(f"unknown TTA view {v!r}; choose from {sorted(TTA_VIEWS)}")
-    paths = [Path(p) for p in paths]
-    cache = None
-    if cache_dir is not None:
-        cache = Path(cache_dir) / f"emb_{files_key(paths, cache_tag + '|' + ','.join(views))}.npy"
-        if cache.is_file():
-            log.info("%s: %d embeddings from cache %s", desc, len(paths), cache.name)
-            return np.load(cache)
-    loader = DataLoader(
-        ImageDataset(paths, transform),
-        batch_size=batch_size,
-        shuffle=False,
-        num_workers=workers,
-        pin_memory=device.type == "cuda",
-    )
+    fmt = torch.channels_last if channels_last else torch.contiguous_format
+
+    def run(x: torch.Tensor) -> torch.Tensor:
+        with torch.autocast(device.type, dtype=amp, enabled=amp is not None):
+            return forward(x.contiguous(memory_format=fmt)).float()
+
     chunks = []
-    with ProgressBar(desc, total=len(paths)) as bar:
-        for x, _, ok, err in loader:
-            if not bool(ok.all()):
-                bad = [e for e, good in zip(err, ok.tolist()) if not good]
-                raise KitError(bad[0])
+    with ProgressBar(desc, total=total) as bar:
+        for x in batches:
             x = x.to(device, non_blocking=True)
+            if stack_views and len(views) > 1:
+                parts = run(torch.cat([render_view(x, v, out_px, scale) for v in views])).split(len(x))
+            else:
+                parts = [run(render_view(x, v, out_px, scale)) for v in views]
             acc = None
-            for v in views:
-                with torch.autocast(device.type, dtype=amp, enabled=amp is not None):
-                    e = forward(TTA_VIEWS[v](x)).float()
+            for e in parts:
                 e = torch.nn.functional.normalize(e, dim=1)
                 acc = e if acc is None else acc + e
             chunks.append(acc.cpu().numpy())
             bar.advance(len(x))
-    out = l2_normalize(np.concatenate(chunks))
-    if cache is not None:
-        atomic_save_npy(cache, out)
-    return out
+    if not chunks:
+        raise KitError(f"{desc}: no images to embed")
+    return l2_normalize(np.concatenate(chunks))
 
 
-def cosine_similarity(query_emb: np.ndarray, gallery_emb: np.ndarray) -> np.ndarray:
-    """Dot products of L2-normalised embeddings, float32."""
-    return (query_emb @ gallery_emb.T).astype(np.float32)
+def _shard(n: int, info: DistInfo | None) -> slice:
+    """This rank's contiguous share of ``n`` items (everything without DDP)."""
+    if info is None or not info.ddp:
+        return slice(0, n)
+    per = -(-n // info.world_size)
+    return slice(min(n, info.rank * per), min(n, (info.rank + 1) * per))
+
+
+def _gather(part: np.ndarray, info: DistInfo | None) -> np.ndarray:
+    """Every rank's part, concatenated in rank order, on every rank."""
+    if info is None or not info.ddp:
+        return part
+    parts: list[np.ndarray | None] = [None] * info.world_size
+    dist.all_gather_object(parts, part)
+    return np.concatenate([p for p in parts if p is not None and len(p)])
+
+
+def _readable_batches(loader: DataLoader) -> Iterator[torch.Tensor]:
+    """The loader's image batches; a file that cannot be read stops with its one-line error."""
+    for x, _, ok, err in loader:
+        if not bool(ok.all()):
+            raise KitError(next(e for e, good in zip(err, ok.tolist()) if not good))
+        yield x
+
+
+def embed_images(
+    forward: Forward,
+    paths: Sequence[Path],
+    transform: Transform,
+    *,
+    device: torch.device,
+    views: Sequence[View] = (View(),),
+    batch_size: int = 64,
+    workers: int = 2,
+    amp: torch.dtype | None = None,
+    scale: PixelScale | None = None,
+    desc: str = "embedding",
+    cache_dir: Path | None = None,
+    cache_tag: str = "",
+    dist_info: DistInfo | None = None,
+    stack_views: bool = False,
+    channels_last: bool = False,
+) -> np.ndarray:
+    """Embed image files in batches; (n, d) float32, L2-normalised.
+
+    Args:
+        transform: PIL image -> (C, H, W) tensor in ``scale``'s units.
+        views: test-time views, averaged.
+        cache_dir: if given, reuse embeddings saved there for the same files,
+            views and ``cache_tag`` (which must identify the model weights).
+        dist_info: under torchrun, each rank embeds its share; all get the whole.
+        stack_views, channels_last: see :func:`embed_batches` (a CNN module is
+            converted to channels-last here).
+
+    Raises:
+        KitError: an image cannot be read (query and gallery need every one).
+    """
+    paths = [Path(p) for p in paths]
+    cache = Path(cache_dir) / f"emb_{files_key(paths, f'{cache_tag}|{views!r}')}.npy" if cache_dir is not None else None
+
+    if channels_last and isinstance(forward, torch.nn.Module):
+        forward.to(memory_format=torch.channels_last)
+
+    def compute() -> np.ndarray:
+        mine = paths[_shard(len(paths), dist_info)]
+        loader = DataLoader(ImageDataset(mine, transform), batch_size=batch_size, shuffle=False,
+                            num_workers=workers, pin_memory=device.type == "cuda")
+        part = embed_batches(forward, _readable_batches(loader), views, device=device, total=len(mine), amp=amp, scale=scale,
+                             desc=desc, stack_views=stack_views, channels_last=channels_last) if mine else np.zeros((0, 0), np.float32)
+        return _gather(part, dist_info)
+
+    if dist_info is not None and dist_info.ddp:
+        return compute()  # every rank takes part; sharded runs are not cached
+    return cached(cache, compute, desc)
+
+
+def embed_arrays(
+    forward: Forward,
+    pixels: np.ndarray,
+    views: Sequence[View],
+    *,
+    device: torch.device,
+    out_px: int,
+    batch_size: int = 64,
+    amp: torch.dtype | None = None,
+    desc: str = "embedding",
+    stack_views: bool = True,
+) -> np.ndarray:
+    """Embed an (n, H, W, 3) uint8 pixel array (e.g. face context crops) with every view (stacked in one call by default)."""
+
+    def batches() -> Iterator[torch.Tensor]:
+        for start in range(0, len(pixels), batch_size):
+            batch = torch.from_numpy(pixels[start : start + batch_size])
+            if device.type == "cuda":
+                batch = batch.pin_memory()
+            yield batch.to(device, non_blocking=True).permute(0, 3, 1, 2).float()
+
+    return embed_batches(forward, batches(), views, device=device, total=len(pixels), amp=amp,
+                         out_px=out_px, scale=PixelScale.raw255(), desc=desc, stack_views=stack_views)

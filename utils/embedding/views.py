@@ -1,14 +1,20 @@
-"""Test-time views of face crops: flip, small rotations, brightness, zoom.
+"""Test-time views, one kind for every model script: flip, small rotations, brightness, zoom.
 
-A view is an affine resampling of the context crop (see :mod:`utils.faces.crop`)
-down to the embedder's input size, plus a brightness gain. All views of a batch
-are made on the device with ``affine_grid``/``grid_sample``; the identity and
-flip views are pixel-exact centre crops. Query and gallery images get the same views: the
-embedder averages the L2-normalised embedding of every view, then normalises
-again (:func:`utils.faces.embedder.embed_crops`).
+A view is an affine resampling of a batch plus a brightness gain. Every
+script's ``--tta`` names the view *groups* added to the identity view, in the
+same grammar everywhere:
 
-    --tta flip rot brightness scale   (all: 8 views with the identity)
+    --tta flip                        (the identity and its mirror: 2 views)
+    --tta flip rot brightness scale   (all: 8 views)
     --tta                             (none: the identity only)
+
+The identity and the flip are pixel-exact (a centre crop, mirrored or not);
+the others are made on the device with ``affine_grid``/``grid_sample``. A
+batch is either raw pixels (0..255, the face path) or normalised by a
+per-channel ``mean``/``std`` (the CNN and CLIP paths); brightness is applied
+to the underlying pixels in both cases and clamped to their valid range.
+The embeddings of all views are averaged after L2 normalisation
+(:mod:`utils.embedding.embed`).
 """
 
 from __future__ import annotations
@@ -25,12 +31,12 @@ from utils.errors import KitError
 
 @dataclass(frozen=True)
 class View:
-    """One test-time view of a face crop."""
+    """One test-time view of an image batch."""
 
     flip: bool = False  # mirror left-right
-    angle_deg: float = 0.0  # rotate the face by this much
+    angle_deg: float = 0.0  # rotate by this much
     zoom: float = 1.0  # >1: closer (a tighter crop), <1: wider (more context)
-    gain: float = 1.0  # brightness factor on 0..255 pixels
+    gain: float = 1.0  # brightness factor on the pixels
 
 
 TTA_GROUPS: dict[str, tuple[View, ...]] = {
@@ -41,47 +47,79 @@ TTA_GROUPS: dict[str, tuple[View, ...]] = {
 }
 
 
-def tta_views(names: Sequence[str]) -> list[View]:
+@dataclass(frozen=True)
+class PixelScale:
+    """How a batch's values relate to pixels in [0, 1]: ``value = (pixel - mean) / std`` per channel.
+
+    Raw 0..255 pixels are ``PixelScale.raw255()``; ImageNet-normalised input is
+    ``PixelScale(IMAGENET_MEAN, IMAGENET_STD)``.
+    """
+
+    mean: tuple[float, ...] = (0.0, 0.0, 0.0)
+    std: tuple[float, ...] = (1.0 / 255, 1.0 / 255, 1.0 / 255)
+
+    @classmethod
+    def raw255(cls) -> "PixelScale":
+        return cls()
+
+
+def tta_views(groups: Sequence[str]) -> list[View]:
     """The identity view plus the views of each named group, in a fixed order.
 
     Raises:
         KitError: an unknown group name.
     """
-    for n in names:
-        if n not in TTA_GROUPS:
-            raise KitError(f"--tta {n!r}: choose from {sorted(TTA_GROUPS)} (or give none)")
+    for g in groups:
+        if g not in TTA_GROUPS:
+            raise KitError(f"--tta {g!r}: choose from {sorted(TTA_GROUPS)} (or give none for the identity only)")
     views = [View()]
     for group in TTA_GROUPS:  # the dict's order, not the command line's: same views, same result
-        if group in names:
+        if group in groups:
             views.extend(TTA_GROUPS[group])
     return views
 
 
-def render_view(crops: torch.Tensor, view: View, out_px: int) -> torch.Tensor:
-    """Resample a batch of context crops into one view.
+def _adjust_gain(out: torch.Tensor, gain: float, scale: PixelScale) -> torch.Tensor:
+    """Multiply the underlying [0, 1] pixels by ``gain`` and clamp, in the batch's own units."""
+    mean = torch.tensor(scale.mean, dtype=out.dtype, device=out.device).view(1, -1, 1, 1)
+    std = torch.tensor(scale.std, dtype=out.dtype, device=out.device).view(1, -1, 1, 1)
+    lo, hi = (0.0 - mean) / std, (1.0 - mean) / std
+    shifted = out * gain + (gain - 1.0) * mean / std
+    return torch.maximum(torch.minimum(shifted, hi), lo)
+
+
+def render_view(batch: torch.Tensor, view: View, out_px: int | None = None, scale: PixelScale | None = None) -> torch.Tensor:
+    """Resample a batch into one view.
 
     Args:
-        crops: (B, 3, C, C) float, 0..255.
+        batch: (B, C, H, W) float.
         view: the view to make.
-        out_px: output side (the embedder's input), at most C.
+        out_px: output side, at most min(H, W); None keeps (H, W) for the
+            pixel-exact views and min(H, W) for the others.
+        scale: what the values mean (default: raw 0..255 pixels).
 
     Returns:
-        (B, 3, out_px, out_px) float, 0..255.
+        (B, C, out, out) float, in the batch's units.
     """
-    b, _, c, _ = crops.shape
+    scale = scale or PixelScale.raw255()
+    b, c, h, w = batch.shape
     if view in (View(), View(flip=True)):  # pixel-exact, no resampling
-        lo = (c - out_px) // 2
-        centre = crops[:, :, lo : lo + out_px, lo : lo + out_px]
-        return centre.flip(3) if view.flip else centre
-    s = out_px / c / view.zoom
+        if out_px is None or (out_px == h and out_px == w):
+            out = batch
+        else:
+            top, left = (h - out_px) // 2, (w - out_px) // 2
+            out = batch[:, :, top : top + out_px, left : left + out_px]
+        return out.flip(3) if view.flip else out
+    side = out_px or min(h, w)
+    s = side / min(h, w) / view.zoom
     a = math.radians(view.angle_deg)
     fx = -1.0 if view.flip else 1.0
     theta = torch.tensor(
-        [[s * math.cos(a) * fx, -s * math.sin(a), 0.0], [s * math.sin(a) * fx, s * math.cos(a), 0.0]],
-        dtype=crops.dtype, device=crops.device,
+        [[s * math.cos(a) * fx * min(h, w) / w, -s * math.sin(a), 0.0], [s * math.sin(a) * fx, s * math.cos(a) * min(h, w) / h, 0.0]],
+        dtype=batch.dtype, device=batch.device,
     ).expand(b, 2, 3)
-    grid = F.affine_grid(theta, [b, 3, out_px, out_px], align_corners=False)
-    out = F.grid_sample(crops, grid, mode="bilinear", padding_mode="border", align_corners=False)
+    grid = F.affine_grid(theta, [b, c, side, side], align_corners=False)
+    out = F.grid_sample(batch, grid, mode="bilinear", padding_mode="border", align_corners=False)
     if view.gain != 1.0:
-        out = (out * view.gain).clamp(0.0, 255.0)
+        out = _adjust_gain(out, view.gain, scale)
     return out

@@ -25,7 +25,7 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from utils.data.split import identity_of
-from utils.ensemble.fusion import FUSIONS, fuse, transform
+from utils.ensemble.fusion import FUSIONS, fuse
 from utils.ensemble.rerank import RerankParams, rerank
 from utils.ensemble.weight_search import (
     CandidateScorer,
@@ -156,7 +156,7 @@ def baseline_options(names: list[str], val: list[np.ndarray], test: list[np.ndar
 
 def search_fusion(fusion: str, val: list[np.ndarray], scorer: Scorer, search: dict) -> SearchResult:
     """Weight search for one fusion on the validation matrices."""
-    cs = CandidateScorer([transform(s, fusion) for s in val], scorer.val_rel, top_m=search.get("top_m", 50))
+    cs = CandidateScorer(val, scorer.val_rel, top_m=search.get("top_m", 50), fusion=fusion)  # rows transformed as read
     return search_weights(cs, grid_step=search.get("grid_step", 0.05), n_random=search.get("n_random", 2000),
                           n_boot=scorer.n_boot, seed=scorer.seed, groups=scorer.groups, smooth_radius=search.get("smooth_radius", 0.2),
                           desc=f"weights {fusion}")

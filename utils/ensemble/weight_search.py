@@ -35,7 +35,8 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from utils.ensemble.fusion import weighted_sum
+from utils.ensemble import fusion as fusion_mod
+from utils.ensemble.fusion import check_fusion, fuse, row_chunks, transform, weighted_sum
 from utils.progress import ProgressBar
 from utils.runs.metrics import SCORE_WEIGHTS, average_precision, first_hit_rank
 
@@ -91,49 +92,96 @@ class CandidateScorer:
     right answer beats in every model, or that 10 kept columns beat in every
     model (it can only enter a ranking where the first hit is already past 10).
 
+    Memory: the set-up reads the matrices a row chunk at a time and keeps only the
+    (models, queries, kept columns) values. With ``fusion``, ``mats`` are the members'
+    raw matrices and rows are transformed when read (never a transformed full matrix);
+    without, ``mats`` are already transformed.
+
     Args:
-        mats: per model, the (n_queries, n_gallery) transformed matrix (``utils.ensemble.fusion.transform``).
+        mats: per model, the (n_queries, n_gallery) matrix: raw with ``fusion``, else transformed
+            (``utils.ensemble.fusion.transform``).
         rel: (n_queries, n_gallery) bool, True where the gallery image is a right answer.
         top_m: columns kept per model and query; larger means fewer full-row fallbacks.
         batch_elems: bound on the temporary (batch, queries, kept) array size.
         n_blocks: queries are grouped into this many blocks of similar kept width.
+        fusion: transform rows with this fusion when they are read (see above).
+        chunk_elems: matrix entries (over all models) read per row chunk during the set-up.
     """
 
-    def __init__(self, mats: list[np.ndarray], rel: np.ndarray, top_m: int = 50, batch_elems: int = 4_000_000, n_blocks: int = 4):
-        self.mats = [np.ascontiguousarray(m, dtype=np.float32) for m in mats]
+    def __init__(self, mats: list[np.ndarray], rel: np.ndarray, top_m: int = 50, batch_elems: int = 4_000_000, n_blocks: int = 4,
+                 fusion: str | None = None, chunk_elems: int | None = None):
+        if fusion is not None:
+            check_fusion(fusion)
+        self.fusion = fusion
+        self.mats = [np.asarray(m) if fusion is not None else np.ascontiguousarray(m, dtype=np.float32) for m in mats]
         self.rel = np.asarray(rel, dtype=bool)
         n_q, n_g = self.rel.shape
         self.n_models, self.n_queries = len(mats), n_q
         self.batch_elems = batch_elems
         self.fallback_pairs = 0
-        stack = np.stack(self.mats)  # (models, q, g)
-        top_m = min(top_m, n_g)
-        bound_parts = None  # nothing left out: no bound needed
-        if top_m >= n_g:
-            top = np.broadcast_to(np.arange(n_g), (n_q, n_g))
-        else:
-            parts = [np.argpartition(-m, top_m, axis=1) for m in self.mats]
-            top = np.concatenate([p[:, :top_m] for p in parts], axis=1)
-            bound_parts = np.stack([np.take_along_axis(m, p[:, top_m : top_m + 1], axis=1)[:, 0] for m, p in zip(self.mats, parts)])
-        # right answers first (ascending column), then the other kept columns; n_g pads
         n_rel = self.rel.sum(axis=1)
         self.width_rel = max(1, int(n_rel.max()))
-        rel_cols = np.sort(np.where(self.rel, np.arange(n_g), n_g), axis=1)[:, : self.width_rel]
-        other = _distinct(np.where(np.take_along_axis(self.rel, top, axis=1), n_g, top), n_g)
-        other = _prune(stack, rel_cols, other, n_g)
-        cols = np.concatenate([rel_cols, other], axis=1)
-        floor = stack.min(axis=(1, 2)) - np.maximum(1.0, np.abs(stack).max(axis=(1, 2)))  # below anything real
-        width = (cols < n_g).sum(axis=1)
+        top_m = min(top_m, n_g)
+        chunks = [(rows, self._kept_chunk(rows, top_m)) for rows in row_chunks(n_q, n_g * self.n_models, chunk_elems)]
+        # right answers first (ascending column, padded to width_rel), then the other kept columns; n_g pads
+        width_all = max(c[0].shape[1] for _, c in chunks)
+        cols = np.full((n_q, width_all), n_g, dtype=np.int64)
+        kept_all = np.empty((self.n_models, n_q, width_all), dtype=np.float32)
+        bound_parts = None if top_m >= n_g else np.empty((self.n_models, n_q), dtype=np.float32)  # nothing left out: no bound
+        for rows, (c, k, b, floor) in chunks:
+            cols[rows, : c.shape[1]] = c
+            kept_all[:, rows, : c.shape[1]] = k
+            kept_all[:, rows, c.shape[1] :] = floor[:, :, None]
+            if bound_parts is not None:
+                bound_parts[:, rows] = b
+        del chunks
+        # the right answers take width_rel slots in every row (padded), so a row's last real column
+        # sits at width_rel + its count of other columns, not at its count of real columns
+        width = self.width_rel + (cols[:, self.width_rel :] < n_g).sum(axis=1)
         order = np.argsort(width, kind="stable")
         self.blocks = []
         for rows in np.array_split(order, min(n_blocks, n_q)):
             if len(rows) == 0:
                 continue
-            c = cols[rows, : max(self.width_rel + 1, int(width[rows].max()))]
-            safe = np.minimum(c, n_g - 1)
-            kept = np.stack([np.where(c < n_g, np.take_along_axis(m[rows], safe, axis=1), f) for m, f in zip(self.mats, floor)])
-            self.blocks.append(_Block(rows, c, kept.astype(np.float32), n_rel[rows] > 0, None if bound_parts is None else bound_parts[:, rows]))
+            w = max(self.width_rel + 1, int(width[rows].max()))  # never cuts a real column
+            self.blocks.append(_Block(rows, cols[rows, :w], np.ascontiguousarray(kept_all[:, rows, :w]), n_rel[rows] > 0,
+                                      None if bound_parts is None else bound_parts[:, rows]))
         self.kept_elems = sum(b.kept[0].size for b in self.blocks)
+
+    def rows(self, m: int, idx) -> np.ndarray:
+        """Model ``m``'s transformed values of the rows ``idx`` (a slice or indices), float32."""
+        if self.fusion is None:
+            return self.mats[m][idx]
+        return transform(self.mats[m][idx], self.fusion)
+
+    def fused(self, weights: np.ndarray) -> np.ndarray:
+        """The full fused matrix of one weight vector (as :func:`utils.ensemble.fusion.fuse`)."""
+        if self.fusion is None:
+            return weighted_sum(self.mats, weights)
+        return fuse(self.mats, np.asarray(weights, dtype=np.float32), self.fusion)
+
+    def _kept_chunk(self, rows: slice, top_m: int) -> tuple[np.ndarray, np.ndarray, np.ndarray | None, np.ndarray]:
+        """For a chunk of queries: kept columns (r, width), their values (models, r, width) with pads
+        at ``floor``, each model's best value outside its top-m (models, r), and ``floor`` (models, r):
+        a value below every real value of the row."""
+        vals = np.stack([self.rows(m, rows) for m in range(self.n_models)])  # (models, r, g)
+        rel = self.rel[rows]
+        n_g = rel.shape[1]
+        bound = None
+        if top_m >= n_g:
+            top = np.broadcast_to(np.arange(n_g), rel.shape)
+        else:
+            parts = [np.argpartition(-v, top_m, axis=1)[:, : top_m + 1] for v in vals]
+            top = np.concatenate([p[:, :top_m] for p in parts], axis=1)
+            bound = np.stack([np.take_along_axis(v, p[:, top_m:], axis=1)[:, 0] for v, p in zip(vals, parts)])
+        rel_cols = np.sort(np.where(rel, np.arange(n_g), n_g), axis=1)[:, : self.width_rel]
+        other = _distinct(np.where(np.take_along_axis(rel, top, axis=1), n_g, top), n_g)
+        other = _prune(vals, rel_cols, other, n_g)
+        cols = np.concatenate([rel_cols, other], axis=1)
+        floor = vals.min(axis=2) - np.maximum(1.0, np.abs(vals).max(axis=2))  # (models, r): below the row's real values
+        kept = np.take_along_axis(vals, np.minimum(cols, n_g - 1)[None], axis=2)
+        kept = np.where(cols[None] < n_g, kept, floor[:, :, None]).astype(np.float32)
+        return cols, kept, bound, floor.astype(np.float32)
 
     def first_hit(self, weights: np.ndarray, progress: str | None = None) -> np.ndarray:
         """(n_candidates, n_queries) int16 first-hit ranks within the Top-10 (10 = miss)."""
@@ -142,12 +190,25 @@ class CandidateScorer:
             raise ValueError("weights must be non-negative (the exactness bound needs it)")
         out = np.empty((len(weights), self.n_queries), dtype=np.int16)
         batch = max(1, self.batch_elems // max(1, self.kept_elems))
+        pending_cands, pending_queries = [], []  # pairs without a certificate: ranked on whole rows at the end
         with ProgressBar(progress or "weights", total=len(weights)) as bar:
             for start in range(0, len(weights), batch):
                 w = weights[start : start + batch]
                 for block in self.blocks:
-                    out[start : start + len(w), block.rows] = self._block_ranks(block, w)
+                    rank, b_idx, q_idx = self._block_ranks(block, w)
+                    out[start : start + len(w), block.rows] = rank
+                    pending_cands.append(start + b_idx)
+                    pending_queries.append(block.rows[q_idx])
                 bar.advance(len(w))
+        # all weights zero: every column ties at 0, so the lower column wins and the pruning's
+        # "wins for every weight" margins do not hold; such candidates are ranked on whole rows
+        for i in np.flatnonzero(~(weights > 0).any(axis=1)):
+            pending_cands.append(np.full(self.n_queries, i))
+            pending_queries.append(np.arange(self.n_queries))
+        cands, queries = np.concatenate(pending_cands), np.concatenate(pending_queries)
+        if len(cands):
+            out[cands, queries] = self._full_rows(weights, cands, queries)
+            self.fallback_pairs += len(cands)
         return out
 
     def points(self, weights: np.ndarray, progress: str | None = None) -> np.ndarray:
@@ -169,34 +230,49 @@ class CandidateScorer:
             best_col = c[np.arange(len(q_idx)), pos[b_idx, q_idx]]
             beaten[b_idx, q_idx] += ((fused[b_idx, q_idx] == best[b_idx, q_idx]) & (c < best_col[:, None])).sum(axis=1)
         rank = np.where(block.has_rel, np.minimum(beaten, MISS), MISS)
+        none = np.zeros(0, dtype=np.int64)
         if block.bound_parts is None:
-            return rank
+            return rank, none, none
         bound = w[:, 0, None] * block.bound_parts[0]
         for m in range(1, self.n_models):
             bound = bound + w[:, m, None] * block.bound_parts[m]
         # a column left out scores at most `bound`: exact if the best hit beats it, or 10 kept columns beat the hit
         unsure = block.has_rel & (best[:, :, 0] <= bound) & (rank < MISS)
-        if unsure.any():
-            b_idx, q_idx = np.nonzero(unsure)
-            rank[b_idx, q_idx] = self._full_rows(w[b_idx], block.rows[q_idx])
-            self.fallback_pairs += len(b_idx)
-        return rank
+        b_idx, q_idx = np.nonzero(unsure)
+        return rank, b_idx, q_idx
 
-    def _full_rows(self, w: np.ndarray, q_idx: np.ndarray, chunk: int = 1024) -> np.ndarray:
-        """First-hit ranks (capped at 10) of (weights, query) pairs on their whole rows."""
-        out = np.empty(len(q_idx), dtype=np.int64)
-        cols = np.arange(self.rel.shape[1])
-        for s in range(0, len(q_idx), chunk):
-            ws, qs = w[s : s + chunk], q_idx[s : s + chunk]
-            rows = ws[:, 0, None] * self.mats[0][qs]
-            for m in range(1, self.n_models):
-                rows += ws[:, m, None] * self.mats[m][qs]
-            rel = self.rel[qs]
-            rel_vals = np.where(rel, rows, -np.inf)
-            pos = rel_vals.argmax(axis=1)
-            best = rows[np.arange(len(qs)), pos][:, None]
-            beaten = (rows > best).sum(axis=1) + ((rows == best) & (cols < pos[:, None])).sum(axis=1)
-            out[s : s + len(qs)] = np.where(rel.any(axis=1), np.minimum(beaten, MISS), MISS)
+    def _full_rows(self, weights: np.ndarray, cands: np.ndarray, queries: np.ndarray) -> np.ndarray:
+        """First-hit ranks (capped at 10) of (candidate, query) pairs on their whole rows.
+
+        Pairs are grouped by query, so each query's rows are read (and, with ``fusion``,
+        transformed) once per call, a bounded chunk of queries at a time.
+        """
+        n_g = self.rel.shape[1]
+        per_read = max(1, fusion_mod.CHUNK_ELEMS // max(1, n_g * self.n_models))  # queries whose rows are read at once
+        per_sum = max(1, fusion_mod.CHUNK_ELEMS // max(1, n_g))  # pairs fused at once
+        order = np.argsort(queries, kind="stable")
+        cands, queries = cands[order], queries[order]
+        uq, first = np.unique(queries, return_index=True)
+        bounds = np.append(first, len(queries))
+        cols = np.arange(n_g)
+        res = np.empty(len(queries), dtype=np.int64)
+        for s in range(0, len(uq), per_read):
+            qs = uq[s : s + per_read]
+            vals = [self.rows(m, qs) for m in range(self.n_models)]
+            lo, hi = bounds[s], bounds[min(s + per_read, len(uq))]
+            for p in range(lo, hi, per_sum):
+                e = min(p + per_sum, hi)
+                local, ws = np.searchsorted(qs, queries[p:e]), weights[cands[p:e]]
+                rows = ws[:, 0, None] * vals[0][local]
+                for m in range(1, self.n_models):
+                    rows += ws[:, m, None] * vals[m][local]
+                rel = self.rel[queries[p:e]]
+                pos = np.where(rel, rows, -np.inf).argmax(axis=1)
+                best = rows[np.arange(e - p), pos][:, None]
+                beaten = (rows > best).sum(axis=1) + ((rows == best) & (cols < pos[:, None])).sum(axis=1)
+                res[p:e] = np.where(rel.any(axis=1), np.minimum(beaten, MISS), MISS)
+        out = np.empty_like(res)
+        out[order] = res
         return out
 
 
@@ -223,7 +299,11 @@ def _dominates(a: np.ndarray, a_col: np.ndarray, b: np.ndarray, b_col: np.ndarra
 
 
 def _prune(stack: np.ndarray, rel_cols: np.ndarray, other: np.ndarray, n_g: int, chunk: int = 64) -> np.ndarray:
-    """Drop kept columns that never change a first hit within the Top-10 (see CandidateScorer)."""
+    """Drop kept columns that never change a first hit within the Top-10 (see CandidateScorer).
+
+    ``stack`` is (models, rows, g) for these rows only: the margin that beats float rounding
+    scales with the largest value of these rows, which bounds every weighted sum they give.
+    """
     margin = 1e-5 * (np.abs(stack).max() + 1.0)
     keep = other < n_g
     for s in range(0, len(other), chunk):
@@ -332,7 +412,7 @@ def search_weights(
     i = int(order[0])
     tied = order[(smooth[order] >= smooth[i] - 1e-9) & (mean[order] >= mean[i] - 1e-9)][:MAX_MAP_TIES]
     if len(tied) > 1:  # the score saturates (small or easy validation): mAP still ranks the whole list
-        maps = [np.nanmean(average_precision(weighted_sum(scorer.mats, cands[j]), scorer.rel)) for j in tied]
+        maps = [np.nanmean(average_precision(scorer.fused(cands[j]), scorer.rel)) for j in tied]
         i = int(tied[int(np.argmax(maps))])
     chosen, b_mean, b_std, b_score = cands[i], mean[i], std[i], points[i].mean()
     return SearchResult(

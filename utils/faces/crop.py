@@ -20,7 +20,6 @@ a face crop; ``Crops.fallback`` marks and counts those images.
 from __future__ import annotations
 
 import importlib.util
-import io
 import logging
 import math
 from dataclasses import dataclass
@@ -31,9 +30,8 @@ import cv2
 import numpy as np
 from torch.utils.data import DataLoader, Dataset
 
-from utils.atomic import atomic_write_bytes
 from utils.data.images import ImageError, load_image
-from utils.embedding.embed import files_key
+from utils.embedding.cache import cached, files_key
 from utils.errors import KitError
 from utils.faces.detect import FaceDetector, Faces
 from utils.progress import ProgressBar
@@ -238,24 +236,18 @@ def face_crops(
     """
     paths = [Path(p) for p in paths]
     det_tag = detector.params.tag() if detector is not None else "no-detector"
-    cache = None
-    if cache_dir is not None:
-        cache = Path(cache_dir) / f"crops_{files_key(paths, det_tag + '|' + params.tag())}.npz"
-        if cache.is_file():
-            with np.load(cache) as z:
-                crops = Crops(z["pixels"], z["fallback"], z["boxes"], z["probs"])
-            log.info("%s: %d crops from cache %s (%d without a face)", desc, len(paths), cache.name, crops.n_fallback)
-            return crops
-    n = len(paths)
-    if detector is not None:
-        faces = detector.detect(paths, batch_size=batch_size, workers=workers, desc=f"{desc}: detecting")
-    else:
-        faces = Faces(np.full((n, 4), np.nan, np.float32), np.full((n, 5, 2), np.nan, np.float32), np.zeros(n, np.float32), np.zeros((n, 2), np.int64))
-    crops = cut_crops(paths, faces, params, workers=workers, desc=f"{desc}: cropping")
-    if crops.n_fallback:
-        log.warning("%s: no face found in %d of %d images; used the centre square", desc, crops.n_fallback, n)
-    if cache is not None:
-        buf = io.BytesIO()
-        np.savez(buf, pixels=crops.pixels, fallback=crops.fallback, boxes=crops.boxes, probs=crops.probs)
-        atomic_write_bytes(cache, buf.getvalue())
-    return crops
+    cache = Path(cache_dir) / f"crops_{files_key(paths, det_tag + '|' + params.tag())}.npz" if cache_dir is not None else None
+
+    def compute() -> dict[str, np.ndarray]:
+        n = len(paths)
+        if detector is not None:
+            faces = detector.detect(paths, batch_size=batch_size, workers=workers, desc=f"{desc}: detecting")
+        else:
+            faces = Faces(np.full((n, 4), np.nan, np.float32), np.full((n, 5, 2), np.nan, np.float32), np.zeros(n, np.float32), np.zeros((n, 2), np.int64))
+        crops = cut_crops(paths, faces, params, workers=workers, desc=f"{desc}: cropping")
+        if crops.n_fallback:
+            log.warning("%s: no face found in %d of %d images; used the centre square", desc, crops.n_fallback, n)
+        return {"pixels": crops.pixels, "fallback": crops.fallback, "boxes": crops.boxes, "probs": crops.probs}
+
+    z = cached(cache, compute, f"{desc}: face crops", finite_keys=("probs",))
+    return Crops(z["pixels"], z["fallback"], z["boxes"], z["probs"])

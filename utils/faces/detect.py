@@ -32,6 +32,7 @@ from PIL import Image
 from torch.utils.data import DataLoader, Dataset
 
 from utils.data.images import ImageError, load_image
+from utils.deps import require
 from utils.errors import KitError
 from utils.progress import ProgressBar
 
@@ -134,6 +135,7 @@ class FaceDetector:
     """MTCNN over batches of letterboxed images."""
 
     def __init__(self, params: DetectorParams, device: torch.device):
+        require("facenet_pytorch", "face detection (MTCNN)")
         from facenet_pytorch import MTCNN
 
         params.check()

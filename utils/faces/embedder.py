@@ -1,8 +1,8 @@
 """Face embedders over batches of crops: FaceNet (InceptionResnetV1) and dlib's ResNet.
 
 Both take (B, 3, S, S) float pixels in 0..255 (one test-time view of a batch of
-crops) and return (B, d) embeddings; :func:`embed_crops` runs every view of
-every batch and averages the L2-normalised results.
+crops) and return (B, d) embeddings; :func:`utils.embedding.embed.embed_arrays`
+runs every view of every batch and averages the L2-normalised results.
 
 Weights (``--weights``):
     FaceNet: ``vggface2`` / ``casia-webface`` (facenet-pytorch's release files,
@@ -10,10 +10,11 @@ Weights (``--weights``):
         floor), or a local facenet-pytorch state dict file.
     dlib: ``default`` (the .dat shipped by face_recognition_models, offline) or
         a local ``dlib_face_recognition_resnet_model_v1.dat``.
+    ``default`` is FaceNet's ``vggface2`` and dlib's packaged file.
 
 Example:
     >>> emb = build_embedder("facenet", "none", torch.device("cpu"))
-    >>> e = embed_crops(emb, crops.pixels, tta_views(["flip"]), device=torch.device("cpu"))
+    >>> e = embed_arrays(emb, crops.pixels, tta_views(["flip"]), device=torch.device("cpu"), out_px=emb.input_px)
 """
 
 from __future__ import annotations
@@ -21,16 +22,13 @@ from __future__ import annotations
 import logging
 import os
 from pathlib import Path
-from typing import Sequence
 
 import numpy as np
 import torch
 
-from utils.embedding.embed import l2_normalize
-from utils.embedding.views import View, render_view
+from utils.deps import require
 from utils.errors import KitError
 from utils.faces.crop import face_models_file
-from utils.progress import ProgressBar
 from utils.training.checkpoint import load_into, load_weights_file
 
 log = logging.getLogger(__name__)
@@ -136,36 +134,9 @@ def build_embedder(name: str, weights: str, device: torch.device, amp: torch.dty
         KitError: unknown name, or weights missing or not fitting.
     """
     if name == "facenet":
+        require("facenet_pytorch", "--embedder facenet")
         return FaceNetEmbedder("vggface2" if weights == "default" else weights, device, amp)
     if name == "dlib":
+        require("dlib", "--embedder dlib")
         return DlibEmbedder(weights)
     raise KitError(f"--embedder {name!r}: choose from {list(EMBEDDERS)}")
-
-
-@torch.no_grad()
-def embed_crops(
-    embedder,
-    pixels: np.ndarray,
-    views: Sequence[View],
-    *,
-    device: torch.device,
-    batch_size: int = 64,
-    desc: str = "embedding",
-) -> np.ndarray:
-    """Embed context crops (n, C, C, 3) uint8 with every view; (n, d) float32, L2-normalised."""
-    chunks = []
-    with ProgressBar(desc, total=len(pixels)) as bar:
-        for start in range(0, len(pixels), batch_size):
-            batch = torch.from_numpy(pixels[start : start + batch_size])
-            if device.type == "cuda":
-                batch = batch.pin_memory()
-            x = batch.to(device, non_blocking=True).permute(0, 3, 1, 2).float()
-            acc = None
-            for view in views:
-                e = torch.nn.functional.normalize(embedder(render_view(x, view, embedder.input_px)).float(), dim=1)
-                acc = e if acc is None else acc + e
-            chunks.append(acc.cpu().numpy())
-            bar.advance(len(batch))
-    if not chunks:
-        raise KitError(f"{desc}: no images to embed")
-    return l2_normalize(np.concatenate(chunks))

@@ -4,21 +4,39 @@ A run folder ``runs/<model>/`` holds ``val_sim.npy``, ``test_sim.npy`` (float32,
 (n_queries, n_gallery), higher = more similar, finite) and ``meta.json`` with
 the query and gallery names of each split in row/column order. Loading checks
 all of it; :func:`align_runs` joins several runs by name, never by row order.
+
+``meta.json`` is the completion marker. :func:`save_run` checks every matrix
+before writing any, removes the old marker, writes each matrix through a
+temporary file, and writes ``meta.json`` last with each matrix's sha256, shape
+and dtype. :func:`load_run` streams each matrix through sha256 and refuses a
+file that does not match, so a folder is either complete and consistent or
+refused. A model script calls :func:`invalidate_run` before a re-run starts, so
+a re-run that is killed or fails leaves a folder that loaders refuse.
+:func:`scan_runs` finds the usable runs under a runs folder and says why it
+leaves each other one out.
 """
 
 from __future__ import annotations
 
+import hashlib
+import io
 import json
+import logging
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
-from utils.atomic import atomic_save_npy, atomic_write_json
+from utils.atomic import atomic_write_bytes, atomic_write_json
 from utils.errors import KitError
 
+log = logging.getLogger(__name__)
+
 SPLITS = ("val", "test")
+MARKER = "meta.json"  # written last; a folder without it is an unfinished run
+RUN_FILES = (MARKER, "val_sim.npy", "test_sim.npy", "last.pt", "best.pt")  # any of them: a run folder
+_CHUNK = 1 << 20
 
 
 @dataclass
@@ -59,38 +77,99 @@ def check_matrix(sim: np.ndarray, n_rows: int, n_cols: int, where: Path | str) -
         raise KitError(f"{where}: {bad} NaN or infinite value(s); the model run is broken, re-run it")
 
 
+def invalidate_run(run_dir: str | Path) -> bool:
+    """Remove the completion marker of an earlier run in ``run_dir`` (before a re-run starts).
+
+    Until the re-run writes a new ``meta.json``, loaders refuse the folder, so a
+    re-run that is killed or fails never leaves the old matrices looking current.
+
+    Returns:
+        whether there was a marker to remove.
+    """
+    marker = Path(run_dir) / MARKER
+    try:
+        marker.unlink()
+    except FileNotFoundError:
+        return False
+    log.info("cleared the completion marker of the earlier run in %s", marker.parent)
+    return True
+
+
+def _npy_bytes(sim: np.ndarray) -> bytes:
+    buf = io.BytesIO()
+    np.save(buf, sim, allow_pickle=False)
+    return buf.getvalue()
+
+
 def save_run(run_dir: str | Path, splits: dict[str, SimMatrix], meta: dict[str, Any]) -> Path:
-    """Write every split's matrix and then ``meta.json`` (names included), atomically."""
+    """Check every split's matrix, then write them and, last, ``meta.json`` with their hashes.
+
+    Nothing is written when any matrix or name list is bad, and a failure while
+    writing leaves no ``meta.json``: the folder is complete or refused.
+
+    Raises:
+        KitError: a matrix is not finite, its shape does not match its names,
+            or names repeat.
+    """
     run_dir = Path(run_dir)
     meta = dict(meta)
-    meta["splits"] = {}
+    meta["splits"], meta["files"] = {}, {}
+    checked = []
     for split, m in splits.items():
         sim = np.ascontiguousarray(m.sim, dtype=np.float32)
         where = run_dir / f"{split}_sim.npy"
         check_matrix(sim, len(m.query_names), len(m.gallery_names), where)
         _check_names(m.query_names, "query", where)
         _check_names(m.gallery_names, "gallery", where)
-        atomic_save_npy(where, sim)
+        checked.append((split, m, sim, where))
+    invalidate_run(run_dir)
+    for split, m, sim, where in checked:
+        data = _npy_bytes(sim)
+        atomic_write_bytes(where, data)
+        meta["files"][where.name] = {"sha256": hashlib.sha256(data).hexdigest(), "shape": list(sim.shape), "dtype": str(sim.dtype)}
         meta["splits"][split] = {"query_names": list(m.query_names), "gallery_names": list(m.gallery_names)}
-    atomic_write_json(run_dir / "meta.json", meta)
+    atomic_write_json(run_dir / MARKER, meta)
     return run_dir
+
+
+def _load_checked(where: Path, record: dict[str, Any] | None) -> np.ndarray:
+    """Stream ``where`` through sha256, compare with ``record`` from meta.json, then load it."""
+    if not isinstance(record, dict) or "sha256" not in record:
+        raise KitError(f"{where}: meta.json holds no sha256 for it (an older kit wrote this run, or it was edited); re-run the model")
+    try:
+        with open(where, "rb") as f:
+            digest = hashlib.sha256()
+            while chunk := f.read(_CHUNK):
+                digest.update(chunk)
+            if digest.hexdigest() != record["sha256"]:
+                raise KitError(f"{where}: does not match the sha256 in meta.json (written by another run); re-run the model")
+            f.seek(0)
+            return np.load(f, allow_pickle=False)
+    except (ValueError, OSError) as err:
+        raise KitError(f"{where}: cannot read ({err})") from None
 
 
 def load_run(run_dir: str | Path, splits: tuple[str, ...] = SPLITS) -> Run:
     """Load and check a run folder.
 
     Raises:
-        KitError: missing files, unreadable matrices, shapes that do not match
-            the names, NaN or infinite values, repeated names.
+        KitError: no ``meta.json`` (the run is unfinished), missing files, a
+            matrix whose sha256 differs from meta.json's, unreadable matrices,
+            shapes that do not match the names, NaN or infinite values,
+            repeated names.
     """
     run_dir = Path(run_dir)
-    meta_path = run_dir / "meta.json"
+    meta_path = run_dir / MARKER
     if not meta_path.is_file():
+        if any((run_dir / f).exists() for f in RUN_FILES):
+            raise KitError(f"{meta_path}: not found; the run is incomplete (killed, failed or still running); re-run the model")
         raise KitError(f"{meta_path}: not found; run the model script first")
     try:
         meta = json.loads(meta_path.read_text())
     except json.JSONDecodeError as err:
         raise KitError(f"{meta_path}: not valid JSON ({err})") from None
+    if not isinstance(meta, dict):
+        raise KitError(f"{meta_path}: expected a JSON object; re-run the model")
     run = Run(name=meta.get("model", run_dir.name), path=run_dir, meta=meta)
     for split in splits:
         where = run_dir / f"{split}_sim.npy"
@@ -99,10 +178,7 @@ def load_run(run_dir: str | Path, splits: tuple[str, ...] = SPLITS) -> Run:
             raise KitError(f"{meta_path}: no names for split {split!r}")
         if not where.is_file():
             raise KitError(f"{where}: not found; the model run did not finish")
-        try:
-            sim = np.load(where, allow_pickle=False)
-        except (ValueError, OSError) as err:
-            raise KitError(f"{where}: cannot read ({err})") from None
+        sim = _load_checked(where, meta.get("files", {}).get(where.name))
         q, g = names["query_names"], names["gallery_names"]
         check_matrix(sim, len(q), len(g), where)
         _check_names(q, "query", where)
@@ -139,3 +215,56 @@ def align_runs(runs: list[Run], split: str) -> list[SimMatrix]:
         c = np.array([cols[n] for n in ref.gallery_names])
         out.append(SimMatrix(m.sim[np.ix_(r, c)], ref.query_names, ref.gallery_names))
     return out
+
+
+def _names_differ(ref: Run, run: Run) -> str:
+    """Why ``run``'s names differ from ``ref``'s ('' when they agree on every split)."""
+    for split in SPLITS:
+        for what in ("query", "gallery"):
+            a = set(getattr(ref.splits[split], f"{what}_names"))
+            b = set(getattr(run.splits[split], f"{what}_names"))
+            if a != b:
+                return (f"its {split} {what} names differ from {ref.path} (missing {sorted(a - b)[:3]}, "
+                        f"extra {sorted(b - a)[:3]}); re-run it on the same data and split")
+    return ""
+
+
+def scan_runs(runs_dir: str | Path, exclude: tuple[Path, ...] = ()) -> tuple[list[Run], list[tuple[Path, str]]]:
+    """The complete runs under ``runs_dir`` that agree on names, and each folder left out with why.
+
+    A subfolder counts as a run when it holds any of :data:`RUN_FILES`. Left
+    out: incomplete runs (no ``meta.json``, a missing matrix), matrices that do
+    not match their hashes, and runs whose names differ from the largest group
+    of runs that agree.
+
+    Raises:
+        KitError: two equally large groups of runs disagree on names (which
+            one is current cannot be told).
+    """
+    runs_dir = Path(runs_dir)
+    skip = {Path(p).resolve() for p in exclude}
+    runs, left_out = [], []
+    for d in sorted(p for p in runs_dir.iterdir() if p.is_dir() and p.resolve() not in skip):
+        if not any((d / f).exists() for f in RUN_FILES):
+            continue
+        try:
+            runs.append(load_run(d))
+        except KitError as err:
+            left_out.append((d, str(err)))
+    groups: list[list[Run]] = []
+    for run in runs:
+        group = next((g for g in groups if not _names_differ(g[0], run)), None)
+        if group is None:
+            groups.append([run])
+        else:
+            group.append(run)
+    if not groups:
+        return [], left_out
+    keep = max(groups, key=len)
+    tied = [g for g in groups if len(g) == len(keep) and g is not keep]
+    if tied:
+        raise KitError(f"{tied[0][0].path}: {_names_differ(keep[0], tied[0][0])}; or choose the runs with --models")
+    for group in groups:
+        if group is not keep:
+            left_out += [(r.path, _names_differ(keep[0], r)) for r in group]
+    return keep, sorted(left_out)

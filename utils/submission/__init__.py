@@ -1,1 +1,2 @@
-"""Submission: top-10 lists, their validation and body, the HTTP client, and the local server."""
+"""Submission: ``lists`` (top-10 lists, validation, the body), ``client`` (the POST), ``ledger``
+(every attempt), ``preview`` (HTML of the lists), ``stages`` (submit.py's steps), ``server`` (local)."""

@@ -1,20 +1,19 @@
-"""Top-10 lists, their validation, the request body, and posting it with retries.
+"""Top-10 lists, their validation, and the request body (building, saving, reading it back).
 
 Body forms (DESIGN.md): ``dict`` -> ``{"groupname": G, "images": {query: [10 names]}}``;
 ``list`` (earlier rounds) -> ``{"groupname": G, "images": [{"filename": q,
-"gallery_images": [10 names]}]}``. The body is always written to disk first.
+"gallery_images": [10 names]}]}``. The body is always written to disk first;
+:func:`parse_body` reads either form back and checks its shape (``--resend`` and
+the local server use it). Posting it is utils.submission.client.
 """
 
 from __future__ import annotations
 
 import json
 import logging
-import time
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
-
-import requests
 
 from utils.atomic import atomic_write_bytes
 from utils.errors import KitError
@@ -27,8 +26,8 @@ TOP_K = 10
 FORMATS = ("dict", "list")
 
 
-class NotSubmitted(KitError):
-    """The server did not accept the submission; the body is on disk."""
+class BadBody(KitError):
+    """A request body that breaks the protocol (its shape, not its names)."""
 
 
 def top_lists(m: SimMatrix, k: int = TOP_K) -> dict[str, list[str]]:
@@ -50,15 +49,16 @@ def validate_lists(
     missing = [q for q in query_names if q not in lists]
     if missing:
         raise KitError(f"{len(missing)} query image(s) have no list, e.g. {missing[:3]}")
-    extra = [q for q in lists if q not in set(query_names)]
+    known = set(query_names)  # built once: rebuilding it per query made this quadratic
+    extra = [q for q in lists if q not in known]
     if extra:
         raise KitError(f"{len(extra)} list(s) for unknown queries, e.g. {extra[:3]}")
     gallery = set(gallery_names)
     for q, names in lists.items():
         if len(names) != k or len(set(names)) != k:
             raise KitError(f"query {q}: needs {k} distinct gallery names, got {len(set(names))} of {len(names)}")
-        unknown = [g for g in names if g not in gallery]
-        if unknown:
+        if not gallery.issuperset(names):
+            unknown = [g for g in names if g not in gallery]
             raise KitError(f"query {q}: {unknown[:3]} not in the gallery")
 
 
@@ -88,33 +88,43 @@ def save_body(body: dict[str, Any], out_dir: str | Path) -> Path:
     return atomic_write_bytes(path, json.dumps(body, indent=1).encode())
 
 
-def post(url: str, body: dict[str, Any], timeout_s: float = 30.0, retries: int = 3, backoff_s: float = 1.0) -> dict[str, Any]:
-    """POST ``body``; retry connection errors, timeouts and 5xx with exponential backoff.
+def parse_body(body: Any, k: int | None = TOP_K) -> tuple[str, dict[str, list[str]]]:
+    """``(group, {query: names})`` from a body of either form, its shape checked.
 
-    4xx answers are final (the body is wrong; sending it again cannot help).
+    A group name, at least one query, each query once, each list made of strings
+    and (unless ``k`` is None) ``k`` distinct ones. Whether the names exist is
+    :func:`validate_lists`' job.
 
     Raises:
-        NotSubmitted: the server refused the body, or never answered well.
+        BadBody: naming the first rule broken.
     """
-    last = ""
-    for attempt in range(retries + 1):
-        if attempt:
-            wait = backoff_s * 2 ** (attempt - 1)
-            log.warning("retrying in %.1f s (%s)", wait, last)
-            time.sleep(wait)
-        try:
-            resp = requests.post(url, json=body, timeout=timeout_s)
-        except (requests.ConnectionError, requests.Timeout) as err:
-            last = f"{type(err).__name__}: cannot reach {url}"
-            continue
-        if resp.status_code >= 500:
-            last = f"HTTP {resp.status_code} from {url}"
-            continue
-        if resp.status_code >= 400:
-            raise NotSubmitted(f"HTTP {resp.status_code} from {url}: {resp.text.strip()[:300]}")
-        try:
-            reply = resp.json()
-        except ValueError:
-            raise NotSubmitted(f"{url} answered HTTP {resp.status_code} but not JSON: {resp.text[:200]!r}") from None
-        return reply if isinstance(reply, dict) else {"reply": reply}
-    raise NotSubmitted(f"gave up after {retries + 1} attempts ({last})")
+    if not isinstance(body, dict):
+        raise BadBody("body must be a JSON object with 'groupname' and 'images'")
+    group = body.get("groupname")
+    if not isinstance(group, str) or not group.strip():
+        raise BadBody("'groupname' must be a non-empty string")
+    images = body.get("images")
+    if isinstance(images, list):
+        pairs = []
+        for i, item in enumerate(images):
+            if not isinstance(item, dict) or "filename" not in item or "gallery_images" not in item:
+                raise BadBody(f"images[{i}] must be {{'filename': ..., 'gallery_images': [...]}}")
+            pairs.append((item["filename"], item["gallery_images"]))
+    elif isinstance(images, dict):
+        pairs = list(images.items())
+    else:
+        raise BadBody("'images' must be {query: [gallery names]} or a list of {filename, gallery_images}")
+    if not pairs:
+        raise BadBody("'images' is empty: no query has a list")
+    lists: dict[str, list[str]] = {}
+    for q, names in pairs:
+        if not isinstance(q, str):
+            raise BadBody(f"query name {str(q)[:80]} is not a string")
+        if q in lists:
+            raise BadBody(f"query {q} is listed twice")
+        if not isinstance(names, list) or not all(isinstance(g, str) for g in names):
+            raise BadBody(f"query {q}: needs a list of {k or TOP_K} gallery names (strings)")
+        if k is not None and (len(names) != k or len(set(names)) != k):
+            raise BadBody(f"query {q}: needs {k} distinct gallery names, got {len(set(names))} of {len(names)}")
+        lists[q] = names
+    return group, lists

@@ -33,8 +33,7 @@ class MPerClassShardSampler(Sampler[int]):
     """
 
     def __init__(
-        self, labels: Sequence[int], m: int, batch_size: int, world_size: int = 1, rank: int = 0,
-        length: int | None = None, seed: int = 0,
+        self, labels: Sequence[int], m: int, batch_size: int, world_size: int = 1, rank: int = 0, seed: int = 0,
     ):
         n_classes = len(set(labels))
         global_batch = batch_size * world_size
@@ -45,7 +44,7 @@ class MPerClassShardSampler(Sampler[int]):
                 f"{n_classes} training identities x --m-per-class {m} < a global batch of {global_batch}; "
                 "lower --batch-size or raise --m-per-class"
             )
-        length = max(length or len(labels), global_batch)
+        length = max(len(labels), global_batch)  # one epoch: about one pass over the training images
         self.inner = MPerClassSampler(np.asarray(labels), m, batch_size=global_batch, length_before_new_iter=length)
         self.batch_size, self.world_size, self.rank = batch_size, world_size, rank
         self.seed, self.epoch = seed, 0

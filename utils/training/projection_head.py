@@ -19,16 +19,15 @@ HEAD_KINDS = ("mlp", "linear")
 
 
 class ProjectionHead(nn.Sequential):
-    """``mlp``: Linear-BN-GELU-Dropout-Linear; ``linear``: Linear-BN. No activation at the end.
+    """``mlp``: Linear-BN-GELU-Linear (hidden size = ``out_dim``); ``linear``: Linear-BN. No activation at the end.
 
     Raises:
         KitError: unknown ``kind``.
     """
 
-    def __init__(self, in_dim: int, out_dim: int, kind: str = "mlp", hidden_dim: int = 0, dropout: float = 0.0):
-        hidden = hidden_dim or out_dim
+    def __init__(self, in_dim: int, out_dim: int, kind: str = "mlp"):
         if kind == "mlp":
-            layers = [nn.Linear(in_dim, hidden), nn.BatchNorm1d(hidden), nn.GELU(), nn.Dropout(dropout), nn.Linear(hidden, out_dim)]
+            layers = [nn.Linear(in_dim, out_dim), nn.BatchNorm1d(out_dim), nn.GELU(), nn.Linear(out_dim, out_dim)]
         elif kind == "linear":
             layers = [nn.Linear(in_dim, out_dim, bias=False), nn.BatchNorm1d(out_dim)]
         else:

@@ -1,0 +1,173 @@
+"""Embedding throughput of the kit's path against simple loops and the machine's FLOP-bound limit.
+
+    HF_HUB_OFFLINE=1 .venv/bin/python benchmarks/bench_embed.py                 # ResNet-50 at 224 px, 64 images
+    HF_HUB_OFFLINE=1 .venv/bin/python benchmarks/bench_embed.py --images 128 --models resnet50 clip faces
+
+For each model: images/second through
+- the kit's path (``utils.embedding.embed.embed_images``: DataLoader workers decode and
+  resize, batches under ``inference_mode``, channels-last for CNNs), cold cache;
+- the kit's path one image at a time (batch size 1);
+- a plain batch-32 loop (decode in the main process, ``torch.no_grad``, default memory format);
+and, for ResNet-50, the FLOP-bound limit: the measured fp32 matmul peak of this machine
+divided by the model's FLOPs per image (counted with torch's FlopCounterMode). Random
+weights: throughput does not depend on them. Prints a rich table and writes
+benchmarks/results/bench_embed.md. Compare figures only within one run.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+from PIL import Image
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+
+from rich.table import Table  # noqa: E402
+
+from utils.atomic import atomic_write_bytes  # noqa: E402
+from utils.data.augment import eval_transform  # noqa: E402
+from utils.data.images import load_image  # noqa: E402
+from utils.device import default_workers  # noqa: E402
+from utils.embedding.embed import embed_arrays, embed_images  # noqa: E402
+from utils.embedding.views import tta_views  # noqa: E402
+from utils.logs import console  # noqa: E402
+
+CPU = torch.device("cpu")
+
+
+def matmul_peak_gflops(n: int = 2048, repeats: int = 5) -> float:
+    """Best fp32 GFLOP/s of an n x n matmul on this machine."""
+    a, b = torch.randn(n, n), torch.randn(n, n)
+    torch.mm(a, b)
+    best = 0.0
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        torch.mm(a, b)
+        best = max(best, 2 * n**3 / (time.perf_counter() - t0) / 1e9)
+    return best
+
+
+def flops_per_image(model: torch.nn.Module, size: int) -> float:
+    from torch.utils.flop_counter import FlopCounterMode
+
+    with torch.no_grad(), FlopCounterMode(display=False) as counter:
+        model(torch.zeros(1, 3, size, size))
+    return float(counter.get_total_flops())
+
+
+def make_photos(folder: Path, n: int, seed: int = 0) -> list[Path]:
+    """JPEG photos of 500 x 375 (smooth gradients plus noise, so decoding costs what a photo costs)."""
+    rng = np.random.default_rng(seed)
+    yy, xx = np.mgrid[0:375, 0:500]
+    paths = []
+    for i in range(n):
+        base = (np.stack([xx * rng.uniform(0.2, 0.5), yy * rng.uniform(0.2, 0.6), (xx + yy) * 0.2], axis=2) + rng.uniform(0, 80)) % 255
+        img = (base + rng.normal(0, 12, base.shape)).clip(0, 255).astype(np.uint8)
+        p = folder / f"photo_{i:04d}.jpg"
+        Image.fromarray(img).save(p, quality=90)
+        paths.append(p)
+    return paths
+
+
+def plain_loop(model, paths, size: int, batch: int = 32) -> None:
+    tf = eval_transform(size)
+    with torch.no_grad():
+        for s in range(0, len(paths), batch):
+            x = torch.stack([tf(load_image(p)) for p in paths[s : s + batch]])
+            model(x)
+
+
+def timed(fn) -> float:
+    t0 = time.perf_counter()
+    fn()
+    return time.perf_counter() - t0
+
+
+def bench_cnn(name: str, paths: list[Path], size: int, peak: float, rows: list, workers: int) -> None:
+    import timm
+
+    torch.manual_seed(0)
+    model = timm.create_model(name, pretrained=False, num_classes=0).eval()
+    flops = flops_per_image(model, size)
+    limit = peak * 1e9 / flops
+    n = len(paths)
+    plain = n / timed(lambda: plain_loop(model, paths, size))
+    kit = n / timed(lambda: embed_images(model, paths, eval_transform(size), device=CPU, batch_size=32, workers=workers, channels_last=True))
+    kit_cf = n / timed(lambda: embed_images(model, paths, eval_transform(size), device=CPU, batch_size=32, workers=workers, channels_last=False))
+    one = min(n, 16) / timed(lambda: embed_images(model, paths[:16], eval_transform(size), device=CPU, batch_size=1, workers=0))
+    for label, ips in ((f"kit path, batch 32, {workers} workers, channels-last", kit), ("kit path, channels-first", kit_cf),
+                       ("kit path, one image at a time", one), ("plain batch-32 loop", plain)):
+        rows.append((f"{name} @ {size}px", label, ips, ips / plain, ips / limit))
+    rows.append((f"{name} @ {size}px", f"FLOP-bound limit ({flops / 1e9:.2f} GFLOP/img at {peak:.0f} GFLOP/s)", limit, limit / plain, 1.0))
+
+
+def bench_clip(paths: list[Path], rows: list, workers: int) -> None:
+    import open_clip
+
+    torch.manual_seed(0)
+    model = open_clip.create_model("ViT-B-32", pretrained=None).visual.eval()
+    n = len(paths)
+    plain = n / timed(lambda: plain_loop(model, paths, 224))
+    kit = n / timed(lambda: embed_images(model, paths, eval_transform(224), device=CPU, batch_size=32, workers=workers))
+    for label, ips in (("kit path, batch 32", kit), ("plain batch-32 loop", plain)):
+        rows.append(("open_clip ViT-B-32 tower @ 224px", label, ips, ips / plain, float("nan")))
+
+
+def bench_faces(rows: list) -> None:
+    from utils.faces.embedder import build_embedder
+
+    emb = build_embedder("dlib", "default", CPU)
+    rng = np.random.default_rng(0)
+    crops = rng.integers(0, 256, (32, 187, 187, 3), dtype=np.uint8)
+    for groups, label in (([], "identity only"), (["flip"], "flip (2 views)"), (["flip", "rot", "brightness", "scale"], "all groups (8 views)")):
+        views = tta_views(groups)
+        for stacked in (True, False):
+            t = timed(lambda: embed_arrays(emb, crops, views, device=CPU, out_px=emb.input_px, batch_size=32, stack_views=stacked))  # noqa: B023
+            rows.append(("dlib face embedder on 150px chips", f"{label}, views {'stacked in one call' if stacked else 'one call each'}",
+                         len(crops) / t, float("nan"), float("nan")))
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--images", type=int, default=64, help="photos to embed (default: %(default)s)")
+    ap.add_argument("--models", nargs="+", default=["resnet50", "clip", "faces"], choices=["resnet50", "clip", "faces"],
+                    help="what to measure (default: %(default)s)")
+    ap.add_argument("--workers", type=int, default=-1, help="DataLoader workers of the kit path; -1: the kit's choice (default: %(default)s)")
+    ap.add_argument("--out", type=Path, default=ROOT / "benchmarks" / "results" / "bench_embed.md", help="table file (default: %(default)s)")
+    args = ap.parse_args()
+    workers = default_workers() if args.workers < 0 else args.workers
+    peak = matmul_peak_gflops()
+    rows: list = []
+    with tempfile.TemporaryDirectory() as tmp:
+        paths = make_photos(Path(tmp), args.images)
+        if "resnet50" in args.models:
+            bench_cnn("resnet50", paths, 224, peak, rows, workers)
+        if "clip" in args.models:
+            bench_clip(paths, rows, workers)
+    if "faces" in args.models:
+        bench_faces(rows)
+    table = Table(title=f"embedding throughput, {args.images} images, {torch.get_num_threads()} threads, fp32 matmul peak {peak:.0f} GFLOP/s")
+    for col in ("model", "path", "images/s", "vs plain loop", "of FLOP-bound limit"):
+        table.add_column(col, justify="left" if col in ("model", "path") else "right")
+    md = ["| model | path | images/s | vs plain loop | of FLOP-bound limit |", "|---|---|---:|---:|---:|"]
+    fmt = lambda v, spec: "" if np.isnan(v) else format(v, spec)  # noqa: E731
+    for model, path, ips, rel, frac in rows:
+        cells = (model, path, f"{ips:.2f}", fmt(rel, ".2f") + ("x" if not np.isnan(rel) else ""), fmt(frac, ".2f"))
+        table.add_row(*cells)
+        md.append("| " + " | ".join(cells) + " |")
+    console.print(table)
+    cmd = "HF_HUB_OFFLINE=1 .venv/bin/python benchmarks/bench_embed.py " + " ".join(sys.argv[1:])
+    atomic_write_bytes(args.out, (f"`{cmd.strip()}`\n\n" + "\n".join(md) + "\n").encode())
+    console.print(f"wrote {args.out}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

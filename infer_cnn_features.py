@@ -1,0 +1,203 @@
+"""Frozen ImageNet CNN features, optionally of the faces only: no training, cosine neighbours,
+written as runs/<run-name>/{val,test}_sim.npy + meta.json for the ensemble.
+
+    # ResNet-50's last stage, average-pooled, ImageNet weights from the hub:
+    python infer_cnn_features.py --data DATA
+    # the painting project's two set-ups: VGG16 / ResNet-50 truncated before the classifier
+    python infer_cnn_features.py --data DATA --model vgg16 --pool flatten --img-size 224 --run-name vgg16
+    python infer_cnn_features.py --data DATA --model resnet50 --stage 3 --pool gem --run-name resnet50_s3
+    # its "facial similarity" mode: the box covering every face MTCNN finds (or the face path's one face)
+    python infer_cnn_features.py --data DATA --face-crop all --run-name cnn_faces
+    python infer_cnn_features.py --data DATA --face-crop one --face-select largest
+    # offline: weights from a local file; or random weights (the floor)
+    python infer_cnn_features.py --data DATA --weights /path/to/resnet50.safetensors
+    python infer_cnn_features.py --data DATA --weights none --run-name cnn_random
+
+Stages: read data and the shared validation split -> (--face-crop) detect
+every face with MTCNN, crop each image to the box covering all of them
+(``all``) or to the one face the face path would pick (``one``); an image
+without a face stays whole and is counted in meta.json; crops are cached in
+runs/face_cache/ -> a frozen timm backbone, pruned after ``--stage``, its
+feature map pooled (``--pool avg|max|gem|flatten``) -> L2-normalised
+embeddings (flip TTA), cached -> cosine similarity matrices. Printed beside
+the usual metrics, and recorded in meta.json: the mean RMSE and SSIM between
+each query and its top-``--pixel-k`` retrieved images (the painting
+project's evaluation; grey, ``--pixel-px`` squares; on the images the model saw).
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Sequence
+
+import numpy as np
+import timm
+import torch
+from rich.table import Table
+
+from utils.config import RunConfig, add_config_args, config_from_args, config_to_dict
+from utils.data.augment import eval_transform
+from utils.data.task import prepare_task
+from utils.device import amp_dtype, is_cnn, pick_device, resolve_workers
+from utils.embedding.backbone import create_backbone, weights_id
+from utils.embedding.embed import embed_images
+from utils.embedding.stage_features import POOLS, StageFeatures
+from utils.embedding.step import SETS, embed_task, similarities
+from utils.embedding.views import TTA_GROUPS, PixelScale, tta_views
+from utils.errors import KitError, run_cli
+from utils.faces.detect import SELECT_METHODS, DetectorParams, FaceDetector
+from utils.faces.face_box import FACE_BOX_MODES, face_box_crops
+from utils.logs import console, setup_logging
+from utils.runs.model_run import write_model_run
+from utils.runs.pixel_agreement import grey_squares, topk_agreement
+from utils.runs.similarity_io import invalidate_run
+from utils.seed import seed_everything
+
+log = logging.getLogger("infer_cnn_features")
+
+# ----------------------------------------------------------------------------
+# defaults: every field is a --flag (kebab-case); the resolved config goes to meta.json
+@dataclass
+class Config(RunConfig):
+    # --data, --runs, --seed, --val-fraction, --query-domain, --device, --verbose: utils.config.RunConfig
+    run_name: str = field(default="cnn_features", metadata={"help": "output folder name under --runs"})
+    # backbone: any timm model with intermediate features (resnet50, vgg16, convnext_tiny, vit_base_patch16_224, ...)
+    model: str = field(default="resnet50", metadata={"help": "timm model name"})
+    weights: str = field(default="default", metadata={"help": "backbone weights: 'default' (timm's pretrained, from the hub), 'none' (random init) or a local file", "metavar": "TAG|none|PATH"})
+    img_size: int = field(default=224, metadata={"help": "square input side in pixels"})
+    stage: int = field(default=-1, metadata={"help": "feature stage (timm feature_info index; -1 = the last); earlier = more about texture and colour", "metavar": "N"})
+    pool: str = field(default="avg", metadata={"help": "how the stage's map becomes a vector", "choices": list(POOLS)})
+    # faces: crop before embedding; an image without a face stays whole (counted in meta.json)
+    face_crop: str = field(default="none", metadata={"help": "none, all (box covering every face) or one (the face path's one face)", "choices": ["none", *FACE_BOX_MODES]})
+    face_select: str = field(default="center", metadata={"help": "--face-crop one: which face", "choices": list(SELECT_METHODS)})
+    face_margin: float = field(default=0.2, metadata={"help": "widen the face box by this share of its side on each side"})
+    detect_px: int = field(default=320, metadata={"help": "side of MTCNN's detection canvas; raise it for small faces in big images"})
+    detect_batch_size: int = field(default=16, metadata={"help": "images per detection batch"})
+    # evaluation beside the usual metrics: how alike each query and its top-K look
+    pixel_k: int = field(default=5, metadata={"help": "retrieved images per query compared by RMSE and SSIM (0: skip)", "metavar": "K"})
+    pixel_px: int = field(default=64, metadata={"help": "side of the grey squares RMSE and SSIM compare"})
+    # embedding
+    tta: list[str] = field(default_factory=lambda: ["flip"], metadata={"help": f"test-time view groups added to the identity, of {list(TTA_GROUPS)}; none: identity only"})
+    embed_batch_size: int = field(default=64, metadata={"help": "batch size for embedding"})
+    amp: bool = field(default=True, metadata={"help": "mixed precision on GPU (bf16 where supported)"})
+    workers: int = field(default=-1, metadata={"help": "DataLoader worker processes (-1: half the usable cores, 1 to 8; 0: main process)"})
+# ----------------------------------------------------------------------------
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    add_config_args(parser, Config)
+    return parser
+
+
+def check_config(cfg: Config) -> None:
+    """Flags that argparse cannot check alone."""
+    if not timm.is_model(cfg.model):
+        raise KitError(f"--model {cfg.model!r}: not a timm model; list them with timm.list_models('*resnet*')")
+    for name in ("img_size", "embed_batch_size", "detect_batch_size", "pixel_px"):
+        if getattr(cfg, name) < 1:
+            raise KitError(f"--{name.replace('_', '-')} {getattr(cfg, name)}: at least 1")
+    if cfg.pixel_k < 0:
+        raise KitError(f"--pixel-k {cfg.pixel_k}: 0 or more")
+    if cfg.pixel_px < 7:
+        raise KitError(f"--pixel-px {cfg.pixel_px}: SSIM needs at least 7 pixels")
+    tta_views(cfg.tta)
+
+
+def weights_tag(cfg: Config) -> str:
+    """Identifies the features for the embedding cache."""
+    return f"{cfg.model}|{weights_id(cfg.weights)}|stage={cfg.stage}|{cfg.pool}|{cfg.img_size}"
+
+
+def model_inputs(cfg: Config, task, device: torch.device) -> tuple[dict[str, list[Path]], dict[str, dict[str, int]]]:
+    """What each image set is embedded from: the images, or their face crops; and the face counts."""
+    inputs = {which: list(getattr(task, which)) for which in SETS}
+    if cfg.face_crop == "none":
+        return inputs, {}
+    if cfg.face_crop not in FACE_BOX_MODES:
+        raise KitError(f"--face-crop {cfg.face_crop!r}: choose none or one of {FACE_BOX_MODES}")
+    detector = FaceDetector(DetectorParams(canvas_px=cfg.detect_px, select=cfg.face_select), device)
+    faces = {}
+    for which in SETS:
+        crops = face_box_crops(inputs[which], detector, cfg.face_crop, cfg.face_margin, cfg.runs / "face_cache",
+                               batch_size=cfg.detect_batch_size, desc=which.replace("_", " "))
+        inputs[which] = crops.paths
+        n = len(crops.paths)
+        faces[which] = {"images": n, "faces_found": n - crops.n_whole, "whole_image": crops.n_whole, "faces_total": int(crops.n_faces.sum())}
+    return inputs, faces
+
+
+def pixel_agreement(cfg: Config, inputs: dict[str, list[Path]], sims: dict[str, np.ndarray]) -> dict[str, dict[str, float]]:
+    """Mean RMSE and SSIM of each split's queries against their top-K, and a table of them."""
+    out = {}
+    for split in ("val", "test"):
+        q = grey_squares(inputs[f"{split}_query"], cfg.pixel_px, f"{split} query")
+        g = grey_squares(inputs[f"{split}_gallery"], cfg.pixel_px, f"{split} gallery")
+        out[split] = topk_agreement(sims[split], q, g, cfg.pixel_k)
+    table = Table(title=f"pixel agreement of each query with its top-{cfg.pixel_k} ({cfg.pixel_px} px grey)")
+    for col in ("split", "RMSE (lower = closer)", "SSIM (higher = closer)"):
+        table.add_column(col, justify="right" if col != "split" else "left")
+    for split, m in out.items():
+        table.add_row(split, f"{m['rmse']:.4f}", f"{m['ssim']:.4f}")
+    console.print(table)
+    return out
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    cfg = config_from_args(Config, build_parser().parse_args(argv))
+    setup_logging(cfg.verbose)
+    check_config(cfg)
+    t0 = time.time()
+    run_dir = cfg.runs / cfg.run_name
+    invalidate_run(run_dir)  # a killed or failed re-run must not leave the old run looking complete
+    device = pick_device(cfg.device)
+    amp = amp_dtype(device, cfg.amp)
+    workers = resolve_workers(cfg.workers)
+    seed_everything(cfg.seed)
+
+    # data and the shared validation split (no training: only its val queries/gallery are used)
+    task = prepare_task(cfg.data, cfg.runs, cfg.split_params())
+    timings = {"prepare": time.time() - t0}
+
+    # model first (a bad --model/--weights/--stage fails before any long work), then the face crops
+    backbone = create_backbone(cfg.model, cfg.weights)
+    data_cfg = timm.data.resolve_data_config({}, model=backbone)
+    features = StageFeatures(backbone, cfg.stage, cfg.pool).to(device).eval()
+    inputs, faces = model_inputs(cfg, task, device)
+    timings["faces"] = time.time() - t0 - timings["prepare"]
+
+    # embeddings (of the face crops, where asked) and cosine matrices
+    scale = PixelScale(tuple(data_cfg["mean"]), tuple(data_cfg["std"]))
+    transform = eval_transform(cfg.img_size, scale.mean, scale.std)
+    model_input = {p: c for which in SETS for p, c in zip(getattr(task, which), inputs[which])}
+    tag = weights_tag(cfg) + f"|faces={cfg.face_crop}:{cfg.face_select}:{cfg.face_margin}:{cfg.detect_px}"
+
+    channels_last = is_cnn(features)
+
+    def embed_set(paths, desc):
+        return embed_images(features, [model_input[p] for p in paths], transform, device=device, views=tta_views(cfg.tta),
+                            batch_size=cfg.embed_batch_size, workers=workers, amp=amp, scale=scale, desc=desc,
+                            stack_views=True, channels_last=channels_last, cache_dir=run_dir / "cache", cache_tag=tag)
+
+    emb = embed_task(task, embed_set)
+    sims = similarities(emb)
+    timings["embed"] = time.time() - t0 - timings["prepare"] - timings["faces"]
+    if faces:
+        n_whole = sum(f["whole_image"] for f in faces.values())
+        log.info("no face found in %d of %d images (whole image used): %s", n_whole, sum(f["images"] for f in faces.values()),
+                 ", ".join(f"{k} {v['whole_image']}/{v['images']}" for k, v in faces.items()))
+    extra = {"feature_dim": int(emb["val_query"].shape[1]), "stage_index": features.index, "faces": faces}
+    if cfg.pixel_k:
+        t1 = time.time()
+        extra["pixel_agreement"] = pixel_agreement(cfg, inputs, sims)
+        timings["pixel_agreement"] = time.time() - t1
+    write_model_run(run_dir, cfg.run_name, config_to_dict(cfg), task, sims, timings, extra)
+    return 0
+
+
+if __name__ == "__main__":
+    run_cli(main)

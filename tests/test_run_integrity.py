@@ -1,0 +1,105 @@
+"""A run folder is complete and consistent or refused: a re-run killed with SIGKILL, and
+ensemble.py leaving out (with a reason) every run it cannot trust."""
+
+from __future__ import annotations
+
+import logging
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+import ensemble
+from tests.conftest import ROOT
+from utils.data.layout import load_layout
+from utils.errors import KitError
+from utils.runs.similarity_io import SimMatrix, invalidate_run, load_run, save_run
+
+ENV = {**os.environ, "HF_HUB_OFFLINE": "1", "TIMM_OFFLINE": "1", "PYTHONPATH": str(ROOT)}
+
+
+def complete_run(data: Path, run_dir: Path, seed: int, query_names: list[str] | None = None) -> Path:
+    """A complete run folder (as a model script leaves it) on the data's test names."""
+    layout = load_layout(data)
+    q, g = query_names or [p.name for p in layout.query], [p.name for p in layout.gallery]
+    vq = [f"train/id{i:02d}/q{i}.png" for i in range(8)]
+    vg = [f"train/id{j % 8:02d}/g{j}.png" for j in range(16)]
+    rng = np.random.default_rng(seed)
+    return save_run(run_dir, {
+        "val": SimMatrix(rng.normal(size=(len(vq), len(vg))).astype(np.float32), vq, vg),
+        "test": SimMatrix(rng.normal(size=(len(q), len(g))).astype(np.float32), q, g),
+    }, {"model": run_dir.name})
+
+
+def kill_once_training(cmd: list[str], marker: Path, deadline_s: float = 180) -> None:
+    """Start ``cmd``, SIGKILL it as soon as ``marker`` exists (a checkpoint: training has begun)."""
+    proc = subprocess.Popen(cmd, cwd=ROOT, env=ENV, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    try:
+        end = time.monotonic() + deadline_s
+        while not marker.exists():
+            if proc.poll() is not None:
+                pytest.fail(f"the run ended (rc {proc.returncode}) before training began: {proc.stderr.read()[-2000:]}")
+            if time.monotonic() > end:
+                pytest.fail(f"{marker} did not appear within {deadline_s} s")
+            time.sleep(0.05)
+        proc.send_signal(signal.SIGKILL)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+        proc.wait(timeout=30)
+    assert proc.returncode == -signal.SIGKILL
+
+
+def test_killed_rerun_is_left_out_and_cannot_be_submitted(rehearsal_data_session, tmp_path, caplog):
+    data, runs = rehearsal_data_session, tmp_path / "runs"
+    complete_run(data, runs / "resnet", seed=0)  # the earlier, complete run of the same model
+    complete_run(data, runs / "clip", seed=1)
+    before = load_run(runs / "resnet")
+    assert not (runs / "resnet" / "last.pt").exists()
+
+    kill_once_training([sys.executable, "train_resnet.py", "--data", str(data), "--runs", str(runs),
+                        "--model", "resnet18", "--weights", "none", "--img-size", "32", "--epochs", "3",
+                        "--batch-size", "16", "--workers", "0"], runs / "resnet" / "last.pt")
+    # the old matrices are still on disk beside the new checkpoint ...
+    assert np.array_equal(np.load(runs / "resnet" / "test_sim.npy"), before.splits["test"].sim)
+
+    # ... but ensemble.py leaves the folder out, says why, and fuses the complete run
+    with caplog.at_level(logging.WARNING):
+        assert ensemble.main(["--runs", str(runs), "--bootstrap", "5", "--no-plot"]) == 0
+    assert f"leaving out {runs / 'resnet'}: {runs / 'resnet' / 'meta.json'}: not found; the run is incomplete" in caplog.text
+    assert load_run(runs / "ensemble").meta["choice"]["models"] == ["clip"]
+    with pytest.raises(KitError, match="--models resnet: .*meta.json: not found; the run is incomplete"):
+        ensemble.main(["--runs", str(runs), "--models", "resnet", "clip"])
+
+    # ... and submit.py refuses it with one line, exit 2
+    res = subprocess.run([sys.executable, "submit.py", "--run", str(runs / "resnet"), "--group", "team",
+                          "--dry-run", "--out", str(tmp_path / "subs")], cwd=ROOT, env=ENV, capture_output=True, text=True)
+    assert res.returncode == 2, res.stderr
+    lines = res.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error: ") and "meta.json: not found; the run is incomplete" in lines[0]
+    assert not (tmp_path / "subs").exists()
+
+
+def test_ensemble_says_which_runs_it_leaves_out_and_why(rehearsal_data_session, tmp_path, caplog):
+    data, runs = rehearsal_data_session, tmp_path / "runs"
+    for i, name in enumerate(("a", "b", "killed", "tampered")):
+        complete_run(data, runs / name, seed=i)
+    stale_queries = [p.name for p in load_layout(data).query][:-1] + ["gone.jpg"]
+    complete_run(data, runs / "old_data", seed=9, query_names=stale_queries)
+    invalidate_run(runs / "killed")
+    (runs / "tampered" / "test_sim.npy").write_bytes((runs / "a" / "test_sim.npy").read_bytes())
+    with caplog.at_level(logging.WARNING):
+        assert ensemble.main(["--runs", str(runs), "--bootstrap", "5", "--no-plot", "--grid-step", "0.5"]) == 0
+    assert sorted(load_run(runs / "ensemble").meta["choice"]["models"]) == ["a", "b"]
+    warnings = [r.getMessage() for r in caplog.records if r.getMessage().startswith("leaving out")]
+    assert len(warnings) == 3
+    assert any("killed" in w and "the run is incomplete" in w for w in warnings)
+    assert any("tampered/test_sim.npy: does not match the sha256" in w and "written by another run" in w for w in warnings)
+    assert any("old_data: its test query names differ" in w and "extra ['gone.jpg']" in w for w in warnings)
+    with pytest.raises(KitError, match=r"--models tampered: .*test_sim.npy: does not match the sha256"):
+        ensemble.main(["--runs", str(runs), "--models", "a", "tampered"])

@@ -1,0 +1,106 @@
+"""visualize.py on real images of the generated dataset and a run written from a handmade matrix:
+the PNG's size, and the colour of the frames at positions known to be right or wrong."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+from PIL import Image
+
+import visualize
+from utils.data.layout import load_layout
+from utils.errors import KitError
+from utils.runs.similarity_io import SimMatrix, save_run
+from utils.runs.visual import PanelLayout
+
+THUMB_PX = 48
+K = 5
+
+
+def handmade_run(data, runs):
+    """val: query train/A/x against A's and B's images, A's second image at rank 2, B's first at rank 1;
+    test: each query's right answer at rank 3 behind two wrong ones."""
+    layout = load_layout(data)
+    ids = sorted(layout.train)[:3]
+    imgs = {i: [layout.rel(p) for p in layout.train[i]] for i in ids}
+    val_q = [imgs[ids[0]][0], imgs[ids[1]][0]]
+    val_g = imgs[ids[0]][1:] + imgs[ids[1]][1:] + imgs[ids[2]]
+    val = np.zeros((len(val_q), len(val_g)), dtype=np.float32)
+    a_right = val_g.index(imgs[ids[0]][1])
+    b_wrong = val_g.index(imgs[ids[1]][1])
+    val[0, b_wrong], val[0, a_right] = 0.9, 0.8  # query 0: wrong at rank 1, right at rank 2
+    val[1, val_g.index(imgs[ids[1]][1])] = 0.9  # query 1: right at rank 1
+
+    q = [p.name for p in layout.query]
+    g = [p.name for p in layout.gallery]
+    test = np.random.default_rng(0).uniform(0, 0.5, (len(q), len(g))).astype(np.float32)
+    for i, name in enumerate(q):
+        right = [g.index(r) for r in layout.ground_truth[name]]
+        test[i, right] = 0.0
+        test[i, right[0]] = 0.9
+        wrong = [j for j in range(len(g)) if j not in right][:2]
+        test[i, wrong] = [0.99, 0.95]
+    run = save_run(runs / "handmade", {"val": SimMatrix(val, val_q, val_g), "test": SimMatrix(test, q, g)},
+                   {"model": "handmade", "config": {"data": str(data)}})
+    return run, val_q, q
+
+
+def frame_colour(png: Image.Image, position: int) -> np.ndarray:
+    """Median RGB of the frame strip above the thumbnail at ``position`` (0 = the query)."""
+    layout = PanelLayout(k=K, thumb_px=THUMB_PX)
+    left, top, right, _ = layout.tile_box(position)
+    strip = np.asarray(png)[top : top + layout.frame_px, left:right]
+    return np.median(strip.reshape(-1, 3), axis=0)
+
+
+def is_green(rgb):
+    return rgb[1] > 150 and rgb[0] < 80 and rgb[2] < 80
+
+
+def is_red(rgb):
+    return rgb[0] > 150 and rgb[1] < 80 and rgb[2] < 80
+
+
+def test_val_panel_has_expected_size_and_frames(rehearsal_data_session, tmp_path):
+    run, val_q, _ = handmade_run(rehearsal_data_session, tmp_path / "runs")
+    assert visualize.main(["--run", str(run), "--split", "val", "--k", str(K), "--thumb-px", str(THUMB_PX),
+                           "--queries", "0"]) == 0  # --data from the run's meta.json
+    pngs = sorted((run / "visual" / "val").glob("*.png"))
+    assert len(pngs) == 2
+    img = Image.open(pngs[0]).convert("RGB")
+    # (K+1) framed tiles, gaps and margins: independent of the images' own sizes
+    tile = THUMB_PX + 2 * 6
+    assert img.size == (2 * 8 + (K + 1) * tile + K * 8 + 24, 2 * 8 + tile + 34)
+    assert Image.open(pngs[1]).size == img.size
+    assert is_red(frame_colour(img, 1)), frame_colour(img, 1)  # rank 1: the other identity
+    assert is_green(frame_colour(img, 2)), frame_colour(img, 2)  # rank 2: the same identity
+    assert not is_green(frame_colour(img, 0)) and not is_red(frame_colour(img, 0))  # the query's own frame
+    second = Image.open(pngs[1]).convert("RGB")
+    assert is_green(frame_colour(second, 1))
+    page = (run / "visual" / "val.html").read_text()
+    assert f"val/{pngs[0].name}" in page and "first right answer at rank 2" in page
+
+
+def test_worst_first_on_test_with_ground_truth(rehearsal_data_session, tmp_path):
+    run, _, q = handmade_run(rehearsal_data_session, tmp_path / "runs")
+    out = tmp_path / "look"
+    assert visualize.main(["--run", str(run), "--data", str(rehearsal_data_session), "--split", "test", "--worst",
+                           "--queries", "3", "--k", str(K), "--thumb-px", str(THUMB_PX), "--out", str(out)]) == 0
+    pngs = sorted((out / "test").glob("*.png"))
+    assert len(pngs) == 3
+    img = Image.open(pngs[0]).convert("RGB")
+    assert [is_red(frame_colour(img, p)) for p in (1, 2)] == [True, True]
+    assert is_green(frame_colour(img, 3))
+    assert (out / "test.html").read_text().count("first right answer at rank 3") == 3
+
+
+def test_worst_without_ground_truth_is_one_clear_error(rehearsal_data, tmp_path):
+    run, _, _ = handmade_run(rehearsal_data, tmp_path / "runs")
+    (rehearsal_data / "test" / "ground_truth.json").unlink()
+    with pytest.raises(KitError, match="--worst needs a ground truth"):
+        visualize.main(["--run", str(run), "--split", "test", "--worst"])
+    # without --worst, test panels are drawn with grey frames
+    assert visualize.main(["--run", str(run), "--split", "test", "--queries", "1", "--k", str(K), "--thumb-px", str(THUMB_PX)]) == 0
+    img = Image.open(next((run / "visual" / "test").glob("*.png"))).convert("RGB")
+    rgb = frame_colour(img, 1)
+    assert not is_green(rgb) and not is_red(rgb) and abs(int(rgb[0]) - int(rgb[1])) < 10

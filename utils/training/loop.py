@@ -1,0 +1,307 @@
+"""The one training loop every training script calls.
+
+A script builds what is its own (model, loss, optimiser groups, data
+sampling) and hands it to a :class:`Trainer`, which does the rest the same
+way for everyone:
+
+- epochs and a step cap (``--max-steps``), linear warm-up + cosine decay on
+  every optimiser group's own peak learning rate;
+- mixed precision (bf16, or fp16 with a grad scaler) on GPU, gradient clipping;
+- validation every N epochs, ``best.pt`` (best validation score) and
+  ``last.pt`` (every epoch) with the full state: modules, optimiser, scaler,
+  epoch, step, best score, evaluations without improvement, history, config,
+  identities and kit version;
+- ``--resume`` from ``last.pt``, checked against the flags that shape the model;
+- training as a cache: a plain re-run whose ``last.pt`` holds a *finished* run with
+  the same settings and the same training files reuses it instead of training again
+  (``--retrain`` forces a new run);
+- early stopping (``--patience``), and DDP: rank 0 evaluates, logs and saves,
+  every rank follows its decision to stop.
+
+Which checkpoint to embed with is decided here too (:meth:`Trainer.final_checkpoint`):
+``best.pt`` when this run (or the run it resumed) scored validation and
+``--full-train`` is off, else ``last.pt``, else none (no training happened).
+
+    trainer = Trainer(LoopSettings.from_config(cfg), run_dir=run_dir, modules={"model": backbone, "head": head},
+                      step_module=Classifier(backbone, head, criterion), optimizer=optimizer, device=device,
+                      amp=amp, config=config_to_dict(cfg), classes=task.classes, resume_keys=("model",),
+                      evaluate=lambda: val_score(...))
+    trainer.fit(loader, on_epoch=lambda epoch: setattr(train_set, "epoch", epoch))
+    final = trainer.final_checkpoint()
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable, Iterable, Sequence
+
+import numpy as np
+import torch
+from torch import nn
+
+from utils.atomic import remove_stale_temps
+from utils.data.image_dataset import log_unreadable
+from utils.errors import KitError
+from utils.progress import ProgressBar, QuietBar
+from utils.training.checkpoint import load_checkpoint, save_checkpoint
+from utils.training.distributed import DistInfo, broadcast
+from utils.training.schedule import warmup_cosine
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class LoopSettings:
+    """The loop's knobs; each is the script flag of the same name."""
+
+    epochs: int = 10  # passes over the training set
+    max_steps: int = 0  # stop after this many optimiser steps in total (0: no cap); smoke tests
+    warmup_epochs: float = 1.0  # linear warm-up, then cosine decay to zero
+    grad_clip: float = 1.0  # clip the gradient norm to this (0: off)
+    eval_every: int = 1  # score validation every N epochs (0: never; then last.pt is used)
+    patience: int = 0  # stop after N validations without a better score (0: never)
+    resume: bool = False  # continue from last.pt
+    retrain: bool = False  # train again even when last.pt holds a finished run with the same settings
+    full_train: bool = False  # validation identities are trained on: never pick best.pt, never stop early
+
+    @classmethod
+    def from_config(cls, cfg: Any) -> "LoopSettings":
+        """The loop's fields taken from a script's config (same names); absent ones keep their defaults."""
+        return cls(**{f.name: getattr(cfg, f.name) for f in dataclasses.fields(cls) if hasattr(cfg, f.name)})
+
+    def check(self) -> None:
+        """Raise a KitError naming the flag for values the loop cannot use."""
+        for name in ("epochs", "max_steps", "eval_every", "patience"):
+            if getattr(self, name) < 0:
+                raise KitError(f"--{name.replace('_', '-')} {getattr(self, name)}: must be >= 0")
+        if self.warmup_epochs < 0 or self.grad_clip < 0:
+            raise KitError("--warmup-epochs and --grad-clip must be >= 0")
+
+
+# config keys that do not change what training produces: a finished run that differs only in these is reused
+VOLATILE_KEYS = frozenset({"resume", "retrain", "verbose", "workers", "device", "tta", "embed_batch_size", "data", "runs", "run_name", "amp"})
+
+
+@dataclass
+class LoopState:
+    """Where training stands; saved in every checkpoint."""
+
+    epoch: int = 0  # the next epoch to run (0-based)
+    step: int = 0
+    best_score: float = -1.0  # -1: no validation scored yet
+    bad_evals: int = 0
+    history: list[dict[str, float]] = field(default_factory=list)
+
+
+class Trainer:
+    """Runs the loop for one script's model; see the module docstring.
+
+    Args:
+        settings: the loop's knobs.
+        run_dir: where best.pt and last.pt go.
+        modules: what a checkpoint holds, by key (e.g. ``{"model": backbone, "head": head}``).
+        step_module: ``step_module(x, y)`` -> scalar loss (possibly DDP-wrapped);
+            its unwrapped parameters are those trained.
+        optimizer: with one group per learning rate; each group's ``lr`` is its peak.
+        config: the resolved config (JSON-ready), stored in checkpoints.
+        classes: the training identities, in label order.
+        resume_keys: config keys that must match ``last.pt`` for ``--resume``.
+        evaluate: () -> validation score (rank 0 only); None: no validation.
+        dist_info: DDP placement (None: one process).
+        min_batch: a batch with fewer readable images is skipped (BatchNorm needs 2).
+        data_key: identifies the training files (e.g. ``utils.embedding.cache.files_key``);
+            a finished run is reused only for the same key.
+    """
+
+    def __init__(
+        self,
+        settings: LoopSettings,
+        *,
+        run_dir: Path,
+        modules: dict[str, nn.Module],
+        step_module: nn.Module,
+        optimizer: torch.optim.Optimizer,
+        device: torch.device,
+        amp: torch.dtype | None,
+        config: dict[str, Any],
+        classes: list[str],
+        resume_keys: Sequence[str] = (),
+        evaluate: Callable[[], float] | None = None,
+        dist_info: DistInfo | None = None,
+        min_batch: int = 1,
+        data_key: str = "",
+    ):
+        settings.check()
+        self.s, self.run_dir, self.modules = settings, Path(run_dir), modules
+        self.step_module, self.optimizer, self.device, self.amp = step_module, optimizer, device, amp
+        self.config, self.classes, self.resume_keys = config, classes, tuple(resume_keys)
+        self.evaluate, self.dist = evaluate, dist_info or DistInfo()
+        self.min_batch, self.data_key = min_batch, data_key
+        self.base_lrs = [g["lr"] for g in optimizer.param_groups]
+        self.scaler = torch.amp.GradScaler(device.type if device.type == "cuda" else "cpu", enabled=amp == torch.float16)
+        self.state = LoopState()
+        self.trained = False  # set once this run (or the one it resumed) has a checkpoint
+        for stale in remove_stale_temps(self.run_dir) if self.dist.master else []:
+            log.info("removed %s, left by a killed checkpoint write", stale.name)
+        if settings.resume:
+            self._resume()
+        elif (done := None if settings.retrain else self._finished_run()) is not None:
+            self._reuse(done)
+        elif self.dist.master:
+            (self.run_dir / "best.pt").unlink(missing_ok=True)  # an earlier run's best never stands for this one
+
+    # -- checkpoints -----------------------------------------------------------------------------
+    def _snapshot(self, finished: bool) -> dict[str, Any]:
+        """The full state; ``finished`` marks the last epoch of a run that was not killed (only such a run is reused)."""
+        st = self.state
+        return dict(
+            **{k: m.state_dict() for k, m in self.modules.items()},
+            optimizer=self.optimizer.state_dict(), scaler=self.scaler.state_dict(),
+            epoch=st.epoch - 1, step=st.step, best_score=st.best_score, bad_evals=st.bad_evals,
+            history=st.history, config=self.config, classes=self.classes, data_key=self.data_key, finished=finished,
+        )
+
+    def _resume(self) -> None:
+        path = self.run_dir / "last.pt"
+        ckpt = load_checkpoint(path, self.device)
+        diff = [k for k in self.resume_keys if ckpt.get("config", {}).get(k) != self.config.get(k)]
+        if diff or ckpt.get("classes") != self.classes:
+            what = ", ".join(f"--{k.replace('_', '-')}" for k in diff) or "the training identities"
+            raise KitError(f"{path}: made with other {what}; use the same flags or drop --resume")
+        missing = [k for k in (*self.modules, "optimizer", "scaler", "history") if k not in ckpt]
+        if missing:
+            raise KitError(f"{path}: lacks {missing} (written by an older kit); drop --resume to start again")
+        for key, module in self.modules.items():
+            module.load_state_dict(ckpt[key])
+        self.optimizer.load_state_dict(ckpt["optimizer"])
+        self.scaler.load_state_dict(ckpt["scaler"])
+        self.state = LoopState(ckpt["epoch"] + 1, ckpt["step"], ckpt["best_score"], ckpt["bad_evals"], list(ckpt["history"]))
+        self.trained = True
+        log.info("resumed from %s after epoch %d", path, ckpt["epoch"] + 1)
+
+    def _finished_run(self) -> dict[str, Any] | None:
+        """``last.pt`` when it holds a finished run of this config on these training files, else None."""
+        path = self.run_dir / "last.pt"
+        if not path.is_file() or not self.data_key:
+            return None
+        try:
+            ckpt = load_checkpoint(path, "cpu")
+        except KitError:
+            return None
+        same = lambda cfg: {k: v for k, v in cfg.items() if k not in VOLATILE_KEYS}  # noqa: E731
+        ok = (ckpt.get("finished") and ckpt.get("data_key") == self.data_key and ckpt.get("classes") == self.classes
+              and same(ckpt.get("config", {})) == same(self.config) and all(k in ckpt for k in self.modules))
+        return ckpt if ok else None
+
+    def _reuse(self, ckpt: dict[str, Any]) -> None:
+        self.state = LoopState(ckpt["epoch"] + 1, ckpt["step"], ckpt["best_score"], ckpt["bad_evals"], list(ckpt["history"]))
+        self.state.epoch = self.s.epochs  # finished: fit() has nothing left to do
+        self.trained = True
+        log.info("training: %s holds a finished run with these settings and training images; reusing it (--retrain to train again)",
+                 self.run_dir / "last.pt")
+
+    def final_checkpoint(self) -> Path | None:
+        """The checkpoint to embed with: best.pt if this run scored validation (not --full-train), else last.pt."""
+        if not self.trained:
+            return None
+        best = self.run_dir / "best.pt"
+        if not self.s.full_train and self.state.best_score > -1 and best.is_file():
+            return best
+        return self.run_dir / "last.pt"
+
+    def restore(self, path: Path) -> dict[str, Any]:
+        """Load ``path``'s module states into the modules; returns the checkpoint."""
+        ckpt = load_checkpoint(path, self.device)
+        for key, module in self.modules.items():
+            module.load_state_dict(ckpt[key])
+        return ckpt
+
+    # -- the loop --------------------------------------------------------------------------------
+    def _train_step(self, x: torch.Tensor, y: torch.Tensor, trainable: list[nn.Parameter]) -> float:
+        step, total = self.state.step, self.total_steps
+        for g, base in zip(self.optimizer.param_groups, self.base_lrs):
+            g["lr"] = base * warmup_cosine(step, total, self.warmup_steps)
+        with torch.autocast(self.device.type, dtype=self.amp, enabled=self.amp is not None):
+            loss = self.step_module(x, y)
+        if not torch.isfinite(loss):
+            raise KitError(f"loss is {loss.item()} at step {step}; lower --lr or the loss scale, or use --no-amp")
+        self.optimizer.zero_grad(set_to_none=True)
+        self.scaler.scale(loss).backward()
+        if self.s.grad_clip:
+            self.scaler.unscale_(self.optimizer)
+            nn.utils.clip_grad_norm_(trainable, self.s.grad_clip)
+        self.scaler.step(self.optimizer)
+        self.scaler.update()
+        self.state.step += 1
+        return loss.item()
+
+    def _epoch(self, loader: Iterable, epoch: int, trainable: list[nn.Parameter], skipped: set[str]) -> list[float]:
+        losses: list[float] = []
+        n = min(self.steps_per_epoch, self.total_steps - self.state.step)
+        bar = ProgressBar(f"epoch {epoch + 1}/{self.s.epochs}", n) if self.dist.master else QuietBar()
+        with bar:
+            for x, y, ok, err in loader:
+                if self.state.step >= self.total_steps:
+                    break
+                log_unreadable(ok, err, skipped)
+                if int(ok.sum()) < self.min_batch and not self.dist.ddp:  # under DDP every rank must step
+                    continue
+                x, y = x[ok].to(self.device, non_blocking=True), y[ok].to(self.device, non_blocking=True)
+                losses.append(self._train_step(x, y, trainable))
+                bar.advance(info=f"loss {np.mean(losses[-20:]):.3f}")
+        return losses
+
+    def _after_epoch(self, epoch: int, losses: list[float]) -> bool:
+        """Rank 0: validation, checkpoints, early stopping. Returns whether to stop."""
+        st, s = self.state, self.s
+        record: dict[str, float] = {"epoch": epoch + 1, "loss": float(np.mean(losses)) if losses else float("nan")}
+        if self.evaluate is not None and s.eval_every and ((epoch + 1) % s.eval_every == 0 or epoch + 1 == s.epochs):
+            record["val_score"] = float(self.evaluate())
+        st.history.append(record)
+        log.info("epoch %d: %s", epoch + 1, ", ".join(f"{k} {v:.4g}" for k, v in record.items() if k != "epoch"))
+        improved = record.get("val_score", -1.0) > st.best_score
+        if "val_score" in record:
+            st.best_score, st.bad_evals = (record["val_score"], 0) if improved else (st.best_score, st.bad_evals + 1)
+        st.epoch = epoch + 1
+        stop = bool(s.patience and st.bad_evals >= s.patience and not s.full_train)
+        if stop:
+            log.info("no better validation score for %d evaluations: stopping early", st.bad_evals)
+        snapshot = self._snapshot(finished=stop or st.epoch >= s.epochs or st.step >= self.total_steps)
+        if improved:  # best.pt first: a crash in between never leaves last.pt claiming a better best.pt
+            save_checkpoint(self.run_dir / "best.pt", **snapshot)
+        save_checkpoint(self.run_dir / "last.pt", **snapshot)
+        self.trained = True
+        return stop
+
+    def fit(self, loader: Iterable, on_epoch: Callable[[int], None] | None = None) -> LoopState:
+        """Train from the current state to ``epochs`` (or ``max_steps``), one epoch at a time.
+
+        Args:
+            loader: yields ``(x, y, ok, error)`` batches (:class:`utils.data.image_dataset.ImageDataset`).
+            on_epoch: called with the epoch number after the modules are put in train mode
+                (set the sampler's and dataset's epoch, re-freeze BatchNorm, reseed shuffling).
+        """
+        s = self.s
+        self.steps_per_epoch = len(loader)  # type: ignore[arg-type]
+        self.total_steps = s.epochs * self.steps_per_epoch
+        if s.max_steps:
+            self.total_steps = min(self.total_steps, s.max_steps)
+        self.warmup_steps = max(1, int(s.warmup_epochs * self.steps_per_epoch))
+        base = getattr(self.step_module, "module", self.step_module)  # DDP wraps the module
+        trainable = [p for p in base.parameters() if p.requires_grad]
+        self.state.step = max(self.state.step, self.state.epoch * self.steps_per_epoch)
+        skipped: set[str] = set()
+        for epoch in range(self.state.epoch, s.epochs):
+            if self.state.step >= self.total_steps:
+                break
+            self.step_module.train()
+            if on_epoch is not None:
+                on_epoch(epoch)
+            losses = self._epoch(loader, epoch, trainable, skipped)
+            stop = self._after_epoch(epoch, losses) if self.dist.master else False
+            if broadcast(self.dist, stop):
+                break
+        return self.state
