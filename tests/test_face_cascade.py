@@ -125,3 +125,33 @@ def test_bad_settings_are_one_clear_line(bad, match):
     with pytest.raises(KitError, match=match) as err:
         CascadeParams(**bad).check()
     assert "\n" not in str(err.value)
+
+
+def test_the_crop_cache_records_the_stage_per_image(images, tmp_path):
+    from utils.faces.crop import CropParams, face_crops
+
+    cascade = FaceCascade(CascadeParams(stages=("mtcnn", "rotate")), CPU)
+    paths = [images["sketch30"], images["blank"], images["sketch15"]]
+    crops = face_crops(paths, cascade, CropParams(size_px=150, aligner="dlib"), workers=0, cache_dir=tmp_path)
+    assert crops.stage.tolist() == [1, -1, 0] and crops.stage_names == ("mtcnn", "rotate")
+    assert crops.stage_counts() == {"mtcnn": 1, "rotate": 1, "none": 1} and crops.fallback.tolist() == [False, True, False]
+    again = face_crops(paths, cascade, CropParams(size_px=150, aligner="dlib"), workers=0, cache_dir=tmp_path)
+    assert again.stage.tolist() == [1, -1, 0] and again.stage_names == ("mtcnn", "rotate")
+    assert cascade.tried == {"mtcnn": 3, "rotate": 2}  # the second call came from the cache
+
+
+def test_infer_facenet_cascade_writes_counts_per_stage(rehearsal_data, tmp_path):
+    import json
+
+    import infer_facenet
+
+    runs = tmp_path / "runs"
+    argv = ["--data", str(rehearsal_data), "--runs", str(runs), "--embedder", "dlib", "--detector", "cascade",
+            "--detector-stages", "mtcnn", "hog", "--detect-px", "64", "--workers", "0", "--tta"]
+    assert infer_facenet.main(argv) == 0
+    faces = json.loads((runs / "dlib" / "meta.json").read_text())["faces"]
+    for which, counts in faces.items():  # generated shapes: no stage finds a face, each image counted once
+        assert set(counts["by_stage"]) == {"mtcnn", "hog", "none"}, which
+        assert sum(counts["by_stage"].values()) == counts["images"] == counts["by_stage"]["none"] + counts["faces_found"]
+    with pytest.raises(KitError, match="--detector-stages 'yolo'"):
+        infer_facenet.main([*argv, "--detector-stages", "yolo"])

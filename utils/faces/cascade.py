@@ -49,7 +49,7 @@ from utils.progress import ProgressBar
 log = logging.getLogger(__name__)
 
 STAGES = ("mtcnn", "mtcnn_clahe", "mtcnn_invert", "mtcnn_low", "hog", "mmod", "rotate")
-DEFAULT_STAGES = ("mtcnn", "mtcnn_clahe", "hog", "rotate")
+DEFAULT_STAGES = ("mtcnn", "mtcnn_clahe", "mtcnn_invert", "mmod")  # measured: benchmarks/results/bench_faces_hard.md
 MMOD_FILE = "mmod_human_face_detector.dat"
 FALLBACKS = ("center", "best")
 CHUNK = 256  # images decoded and held at once
