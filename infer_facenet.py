@@ -7,6 +7,9 @@ written as runs/<run-name>/{val,test}_sim.npy + meta.json for the ensemble.
     python infer_facenet.py --data DATA --weights /path/to/20180402-114759-vggface2.pt
     # dlib's ResNet face model (weights ship in face-recognition-models, offline), run runs/dlib:
     python infer_facenet.py --data DATA --embedder dlib
+    # the detection cascade for stylised images (stage per image in the crop cache, counts in meta.json):
+    python infer_facenet.py --data DATA --embedder dlib --detector cascade
+    python infer_facenet.py --data DATA --embedder dlib --detector cascade --detector-stages mtcnn hog rotate --face-fallback best
     # fewer test-time views (faster on CPU), or none:
     python infer_facenet.py --data DATA --embedder dlib --tta flip
     python infer_facenet.py --data DATA --embedder dlib --tta
@@ -46,6 +49,7 @@ from utils.embedding.embed import embed_arrays
 from utils.embedding.step import embed_task
 from utils.embedding.views import TTA_GROUPS, tta_views
 from utils.errors import KitError, run_cli
+from utils.faces.cascade import DEFAULT_STAGES, FALLBACKS, STAGES, CascadeParams, FaceCascade
 from utils.faces.crop import CropParams, face_crops
 from utils.faces.detect import SELECT_METHODS, DetectorParams, FaceDetector
 from utils.faces.embedder import EMBEDDERS, build_embedder
@@ -71,7 +75,10 @@ class Config(FormConfig, RunConfig):
         "metavar": "TAG|none|PATH"})
     shape_predictor: str = field(default="", metadata={"help": "dlib only: 5-point landmarks .dat ('' = face-recognition-models')", "metavar": "PATH"})
     # detection: MTCNN on a letterboxed square canvas; 'none' = every image uses the centre-square fallback
-    detector: str = field(default="mtcnn", metadata={"help": "face detector", "choices": ["mtcnn", "none"]})
+    detector: str = field(default="mtcnn", metadata={"help": "face detector: mtcnn, cascade (--detector-stages in turn, each on what the earlier missed) or none", "choices": ["mtcnn", "cascade", "none"]})
+    detector_stages: list[str] = field(default_factory=lambda: list(DEFAULT_STAGES), metadata={"help": f"cascade only: stages tried in order, of {list(STAGES)}", "metavar": "STAGE"})
+    min_face_frac: float = field(default=0.15, metadata={"help": "cascade only: a box whose side is below this share of the image's shorter side is not a face"})
+    face_fallback: str = field(default="center", metadata={"help": "cascade only: no face found -> center (centre square) or best (best MTCNN box below the gates)", "choices": list(FALLBACKS)})
     detect_px: int = field(default=320, metadata={"help": "side of the detection canvas; raise it for small faces in big photos"})
     min_face_px: int = field(default=20, metadata={"help": "smallest face searched, in canvas pixels"})
     thresholds: tuple[float, float, float] = field(default=(0.6, 0.7, 0.7), metadata={"help": "MTCNN P/R/O-net thresholds; lower finds more painted faces (and more false ones)"})
@@ -106,13 +113,17 @@ def check_config(cfg: Config) -> None:
     tta_views(cfg.tta)
 
 
-def build_detector(cfg: Config, device: torch.device) -> FaceDetector | None:
-    """MTCNN with the configured canvas, thresholds and selection; None for --detector none."""
+def build_detector(cfg: Config, device: torch.device) -> FaceDetector | FaceCascade | None:
+    """MTCNN with the configured canvas, thresholds and selection, the cascade of --detector-stages,
+    or None for --detector none."""
+    mtcnn = DetectorParams(cfg.detect_px, cfg.min_face_px, tuple(cfg.thresholds), cfg.face_select)
     if cfg.detector == "mtcnn":
-        return FaceDetector(DetectorParams(cfg.detect_px, cfg.min_face_px, tuple(cfg.thresholds), cfg.face_select), device)
+        return FaceDetector(mtcnn, device)
+    if cfg.detector == "cascade":
+        return FaceCascade(CascadeParams(stages=tuple(cfg.detector_stages), mtcnn=mtcnn, min_face_frac=cfg.min_face_frac, fallback=cfg.face_fallback), device)
     if cfg.detector == "none":
         return None
-    raise KitError(f"--detector {cfg.detector!r}: choose mtcnn or none")
+    raise KitError(f"--detector {cfg.detector!r}: choose mtcnn, cascade or none")
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -143,7 +154,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     def embed_set(paths: Sequence[Path], desc: str) -> np.ndarray:
         """Crops (cached), then every view's embedding (cached) of one image set; counts its fallbacks."""
         crops = face_crops(paths, detector, crop_params, batch_size=cfg.detect_batch_size, workers=resolve_workers(cfg.workers), cache_dir=cache_dir, desc=desc)
-        faces[desc.replace(" ", "_")] = {"images": len(paths), "faces_found": len(paths) - crops.n_fallback, "fallback": crops.n_fallback}
+        faces[desc.replace(" ", "_")] = {"images": len(paths), "faces_found": len(paths) - crops.n_fallback, "fallback": crops.n_fallback,
+                                         "by_stage": crops.stage_counts()}
         key = files_key(paths, "|".join([det_tag, crop_params.tag(), embedder.tag, repr(views)]))
         return cached(cache_dir / f"emb_{key}.npy", lambda: embed_arrays(
             embedder, crops.pixels, views, device=device, out_px=embedder.input_px, batch_size=cfg.embed_batch_size,

@@ -111,6 +111,15 @@ class Crops:
     fallback: np.ndarray  # (n,) bool: no face found, centre square used
     boxes: np.ndarray  # (n, 4) float32 detected boxes in image pixels, NaN on fallback
     probs: np.ndarray  # (n,) float32 detection scores, 0 on fallback
+    stage: np.ndarray | None = None  # (n,) int8 index into stage_names of the detector that found the face; -1 none
+    stage_names: tuple[str, ...] = ()  # the detectors tried, in order (utils.faces.cascade)
+
+    def stage_counts(self) -> dict[str, int]:
+        """Images whose face each detector stage found, and ``none`` for the fallbacks."""
+        stage = self.stage if self.stage is not None else np.full(len(self.fallback), -1, np.int8)
+        counts = {name: int((stage == s).sum()) for s, name in enumerate(self.stage_names)}
+        counts["none"] = int((stage < 0).sum())
+        return counts
 
     @property
     def n_fallback(self) -> int:
@@ -216,6 +225,8 @@ def cut_crops(paths: Sequence[Path], faces: Faces, params: CropParams, workers: 
         fallback=np.concatenate(fallback) if fallback else np.zeros(0, bool),
         boxes=faces.boxes.copy(),
         probs=faces.probs.copy(),
+        stage=faces.stage.copy() if faces.stage is not None else np.full(len(paths), -1, np.int8),
+        stage_names=tuple(faces.stage_names),
     )
 
 
@@ -236,7 +247,7 @@ def face_crops(
     """
     paths = [Path(p) for p in paths]
     det_tag = detector.params.tag() if detector is not None else "no-detector"
-    cache = Path(cache_dir) / f"crops_{files_key(paths, det_tag + '|' + params.tag())}.npz" if cache_dir is not None else None
+    cache = Path(cache_dir) / f"crops_{files_key(paths, det_tag + '|' + params.tag() + '|stage')}.npz" if cache_dir is not None else None
 
     def compute() -> dict[str, np.ndarray]:
         n = len(paths)
@@ -247,7 +258,8 @@ def face_crops(
         crops = cut_crops(paths, faces, params, workers=workers, desc=f"{desc}: cropping")
         if crops.n_fallback:
             log.warning("%s: no face found in %d of %d images; used the centre square", desc, crops.n_fallback, n)
-        return {"pixels": crops.pixels, "fallback": crops.fallback, "boxes": crops.boxes, "probs": crops.probs}
+        return {"pixels": crops.pixels, "fallback": crops.fallback, "boxes": crops.boxes, "probs": crops.probs,
+                "stage": crops.stage, "stage_names": np.array(crops.stage_names, dtype=str)}
 
     z = cached(cache, compute, f"{desc}: face crops", finite_keys=("probs",))
-    return Crops(z["pixels"], z["fallback"], z["boxes"], z["probs"])
+    return Crops(z["pixels"], z["fallback"], z["boxes"], z["probs"], z["stage"], tuple(str(n) for n in z["stage_names"]))

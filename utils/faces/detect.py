@@ -75,6 +75,8 @@ class Faces:
     landmarks: np.ndarray  # (n, 5, 2) float32 eyes, nose, mouth corners; NaN where no face
     probs: np.ndarray  # (n,) float32 detection score; 0 where no face
     sizes: np.ndarray  # (n, 2) int image width, height (after loading, see utils.data.images)
+    stage: np.ndarray | None = None  # (n,) int8 index into stage_names of the detector that found the face; -1 none
+    stage_names: tuple[str, ...] = ()  # the detectors tried, in order (a cascade has several)
 
     @property
     def found(self) -> np.ndarray:
@@ -161,6 +163,8 @@ class FaceDetector:
             landmarks=np.full((n, 5, 2), np.nan, np.float32),
             probs=np.zeros(n, np.float32),
             sizes=np.zeros((n, 2), np.int64),
+            stage=np.full(n, -1, np.int8),
+            stage_names=("mtcnn",),
         )
         loader = DataLoader(
             _CanvasDataset(paths, self.params.canvas_px), batch_size=batch_size, shuffle=False,
@@ -183,6 +187,7 @@ class FaceDetector:
                     out.boxes[i] = b[k]
                     out.landmarks[i] = np.asarray(pts, np.float32)[k] / scales[j]
                     out.probs[i] = float(np.asarray(p, np.float32)[k])
+                    out.stage[i] = 0
                 start += len(canvases)
                 bar.advance(len(canvases))
         log.info("%s: a face in %d of %d images", desc, int(out.found.sum()), n)
