@@ -174,6 +174,24 @@ def blend_similarity(img2txt: np.ndarray, img2img: np.ndarray | None, blend: flo
     return ((1.0 - blend) * row_zscore(img2txt) + blend * row_zscore(img2img)).astype(np.float32)
 
 
+def gallery_captions(task, cfg: Config, device: torch.device, run_dir: Path) -> dict[str, list[str]]:
+    """Each validation and test gallery image's generated caption, through the caption cache."""
+    paths = task.val_gallery + task.test_gallery
+    captions = caption_images(paths, caption_params(cfg), device, run_dir / "captions.json",
+                              extra_caches=[Path(f) for f in cfg.captions], desc="captioning gallery")
+    return {"val": captions[:len(task.val_gallery)], "test": captions[len(task.val_gallery):]}
+
+
+def match(clip, emb: dict[str, np.ndarray], texts: dict[str, list[str]], cfg: Config, device: torch.device) -> dict[str, np.ndarray]:
+    """Per split: query images against the gallery's texts, blended with image-to-image under --blend."""
+    sims = {}
+    for split in ("val", "test"):
+        img2txt = cosine_similarity(emb[f"{split}_query"], encode_texts(clip, texts[split], device))
+        img2img = cosine_similarity(emb[f"{split}_query"], emb[f"{split}_gallery"]) if cfg.blend > 0 else None
+        sims[split] = blend_similarity(img2txt, img2img, cfg.blend)
+    return sims
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     cfg = config_from_args(Config, build_parser().parse_args(argv))
     setup_logging(cfg.verbose)
@@ -195,12 +213,7 @@ def main(argv: Sequence[str] | None = None) -> int:
 
     # generated captions of the gallery (cached; the captioner is loaded only for images without one)
     t1 = time.time()
-    texts: dict[str, list[str]] = {}
-    if cfg.captions_from == "captioner":
-        paths = task.val_gallery + task.test_gallery
-        captions = caption_images(paths, caption_params(cfg), device, run_dir / "captions.json",
-                                  extra_caches=[Path(f) for f in cfg.captions], desc="captioning gallery")
-        texts = {"val": captions[:len(task.val_gallery)], "test": captions[len(task.val_gallery):]}
+    texts = gallery_captions(task, cfg, device, run_dir) if cfg.captions_from == "captioner" else {}
     timings["captions"] = time.time() - t1
 
     def embed_set(paths, desc: str) -> np.ndarray:
@@ -229,15 +242,10 @@ def main(argv: Sequence[str] | None = None) -> int:
 
     # matrices: query images against gallery captions (and gallery images with --blend)
     t3 = time.time()
-    sims = {}
-    for split in ("val", "test"):
-        img2txt = cosine_similarity(emb[f"{split}_query"], encode_texts(clip, texts[split], device))
-        img2img = cosine_similarity(emb[f"{split}_query"], emb[f"{split}_gallery"]) if cfg.blend > 0 else None
-        sims[split] = blend_similarity(img2txt, img2img, cfg.blend)
+    sims = match(clip, emb, texts, cfg, device)
     timings["match"] = time.time() - t3
     distinct = {split: len(set(t)) for split, t in texts.items()}
-    log.info("distinct gallery texts: val %d of %d, test %d of %d", distinct["val"], len(texts["val"]),
-             distinct["test"], len(texts["test"]))
+    log.info("distinct gallery texts: val %d of %d, test %d of %d", distinct["val"], len(texts["val"]), distinct["test"], len(texts["test"]))
     extra = {"captions": {"source": cfg.captions_from, "distinct": distinct,
                           "captioner": caption_params(cfg).tag() if cfg.captions_from == "captioner" else None}}
     write_model_run(run_dir, cfg.run_name, config_to_dict(cfg), task, sims, timings, extra)
