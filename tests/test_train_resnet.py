@@ -122,3 +122,15 @@ def test_unknown_flag_is_rejected():
     with pytest.raises(SystemExit):
         train_resnet.build_parser().parse_args(["--no-such-flag"])
     assert json.dumps(train_resnet.build_parser().parse_args([]).tta) == '["flip"]'
+
+
+@pytest.mark.parametrize("loss", ["multi-similarity", "contrastive", "triplet"])
+def test_pair_losses_train_the_embedding_on_m_per_class_batches(rehearsal_data_session, tmp_path, loss):
+    run = _run(rehearsal_data_session, tmp_path, "--loss", loss, "--m-per-class", "4", "--epochs", "3", "--eval-every", "0",
+               "--aug-strength", "0")
+    losses = [h["loss"] for h in run.meta["history"]]
+    assert len(losses) == 3 and all(np.isfinite(losses)) and losses[-1] < losses[0]
+    ckpt = torch.load(tmp_path / "resnet" / "last.pt", weights_only=True)
+    assert "head" not in ckpt and ckpt["config"]["loss"] == loss  # no classifier: the embedding itself is trained
+    with pytest.raises(KitError, match="multiple of --m-per-class 3"):
+        train_resnet.main(["--data", str(rehearsal_data_session), "--runs", str(tmp_path / "x"), *TINY, "--loss", loss, "--m-per-class", "3"])
