@@ -5,7 +5,6 @@ from __future__ import annotations
 import json
 import subprocess
 import sys
-import time
 from contextlib import contextmanager
 from pathlib import Path
 
@@ -84,15 +83,18 @@ def test_list_form_gets_the_same_score(rehearsal_data_session, tmp_path):
     assert a == b and 0 <= a["accuracy"] < 1000
 
 
-def test_malformed_body_gets_400_and_is_not_retried(rehearsal_data_session):
+def test_malformed_body_gets_400_and_is_not_retried(rehearsal_data_session, monkeypatch):
+    import utils.submission.client as client
+
+    waits = []
     with server(rehearsal_data_session) as url:
         body = {"groupname": "t", "images": {"only-one.jpg": ["a"] * 10}}
         reply = requests.post(url, json=body, timeout=5)
         assert reply.status_code == 400 and "queries missing" in reply.json()["error"]
-        t0 = time.time()
-        with pytest.raises(NotSubmitted, match="HTTP 400"):
+        with monkeypatch.context() as m, pytest.raises(NotSubmitted, match="HTTP 400"):
+            m.setattr(client.time, "sleep", waits.append)  # only while posting: a backoff would be recorded here
             post(url, body, retries=3, backoff_s=2.0)
-        assert time.time() - t0 < 1.5  # no backoff sleep: 4xx is final
+        assert waits == []  # no backoff, no second attempt: 4xx is final
         assert requests.post(url, data=b"{not json", timeout=5).status_code == 400
 
 
