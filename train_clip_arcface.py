@@ -109,6 +109,7 @@ class Config(FormConfig, RunConfig):
     # embedding
     tta: list[str] = field(default_factory=lambda: ["flip"], metadata={"help": f"test-time view groups added to the identity, of {list(TTA_GROUPS)}; none: identity only"})
     embed_batch_size: int = field(default=64, metadata={"help": "images per embedding batch"})
+    compile: bool = field(default=False, metadata={"help": "torch.compile the model for the final embedding (compile time first; pays on large galleries and GPUs)"})
     amp: bool = field(default=True, metadata={"help": "mixed precision on GPU (bf16 where supported); the loss stays float32"})
     workers: int = field(default=-1, metadata={"help": "DataLoader worker processes (-1: half the usable cores, 1 to 8; 0: main process)"})
 # ----------------------------------------------------------------------------
@@ -193,7 +194,7 @@ def embedder_for(forward: nn.Module, clip: ClipVisual, cfg: Config, device, amp,
     def embed(paths, desc, views=None, cache_tag=None):
         return embed_images(forward.eval(), paths, clip.eval_transform(), device=device, views=views or tta_views([]),
                             batch_size=cfg.embed_batch_size, workers=resolve_workers(cfg.workers), amp=amp, scale=scale, desc=desc,
-                            stack_views=True,
+                            stack_views=True, compile_model=cfg.compile and cache_tag is not None,
                             cache_dir=run_dir / "cache" if cache_tag else None, cache_tag=cache_tag or "")
     return embed
 

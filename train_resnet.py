@@ -91,6 +91,7 @@ class Config(FormConfig, RunConfig):
     # embedding
     tta: list[str] = field(default_factory=lambda: ["flip"], metadata={"help": f"test-time view groups added to the identity, of {list(TTA_GROUPS)}; none: identity only"})
     embed_batch_size: int = field(default=64, metadata={"help": "images per embedding batch"})
+    compile: bool = field(default=False, metadata={"help": "torch.compile the model for the final embedding (compile time first; pays on large galleries and GPUs)"})
     amp: bool = field(default=True, metadata={"help": "mixed precision on GPU (bf16 where supported)"})
     workers: int = field(default=-1, metadata={"help": "DataLoader worker processes (-1: half the usable cores, 1 to 8; 0: main process)"})
 # ----------------------------------------------------------------------------
@@ -188,10 +189,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     step_module, modules, groups = build_objective(cfg, backbone, len(task.classes), device)
     eval_tf = eval_transform(cfg.img_size, scale.mean, scale.std)
 
-    def embed(paths, desc, views=(views[0],), cache_tag=None):  # the embedding the matrices use
+    def embed(paths, desc, views=(views[0],), cache_tag=None):  # the embedding the matrices use (compiled for the final one)
         return embed_images(backbone.eval(), paths, eval_tf, device=device, views=views, batch_size=cfg.embed_batch_size,
                             workers=workers, amp=amp, scale=scale, desc=desc, stack_views=True, channels_last=is_cnn(backbone),
-                            cache_dir=run_dir / "cache" if cache_tag else None, cache_tag=cache_tag or "")
+                            cache_dir=run_dir / "cache" if cache_tag else None, cache_tag=cache_tag or "",
+                            compile_model=cfg.compile and cache_tag is not None)
 
     # training: the shared loop (best.pt/last.pt, --resume, eval every N epochs)
     trainer = Trainer(

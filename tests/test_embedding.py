@@ -199,3 +199,10 @@ def test_worker_count_is_chosen_for_the_machine():
         resolve_workers(-2)
     assert is_cnn(torch.nn.Sequential(*[torch.nn.Conv2d(3, 3, 1) for _ in range(5)]))
     assert not is_cnn(torch.nn.Linear(3, 3))
+
+
+def test_compiled_model_gives_the_same_embeddings(tmp_path):
+    paths = _images(tmp_path / "imgs", n=5)
+    plain = embed_images(_cnn(), paths, eval_transform(24), device=CPU, batch_size=2, workers=0)
+    compiled = embed_images(_cnn(), paths, eval_transform(24), device=CPU, batch_size=2, workers=0, compile_model=True)
+    assert np.allclose(plain, compiled, atol=1e-5)  # batches of 2, 2 and 1: dynamic shapes, one compile

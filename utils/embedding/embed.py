@@ -140,6 +140,7 @@ def embed_images(
     dist_info: DistInfo | None = None,
     stack_views: bool = False,
     channels_last: bool = False,
+    compile_model: bool = False,
 ) -> np.ndarray:
     """Embed image files in batches; (n, d) float32, L2-normalised.
 
@@ -151,6 +152,8 @@ def embed_images(
         dist_info: under torchrun, each rank embeds its share; all get the whole.
         stack_views, channels_last: see :func:`embed_batches` (a CNN module is
             converted to channels-last here).
+        compile_model: run ``forward`` through ``torch.compile`` (dynamic batch size);
+            the first batch pays the compile time, which large galleries and GPUs win back.
 
     Raises:
         KitError: an image cannot be read (query and gallery need every one).
@@ -160,6 +163,8 @@ def embed_images(
 
     if channels_last and isinstance(forward, torch.nn.Module):
         forward.to(memory_format=torch.channels_last)
+    if compile_model:
+        forward = torch.compile(forward, dynamic=True)
 
     def compute() -> np.ndarray:
         mine = paths[_shard(len(paths), dist_info)]
