@@ -110,12 +110,17 @@ def bench_cnn(name: str, paths: list[Path], size: int, rows: list, workers: int,
     model = timm.create_model(name, pretrained=False, num_classes=0).eval()
     flops = flops_per_image(model, size)
     n, tf = len(paths), eval_transform(size)
+    compiled = torch.compile(model.to(memory_format=torch.channels_last), dynamic=True)
+    embed_images(compiled, paths[:40], tf, device=CPU, batch_size=32, workers=0, channels_last=True)  # compile (batch 32 and 8)
     methods = {
         f"kit path, batch 32, {workers} workers, channels-last": (n, lambda: embed_images(
             model, paths, tf, device=CPU, batch_size=32, workers=workers, channels_last=True)),
         f"kit path, batch 32, {workers} workers, channels-first": (n, lambda: embed_images(
             model.to(memory_format=torch.contiguous_format), paths, tf, device=CPU, batch_size=32, workers=workers)),
-        "kit path, one image at a time": (16, lambda: embed_images(model, paths[:16], tf, device=CPU, batch_size=1, workers=0)),
+        f"kit path, batch 32, {workers} workers, channels-last, --compile (after a warm-up call)": (n, lambda: embed_images(
+            compiled, paths, tf, device=CPU, batch_size=32, workers=workers, channels_last=True)),
+        "kit path, one image at a time": (16, lambda: embed_images(
+            model.to(memory_format=torch.contiguous_format), paths[:16], tf, device=CPU, batch_size=1, workers=0)),
         "plain batch-32 loop": (n, lambda: plain_loop(model.to(memory_format=torch.contiguous_format), paths, size)),
     }
     ips, peak = interleaved(methods, rounds)
