@@ -50,8 +50,8 @@ from utils.clip.models import create_visual, is_weights_file
 from utils.config import RunConfig, add_config_args, config_from_args, config_to_dict
 from utils.data.colour import DESCRIPTORS, DISTANCES, ColourDescriptors, bin_centres, colour_descriptors, colour_distances
 from utils.data.object_crop import OBJECT_CROPS, object_crops
-from utils.data.task import Task, prepare_task
-from utils.device import amp_dtype, is_cnn, pick_device, resolve_workers
+from utils.data.task import Task
+from utils.device import amp_dtype, is_cnn, resolve_workers
 from utils.embedding.cache import files_key
 from utils.embedding.embed import embed_images
 from utils.embedding.step import SETS, embed_task, similarities
@@ -59,10 +59,8 @@ from utils.embedding.views import TTA_GROUPS, PixelScale, tta_views
 from utils.errors import KitError, run_cli
 from utils.logs import console, setup_logging
 from utils.runs.metrics import evaluate, relevance_matrix
-from utils.runs.model_run import write_model_run
-from utils.runs.similarity_io import invalidate_run
+from utils.runs.model_run import begin_inference_run, write_model_run
 from utils.runs.topk import topk
-from utils.seed import seed_everything
 
 log = logging.getLogger("infer_clip_colour")
 
@@ -171,17 +169,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     cfg = config_from_args(Config, build_parser().parse_args(argv))
     setup_logging(cfg.verbose)
     check_config(cfg)
-    t0 = time.time()
-    run_dir = cfg.runs / cfg.run_name
-    invalidate_run(run_dir)  # a killed or failed re-run must not leave the old run looking complete
-    device = pick_device(cfg.device)
-    amp = amp_dtype(device, cfg.amp)
-    workers = resolve_workers(cfg.workers)
-    seed_everything(cfg.seed)
-
-    # data and the shared validation split (no training: only its val queries/gallery are used)
-    task = prepare_task(cfg.data, cfg.runs, cfg.split_params())
-    timings = {"prepare": time.time() - t0}
+    # the old run invalidated, device, seed, data and the shared validation split
+    run = begin_inference_run(cfg)
+    run_dir, device, task, t0, timings = run.run_dir, run.device, run.task, run.t0, run.timings
+    amp, workers = amp_dtype(device, cfg.amp), resolve_workers(cfg.workers)
 
     # frozen image tower first (bad flags fail before long work) -> object crops -> embeddings -> cosine
     tower, transform, scale, tag = build_tower(cfg)

@@ -41,8 +41,7 @@ from rich.table import Table
 
 from utils.config import RunConfig, add_config_args, config_from_args, config_to_dict
 from utils.data.augment import eval_transform
-from utils.data.task import prepare_task
-from utils.device import amp_dtype, is_cnn, pick_device, resolve_workers
+from utils.device import amp_dtype, is_cnn, resolve_workers
 from utils.embedding.backbone import create_backbone, weights_id
 from utils.embedding.embed import embed_images
 from utils.embedding.stage_features import POOLS, StageFeatures
@@ -52,10 +51,8 @@ from utils.errors import KitError, run_cli
 from utils.faces.detect import SELECT_METHODS, DetectorParams, FaceDetector
 from utils.faces.face_box import FACE_BOX_MODES, face_box_crops
 from utils.logs import console, setup_logging
-from utils.runs.model_run import write_model_run
+from utils.runs.model_run import begin_inference_run, write_model_run
 from utils.runs.pixel_agreement import grey_squares, topk_agreement
-from utils.runs.similarity_io import invalidate_run
-from utils.seed import seed_everything
 
 log = logging.getLogger("infer_cnn_features")
 
@@ -151,17 +148,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     cfg = config_from_args(Config, build_parser().parse_args(argv))
     setup_logging(cfg.verbose)
     check_config(cfg)
-    t0 = time.time()
-    run_dir = cfg.runs / cfg.run_name
-    invalidate_run(run_dir)  # a killed or failed re-run must not leave the old run looking complete
-    device = pick_device(cfg.device)
-    amp = amp_dtype(device, cfg.amp)
-    workers = resolve_workers(cfg.workers)
-    seed_everything(cfg.seed)
-
-    # data and the shared validation split (no training: only its val queries/gallery are used)
-    task = prepare_task(cfg.data, cfg.runs, cfg.split_params())
-    timings = {"prepare": time.time() - t0}
+    # the old run invalidated, device, seed, data and the shared validation split
+    run = begin_inference_run(cfg)
+    run_dir, device, task, t0, timings = run.run_dir, run.device, run.task, run.t0, run.timings
+    amp, workers = amp_dtype(device, cfg.amp), resolve_workers(cfg.workers)
 
     # model first (a bad --model/--weights/--stage fails before any long work), then the face crops
     backbone = create_backbone(cfg.model, cfg.weights)

@@ -48,16 +48,20 @@ class ClipVisual:
 
     def eval_transform(self):
         """open_clip's own eval preprocessing (resize, centre crop, normalise): PIL -> tensor."""
-        pp = self.preprocess
-        return open_clip.image_transform(
-            pp["size"], is_train=False, mean=pp["mean"], std=pp["std"],
-            resize_mode=pp["resize_mode"], interpolation=pp["interpolation"],
-        )
+        return eval_transform_of(self.preprocess)
 
     @property
     def image_size(self) -> int:
         size = self.preprocess["size"]
         return int(size[0] if isinstance(size, (tuple, list)) else size)
+
+
+def eval_transform_of(preprocess: dict[str, Any]):
+    """open_clip's eval preprocessing for a tower's PreprocessCfg (resize, centre crop, normalise): PIL -> tensor."""
+    return open_clip.image_transform(
+        preprocess["size"], is_train=False, mean=preprocess["mean"], std=preprocess["std"],
+        resize_mode=preprocess["resize_mode"], interpolation=preprocess["interpolation"],
+    )
 
 
 def resolve_model_name(model: str) -> str:

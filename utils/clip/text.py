@@ -25,7 +25,7 @@ import open_clip
 import torch
 from torch import nn
 
-from utils.clip.models import is_weights_file, quiet_open_clip, resolve_model_name, tag_config
+from utils.clip.models import eval_transform_of, is_weights_file, quiet_open_clip, resolve_model_name, tag_config
 from utils.embedding.embed import l2_normalize
 from utils.errors import KitError
 from utils.training.checkpoint import load_weights_file
@@ -44,11 +44,7 @@ class ClipModel:
 
     def eval_transform(self):
         """open_clip's eval preprocessing (resize, centre crop, normalise): PIL -> tensor."""
-        pp = self.preprocess
-        return open_clip.image_transform(
-            pp["size"], is_train=False, mean=pp["mean"], std=pp["std"],
-            resize_mode=pp["resize_mode"], interpolation=pp["interpolation"],
-        )
+        return eval_transform_of(self.preprocess)
 
     @property
     def vocab_size(self) -> int:

@@ -152,3 +152,31 @@ def write_embedding_run(
     save_topk_run(run_dir, splits, {**run_meta(model, config, task, timings, metrics, extra), "search_backend": form.backend})
     console.print(metrics_table(f"{model} (top-k form) -> {run_dir}", metrics))
     return metrics
+
+
+@dataclass
+class RunStart:
+    """What an inference script has once its run has begun: folder, device, task, timings."""
+
+    run_dir: Path
+    device: Any
+    task: Task
+    t0: float
+    timings: dict[str, float]
+
+
+def begin_inference_run(cfg: Any, run_name: str | None = None) -> RunStart:
+    """The opening of every script that does not train: invalidate the old run, pick the device,
+    seed, read the data and the shared validation split (only its val queries/gallery are used)."""
+    from utils.data.task import prepare_task
+    from utils.device import pick_device
+    from utils.runs.similarity_io import invalidate_run
+    from utils.seed import seed_everything
+
+    t0 = time.time()
+    run_dir = cfg.runs / (run_name or cfg.run_name)
+    invalidate_run(run_dir)  # a killed or failed re-run must not leave the old run looking complete
+    device = pick_device(cfg.device)
+    seed_everything(cfg.seed)
+    task = prepare_task(cfg.data, cfg.runs, cfg.split_params())
+    return RunStart(run_dir, device, task, t0, {"prepare": time.time() - t0})
