@@ -40,3 +40,14 @@ def shared_data(name: str) -> Path:
     if not path.is_dir():
         pytest.skip(f"{path} not present (real data is only on development machines)")
     return path
+
+
+@pytest.fixture(scope="module")
+def one_torch_thread():
+    """One torch thread for a module of tiny models: two threads thrash on a shared 2-core box."""
+    import torch
+
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)

@@ -32,13 +32,7 @@ TINY_CLIP = {
 }
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """Two threads on a shared 2-core box thrash for these tiny models."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 @pytest.fixture(scope="module")

@@ -112,13 +112,7 @@ def test_colour_term_search_finds_the_bonus_that_fixes_rank_one():
 # the script, end to end on generated data, into ensemble.py and submit.py
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """Two threads on a shared 2-core box thrash (much slower for these tiny models)."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")  # tiny models: one thread, no thrash
 
 
 @pytest.fixture(scope="module")

@@ -76,13 +76,7 @@ def test_pixel_agreement_prefers_the_same_picture(tmp_path):
 TINY = ["--model", "test_resnet", "--weights", "none", "--img-size", "32", "--workers", "0", "--pixel-px", "32"]
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """Two threads on a shared 2-core box thrash (much slower for these tiny models)."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")  # tiny models: one thread, no thrash
 
 
 def test_script_end_to_end_then_ensemble_and_submit(rehearsal_data_session, tmp_path):

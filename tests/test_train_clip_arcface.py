@@ -36,13 +36,7 @@ TRAIN = ["--weights", "none", "--workers", "0", "--tta", "--embed-dim", "64", "-
          "--unfreeze", "-1", "--lr", "1e-3", "--scale", "16", "--margin-deg", "15", "--patience", "0"]
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """Two threads on a shared 2-core box thrash (50x slower for these tiny models)."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")  # tiny models: one thread, no thrash
 
 
 @pytest.fixture(scope="module")

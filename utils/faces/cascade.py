@@ -299,14 +299,7 @@ class FaceCascade:
         """
         del batch_size  # MTCNN batches are fixed at 32 canvases; kept for FaceDetector's signature
         n = len(paths)
-        out = Faces(
-            boxes=np.full((n, 4), np.nan, np.float32),
-            landmarks=np.full((n, 5, 2), np.nan, np.float32),
-            probs=np.zeros(n, np.float32),
-            sizes=np.zeros((n, 2), np.int64),
-            stage=np.full(n, -1, np.int8),
-            stage_names=tuple(self.params.stages),
-        )
+        out = Faces.empty(n, tuple(self.params.stages))
         best = np.zeros(n, np.float32)  # score of the best box below the gates (fallback "best")
         cand_boxes = np.full((n, 4), np.nan, np.float32)
         cand_landmarks = np.full((n, 5, 2), np.nan, np.float32)

@@ -83,6 +83,13 @@ class Faces:
         """(n,) bool: a face was detected."""
         return ~np.isnan(self.boxes[:, 0])
 
+    @classmethod
+    def empty(cls, n: int, stage_names: tuple[str, ...]) -> "Faces":
+        """``n`` images with no face yet (filled in as detectors find them)."""
+        return cls(boxes=np.full((n, 4), np.nan, np.float32), landmarks=np.full((n, 5, 2), np.nan, np.float32),
+                   probs=np.zeros(n, np.float32), sizes=np.zeros((n, 2), np.int64),
+                   stage=np.full(n, -1, np.int8), stage_names=stage_names)
+
 
 def letterbox(img: Image.Image, canvas_px: int) -> tuple[np.ndarray, float]:
     """``img`` scaled so its longer side is ``canvas_px``, pasted top-left on black.
@@ -158,14 +165,7 @@ class FaceDetector:
             KitError: an image cannot be read (query and gallery need every one).
         """
         n = len(paths)
-        out = Faces(
-            boxes=np.full((n, 4), np.nan, np.float32),
-            landmarks=np.full((n, 5, 2), np.nan, np.float32),
-            probs=np.zeros(n, np.float32),
-            sizes=np.zeros((n, 2), np.int64),
-            stage=np.full(n, -1, np.int8),
-            stage_names=("mtcnn",),
-        )
+        out = Faces.empty(n, ("mtcnn",))
         loader = DataLoader(
             _CanvasDataset(paths, self.params.canvas_px), batch_size=batch_size, shuffle=False,
             num_workers=workers, collate_fn=_collate,
