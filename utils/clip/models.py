@@ -140,6 +140,45 @@ def is_weights_file(value: str) -> bool:
     return Path(value).suffix in WEIGHT_SUFFIXES or "/" in value or "\\" in value or Path(value).is_file()
 
 
+def build_open_clip(model: str, weights: str, file_tag: str = "openai", img_size: int = 0) -> tuple[nn.Module, str, bool, dict[str, Any]]:
+    """The whole open_clip model for ``--weights``: hub weights for a tag, random init for ``none`` or a file.
+
+    For a file the caller loads its tensors (the image tower's, or both towers');
+    ``file_tag`` then sets QuickGELU and mean/std, as the tag does for a download.
+
+    Returns:
+        (model, resolved name, whether ``weights`` is a file, the tag's pretrained config).
+
+    Raises:
+        KitError: unknown model or tag, failed download, missing weights file.
+    """
+    from_file = is_weights_file(weights)
+    if from_file and not Path(weights).is_file():
+        raise KitError(f"{weights}: weights file not found (--weights PATH); give an existing .pt/.bin/.safetensors file, a tag, or none")
+    tag = file_tag if from_file else weights
+    name = resolve_model_name(model)
+    tag_cfg = tag_config(name, tag)  # {} for none
+    preprocess = {k: tag_cfg[k] for k in ("mean", "std", "interpolation", "resize_mode") if k in tag_cfg}
+    kwargs = dict(force_quick_gelu=bool(tag_cfg.get("quick_gelu", False)), force_image_size=img_size or None,
+                  force_preprocess_cfg=preprocess)
+    if from_file or not tag_cfg:
+        with quiet_open_clip():
+            clip = open_clip.create_model(name, pretrained=None, **kwargs)
+        if not from_file:
+            log.info("%s: random initialisation (--weights none)", name)
+        return clip, name, from_file, tag_cfg
+    try:
+        with quiet_open_clip():
+            clip = open_clip.create_model(name, pretrained=tag, **kwargs)
+    except (RuntimeError, OSError) as err:
+        first = (str(err).strip().splitlines() or [type(err).__name__])[0][:200]
+        raise KitError(
+            f"--weights {tag}: cannot load weights for {name} ({first}); offline, pass "
+            "--weights PATH (the open_clip .bin/.safetensors file) with --file-tag TAG, or --weights none"
+        ) from None
+    return clip, name, from_file, tag_cfg
+
+
 def create_visual(model: str, weights: str = "openai", file_tag: str = "openai", img_size: int = 0) -> ClipVisual:
     """Build the image tower of an open_clip model with the weights asked for.
 
@@ -152,39 +191,13 @@ def create_visual(model: str, weights: str = "openai", file_tag: str = "openai",
     Raises:
         KitError: unknown model or tag, failed download, bad weights file.
     """
-    if is_weights_file(weights):
-        if not Path(weights).is_file():
-            raise KitError(f"{weights}: weights file not found (--weights PATH); give an existing .pt/.bin/.safetensors file, a tag, or none")
-        pretrained, weights = file_tag, weights
-    else:
-        pretrained, weights = weights, ""
-    name = resolve_model_name(model)
-    tag_cfg = tag_config(name, pretrained)
-    quick_gelu = bool(tag_cfg.get("quick_gelu", False))
-    preprocess = {k: tag_cfg[k] for k in ("mean", "std", "interpolation", "resize_mode") if k in tag_cfg}
-    kwargs = dict(force_quick_gelu=quick_gelu, force_image_size=img_size or None, force_preprocess_cfg=preprocess)
-    if weights:
-        with quiet_open_clip():
-            clip = open_clip.create_model(name, pretrained=None, **kwargs)
+    clip, name, from_file, tag_cfg = build_open_clip(model, weights, file_tag, img_size)
+    if from_file:
         load_visual_weights(clip, weights)
         log.info("%s: image tower weights from %s", name, weights)
-    elif tag_cfg:
-        try:
-            with quiet_open_clip():
-                clip = open_clip.create_model(name, pretrained=pretrained, **kwargs)
-        except (RuntimeError, OSError) as err:
-            first = (str(err).strip().splitlines() or [type(err).__name__])[0][:200]
-            raise KitError(
-                f"--weights {pretrained}: cannot load weights for {name} ({first}); offline, pass "
-                "--weights PATH (the open_clip .bin/.safetensors file) with --file-tag TAG, or --weights none"
-            ) from None
-    else:
-        with quiet_open_clip():
-            clip = open_clip.create_model(name, pretrained=None, **kwargs)
-        log.info("%s: random initialisation (--weights none)", name)
     visual = clip.visual
     pp = dict(open_clip.get_model_preprocess_cfg(visual))
-    return ClipVisual(visual, name, pp, quick_gelu)
+    return ClipVisual(visual, name, pp, bool(tag_cfg.get("quick_gelu", False)))
 
 
 # ----------------------------------------------------------------------------

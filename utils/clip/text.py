@@ -25,7 +25,7 @@ import open_clip
 import torch
 from torch import nn
 
-from utils.clip.models import eval_transform_of, is_weights_file, quiet_open_clip, resolve_model_name, tag_config
+from utils.clip.models import build_open_clip, eval_transform_of
 from utils.embedding.embed import l2_normalize
 from utils.errors import KitError
 from utils.training.checkpoint import load_weights_file
@@ -79,33 +79,10 @@ def create_clip(model: str, weights: str = "none", file_tag: str = "openai", img
     Raises:
         KitError: unknown model or tag, failed download, missing or unfitting weights file.
     """
-    name = resolve_model_name(model)
-    from_file = is_weights_file(weights)
-    if from_file and not Path(weights).is_file():
-        raise KitError(f"--weights {weights}: file not found; give an open_clip .bin/.pt/.safetensors file, a tag or 'none'")
-    tag = file_tag if from_file else weights
-    tag_cfg = tag_config(name, tag)  # {} for none
-    preprocess = {k: tag_cfg[k] for k in ("mean", "std", "interpolation", "resize_mode") if k in tag_cfg}
-    kwargs: dict[str, Any] = dict(force_image_size=img_size or None, force_quick_gelu=bool(tag_cfg.get("quick_gelu", False)),
-                                  force_preprocess_cfg=preprocess)
-    if from_file or not tag_cfg:
-        with quiet_open_clip():
-            clip = open_clip.create_model(name, pretrained=None, **kwargs)
-        if from_file:
-            _load_full_weights(clip, weights)
-            log.info("%s: weights from %s (as %s)", name, weights, file_tag)
-        else:
-            log.info("%s: random initialisation (--weights none)", name)
-    else:
-        try:
-            with quiet_open_clip():
-                clip = open_clip.create_model(name, pretrained=weights, **kwargs)
-        except (RuntimeError, OSError) as err:
-            first = (str(err).strip().splitlines() or [type(err).__name__])[0][:200]
-            raise KitError(
-                f"--weights {weights}: cannot load weights for {name} ({first}); offline, pass --weights PATH "
-                "(the open_clip .bin/.safetensors file) with --file-tag TAG, or --weights none"
-            ) from None
+    clip, name, from_file, _ = build_open_clip(model, weights, file_tag, img_size)
+    if from_file:
+        _load_full_weights(clip, weights)
+        log.info("%s: weights from %s (as %s)", name, weights, file_tag)
     if not hasattr(clip, "encode_text"):
         raise KitError(f"--model {model}: this open_clip model has no text tower; caption matching needs one")
     clip.eval()

@@ -18,10 +18,13 @@ import numpy as np
 from rich.table import Table
 
 from utils import __version__
-from utils.data.task import Task
+from utils.data.task import Task, prepare_task
+from utils.device import pick_device
+from utils.embedding.step import similarities
 from utils.logs import console
 from utils.runs.metrics import competition_score, evaluate, relevance_matrix
-from utils.runs.similarity_io import SimMatrix, save_run
+from utils.runs.similarity_io import SimMatrix, invalidate_run, save_run
+from utils.seed import seed_everything
 from utils.runs.topk_run import DEFAULT_K, MAX_MATRIX_CELLS, TopkSplit, make_topk_split, save_topk_run, use_topk_form
 
 log = logging.getLogger(__name__)
@@ -133,8 +136,6 @@ def write_embedding_run(
     Returns:
         metrics per split that has a ground truth.
     """
-    from utils.embedding.step import similarities
-
     form = form or RunForm()
     if not use_topk_form(len(emb["test_query"]), len(emb["test_gallery"]), form.max_cells):
         return write_model_run(run_dir, model, config, task, similarities(emb), timings, extra)
@@ -168,11 +169,6 @@ class RunStart:
 def begin_inference_run(cfg: Any, run_name: str | None = None) -> RunStart:
     """The opening of every script that does not train: invalidate the old run, pick the device,
     seed, read the data and the shared validation split (only its val queries/gallery are used)."""
-    from utils.data.task import prepare_task
-    from utils.device import pick_device
-    from utils.runs.similarity_io import invalidate_run
-    from utils.seed import seed_everything
-
     t0 = time.time()
     run_dir = cfg.runs / (run_name or cfg.run_name)
     invalidate_run(run_dir)  # a killed or failed re-run must not leave the old run looking complete
