@@ -5,7 +5,7 @@
 
 For each model: images/second through
 - the kit's path (``utils.embedding.embed.embed_images``: DataLoader workers decode and
-  resize, batches under ``inference_mode``, channels-last for CNNs), cold cache;
+  resize, batches under ``inference_mode``, channels-last CNNs with BatchNorm folded), cold cache;
 - the kit's path one image at a time (batch size 1);
 - a plain batch-32 loop (decode in the main process, ``torch.no_grad``, default memory format);
 and, for ResNet-50, the FLOP-bound limit: the measured fp32 matmul peak of this machine
@@ -35,7 +35,7 @@ from utils.atomic import atomic_write_bytes  # noqa: E402
 from utils.data.augment import eval_transform  # noqa: E402
 from utils.data.images import load_image  # noqa: E402
 from utils.device import default_workers  # noqa: E402
-from utils.embedding.embed import embed_arrays, embed_images  # noqa: E402
+from utils.embedding.embed import embed_arrays, embed_images, fold_batchnorm  # noqa: E402
 from utils.embedding.views import tta_views  # noqa: E402
 from utils.logs import console  # noqa: E402
 
@@ -110,7 +110,7 @@ def bench_cnn(name: str, paths: list[Path], size: int, rows: list, workers: int,
     model = timm.create_model(name, pretrained=False, num_classes=0).eval()
     flops = flops_per_image(model, size)
     n, tf = len(paths), eval_transform(size)
-    compiled = torch.compile(model.to(memory_format=torch.channels_last), dynamic=True)
+    compiled = torch.compile(fold_batchnorm(model.eval()).to(memory_format=torch.channels_last), dynamic=True)  # as embed_images does
     embed_images(compiled, paths[:40], tf, device=CPU, batch_size=32, workers=0, channels_last=True)  # compile (batch 32 and 8)
     methods = {
         f"kit path, batch 32, {workers} workers, channels-last": (n, lambda: embed_images(

@@ -206,3 +206,53 @@ def test_compiled_model_gives_the_same_embeddings(tmp_path):
     plain = embed_images(_cnn(), paths, eval_transform(24), device=CPU, batch_size=2, workers=0)
     compiled = embed_images(_cnn(), paths, eval_transform(24), device=CPU, batch_size=2, workers=0, compile_model=True)
     assert np.allclose(plain, compiled, atol=1e-5)  # batches of 2, 2 and 1: dynamic shapes, one compile
+
+
+def _bn_cnn():
+    """Conv-BN-ReLU twice with trained-looking BatchNorm statistics, in eval mode."""
+    torch.manual_seed(0)
+    layers = [torch.nn.Conv2d(3, 8, 3), torch.nn.BatchNorm2d(8), torch.nn.ReLU(), torch.nn.Conv2d(8, 8, 3), torch.nn.BatchNorm2d(8)]
+    for bn in layers[1::3] + layers[4:]:
+        bn.running_mean.uniform_(-1, 1), bn.running_var.uniform_(0.5, 2), bn.weight.data.uniform_(0.5, 2), bn.bias.data.uniform_(-1, 1)
+    return torch.nn.Sequential(*layers, torch.nn.AdaptiveAvgPool2d(1), torch.nn.Flatten()).eval()
+
+
+class _Untraceable(torch.nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.net = _bn_cnn()
+
+    def forward(self, x):
+        return self.net(x) if x.sum() > -1e9 else -self.net(x)  # data-dependent control flow: torch.fx cannot trace it
+
+
+def test_batchnorm_is_folded_into_an_inference_copy_with_the_same_embeddings(tmp_path):
+    from utils.embedding.embed import fold_batchnorm
+
+    model, x = _bn_cnn(), torch.randn(3, 3, 16, 16)
+    folded = fold_batchnorm(model)
+    has_bn = lambda m: any(isinstance(k, torch.nn.BatchNorm2d) for k in m.modules())  # noqa: E731
+    assert folded is not model and not has_bn(folded) and has_bn(model)  # the caller's model is left as it was
+    with torch.inference_mode():
+        assert torch.allclose(model(x), folded(x), atol=1e-5)
+    assert fold_batchnorm(model.train()) is model.train()  # batch statistics in training: nothing to fold
+    odd = _Untraceable().eval()
+    assert fold_batchnorm(odd) is odd  # not traceable: used as it is
+    paths = _images(tmp_path / "imgs", n=5)
+    plain = embed_images(_bn_cnn(), paths, eval_transform(24), device=CPU, batch_size=2, workers=0)
+    fast = embed_images(_bn_cnn(), paths, eval_transform(24), device=CPU, batch_size=2, workers=0, channels_last=True)
+    assert np.allclose(plain, fast, atol=1e-5)
+
+
+def test_stage_features_fold_their_batchnorm():
+    import timm
+
+    from utils.embedding.embed import fold_batchnorm
+    from utils.embedding.stage_features import StageFeatures
+
+    feats = StageFeatures(timm.create_model("resnet18", pretrained=False, num_classes=0), stage=2, pool="gem").eval()
+    folded = fold_batchnorm(feats)
+    assert not any(isinstance(m, torch.nn.BatchNorm2d) for m in folded.modules())
+    x = torch.rand(2, 3, 64, 64)
+    with torch.inference_mode():
+        assert torch.allclose(feats(x), folded(x), atol=1e-5)

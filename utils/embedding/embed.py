@@ -98,6 +98,27 @@ def embed_batches(
     return l2_normalize(np.concatenate(chunks))
 
 
+def fold_batchnorm(module: torch.nn.Module) -> torch.nn.Module:
+    """An inference copy of an eval-mode network with every BatchNorm folded into the
+    convolution (or linear layer) before it, by ``torch.fx``; ``module`` itself when it
+    is training, has no BatchNorm, is already compiled (``torch.compile``: fold before
+    compiling), or cannot be traced (data-dependent control flow).
+
+    Folding saves the BatchNorm's pass over each activation map: ResNet-50 on 2 CPU
+    cores embeds about 1.3x faster (benchmarks/bench_embed.py). Outputs equal the
+    unfolded module's up to float rounding.
+    """
+    if module.training or hasattr(module, "_orig_mod") or not any(isinstance(m, torch.nn.modules.batchnorm._BatchNorm) for m in module.modules()):
+        return module
+    from torch.fx.experimental.optimization import fuse  # imported here: fx is slow to import and only CNNs need it
+
+    try:
+        return fuse(module)
+    except Exception as exc:  # torch.fx raises many kinds on untraceable code
+        log.debug("BatchNorm not folded (%s is not traceable: %s)", type(module).__name__, exc)
+        return module
+
+
 def _shard(n: int, info: DistInfo | None) -> slice:
     """This rank's contiguous share of ``n`` items (everything without DDP)."""
     if info is None or not info.ddp:
@@ -151,7 +172,8 @@ def embed_images(
             views and ``cache_tag`` (which must identify the model weights).
         dist_info: under torchrun, each rank embeds its share; all get the whole.
         stack_views, channels_last: see :func:`embed_batches` (a CNN module is
-            converted to channels-last here).
+            converted to channels-last here, on an inference copy with its
+            BatchNorms folded into the convolutions: :func:`fold_batchnorm`).
         compile_model: run ``forward`` through ``torch.compile`` (dynamic batch size);
             the first batch pays the compile time, which large galleries and GPUs win back.
 
@@ -162,7 +184,7 @@ def embed_images(
     cache = Path(cache_dir) / f"emb_{files_key(paths, f'{cache_tag}|{views!r}')}.npy" if cache_dir is not None else None
 
     if channels_last and isinstance(forward, torch.nn.Module):
-        forward.to(memory_format=torch.channels_last)
+        forward = fold_batchnorm(forward).to(memory_format=torch.channels_last)
     if compile_model:
         forward = torch.compile(forward, dynamic=True)
 

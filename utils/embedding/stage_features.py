@@ -44,6 +44,18 @@ def pool_map(fmap: torch.Tensor, pool: str, p: float = GEM_P) -> torch.Tensor:
     raise KitError(f"--pool {pool!r}: choose one of {POOLS}")
 
 
+@torch.fx.wrap  # a leaf call when torch.fx traces the module (BatchNorm folding): its test is on real shapes
+def check_map(fmap: torch.Tensor, index: int) -> torch.Tensor:
+    """``fmap`` itself if it is a (B, C, H, W) map.
+
+    Raises:
+        KitError: another shape (the stage cannot be pooled).
+    """
+    if fmap.ndim != 4:
+        raise KitError(f"stage {index} gives a {fmap.ndim}-D output; choose another --stage")
+    return fmap
+
+
 def n_stages(model: nn.Module) -> int:
     """How many feature stages a timm model exposes.
 
@@ -74,6 +86,4 @@ class StageFeatures(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         fmap = self.model.forward_intermediates(x, indices=[self.index], intermediates_only=True)[0]
-        if fmap.ndim != 4:
-            raise KitError(f"stage {self.index} gives a {fmap.ndim}-D output; choose another --stage")
-        return pool_map(fmap, self.pool)
+        return pool_map(check_map(fmap, self.index), self.pool)
