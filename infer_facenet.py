@@ -35,24 +35,18 @@ import argparse
 import logging
 import time
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Sequence
-
-import numpy as np
-import torch
 
 from utils.config import FormConfig, RunConfig, add_config_args, config_from_args, config_to_dict
 from utils.data.task import prepare_task
-from utils.device import amp_dtype, pick_device, resolve_workers
-from utils.embedding.cache import cached, files_key
-from utils.embedding.embed import embed_arrays
+from utils.device import pick_device, resolve_workers
 from utils.embedding.step import embed_task
 from utils.embedding.views import TTA_GROUPS, tta_views
 from utils.errors import KitError, run_cli
-from utils.faces.cascade import DEFAULT_STAGES, FALLBACKS, STAGES, CascadeParams, FaceCascade
-from utils.faces.crop import CropParams, face_crops
-from utils.faces.detect import SELECT_METHODS, DetectorParams, FaceDetector
-from utils.faces.embedder import EMBEDDERS, build_embedder
+from utils.faces.cascade import DEFAULT_STAGES, FALLBACKS, STAGES
+from utils.faces.detect import SELECT_METHODS
+from utils.faces.embedder import EMBEDDERS
+from utils.faces.pipeline import FacePipeline
 from utils.logs import setup_logging
 from utils.runs.model_run import write_embedding_run
 from utils.runs.similarity_io import invalidate_run
@@ -113,19 +107,6 @@ def check_config(cfg: Config) -> None:
     tta_views(cfg.tta)
 
 
-def build_detector(cfg: Config, device: torch.device) -> FaceDetector | FaceCascade | None:
-    """MTCNN with the configured canvas, thresholds and selection, the cascade of --detector-stages,
-    or None for --detector none."""
-    mtcnn = DetectorParams(cfg.detect_px, cfg.min_face_px, tuple(cfg.thresholds), cfg.face_select)
-    if cfg.detector == "mtcnn":
-        return FaceDetector(mtcnn, device)
-    if cfg.detector == "cascade":
-        return FaceCascade(CascadeParams(stages=tuple(cfg.detector_stages), mtcnn=mtcnn, min_face_frac=cfg.min_face_frac, fallback=cfg.face_fallback), device)
-    if cfg.detector == "none":
-        return None
-    raise KitError(f"--detector {cfg.detector!r}: choose mtcnn, cascade or none")
-
-
 def main(argv: Sequence[str] | None = None) -> int:
     cfg = config_from_args(Config, build_parser().parse_args(argv))
     setup_logging(cfg.verbose)
@@ -141,33 +122,15 @@ def main(argv: Sequence[str] | None = None) -> int:
     task = prepare_task(cfg.data, cfg.runs, cfg.split_params())
     timings = {"prepare": time.time() - t0}
 
-    # models: the embedder (weights checked before any long work), then the detector
-    embedder = build_embedder(cfg.embedder, cfg.weights, device, amp_dtype(device, cfg.amp))
-    crop_params = CropParams(size_px=embedder.input_px, aligner=embedder.aligner, margin_px=cfg.margin_px,
-                             align_eyes=cfg.align_eyes, shape_predictor=cfg.shape_predictor)
-    crop_params.check()
-    detector = build_detector(cfg, device)
-    views, cache_dir = tta_views(cfg.tta), cfg.runs / "face_cache"  # shared by every face run on this data
-    det_tag = detector.params.tag() if detector is not None else "no-detector"
-    faces: dict[str, dict[str, int]] = {}
-
-    def embed_set(paths: Sequence[Path], desc: str) -> np.ndarray:
-        """Crops (cached), then every view's embedding (cached) of one image set; counts its fallbacks."""
-        crops = face_crops(paths, detector, crop_params, batch_size=cfg.detect_batch_size, workers=resolve_workers(cfg.workers), cache_dir=cache_dir, desc=desc)
-        faces[desc.replace(" ", "_")] = {"images": len(paths), "faces_found": len(paths) - crops.n_fallback, "fallback": crops.n_fallback,
-                                         "by_stage": crops.stage_counts()}
-        key = files_key(paths, "|".join([det_tag, crop_params.tag(), embedder.tag, repr(views)]))
-        return cached(cache_dir / f"emb_{key}.npy", lambda: embed_arrays(
-            embedder, crops.pixels, views, device=device, out_px=embedder.input_px, batch_size=cfg.embed_batch_size,
-            desc=f"{desc}: embedding x{len(views)} views"), desc)
+    # models: the embedder (weights checked before any long work), then the detector; crops and
+    # embeddings are cached under runs/face_cache/, shared by every face run on this data
+    pipe = FacePipeline(cfg, device, cache_dir=cfg.runs / "face_cache")
 
     # crops and embeddings of the four image sets, then the two matrices
-    emb = embed_task(task, embed_set)
+    emb = embed_task(task, pipe.embed_set)
     timings["embed"] = time.time() - t0 - timings["prepare"]
-    n_fb = sum(f["fallback"] for f in faces.values())
-    log.info("no face found in %d of %d images (centre square used): %s", n_fb, sum(f["images"] for f in faces.values()),
-             ", ".join(f"{k} {v['fallback']}/{v['images']}" for k, v in faces.items()))
-    write_embedding_run(run_dir, run_name, config_to_dict(cfg), task, emb, timings, {"faces": faces, "tta_views": len(views)}, form=cfg.run_form())
+    pipe.log_fallbacks()
+    write_embedding_run(run_dir, run_name, config_to_dict(cfg), task, emb, timings, {"faces": pipe.faces, "tta_views": len(pipe.views)}, form=cfg.run_form())
     return 0
 
 

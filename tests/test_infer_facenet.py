@@ -16,6 +16,7 @@ import infer_facenet
 from utils.embedding.embed import embed_arrays
 from utils.embedding.views import View, tta_views
 from utils.errors import KitError
+from utils.faces import pipeline as face_pipeline
 from utils.faces.crop import CropParams, face_crops, square_affine
 from utils.faces.detect import DetectorParams, FaceDetector
 from utils.faces.embedder import FaceNetEmbedder, build_embedder
@@ -197,7 +198,7 @@ def test_main_end_to_end_on_rehearsal_data_writes_a_valid_run(rehearsal_data, tm
 
     with monkeypatch.context() as m:
         m.setattr(FaceDetector, "detect", must_not_run)
-        m.setattr(infer_facenet, "embed_arrays", must_not_run)
+        m.setattr(face_pipeline, "embed_arrays", must_not_run)
         assert infer_facenet.main(argv) == 0
     assert np.array_equal(np.load(runs / "facenet" / "test_sim.npy"), before)
     # the cache is shared across run folders: another run name with the same settings detects nothing again

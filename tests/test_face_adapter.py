@@ -1,0 +1,104 @@
+"""train_face_adapter.py and utils/faces/adapter.py: per-domain statistics, the residual adapter,
+real<->synthetic pairs, the validation gate, and the script end to end on a real face run."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+import torch
+
+import infer_facenet
+import train_face_adapter
+from utils.embedding.embed import cosine_similarity, l2_normalize
+from utils.errors import KitError
+from utils.faces.adapter import Adapter, DomainStats, cross_domain_pairs
+from utils.runs.similarity_io import load_run
+
+
+def _unit(rng, n, d=16):
+    return l2_normalize(rng.normal(size=(n, d)).astype(np.float32))
+
+
+def test_domain_stats_centre_each_side_and_whiten_the_pooled_covariance():
+    rng = np.random.default_rng(0)
+    emb = np.r_[_unit(rng, 200) + 0.5, _unit(rng, 300) - 0.5]
+    side = np.r_[np.zeros(200, np.int64), np.ones(300, np.int64)]
+    centred = DomainStats.fit(emb, side, "center")
+    assert np.allclose(centred.means[0], emb[:200].mean(0)) and np.allclose(centred.means[1], emb[200:].mean(0))
+    x = centred.transform(emb[:200], 0)
+    assert np.allclose(np.linalg.norm(x, axis=1), 1, atol=1e-5) and np.abs(x.mean(0)).max() < 0.1  # the shift is gone
+    white = DomainStats.fit(emb, side, "whiten", shrinkage=0.0)
+    z = (emb - white.means[side]) @ white.whitener
+    assert np.allclose(z.T @ z / len(z), np.eye(16), atol=1e-6)  # unit covariance before re-normalising
+    both = white.transform_sides(emb, side)
+    assert np.allclose(both[:200], white.transform(emb[:200], 0)) and np.allclose(both[200:], white.transform(emb[200:], 1))
+    assert np.array_equal(DomainStats.fit(emb, side, "none").transform(emb, 1), emb)
+    with pytest.raises(KitError, match="--domain-stats 'zca'"):
+        DomainStats.fit(emb, side, "zca")
+    with pytest.raises(KitError, match="--shrinkage"):
+        DomainStats.fit(emb, side, "whiten", shrinkage=1.5)
+
+
+def test_untrained_adapter_is_the_identity_and_pairs_cross_domains():
+    x = torch.from_numpy(_unit(np.random.default_rng(1), 5))
+    for kind in ("linear", "mlp"):
+        assert torch.allclose(Adapter(16, kind, hidden=8)(x), x, atol=1e-6)
+    with pytest.raises(KitError, match="--adapter 'deep'"):
+        Adapter(16, "deep")
+    labels, side = torch.tensor([0, 0, 1, 1]), torch.tensor([0, 1, 0, 1])
+    a1, p, a2, n = cross_domain_pairs(labels, side)
+    assert sorted(zip(a1.tolist(), p.tolist())) == [(0, 1), (1, 0), (2, 3), (3, 2)]  # the same person, real<->synthetic
+    assert sorted(zip(a2.tolist(), n.tolist())) == [(0, 3), (1, 2), (2, 1), (3, 0)]  # others, real<->synthetic only
+
+
+def test_a_candidate_replaces_the_source_only_when_it_wins_on_validation():
+    rng = np.random.default_rng(2)
+    truth = _unit(rng, 8)
+    rel = np.eye(8, dtype=bool)
+    source = {"val_query": l2_normalize(truth + 1.5 * _unit(rng, 8)), "val_gallery": truth}
+    loser = {"val_query": source["val_query"], "val_gallery": truth[::-1].copy()}  # matches pointed at other people
+    winner = {"val_query": truth, "val_gallery": truth}
+    assert train_face_adapter.choose({"source": source, "adapter": loser}, rel)[0] == "source"
+    assert train_face_adapter.choose({"source": source, "same": dict(source)}, rel)[0] == "source"  # a tie keeps the source
+    chosen, scores = train_face_adapter.choose({"source": source, "adapter": loser, "whiten": winner}, rel)
+    assert scores["source"]["score"] < 1000 and chosen == "whiten" and scores["whiten"]["score"] == 1000 and scores["adapter"]["score"] < scores["source"]["score"]
+
+
+def test_adapter_run_end_to_end_on_a_dlib_face_run(rehearsal_data, tmp_path):
+    runs = tmp_path / "runs"
+    common = ["--data", str(rehearsal_data), "--runs", str(runs)]
+    with pytest.raises(KitError, match="no finished run 'dlib'.*infer_facenet.py"):
+        train_face_adapter.main([*common, "--source", "dlib"])
+    assert infer_facenet.main([*common, "--embedder", "dlib", "--detector", "none", "--tta", "--workers", "0"]) == 0
+    argv = [*common, "--source", "dlib", "--domain-stats", "center", "--epochs", "3", "--patience", "0"]
+    assert train_face_adapter.main(argv) == 0
+    run, src = load_run(runs / "dlib_adapted"), load_run(runs / "dlib")
+    adapt = run.meta["adaptation"]
+    assert set(adapt["val"]) == {"source", "center", "center + mlp adapter"}
+    best = max(adapt["val"], key=lambda k: (train_face_adapter.rank_key(adapt["val"][k]), k == "source"))
+    assert adapt["chosen"] == best  # validation decided
+    assert run.meta["metrics"]["val"]["score"] == pytest.approx(adapt["val"][best]["score"])
+    if best == "source":
+        assert np.allclose(run.splits["test"].sim, src.splits["test"].sim, atol=1e-6)
+    else:
+        assert not np.allclose(run.splits["test"].sim, src.splits["test"].sim, atol=1e-4)
+    assert [h["epoch"] for h in run.meta["history"]] == [1, 2, 3] and (runs / "dlib_adapted" / "last.pt").is_file()
+    # the same command again: the finished training is reused, the run is the same
+    before = run.splits["val"].sim
+    assert train_face_adapter.main(argv) == 0
+    assert np.array_equal(load_run(runs / "dlib_adapted").splits["val"].sim, before)
+    # a run that is not a face run is refused in one line
+    (runs / "resnet").mkdir()
+    (runs / "resnet" / "meta.json").write_text(json.dumps({"config": {"model": "resnet50"}}))
+    with pytest.raises(KitError, match="not a face run"):
+        train_face_adapter.main([*common, "--source", "resnet"])
+
+
+def test_cosines_of_adapted_embeddings_stay_cosines():
+    a = Adapter(16, "mlp", hidden=8)
+    torch.nn.init.normal_(a.f[-1].weight)
+    y = a.apply_np(_unit(np.random.default_rng(3), 6))
+    sim = cosine_similarity(y, y)
+    assert np.allclose(np.diag(sim), 1, atol=1e-5) and sim.dtype == np.float32 and not a.training

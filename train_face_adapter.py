@@ -1,0 +1,273 @@
+"""Adapt a face run's frozen embeddings across the photo -> synthetic gap with the training
+identities, and write the adapted run (runs/<source>_adapted/) for the ensemble.
+
+    # after `python infer_facenet.py --data DATA --embedder dlib` (runs/dlib):
+    python train_face_adapter.py --data DATA --source dlib
+    # per-domain statistics only (no training), or a linear map on whitened embeddings:
+    python train_face_adapter.py --data DATA --source dlib --adapter none --domain-stats center
+    python train_face_adapter.py --data DATA --source dlib --adapter linear --domain-stats whiten --run-name dlib_linear
+    # every training pair, not only real<->synthetic ones; another pytorch-metric-learning loss:
+    python train_face_adapter.py --data DATA --source dlib --pairs all --loss contrastive
+
+Stages: read runs/<source>/meta.json (a face run of infer_facenet.py: its
+detector, crops, embedder and TTA views) -> embed the training images the same
+way (val and test embeddings come from the shared face cache) -> per-domain
+statistics of the training embeddings (--domain-stats; utils/faces/adapter.py)
+-> train a residual adapter (--adapter linear|mlp, zero at the start: the
+identity) with the shared loop (utils/training/loop.py: best.pt by validation,
+--resume, reuse of a finished run) on M-per-class batches, a
+pytorch-metric-learning loss over real<->synthetic pairs -> score the source,
+the statistics alone and statistics + adapter on validation (the competition
+score, ties broken by mAP@All), keep the best: a candidate replaces the source
+only where it wins -> cosine matrices (or the top-k form) + meta.json, with
+every candidate's validation score and the choice.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from types import SimpleNamespace
+from typing import Callable, Sequence
+
+import numpy as np
+import torch
+from rich.table import Table
+from torch import nn
+from torch.utils.data import DataLoader, Dataset
+
+from utils.config import FormConfig, RunConfig, add_config_args, config_from_args, config_to_dict
+from utils.data.task import Task, prepare_task
+from utils.device import pick_device
+from utils.embedding.cache import files_key
+from utils.embedding.embed import cosine_similarity
+from utils.embedding.step import SETS, embed_task
+from utils.errors import KitError, run_cli
+from utils.faces.adapter import ADAPTERS, DOMAIN_STATS, Adapter, DomainStats, cross_domain_pairs
+from utils.faces.pipeline import FACE_FIELDS, FacePipeline
+from utils.logs import console, setup_logging
+from utils.runs.metrics import evaluate, relevance_matrix
+from utils.runs.model_run import write_embedding_run
+from utils.runs.similarity_io import invalidate_run
+from utils.seed import seed_everything
+from utils.training.class_sampler import MPerClassShardSampler
+from utils.training.loop import LoopSettings, Trainer
+from utils.training.pair_loss import PAIR_LOSSES, build_pair_loss
+
+log = logging.getLogger("train_face_adapter")
+
+
+# ----------------------------------------------------------------------------
+# defaults: every field is a --flag (kebab-case); the resolved config goes to meta.json
+@dataclass
+class Config(FormConfig, RunConfig):
+    # --data, --runs, --seed, --val-fraction, --query-domain, --device, --verbose: utils.config.RunConfig
+    source: str = field(default="dlib", metadata={"help": "the face run (infer_facenet.py) under --runs whose embeddings are adapted"})
+    run_name: str = field(default="", metadata={"help": "output folder under --runs ('' = <source>_adapted)"})
+    # what is learned from the training identities; each candidate is kept only if it wins on validation
+    domain_stats: str = field(default="none", metadata={"help": "per-domain statistics applied first", "choices": list(DOMAIN_STATS)})
+    shrinkage: float = field(default=0.5, metadata={"help": "whiten: covariance shrinkage towards the identity (0: none, 1: no whitening)"})
+    adapter: str = field(default="mlp", metadata={"help": "residual adapter trained on the (centred) embeddings; none: statistics only", "choices": list(ADAPTERS)})
+    hidden: int = field(default=256, metadata={"help": "mlp: hidden width"})
+    loss: str = field(default="multi-similarity", metadata={"help": "pytorch-metric-learning pair loss", "choices": list(PAIR_LOSSES)})
+    pairs: str = field(default="cross", metadata={"help": "cross: only real<->synthetic pairs (what retrieval meets); all: every pair", "choices": ["cross", "all"]})
+    # training (the shared loop)
+    epochs: int = field(default=40, metadata={"help": "training epochs"})
+    max_steps: int = field(default=0, metadata={"help": "stop after this many steps in total (0: no limit); for smoke tests"})
+    batch_size: int = field(default=64, metadata={"help": "training batch size (capped at --m-per-class x the training identities)"})
+    m_per_class: int = field(default=4, metadata={"help": "images per identity in each batch (divides --batch-size)", "metavar": "N"})
+    lr: float = field(default=1e-3, metadata={"help": "peak learning rate"})
+    weight_decay: float = field(default=1e-4, metadata={"help": "AdamW weight decay"})
+    warmup_epochs: float = field(default=2.0, metadata={"help": "linear warm-up length, then cosine decay"})
+    grad_clip: float = field(default=1.0, metadata={"help": "clip the gradient norm to this (0: off)"})
+    eval_every: int = field(default=1, metadata={"help": "score validation every N epochs and keep best.pt (0: never)"})
+    patience: int = field(default=10, metadata={"help": "stop after N validations without a better score (0: never)", "metavar": "N"})
+    resume: bool = field(default=False, metadata={"help": "continue from <run>/last.pt"})
+    retrain: bool = field(default=False, metadata={"help": "train again even when last.pt holds a finished run with the same settings and training images"})
+# ----------------------------------------------------------------------------
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    add_config_args(parser, Config)
+    return parser
+
+
+def check_config(cfg: Config) -> None:
+    """Flag mistakes, before any data is read."""
+    for name in ("batch_size", "m_per_class", "hidden"):
+        if getattr(cfg, name) < 1:
+            raise KitError(f"--{name.replace('_', '-')} {getattr(cfg, name)}: must be at least 1")
+    if cfg.batch_size % cfg.m_per_class:
+        raise KitError(f"--batch-size {cfg.batch_size} must be a multiple of --m-per-class {cfg.m_per_class}")
+    if not 0.0 <= cfg.shrinkage <= 1.0:
+        raise KitError(f"--shrinkage {cfg.shrinkage}: between 0 and 1")
+    LoopSettings.from_config(cfg).check()
+    cfg.run_form()
+
+
+def source_settings(cfg: Config) -> SimpleNamespace:
+    """The face settings of runs/<source>/meta.json, checked to be a face run on this data."""
+    meta_path = cfg.runs / cfg.source / "meta.json"
+    if not meta_path.is_file():
+        raise KitError(f"{meta_path}: no finished run {cfg.source!r}; make it first, e.g. "
+                       f"python infer_facenet.py --data {cfg.data} --runs {cfg.runs} --embedder dlib")
+    src = json.loads(meta_path.read_text()).get("config", {})
+    missing = [k for k in FACE_FIELDS if k not in src]
+    if missing:
+        raise KitError(f"{meta_path}: not a face run of infer_facenet.py (its config lacks {missing[:3]}); pass --source <face run>")
+    if Path(src.get("data", "")).resolve() != Path(cfg.data).resolve():
+        raise KitError(f"{meta_path}: made from --data {src.get('data')}, not {cfg.data}; use that data or re-run the face run on this one")
+    return SimpleNamespace(**{k: src[k] for k in FACE_FIELDS})
+
+
+def training_sides(task: Task, query_domain: str) -> np.ndarray:
+    """0 for each training image of the query domain, 1 for the others (all 0 without domains.csv)."""
+    domains = task.layout.domains
+    if not domains:
+        log.warning("no domains.csv: every training image counts as one domain (per-domain statistics are one mean; "
+                    "--pairs cross finds no pairs, so every pair is used)")
+        return np.zeros(len(task.train_paths), np.int64)
+    return np.array([int(domains.get(task.layout.rel(p), query_domain) != query_domain) for p in task.train_paths], np.int64)
+
+
+class IndexSet(Dataset):
+    """Training embeddings by index: ``(i, label, ok, error)``, the loop's batch contract."""
+
+    def __init__(self, labels: Sequence[int]):
+        self.labels = list(labels)
+
+    def __len__(self) -> int:
+        return len(self.labels)
+
+    def __getitem__(self, i: int) -> tuple[int, int, bool, str]:
+        return i, self.labels[i], True, ""
+
+
+class AdapterStep(nn.Module):
+    """``forward(idx, labels)``: the pair loss of the adapted embeddings of training rows ``idx``."""
+
+    def __init__(self, adapter: Adapter, emb: np.ndarray, side: np.ndarray, loss: str, pairs: str):
+        super().__init__()
+        self.adapter, self.loss, self.cross = adapter, build_pair_loss(loss), pairs == "cross" and len(set(side.tolist())) > 1
+        self.register_buffer("emb", torch.from_numpy(emb))
+        self.register_buffer("side", torch.from_numpy(side))
+
+    def forward(self, idx: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+        out = self.adapter(self.emb[idx])
+        if not self.cross:
+            return self.loss(out, labels)
+        return self.loss.loss(out, labels, cross_domain_pairs(labels, self.side[idx]))
+
+
+def val_relevance(task: Task) -> np.ndarray:
+    """The validation split's (query, gallery) relevance matrix."""
+    return relevance_matrix(task.names("val_query"), task.names("val_gallery"), task.relevant("val"))
+
+
+def val_metrics(emb: dict[str, np.ndarray], rel: np.ndarray) -> dict[str, float]:
+    """Every metric of the validation embeddings ``emb["val_query"]``, ``emb["val_gallery"]``."""
+    return evaluate(cosine_similarity(emb["val_query"], emb["val_gallery"]), rel)
+
+
+def rank_key(m: dict[str, float]) -> float:
+    """Validation ranking: the competition score, ties broken by mAP@All (score steps exceed 1e-3)."""
+    return m["score"] + 1e-3 * m["map_all"]
+
+
+def train_adapter(cfg: Config, task: Task, run_dir: Path, train: tuple[np.ndarray, np.ndarray], adapted: Callable[[Adapter], dict], data_key: str) -> tuple[Adapter, list[dict]]:
+    """The adapter trained by the shared loop on the (transformed) training embeddings; restored from best.pt/last.pt."""
+    emb, side = train
+    n_classes = len(set(task.train_labels))
+    batch = min(cfg.batch_size, cfg.m_per_class * n_classes // cfg.m_per_class * cfg.m_per_class)
+    if n_classes < 2:
+        raise KitError(f"{n_classes} training identity: the adapter needs at least 2 (lower --val-fraction)")
+    if batch < cfg.batch_size:
+        log.info("batch size %d (%d training identities x --m-per-class %d)", batch, n_classes, cfg.m_per_class)
+    adapter = Adapter(emb.shape[1], cfg.adapter, cfg.hidden)
+    step = AdapterStep(adapter, emb, side, cfg.loss, cfg.pairs)
+    cpu = torch.device("cpu")  # a few thousand 128/512-d vectors: the CPU is fast enough
+    trainer = Trainer(
+        LoopSettings.from_config(cfg), run_dir=run_dir, modules={"adapter": adapter}, step_module=step,
+        optimizer=torch.optim.AdamW(adapter.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay), device=cpu, amp=None,
+        config=config_to_dict(cfg), classes=task.classes, resume_keys=("source", "adapter", "hidden", "domain_stats"),
+        evaluate=lambda: rank_key(val_metrics(adapted(adapter), val_relevance(task))), data_key=data_key)
+    sampler = MPerClassShardSampler(task.train_labels, cfg.m_per_class, batch, seed=cfg.seed)
+    loader = DataLoader(IndexSet(task.train_labels), sampler=sampler, batch_size=batch, drop_last=True)
+    trainer.fit(loader, on_epoch=sampler.set_epoch)
+    final = trainer.final_checkpoint()
+    if final is not None:
+        trainer.restore(final)
+        log.info("adapter from %s", final)
+    return adapter, trainer.state.history
+
+
+def choose(candidates: dict[str, dict[str, np.ndarray]], rel: np.ndarray) -> tuple[str, dict[str, dict[str, float]]]:
+    """Each candidate's validation metrics, a table of them, and the winner: ``source`` unless another
+    ranks strictly higher (:func:`rank_key`)."""
+    scores = {name: val_metrics(emb, rel) for name, emb in candidates.items()}
+    chosen = "source"
+    for name, m in scores.items():
+        if rank_key(m) > rank_key(scores[chosen]):
+            chosen = name
+    table = Table(title="validation: the source face run and what the training identities taught")
+    for col in ("candidate", "score", "mAP@All", "top-1", "kept"):
+        table.add_column(col, justify="left" if col == "candidate" else "right")
+    for name, m in scores.items():
+        table.add_row(name, f"{m['score']:.2f}", f"{m['map_all']:.4f}", f"{m['top1']:.3f}", "yes" if name == chosen else "")
+    console.print(table)
+    if chosen == "source":
+        log.warning("nothing learned beat the source on validation: the run holds the source's embeddings unchanged")
+    return chosen, scores
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    cfg = config_from_args(Config, build_parser().parse_args(argv))
+    setup_logging(cfg.verbose)
+    check_config(cfg)
+    t0 = time.time()
+    run_name = cfg.run_name or f"{cfg.source}_adapted"
+    run_dir = cfg.runs / run_name
+    if run_name == cfg.source:
+        raise KitError(f"--run-name {run_name}: that is the source run; choose another name")
+    face = source_settings(cfg)
+    invalidate_run(run_dir)  # a killed or failed re-run must not leave the old run looking complete
+    device = pick_device(cfg.device)
+    seed_everything(cfg.seed)
+
+    # data, the shared split, and the source's embeddings of every set (the face cache has val and test)
+    task = prepare_task(cfg.data, cfg.runs, cfg.split_params())
+    timings = {"prepare": time.time() - t0}
+    pipe = FacePipeline(face, device, cache_dir=cfg.runs / "face_cache")
+    source = embed_task(task, pipe.embed_set)
+    train_emb, side = pipe.embed_set(task.train_paths, "training images"), training_sides(task, cfg.query_domain)
+    timings["embed"] = time.time() - t0 - timings["prepare"]
+
+    # per-domain statistics, then the adapter on top, each a candidate
+    stats = DomainStats.fit(train_emb, side, cfg.domain_stats, cfg.shrinkage)
+    centred = {w: stats.transform(e, int(w.endswith("gallery"))) for w, e in source.items()}
+    candidates: dict[str, dict[str, np.ndarray]] = {"source": source}
+    if cfg.domain_stats != "none":
+        candidates[cfg.domain_stats] = centred
+    history: list[dict] = []
+    if cfg.adapter != "none":
+        adapted = lambda a: {w: a.apply_np(e) for w, e in centred.items() if w.startswith("val")}  # noqa: E731
+        adapter, history = train_adapter(cfg, task, run_dir, (stats.transform_sides(train_emb, side), side), adapted,
+                                         files_key(task.train_paths, pipe.tag))
+        candidates[f"{cfg.domain_stats} + {cfg.adapter} adapter" if cfg.domain_stats != "none" else f"{cfg.adapter} adapter"] = {w: adapter.apply_np(e) for w, e in centred.items()}
+    timings["train"] = time.time() - t0 - sum(timings.values())
+
+    # validation picks what the run holds
+    chosen, scores = choose(candidates, val_relevance(task))
+    extra = {"adaptation": {"source": cfg.source, "chosen": chosen, "val": scores}, "history": history, "faces": pipe.faces,
+             "source_config": vars(face)}
+    write_embedding_run(run_dir, run_name, config_to_dict(cfg), task, {w: candidates[chosen][w] for w in SETS}, timings, extra, form=cfg.run_form())
+    return 0
+
+
+if __name__ == "__main__":
+    run_cli(main)

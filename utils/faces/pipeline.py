@@ -1,0 +1,95 @@
+"""The face path from image files to embeddings: detector -> aligned crops -> embedder x TTA views.
+
+Built from a face run's settings (``infer_facenet.py``'s flags, or the
+``config`` of a face run's ``meta.json``), so a script that reads an existing
+face run, like ``train_face_adapter.py``, embeds exactly as that run did and
+reuses its cached crops and embeddings from ``runs/face_cache/``:
+
+    pipe = FacePipeline(cfg, device, cache_dir=cfg.runs / "face_cache")
+    emb = pipe.embed_set(paths, "val query")      # (n, d) L2-normalised, cached
+    pipe.faces["val_query"]                        # images, faces found, fallbacks, by stage
+
+``cfg`` is any object with the fields of ``infer_facenet.Config`` that concern
+faces (:data:`FACE_FIELDS`).
+"""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+from typing import Any, Sequence
+
+import numpy as np
+import torch
+
+from utils.device import amp_dtype, resolve_workers
+from utils.embedding.cache import cached, files_key
+from utils.embedding.embed import embed_arrays
+from utils.embedding.views import tta_views
+from utils.errors import KitError
+from utils.faces.cascade import CascadeParams, FaceCascade
+from utils.faces.crop import CropParams, face_crops
+from utils.faces.detect import DetectorParams, FaceDetector
+from utils.faces.embedder import build_embedder
+
+log = logging.getLogger(__name__)
+
+# the settings that decide a face run's embeddings (and their cache keys)
+FACE_FIELDS = ("embedder", "weights", "shape_predictor", "detector", "detector_stages", "min_face_frac", "face_fallback",
+               "detect_px", "min_face_px", "thresholds", "face_select", "margin_px", "align_eyes", "tta",
+               "detect_batch_size", "embed_batch_size", "amp", "workers")
+
+
+def build_detector(cfg: Any, device: torch.device) -> FaceDetector | FaceCascade | None:
+    """MTCNN with the configured canvas, thresholds and selection, the cascade of
+    ``detector_stages``, or None for ``detector`` none."""
+    mtcnn = DetectorParams(cfg.detect_px, cfg.min_face_px, tuple(cfg.thresholds), cfg.face_select)
+    if cfg.detector == "mtcnn":
+        return FaceDetector(mtcnn, device)
+    if cfg.detector == "cascade":
+        return FaceCascade(CascadeParams(stages=tuple(cfg.detector_stages), mtcnn=mtcnn, min_face_frac=cfg.min_face_frac,
+                                         fallback=cfg.face_fallback), device)
+    if cfg.detector == "none":
+        return None
+    raise KitError(f"--detector {cfg.detector!r}: choose mtcnn, cascade or none")
+
+
+class FacePipeline:
+    """One face path: its embedder (weights checked first), crop geometry, detector and views."""
+
+    def __init__(self, cfg: Any, device: torch.device, cache_dir: Path):
+        missing = [f for f in FACE_FIELDS if not hasattr(cfg, f)]
+        if missing:
+            raise KitError(f"face settings lack {missing}: not a face run's config")
+        self.cfg, self.device, self.cache_dir = cfg, device, Path(cache_dir)
+        self.embedder = build_embedder(cfg.embedder, cfg.weights, device, amp_dtype(device, cfg.amp))
+        self.crop_params = CropParams(size_px=self.embedder.input_px, aligner=self.embedder.aligner, margin_px=cfg.margin_px,
+                                      align_eyes=cfg.align_eyes, shape_predictor=cfg.shape_predictor)
+        self.crop_params.check()
+        self.detector = build_detector(cfg, device)
+        self.views = tta_views(cfg.tta)
+        self.det_tag = self.detector.params.tag() if self.detector is not None else "no-detector"
+        self.faces: dict[str, dict[str, Any]] = {}  # per image set: images, faces found, fallbacks, by stage
+
+    @property
+    def tag(self) -> str:
+        """Identifies the embeddings: detector, crop geometry, embedder weights, views."""
+        return "|".join([self.det_tag, self.crop_params.tag(), self.embedder.tag, repr(self.views)])
+
+    def embed_set(self, paths: Sequence[Path], desc: str) -> np.ndarray:
+        """Crops (cached), then every view's embedding (cached) of one image set; counts its fallbacks."""
+        cfg = self.cfg
+        crops = face_crops(paths, self.detector, self.crop_params, batch_size=cfg.detect_batch_size,
+                           workers=resolve_workers(cfg.workers), cache_dir=self.cache_dir, desc=desc)
+        self.faces[desc.replace(" ", "_")] = {"images": len(paths), "faces_found": len(paths) - crops.n_fallback,
+                                              "fallback": crops.n_fallback, "by_stage": crops.stage_counts()}
+        key = files_key(paths, self.tag)
+        return cached(self.cache_dir / f"emb_{key}.npy", lambda: embed_arrays(
+            self.embedder, crops.pixels, self.views, device=self.device, out_px=self.embedder.input_px,
+            batch_size=cfg.embed_batch_size, desc=f"{desc}: embedding x{len(self.views)} views"), desc)
+
+    def log_fallbacks(self) -> None:
+        """One line: images without a face, per image set."""
+        n_fb = sum(f["fallback"] for f in self.faces.values())
+        log.info("no face found in %d of %d images (fallback crop used): %s", n_fb, sum(f["images"] for f in self.faces.values()),
+                 ", ".join(f"{k} {v['fallback']}/{v['images']}" for k, v in self.faces.items()))
