@@ -43,10 +43,10 @@ from utils.device import pick_device, resolve_workers
 from utils.embedding.step import embed_task
 from utils.embedding.views import TTA_GROUPS, tta_views
 from utils.errors import KitError, run_cli
-from utils.faces.cascade import DEFAULT_STAGES, FALLBACKS, STAGES
+from utils.faces.cascade import DEFAULT_STAGES, STAGES
 from utils.faces.detect import SELECT_METHODS
 from utils.faces.embedder import EMBEDDERS
-from utils.faces.pipeline import FacePipeline
+from utils.faces.pipeline import FACE_FALLBACKS, FacePipeline
 from utils.logs import setup_logging
 from utils.runs.model_run import write_embedding_run
 from utils.runs.similarity_io import invalidate_run
@@ -72,7 +72,7 @@ class Config(FormConfig, RunConfig):
     detector: str = field(default="mtcnn", metadata={"help": "face detector: mtcnn, cascade (--detector-stages in turn, each on what the earlier missed) or none", "choices": ["mtcnn", "cascade", "none"]})
     detector_stages: list[str] = field(default_factory=lambda: list(DEFAULT_STAGES), metadata={"help": f"cascade only: stages tried in order, of {list(STAGES)}", "metavar": "STAGE"})
     min_face_frac: float = field(default=0.15, metadata={"help": "cascade only: a box whose side is below this share of the image's shorter side is not a face"})
-    face_fallback: str = field(default="center", metadata={"help": "cascade only: no face found -> center (centre square) or best (best MTCNN box below the gates)", "choices": list(FALLBACKS)})
+    face_fallback: str = field(default="center", metadata={"help": "no face found -> center (centre square), letterbox (the whole image) or best (cascade only: its best box below the gates)", "choices": list(FACE_FALLBACKS)})
     detect_px: int = field(default=320, metadata={"help": "side of the detection canvas; raise it for small faces in big photos"})
     min_face_px: int = field(default=20, metadata={"help": "smallest face searched, in canvas pixels"})
     thresholds: tuple[float, float, float] = field(default=(0.6, 0.7, 0.7), metadata={"help": "MTCNN P/R/O-net thresholds; lower finds more painted faces (and more false ones)"})

@@ -263,7 +263,10 @@ def main(argv: Sequence[str] | None = None) -> int:
 
     # validation picks what the run holds
     chosen, scores = choose(candidates, val_relevance(task))
-    extra = {"adaptation": {"source": cfg.source, "chosen": chosen, "val": scores}, "history": history, "faces": pipe.faces,
+    truth = task.relevant("test")  # known in rehearsals and benchmarks only: recorded, never used to choose
+    test = {} if truth is None else {name: evaluate(cosine_similarity(e["test_query"], e["test_gallery"]), relevance_matrix(
+        task.names("test_query"), task.names("test_gallery"), truth)) for name, e in candidates.items()}
+    extra = {"adaptation": {"source": cfg.source, "chosen": chosen, "val": scores, "test": test}, "history": history, "faces": pipe.faces,
              "source_config": vars(face)}
     write_embedding_run(run_dir, run_name, config_to_dict(cfg), task, {w: candidates[chosen][w] for w in SETS}, timings, extra, form=cfg.run_form())
     return 0

@@ -2,6 +2,7 @@
 
     HF_HUB_OFFLINE=1 .venv/bin/python benchmarks/bench_faces_hard.py
     HF_HUB_OFFLINE=1 .venv/bin/python benchmarks/bench_faces_hard.py --skip-scores   # detection tables only
+    HF_HUB_OFFLINE=1 .venv/bin/python benchmarks/bench_faces_hard.py --skip-detection   # scores, adapter, TTA
 
 Builds benchmarks/out/faces_hard/data (benchmarks/face_data.py: 20 training + 20
 test ORL people; gallery posed +-25 deg, downsampled 2-4x, JPEG, and one of five
@@ -15,8 +16,12 @@ styles). Then:
    each stage spent on the images it ran on.
 2. scores (unless --skip-scores): infer_facenet.py --embedder dlib without TTA
    with --detector none (centre square), mtcnn (the old path), cascade, and
-   cascade --face-fallback best; ensemble.py --auto over them; per gallery
-   style (the test gallery cut to that style) and overall.
+   cascade with --face-fallback best / letterbox; train_face_adapter.py on the
+   cascade run (every candidate's validation and test figures); ensemble.py
+   --auto over them; per gallery style (the test gallery cut to that style) and
+   overall. Then the TTA table: the cascade run with each view group alone and
+   all four (crops from the cache, so the time is the embedding's).
+   --skip-detection writes these to bench_faces_hard_scores.md instead.
 Results: rich tables, also written to benchmarks/results/bench_faces_hard.md.
 Timings come from a shared 2-core machine: compare within one run only.
 """
@@ -40,6 +45,7 @@ sys.path.insert(0, str(ROOT))
 
 import ensemble  # noqa: E402
 import infer_facenet  # noqa: E402
+import train_face_adapter  # noqa: E402
 from benchmarks.face_data import build_hard_dataset, face_free_images  # noqa: E402
 from benchmarks.face_styles import STYLES  # noqa: E402
 from utils.atomic import atomic_write_bytes  # noqa: E402
@@ -99,51 +105,90 @@ def detection_study(data: Path, per_class_domain: int) -> list[tuple[Table, list
 def run_face(data: Path, runs: Path, name: str, flags: list[str]) -> float:
     t = time.time()
     infer_facenet.main(["--data", str(data), "--runs", str(runs), "--run-name", name, "--val-fraction", "0.5",
-                        "--embedder", "dlib", "--tta", "--workers", "0", *flags])
+                        "--embedder", "dlib", "--workers", "0", *flags])
     return time.time() - t
+
+
+def style_cells(sim: np.ndarray, query_names: list[str], gallery_names: list[str], truth: dict, styles: dict) -> list[str]:
+    """Score of each style's slice of the test gallery, then score and mAP@All of the whole."""
+    cells = []
+    for style in STYLES:
+        cols_sel = [j for j, g in enumerate(gallery_names) if styles.get(g) == style]
+        gal = [gallery_names[j] for j in cols_sel]
+        cells.append(f"{evaluate(sim[:, cols_sel], relevance_matrix(query_names, gal, truth))['score']:.1f}")
+    full = evaluate(sim, relevance_matrix(query_names, gallery_names, truth))
+    return cells + [f"{full['score']:.2f}", f"{full['map_all']:.3f}"]
+
+
+# score runs: name -> (label, infer_facenet flags); all without TTA (the TTA table measures it)
+SCORE_PLAN = {
+    "dlib_center": ("centre square", ["--detector", "none", "--tta"]),
+    "dlib_mtcnn": ("MTCNN (old path)", ["--detector", "mtcnn", "--tta"]),
+    "dlib_cascade": ("cascade", ["--detector", "cascade", "--tta"]),
+    "dlib_cascade_best": ("cascade, best-box fallback", ["--detector", "cascade", "--face-fallback", "best", "--tta"]),
+    "dlib_cascade_letterbox": ("cascade, letterbox fallback", ["--detector", "cascade", "--face-fallback", "letterbox", "--tta"]),
+}
+TTA_PLAN = [[], ["flip"], ["rot"], ["brightness"], ["scale"], ["flip", "rot", "brightness", "scale"]]
 
 
 def scores(data: Path) -> list[tuple[Table, list[str]]]:
     runs = OUT / "runs"
     if runs.exists():
         shutil.rmtree(runs)
-    plan = {
-        "dlib_center": ("centre square", ["--detector", "none"]),
-        "dlib_mtcnn": ("MTCNN (old path)", ["--detector", "mtcnn"]),
-        "dlib_cascade": ("cascade", ["--detector", "cascade"]),
-        "dlib_cascade_best": ("cascade, best-box fallback", ["--detector", "cascade", "--face-fallback", "best"]),
-    }
-    seconds = {name: run_face(data, runs, name, flags) for name, (_, flags) in plan.items()}
+    seconds = {name: run_face(data, runs, name, flags) for name, (_, flags) in SCORE_PLAN.items()}
+    t = time.time()
+    train_face_adapter.main(["--data", str(data), "--runs", str(runs), "--val-fraction", "0.5", "--source", "dlib_cascade",
+                             "--domain-stats", "none"])
+    seconds["dlib_cascade_adapted"] = time.time() - t
+    models = [*SCORE_PLAN, "dlib_cascade_adapted"]
     out = OUT / "ensemble"
-    ensemble.main(["--runs", str(runs), "--models", *plan, "--data", str(data), "--out", str(out), "--auto"])
+    ensemble.main(["--runs", str(runs), "--models", *models, "--data", str(data), "--out", str(out), "--auto"])
     truth = json.loads((data / "test" / "ground_truth.json").read_text())
     styles = {Path(r).name: s for r, s in json.loads((data / "styles.json").read_text()).items() if r.startswith("test/")}
-    cols = ["model", *[f"{s} score" for s in STYLES], "score", "mAP@All", "val score", "time s"]
+    cols = ["model", *[f"{s} score" for s in STYLES], "score", "mAP@All", "val score", "val mAP@All", "time s"]
     rows = []
-    for name, label in [*((n, lbl) for n, (lbl, _) in plan.items()), ("ensemble", "ensemble.py --auto over the four")]:
+    labels = {n: lbl for n, (lbl, _) in SCORE_PLAN.items()} | {"dlib_cascade_adapted": "cascade + adapter run (validation's choice)",
+                                                              "ensemble": f"ensemble.py --auto over the {len(models)} runs"}
+    for name in [*models, "ensemble"]:
         run = load_run(runs / name if name != "ensemble" else out)
         m = run.splits["test"]
-        cells = [label]
-        for style in STYLES:
-            cols_sel = [j for j, g in enumerate(m.gallery_names) if styles.get(g) == style]
-            gal = [m.gallery_names[j] for j in cols_sel]
-            cells.append(f"{evaluate(m.sim[:, cols_sel], relevance_matrix(m.query_names, gal, truth))['score']:.1f}")
-        full = evaluate(m.sim, relevance_matrix(m.query_names, m.gallery_names, truth))
-        cells += [f"{full['score']:.2f}", f"{full['map_all']:.3f}", f"{run.meta['metrics']['val']['score']:.2f}",
-                  f"{seconds[name]:.0f}" if name in seconds else "-"]
-        rows.append(cells)
-    return [md_table("Competition score per gallery style (test gallery cut to that style), dlib, no TTA", cols, rows)]
+        val = run.meta["metrics"]["val"]
+        rows.append([labels[name], *style_cells(m.sim, m.query_names, m.gallery_names, truth, styles), f"{val['score']:.2f}",
+                     f"{val.get('map_all', float('nan')):.3f}", f"{seconds[name]:.0f}" if name in seconds else "-"])
+    adapt = load_run(runs / "dlib_cascade_adapted").meta["adaptation"]
+    cand_rows = [[name, f"{v['score']:.2f}", f"{v['map_all']:.4f}", f"{adapt['test'][name]['score']:.2f}", f"{adapt['test'][name]['map_all']:.4f}",
+                  "yes" if name == adapt["chosen"] else ""] for name, v in adapt["val"].items()]
+    return [md_table("Competition score per gallery style (test gallery cut to that style), dlib, no TTA", cols, rows),
+            md_table("train_face_adapter.py --source dlib_cascade: each candidate (validation chooses; test shown, not used)",
+                     ["candidate", "val score", "val mAP@All", "test score", "test mAP@All", "kept"], cand_rows),
+            tta_table(data, runs, truth, styles)]
+
+
+def tta_table(data: Path, runs: Path, truth: dict, styles: dict) -> tuple[Table, list[str]]:
+    """The default cascade with each TTA view group alone and all of them; crops come from the cache."""
+    rows = []
+    for groups in TTA_PLAN:
+        name = "dlib_tta_" + ("_".join(groups) or "identity")
+        secs = run_face(data, runs, name, ["--detector", "cascade", "--tta", *groups])
+        run = load_run(runs / name)
+        m = run.splits["test"]
+        rows.append([" + ".join(["identity", *groups]), str(run.meta["tta_views"]),
+                     *style_cells(m.sim, m.query_names, m.gallery_names, truth, styles), f"{run.meta['metrics']['val']['score']:.2f}",
+                     f"{run.meta['metrics']['val']['map_all']:.3f}", f"{secs:.0f}"])
+    cols = ["views", "n views", *[f"{s} score" for s in STYLES], "score", "mAP@All", "val score", "val mAP@All", "time s (crops cached)"]
+    return md_table("TTA view groups, dlib on the default cascade's crops", cols, rows)
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--face-free", type=int, default=10, help="PACS images per face-free class and domain (default: %(default)s)")
     parser.add_argument("--skip-scores", action="store_true", help="detection tables only")
+    parser.add_argument("--skip-detection", action="store_true", help="score, adapter and TTA tables only (written to bench_faces_hard_scores.md)")
     args = parser.parse_args(argv)
     setup_logging()
     torch.set_num_threads(2)
     data = build_hard_dataset(OUT / "data")
-    tables = detection_study(data, args.face_free)
+    tables = [] if args.skip_detection else detection_study(data, args.face_free)
     if not args.skip_scores:
         tables += scores(data)
     md = ["## Hard face benchmark (ORL, 20 test people: 60 photo queries x 140 posed, degraded, stylised gallery images)", ""]
@@ -151,9 +196,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         console.print(table)
         md += lines
     md += [f"Default cascade stages: {', '.join(DEFAULT_STAGES)}. Command: `HF_HUB_OFFLINE=1 .venv/bin/python benchmarks/bench_faces_hard.py"
-           + (" --skip-scores`" if args.skip_scores else "`"), ""]
-    atomic_write_bytes(RESULT, "\n".join(md).encode())
-    console.print(f"written {RESULT.relative_to(ROOT)}")
+           + (" --skip-scores" if args.skip_scores else "") + (" --skip-detection" if args.skip_detection else "") + "`", ""]
+    result = RESULT.with_name("bench_faces_hard_scores.md") if args.skip_detection else RESULT
+    atomic_write_bytes(result, "\n".join(md).encode())
+    console.print(f"written {result.relative_to(ROOT)}")
     return 0
 
 

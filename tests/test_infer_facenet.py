@@ -87,6 +87,13 @@ def test_no_face_falls_back_to_the_centre_square_counted_and_normalised_like_fac
     centre = cv2.resize(grad[:, 25:125], (160, 160), interpolation=cv2.INTER_LINEAR).astype(np.float32)
     seen = crops.pixels[2, 20:180, 20:180].astype(np.float32)
     assert np.abs(seen - centre).mean() < 2.0
+    # --face-fallback letterbox: the whole 150 x 100 image, its longer side across the 160 px view
+    boxed = face_crops(paths[2:], detector, CropParams(fallback="letterbox"), workers=0, cache_dir=tmp_path / "letterbox")
+    whole = cv2.resize(grad, (160, 107), interpolation=cv2.INTER_AREA).astype(np.float32)
+    seen = boxed.pixels[0, 20:180, 20:180].astype(np.float32)
+    assert np.abs(seen[27:133] - whole[:106]).mean() < 3.0 and boxed.fallback.tolist() == [True]
+    with pytest.raises(KitError, match="--face-fallback 'edge'"):
+        CropParams(fallback="edge").check()
     # faces and fallbacks reach the network through the same normalisation
     seed_everything(0)
     emb = FaceNetEmbedder("none", CPU)

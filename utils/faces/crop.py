@@ -77,6 +77,9 @@ def load_shape_predictor(path: str | Path):
         raise KitError(f"{path}: not a dlib shape predictor ({first}); pass {SHAPE_PREDICTOR_FILE} from face_recognition_models") from None
 
 
+CROP_FALLBACKS = ("center", "letterbox")
+
+
 @dataclass(frozen=True)
 class CropParams:
     """Crop geometry; any change gives other crops (and another cache key)."""
@@ -86,6 +89,7 @@ class CropParams:
     margin_px: int = 20  # "box" only: context around the box, pixels of the size_px crop
     align_eyes: bool = True  # "box" only: rotate so the eyes are level
     shape_predictor: str = ""  # "dlib" only: .dat file ('' = the one in face_recognition_models)
+    fallback: str = "center"  # no face: center (the centre square) or letterbox (the whole image, padded square)
 
     @property
     def context_px(self) -> int:
@@ -98,9 +102,12 @@ class CropParams:
             raise KitError(f"aligner {self.aligner!r}: choose from {list(ALIGNERS)}")
         if not 0 <= self.margin_px < self.size_px // 2:
             raise KitError(f"--margin-px {self.margin_px}: between 0 and {self.size_px // 2 - 1}")
+        if self.fallback not in CROP_FALLBACKS:
+            raise KitError(f"--face-fallback {self.fallback!r}: choose from {list(CROP_FALLBACKS)}")
 
     def tag(self) -> str:
-        return f"crop|{self.size_px}|{self.aligner}|{self.margin_px}|{self.align_eyes}|{self.shape_predictor}|{CONTEXT}"
+        tail = "" if self.fallback == "center" else f"|{self.fallback}"  # old cache keys stay valid
+        return f"crop|{self.size_px}|{self.aligner}|{self.margin_px}|{self.align_eyes}|{self.shape_predictor}|{CONTEXT}{tail}"
 
 
 @dataclass
@@ -142,9 +149,10 @@ def warp_square(img: np.ndarray, center: tuple[float, float], side: float, angle
 
 
 def fallback_crop(img: np.ndarray, params: CropParams) -> np.ndarray:
-    """The centre square of the whole image (side = shorter side) as a context crop."""
+    """The centre square of the whole image (side = shorter side; ``letterbox``: the longer
+    side, edges replicated) as a context crop: the embedder's view is that square."""
     h, w = img.shape[:2]
-    side = min(w, h) * params.context_px / params.size_px
+    side = (max(w, h) if params.fallback == "letterbox" else min(w, h)) * params.context_px / params.size_px
     return warp_square(img, ((w - 1) / 2, (h - 1) / 2), side, 0.0, params.context_px)
 
 

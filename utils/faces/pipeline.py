@@ -40,6 +40,9 @@ FACE_FIELDS = ("embedder", "weights", "shape_predictor", "detector", "detector_s
                "detect_batch_size", "embed_batch_size", "amp", "workers")
 
 
+FACE_FALLBACKS = ("center", "letterbox", "best")  # best: the cascade's best box below its gates, else center
+
+
 def build_detector(cfg: Any, device: torch.device) -> FaceDetector | FaceCascade | None:
     """MTCNN with the configured canvas, thresholds and selection, the cascade of
     ``detector_stages``, or None for ``detector`` none."""
@@ -48,7 +51,7 @@ def build_detector(cfg: Any, device: torch.device) -> FaceDetector | FaceCascade
         return FaceDetector(mtcnn, device)
     if cfg.detector == "cascade":
         return FaceCascade(CascadeParams(stages=tuple(cfg.detector_stages), mtcnn=mtcnn, min_face_frac=cfg.min_face_frac,
-                                         fallback=cfg.face_fallback), device)
+                                         fallback="best" if cfg.face_fallback == "best" else "center"), device)
     if cfg.detector == "none":
         return None
     raise KitError(f"--detector {cfg.detector!r}: choose mtcnn, cascade or none")
@@ -61,10 +64,15 @@ class FacePipeline:
         missing = [f for f in FACE_FIELDS if not hasattr(cfg, f)]
         if missing:
             raise KitError(f"face settings lack {missing}: not a face run's config")
+        if cfg.face_fallback not in FACE_FALLBACKS:
+            raise KitError(f"--face-fallback {cfg.face_fallback!r}: choose from {list(FACE_FALLBACKS)}")
+        if cfg.face_fallback == "best" and cfg.detector != "cascade":
+            raise KitError(f"--face-fallback best needs --detector cascade (its boxes below the gates), not {cfg.detector}")
         self.cfg, self.device, self.cache_dir = cfg, device, Path(cache_dir)
         self.embedder = build_embedder(cfg.embedder, cfg.weights, device, amp_dtype(device, cfg.amp))
         self.crop_params = CropParams(size_px=self.embedder.input_px, aligner=self.embedder.aligner, margin_px=cfg.margin_px,
-                                      align_eyes=cfg.align_eyes, shape_predictor=cfg.shape_predictor)
+                                      align_eyes=cfg.align_eyes, shape_predictor=cfg.shape_predictor,
+                                      fallback="letterbox" if cfg.face_fallback == "letterbox" else "center")
         self.crop_params.check()
         self.detector = build_detector(cfg, device)
         self.views = tta_views(cfg.tta)
