@@ -46,8 +46,10 @@ from utils.device import pick_device
 from utils.embedding.cache import files_key
 from utils.embedding.embed import cosine_similarity
 from utils.embedding.step import SETS, embed_task
+from utils.embedding.views import View
 from utils.errors import KitError, run_cli
 from utils.faces.adapter import ADAPTERS, DOMAIN_STATS, Adapter, DomainStats, cross_domain_pairs
+from utils.faces.finetune import FACENET_BLOCKS, CropPairStep, freeze_frozen_norms, unfreeze_last_blocks
 from utils.faces.pipeline import FACE_FIELDS, FacePipeline
 from utils.logs import console, setup_logging
 from utils.runs.metrics import evaluate, relevance_matrix
@@ -71,8 +73,10 @@ class Config(FormConfig, RunConfig):
     # what is learned from the training identities; each candidate is kept only if it wins on validation
     domain_stats: str = field(default="none", metadata={"help": "per-domain statistics applied first", "choices": list(DOMAIN_STATS)})
     shrinkage: float = field(default=0.5, metadata={"help": "whiten: covariance shrinkage towards the identity (0: none, 1: no whitening)"})
-    adapter: str = field(default="mlp", metadata={"help": "residual adapter trained on the (centred) embeddings; none: statistics only", "choices": list(ADAPTERS)})
+    adapter: str = field(default="mlp", metadata={"help": "residual adapter trained on the (centred) embeddings; finetune: FaceNet's last blocks instead (GPU); none: statistics only", "choices": [*ADAPTERS, "finetune"]})
     hidden: int = field(default=256, metadata={"help": "mlp: hidden width"})
+    finetune_blocks: int = field(default=3, metadata={"help": f"finetune: FaceNet blocks trained, from the end of {list(FACENET_BLOCKS)}", "metavar": "N"})
+    finetune_lr: float = field(default=1e-4, metadata={"help": "finetune: peak learning rate"})
     loss: str = field(default="multi-similarity", metadata={"help": "pytorch-metric-learning pair loss", "choices": list(PAIR_LOSSES)})
     pairs: str = field(default="cross", metadata={"help": "cross: only real<->synthetic pairs (what retrieval meets); all: every pair", "choices": ["cross", "all"]})
     # training (the shared loop)
@@ -99,7 +103,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 def check_config(cfg: Config) -> None:
     """Flag mistakes, before any data is read."""
-    for name in ("batch_size", "m_per_class", "hidden"):
+    for name in ("batch_size", "m_per_class", "hidden", "finetune_blocks"):
         if getattr(cfg, name) < 1:
             raise KitError(f"--{name.replace('_', '-')} {getattr(cfg, name)}: must be at least 1")
     if cfg.batch_size % cfg.m_per_class:
@@ -179,31 +183,62 @@ def rank_key(m: dict[str, float]) -> float:
     return m["score"] + 1e-3 * m["map_all"]
 
 
-def train_adapter(cfg: Config, task: Task, run_dir: Path, train: tuple[np.ndarray, np.ndarray], adapted: Callable[[Adapter], dict], data_key: str) -> tuple[Adapter, list[dict]]:
-    """The adapter trained by the shared loop on the (transformed) training embeddings; restored from best.pt/last.pt."""
-    emb, side = train
+def fit_on_identities(cfg: Config, task: Task, run_dir: Path, module: tuple[str, nn.Module], step: nn.Module, lr: float,
+                      device: torch.device, evaluate: Callable[[], float], data_key: str,
+                      on_epoch: Callable[[int], None] = lambda epoch: None) -> list[dict]:
+    """The shared loop over M-per-class batches of training rows; ``module`` restored from best.pt/last.pt. Returns the history."""
     n_classes = len(set(task.train_labels))
-    batch = min(cfg.batch_size, cfg.m_per_class * n_classes // cfg.m_per_class * cfg.m_per_class)
     if n_classes < 2:
-        raise KitError(f"{n_classes} training identity: the adapter needs at least 2 (lower --val-fraction)")
+        raise KitError(f"{n_classes} training identity: adaptation needs at least 2 (lower --val-fraction)")
+    batch = min(cfg.batch_size, cfg.m_per_class * n_classes // cfg.m_per_class * cfg.m_per_class)
     if batch < cfg.batch_size:
         log.info("batch size %d (%d training identities x --m-per-class %d)", batch, n_classes, cfg.m_per_class)
-    adapter = Adapter(emb.shape[1], cfg.adapter, cfg.hidden)
-    step = AdapterStep(adapter, emb, side, cfg.loss, cfg.pairs)
-    cpu = torch.device("cpu")  # a few thousand 128/512-d vectors: the CPU is fast enough
+    params = [p for p in module[1].parameters() if p.requires_grad]
     trainer = Trainer(
-        LoopSettings.from_config(cfg), run_dir=run_dir, modules={"adapter": adapter}, step_module=step,
-        optimizer=torch.optim.AdamW(adapter.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay), device=cpu, amp=None,
-        config=config_to_dict(cfg), classes=task.classes, resume_keys=("source", "adapter", "hidden", "domain_stats"),
-        evaluate=lambda: rank_key(val_metrics(adapted(adapter), val_relevance(task))), data_key=data_key)
+        LoopSettings.from_config(cfg), run_dir=run_dir, modules=dict([module]), step_module=step,
+        optimizer=torch.optim.AdamW(params, lr=lr, weight_decay=cfg.weight_decay), device=device, amp=None,
+        config=config_to_dict(cfg), classes=task.classes, resume_keys=("source", "adapter", "hidden", "finetune_blocks"),
+        evaluate=evaluate, data_key=data_key)
     sampler = MPerClassShardSampler(task.train_labels, cfg.m_per_class, batch, seed=cfg.seed)
     loader = DataLoader(IndexSet(task.train_labels), sampler=sampler, batch_size=batch, drop_last=True)
-    trainer.fit(loader, on_epoch=sampler.set_epoch)
+    trainer.fit(loader, on_epoch=lambda epoch: (sampler.set_epoch(epoch), on_epoch(epoch)))
     final = trainer.final_checkpoint()
     if final is not None:
         trainer.restore(final)
-        log.info("adapter from %s", final)
-    return adapter, trainer.state.history
+        log.info("%s from %s", module[0], final)
+    return trainer.state.history
+
+
+def train_adapter(cfg: Config, task: Task, run_dir: Path, train: tuple[np.ndarray, np.ndarray], adapted: Callable[[Adapter], dict], data_key: str) -> tuple[Adapter, list[dict]]:
+    """The adapter trained on the (transformed) training embeddings, on the CPU (a few thousand vectors)."""
+    emb, side = train
+    adapter = Adapter(emb.shape[1], cfg.adapter, cfg.hidden)
+    step = AdapterStep(adapter, emb, side, cfg.loss, cfg.pairs)
+    history = fit_on_identities(cfg, task, run_dir, ("adapter", adapter), step, cfg.lr, torch.device("cpu"),
+                                lambda: rank_key(val_metrics(adapted(adapter), val_relevance(task))), data_key)
+    return adapter, history
+
+
+def finetune(cfg: Config, task: Task, run_dir: Path, pipe: FacePipeline, side: np.ndarray, data_key: str) -> tuple[dict[str, np.ndarray], list[dict]]:
+    """FaceNet's last --finetune-blocks trained on the training crops; every set embedded again (uncached)."""
+    if pipe.embedder.name != "facenet":
+        raise KitError(f"--adapter finetune: the source {cfg.source!r} uses {pipe.embedder.name}, which cannot be trained here; "
+                       "use a facenet face run, or --adapter mlp")
+    model = pipe.embedder.model
+    names = unfreeze_last_blocks(model, cfg.finetune_blocks)
+    crops = pipe.crops(task.train_paths, "training images").pixels
+    step = CropPairStep(model, crops, side, cfg.loss, cfg.pairs == "cross" and len(set(side.tolist())) > 1,
+                        input_px=pipe.embedder.input_px, seed=cfg.seed)
+    val_crops = {w: pipe.crops(getattr(task, w), w.replace("_", " ")).pixels for w in ("val_query", "val_gallery")}
+
+    def evaluate() -> float:
+        model.eval()
+        return rank_key(val_metrics({w: pipe.embed_pixels(c, w, views=[View()]) for w, c in val_crops.items()}, val_relevance(task)))
+
+    history = fit_on_identities(cfg, task, run_dir, ("facenet", model), step, cfg.finetune_lr, pipe.device, evaluate, data_key,
+                                on_epoch=lambda epoch: freeze_frozen_norms(model, names))
+    model.eval()
+    return {w: pipe.embed_set(getattr(task, w), w.replace("_", " "), use_cache=False) for w in SETS}, history
 
 
 def choose(candidates: dict[str, dict[str, np.ndarray]], rel: np.ndarray) -> tuple[str, dict[str, dict[str, float]]]:
@@ -254,7 +289,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     if cfg.domain_stats != "none":
         candidates[cfg.domain_stats] = centred
     history: list[dict] = []
-    if cfg.adapter != "none":
+    if cfg.adapter == "finetune":
+        candidates[f"finetune {cfg.finetune_blocks} blocks"], history = finetune(cfg, task, run_dir, pipe, side, files_key(task.train_paths, pipe.tag))
+    elif cfg.adapter != "none":
         adapted = lambda a: {w: a.apply_np(e) for w, e in centred.items() if w.startswith("val")}  # noqa: E731
         adapter, history = train_adapter(cfg, task, run_dir, (stats.transform_sides(train_emb, side), side), adapted,
                                          files_key(task.train_paths, pipe.tag))

@@ -102,3 +102,42 @@ def test_cosines_of_adapted_embeddings_stay_cosines():
     y = a.apply_np(_unit(np.random.default_rng(3), 6))
     sim = cosine_similarity(y, y)
     assert np.allclose(np.diag(sim), 1, atol=1e-5) and sim.dtype == np.float32 and not a.training
+
+
+def test_finetune_trains_only_facenets_last_blocks_and_refuses_dlib(rehearsal_data, tmp_path):
+    from facenet_pytorch import InceptionResnetV1
+
+    from utils.faces.finetune import freeze_frozen_norms, unfreeze_last_blocks
+
+    model = InceptionResnetV1()
+    names = unfreeze_last_blocks(model, 2)
+    assert names == ["last_linear", "last_bn"] and not model.block8.conv2d.weight.requires_grad and model.last_linear.weight.requires_grad
+    model.train()
+    freeze_frozen_norms(model, names)
+    assert model.last_bn.training and not model.repeat_1.training  # frozen BatchNorm statistics stay as loaded
+    with pytest.raises(KitError, match="--finetune-blocks 0"):
+        unfreeze_last_blocks(model, 0)
+
+    runs = tmp_path / "runs"
+    common = ["--data", str(rehearsal_data), "--runs", str(runs)]
+    face = ["--detector", "none", "--tta", "--workers", "0", "--embed-batch-size", "16"]
+    assert infer_facenet.main([*common, "--embedder", "facenet", "--weights", "none", *face]) == 0
+    argv = [*common, "--source", "facenet", "--adapter", "finetune", "--finetune-blocks", "2", "--epochs", "1", "--max-steps", "2",
+            "--batch-size", "8", "--m-per-class", "2", "--finetune-lr", "1e-2"]
+    assert train_face_adapter.main(argv) == 0
+    run = load_run(runs / "facenet_adapted")
+    adapt = run.meta["adaptation"]
+    assert set(adapt["val"]) == {"source", "finetune 2 blocks"} and adapt["chosen"] in adapt["val"]
+    ckpt = torch.load(runs / "facenet_adapted" / "last.pt", weights_only=False)
+    from utils.faces.embedder import FaceNetEmbedder
+    from utils.seed import seed_everything
+
+    seed_everything(0)  # the source's random init, as infer_facenet made it
+    init = FaceNetEmbedder("none", torch.device("cpu")).model.state_dict()
+    tuned = ckpt["facenet"]
+    assert torch.equal(tuned["block8.conv2d.weight"], init["block8.conv2d.weight"])  # frozen
+    assert not torch.equal(tuned["last_linear.weight"], init["last_linear.weight"])  # trained
+    assert torch.equal(tuned["repeat_1.0.branch0.bn.running_mean"], init["repeat_1.0.branch0.bn.running_mean"])
+    assert infer_facenet.main([*common, "--embedder", "dlib", *face]) == 0
+    with pytest.raises(KitError, match="--adapter finetune.*dlib"):
+        train_face_adapter.main([*common, "--source", "dlib", "--adapter", "finetune"])

@@ -25,10 +25,10 @@ import torch
 from utils.device import amp_dtype, resolve_workers
 from utils.embedding.cache import cached, files_key
 from utils.embedding.embed import embed_arrays
-from utils.embedding.views import tta_views
+from utils.embedding.views import View, tta_views
 from utils.errors import KitError
 from utils.faces.cascade import CascadeParams, FaceCascade
-from utils.faces.crop import CropParams, face_crops
+from utils.faces.crop import CropParams, Crops, face_crops
 from utils.faces.detect import DetectorParams, FaceDetector
 from utils.faces.embedder import build_embedder
 
@@ -84,17 +84,28 @@ class FacePipeline:
         """Identifies the embeddings: detector, crop geometry, embedder weights, views."""
         return "|".join([self.det_tag, self.crop_params.tag(), self.embedder.tag, repr(self.views)])
 
-    def embed_set(self, paths: Sequence[Path], desc: str) -> np.ndarray:
-        """Crops (cached), then every view's embedding (cached) of one image set; counts its fallbacks."""
+    def crops(self, paths: Sequence[Path], desc: str) -> Crops:
+        """Detected, aligned context crops of ``paths`` (cached); counts the set's faces and fallbacks."""
         cfg = self.cfg
         crops = face_crops(paths, self.detector, self.crop_params, batch_size=cfg.detect_batch_size,
                            workers=resolve_workers(cfg.workers), cache_dir=self.cache_dir, desc=desc)
         self.faces[desc.replace(" ", "_")] = {"images": len(paths), "faces_found": len(paths) - crops.n_fallback,
                                               "fallback": crops.n_fallback, "by_stage": crops.stage_counts()}
-        key = files_key(paths, self.tag)
-        return cached(self.cache_dir / f"emb_{key}.npy", lambda: embed_arrays(
-            self.embedder, crops.pixels, self.views, device=self.device, out_px=self.embedder.input_px,
-            batch_size=cfg.embed_batch_size, desc=f"{desc}: embedding x{len(self.views)} views"), desc)
+        return crops
+
+    def embed_pixels(self, pixels: np.ndarray, desc: str, views: Sequence[View] | None = None) -> np.ndarray:
+        """The embedder over crops (every view, averaged; ``views`` None: the run's views), uncached."""
+        views = self.views if views is None else views
+        return embed_arrays(self.embedder, pixels, views, device=self.device, out_px=self.embedder.input_px,
+                            batch_size=self.cfg.embed_batch_size, desc=f"{desc}: embedding x{len(views)} views")
+
+    def embed_set(self, paths: Sequence[Path], desc: str, use_cache: bool = True) -> np.ndarray:
+        """Crops (cached), then every view's embedding of one image set (cached unless ``use_cache``
+        is off: for an embedder whose weights change, e.g. while fine-tuning)."""
+        crops = self.crops(paths, desc)
+        if not use_cache:
+            return self.embed_pixels(crops.pixels, desc)
+        return cached(self.cache_dir / f"emb_{files_key(paths, self.tag)}.npy", lambda: self.embed_pixels(crops.pixels, desc), desc)
 
     def log_fallbacks(self) -> None:
         """One line: images without a face, per image set."""
