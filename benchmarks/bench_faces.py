@@ -15,7 +15,8 @@ names hide the identity and test/ground_truth.json scores them.
 
 Then it runs infer_facenet.main() for: dlib on the centre square without
 detection or TTA (the plain reference), dlib with MTCNN + dlib alignment
-without TTA, the same with all TTA views, FaceNet (random weights unless
+without TTA, the same with all TTA views, dlib with the default recipe
+(``--embedder dlib`` and no other flag), FaceNet (random weights unless
 --facenet-weights: the floor), and ensemble.py on dlib + FaceNet (z-score per
 query, the FaceNet weight searched on the validation split). Runs stay in
 benchmarks/out/faces/runs/ for the ensemble benchmark. It also times
@@ -235,8 +236,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     fn_name = "facenet_random" if args.facenet_weights == "none" else "facenet"
     plan = [  # run name, table label, flags
         ("dlib_center", "dlib centre square (reference)", ["--embedder", "dlib", "--detector", "none", "--tta"]),
-        ("dlib_notta", "dlib aligned", ["--embedder", "dlib", "--tta"]),
-        ("dlib", "dlib aligned + TTA x8", ["--embedder", "dlib", "--tta", *ALL_TTA]),
+        ("dlib_notta", "dlib aligned (MTCNN)", ["--embedder", "dlib", "--detector", "mtcnn", "--tta"]),
+        ("dlib", "dlib aligned (MTCNN) + TTA x8", ["--embedder", "dlib", "--detector", "mtcnn", "--tta", *ALL_TTA]),
+        ("dlib_default", "dlib, the default recipe (--embedder dlib, no other flag)", ["--embedder", "dlib"]),
         (fn_name, f"FaceNet {args.facenet_weights} + flip", ["--embedder", "facenet", "--weights", args.facenet_weights, "--tta", "flip"]),
     ]
     rows, seconds, faces = {}, {}, {}
@@ -278,7 +280,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     console.print(table)
     console.print(speed_table)
     md += ["", "Rows: *dlib centre square*: no detection, the centre square of each image, no TTA (the plain reference); "
-           "*dlib aligned*: MTCNN box -> dlib 5-point landmarks -> dlib chip; *TTA x8*: identity, flip, rotation +-8 deg, "
+           "*dlib aligned (MTCNN)*: MTCNN box -> dlib 5-point landmarks -> dlib chip; *default recipe*: infer_facenet.py's defaults; *TTA x8*: identity, flip, rotation +-8 deg, "
            "brightness x0.8/x1.2, zoom x1.1/x0.9 on query and gallery; *FaceNet*: InceptionResnetV1, MTCNN box + 20 px margin, eyes levelled; "
            "*ensemble.py*: per-query z-scores, (1-w) dlib TTA + w FaceNet, w searched on the validation split (bootstrap mean). "
            "*no face*: images where MTCNN found none (centre-square fallback), of all val+test images. Detection timings include image loading.",
