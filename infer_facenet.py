@@ -38,8 +38,7 @@ from dataclasses import dataclass, field
 from typing import Sequence
 
 from utils.config import FormConfig, RunConfig, add_config_args, config_from_args, config_to_dict
-from utils.data.task import prepare_task
-from utils.device import pick_device, resolve_workers
+from utils.device import resolve_workers
 from utils.embedding.step import embed_task
 from utils.embedding.views import TTA_GROUPS, tta_views
 from utils.errors import KitError, run_cli
@@ -48,9 +47,7 @@ from utils.faces.detect import SELECT_METHODS
 from utils.faces.embedder import EMBEDDERS
 from utils.faces.pipeline import FACE_FALLBACKS, FacePipeline
 from utils.logs import setup_logging
-from utils.runs.model_run import write_embedding_run
-from utils.runs.similarity_io import invalidate_run
-from utils.seed import seed_everything
+from utils.runs.model_run import begin_inference_run, write_embedding_run
 
 log = logging.getLogger("infer_facenet")
 
@@ -111,16 +108,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     cfg = config_from_args(Config, build_parser().parse_args(argv))
     setup_logging(cfg.verbose)
     check_config(cfg)
-    t0 = time.time()
+    # the old run invalidated, device, seed, data and the shared validation split
     run_name = cfg.run_name or cfg.embedder
-    run_dir = cfg.runs / run_name
-    invalidate_run(run_dir)  # a killed or failed re-run must not leave the old run looking complete
-    device = pick_device(cfg.device)
-    seed_everything(cfg.seed)
-
-    # data and the shared validation split (no training: only its val queries/gallery are used)
-    task = prepare_task(cfg.data, cfg.runs, cfg.split_params())
-    timings = {"prepare": time.time() - t0}
+    run = begin_inference_run(cfg, run_name)
+    run_dir, device, task, t0, timings = run.run_dir, run.device, run.task, run.t0, run.timings
 
     # models: the embedder (weights checked before any long work), then the detector; crops and
     # embeddings are cached under runs/face_cache/, shared by every face run on this data

@@ -41,8 +41,7 @@ from torch import nn
 from torch.utils.data import DataLoader, Dataset
 
 from utils.config import FormConfig, RunConfig, add_config_args, config_from_args, config_to_dict
-from utils.data.task import Task, prepare_task
-from utils.device import pick_device
+from utils.data.task import Task
 from utils.embedding.cache import files_key
 from utils.embedding.embed import cosine_similarity
 from utils.embedding.step import SETS, embed_task
@@ -53,9 +52,7 @@ from utils.faces.finetune import FACENET_BLOCKS, CropPairStep, freeze_frozen_nor
 from utils.faces.pipeline import FACE_FIELDS, FacePipeline
 from utils.logs import console, setup_logging
 from utils.runs.metrics import evaluate, relevance_matrix
-from utils.runs.model_run import write_embedding_run
-from utils.runs.similarity_io import invalidate_run
-from utils.seed import seed_everything
+from utils.runs.model_run import begin_inference_run, write_embedding_run
 from utils.training.class_sampler import MPerClassShardSampler
 from utils.training.loop import LoopSettings, Trainer
 from utils.training.pair_loss import PAIR_LOSSES, build_pair_loss
@@ -270,13 +267,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     if run_name == cfg.source:
         raise KitError(f"--run-name {run_name}: that is the source run; choose another name")
     face = source_settings(cfg)
-    invalidate_run(run_dir)  # a killed or failed re-run must not leave the old run looking complete
-    device = pick_device(cfg.device)
-    seed_everything(cfg.seed)
-
-    # data, the shared split, and the source's embeddings of every set (the face cache has val and test)
-    task = prepare_task(cfg.data, cfg.runs, cfg.split_params())
-    timings = {"prepare": time.time() - t0}
+    # the old run invalidated, device, seed, data, the shared split; the source's embeddings of every set (from the face cache)
+    run = begin_inference_run(cfg, run_name)
+    device, task, timings = run.device, run.task, run.timings
     pipe = FacePipeline(face, device, cache_dir=cfg.runs / "face_cache")
     source = embed_task(task, pipe.embed_set)
     train_emb, side = pipe.embed_set(task.train_paths, "training images"), training_sides(task, cfg.query_domain)

@@ -29,7 +29,7 @@ def test_script_shape_and_every_option_is_used(name):
     parser = mod.build_parser()
     dests = [a.dest for a in parser._actions if not isinstance(a, argparse._HelpAction)]
     via_split = {"seed", "val_fraction", "query_domain"} if "cfg.split_params()" in source else set()
-    if "begin_inference_run(cfg)" in source:  # the shared opening reads the run, data, split and device flags
+    if "begin_inference_run(cfg" in source:  # the shared opening reads the run, data, split and device flags
         via_split |= {"seed", "val_fraction", "query_domain", "data", "runs", "device", "run_name"}
     if "LoopSettings.from_config(cfg)" in source:  # the shared loop reads its own flags off the config
         from utils.training.loop import LoopSettings
