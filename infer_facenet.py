@@ -1,30 +1,33 @@
-"""Face embeddings without training: MTCNN face crops -> FaceNet or dlib, with TTA,
+"""Face embeddings without training: detected, aligned face crops -> FaceNet or dlib, with TTA,
 written as runs/<run-name>/{val,test}_sim.npy + meta.json for the ensemble.
 
     # FaceNet (InceptionResnetV1, VGGFace2 weights from the hub or the torch cache):
     python infer_facenet.py --data DATA
     # offline, FaceNet weights from a local facenet-pytorch state dict:
     python infer_facenet.py --data DATA --weights /path/to/20180402-114759-vggface2.pt
-    # dlib's ResNet face model (weights ship in face-recognition-models, offline), run runs/dlib:
+    # dlib's ResNet face model (weights ship in face-recognition-models, offline), run runs/dlib;
+    # the defaults (detection cascade, flip TTA) are the best measured on the hard face benchmark:
     python infer_facenet.py --data DATA --embedder dlib
-    # the detection cascade for stylised images (stage per image in the crop cache, counts in meta.json):
-    python infer_facenet.py --data DATA --embedder dlib --detector cascade
-    python infer_facenet.py --data DATA --embedder dlib --detector cascade --detector-stages mtcnn hog rotate --face-fallback best
-    # fewer test-time views (faster on CPU), or none:
-    python infer_facenet.py --data DATA --embedder dlib --tta flip
+    # MTCNN alone (faster; photos), other cascade stages, another fallback:
+    python infer_facenet.py --data DATA --embedder dlib --detector mtcnn
+    python infer_facenet.py --data DATA --embedder dlib --detector-stages mtcnn hog rotate --face-fallback best
+    # other test-time views (all four groups: 8 views), or none:
+    python infer_facenet.py --data DATA --embedder dlib --tta flip rot brightness scale
     python infer_facenet.py --data DATA --embedder dlib --tta
     # the floor: FaceNet with random weights
     python infer_facenet.py --data DATA --weights none --run-name facenet_random
 
 Stages: read data and the shared validation split -> detect one face per image
-with MTCNN (batched on letterboxed canvases; of several faces the most central
-one with --face-select center, the biggest with largest) -> cut aligned crops
+(--detector cascade: the --detector-stages in turn, each only on the images
+the earlier ones missed, the stage recorded per image; mtcnn: MTCNN alone,
+batched on letterboxed canvases; of several faces the most central one with
+--face-select center, the biggest with largest) -> cut aligned crops
 (FaceNet: the square box plus margin, eyes levelled; dlib: dlib's 5-point
 landmarks and chip geometry); an image without a face falls back to the centre
-square of the whole image, resized and normalised like every crop, and is
-counted in meta.json -> crops and embeddings are cached under runs/face_cache/,
-shared by every face run on this data (keyed by file path/size/mtime, the
-detector, crop and embedder settings) -> embed every view
+square of the whole image (--face-fallback), resized and normalised like every
+crop, and is counted in meta.json -> crops and embeddings are cached under
+runs/face_cache/, shared by every face run on this data (keyed by file
+path/size/mtime, the detector, crop and embedder settings) -> embed every view
 of every batch (identity + --tta views, on query and gallery alike), average
 the L2-normalised embeddings, normalise -> cosine similarity matrices.
 """
@@ -66,7 +69,7 @@ class Config(FormConfig, RunConfig):
         "metavar": "TAG|none|PATH"})
     shape_predictor: str = field(default="", metadata={"help": "dlib only: 5-point landmarks .dat ('' = face-recognition-models')", "metavar": "PATH"})
     # detection: MTCNN on a letterboxed square canvas; 'none' = every image uses the centre-square fallback
-    detector: str = field(default="mtcnn", metadata={"help": "face detector: mtcnn, cascade (--detector-stages in turn, each on what the earlier missed) or none", "choices": ["mtcnn", "cascade", "none"]})
+    detector: str = field(default="cascade", metadata={"help": "face detector: mtcnn, cascade (--detector-stages in turn, each on what the earlier missed) or none", "choices": ["mtcnn", "cascade", "none"]})
     detector_stages: list[str] = field(default_factory=lambda: list(DEFAULT_STAGES), metadata={"help": f"cascade only: stages tried in order, of {list(STAGES)}", "metavar": "STAGE"})
     min_face_frac: float = field(default=0.15, metadata={"help": "cascade only: a box whose side is below this share of the image's shorter side is not a face"})
     face_fallback: str = field(default="center", metadata={"help": "no face found -> center (centre square), letterbox (the whole image) or best (cascade only: its best box below the gates)", "choices": list(FACE_FALLBACKS)})
@@ -79,7 +82,7 @@ class Config(FormConfig, RunConfig):
     margin_px: int = field(default=20, metadata={"help": "facenet only: context around the box, pixels of the 160 px crop (dlib uses its chip padding)"})
     align_eyes: bool = field(default=True, metadata={"help": "facenet only: rotate crops so the eyes are level"})
     # test-time augmentation, on query and gallery alike; '--tta' alone = identity only
-    tta: list[str] = field(default_factory=lambda: ["flip", "rot", "brightness", "scale"], metadata={"help": f"test-time view groups added to the identity, of {list(TTA_GROUPS)}; none: identity only"})
+    tta: list[str] = field(default_factory=lambda: ["flip"], metadata={"help": f"test-time view groups added to the identity, of {list(TTA_GROUPS)}; none: identity only"})
     detect_batch_size: int = field(default=32, metadata={"help": "images per detection batch"})
     embed_batch_size: int = field(default=64, metadata={"help": "crops per embedding batch"})
     # machine

@@ -123,6 +123,9 @@ def source_settings(cfg: Config) -> SimpleNamespace:
         raise KitError(f"{meta_path}: not a face run of infer_facenet.py (its config lacks {missing[:3]}); pass --source <face run>")
     if Path(src.get("data", "")).resolve() != Path(cfg.data).resolve():
         raise KitError(f"{meta_path}: made from --data {src.get('data')}, not {cfg.data}; use that data or re-run the face run on this one")
+    if cfg.adapter == "finetune" and src["embedder"] != "facenet":
+        raise KitError(f"--adapter finetune: the source {cfg.source!r} uses {src['embedder']}, which cannot be trained here; "
+                       "use a facenet face run, or --adapter mlp")
     return SimpleNamespace(**{k: src[k] for k in FACE_FIELDS})
 
 
@@ -218,9 +221,6 @@ def train_adapter(cfg: Config, task: Task, run_dir: Path, train: tuple[np.ndarra
 
 def finetune(cfg: Config, task: Task, run_dir: Path, pipe: FacePipeline, side: np.ndarray, data_key: str) -> tuple[dict[str, np.ndarray], list[dict]]:
     """FaceNet's last --finetune-blocks trained on the training crops; every set embedded again (uncached)."""
-    if pipe.embedder.name != "facenet":
-        raise KitError(f"--adapter finetune: the source {cfg.source!r} uses {pipe.embedder.name}, which cannot be trained here; "
-                       "use a facenet face run, or --adapter mlp")
     model = pipe.embedder.model
     names = unfreeze_last_blocks(model, cfg.finetune_blocks)
     crops = pipe.crops(task.train_paths, "training images").pixels

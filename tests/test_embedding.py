@@ -256,3 +256,17 @@ def test_stage_features_fold_their_batchnorm():
     x = torch.rand(2, 3, 64, 64)
     with torch.inference_mode():
         assert torch.allclose(feats(x), folded(x), atol=1e-5)
+
+
+def test_a_cnn_on_the_cpu_runs_in_cache_sized_slices(tmp_path):
+    from utils.embedding.embed import CPU_CNN_SLICE
+
+    seen = []
+    model = _cnn()
+    model.register_forward_pre_hook(lambda _m, args: seen.append(len(args[0])))
+    paths = _images(tmp_path / "imgs", n=20)
+    sliced = embed_images(model, paths, eval_transform(24), device=CPU, batch_size=20, workers=0, channels_last=True)
+    assert seen == [CPU_CNN_SLICE, CPU_CNN_SLICE, 20 - 2 * CPU_CNN_SLICE]
+    seen.clear()
+    whole = embed_images(model, paths, eval_transform(24), device=CPU, batch_size=20, workers=0)  # not a channels-last CNN: one call
+    assert seen == [20] and np.allclose(sliced, whole, atol=1e-5)

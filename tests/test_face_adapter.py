@@ -138,6 +138,9 @@ def test_finetune_trains_only_facenets_last_blocks_and_refuses_dlib(rehearsal_da
     assert torch.equal(tuned["block8.conv2d.weight"], init["block8.conv2d.weight"])  # frozen
     assert not torch.equal(tuned["last_linear.weight"], init["last_linear.weight"])  # trained
     assert torch.equal(tuned["repeat_1.0.branch0.bn.running_mean"], init["repeat_1.0.branch0.bn.running_mean"])
-    assert infer_facenet.main([*common, "--embedder", "dlib", *face]) == 0
-    with pytest.raises(KitError, match="--adapter finetune.*dlib"):
+    meta = json.loads((runs / "facenet" / "meta.json").read_text())
+    meta["config"]["embedder"] = "dlib"
+    (runs / "dlib").mkdir()
+    (runs / "dlib" / "meta.json").write_text(json.dumps(meta))  # a dlib face run's settings
+    with pytest.raises(KitError, match="--adapter finetune.*uses dlib"):
         train_face_adapter.main([*common, "--source", "dlib", "--adapter", "finetune"])

@@ -180,7 +180,7 @@ def test_main_rejects_hub_weights_offline_in_one_line(rehearsal_data, tmp_path, 
     assert "\n" not in str(err.value)
 
 
-SMALL = ["--detect-px", "64", "--workers", "0", "--embed-batch-size", "32"]
+SMALL = ["--detector", "mtcnn", "--detect-px", "64", "--workers", "0", "--embed-batch-size", "32"]
 
 
 def test_main_end_to_end_on_rehearsal_data_writes_a_valid_run(rehearsal_data, tmp_path, monkeypatch):

@@ -13,7 +13,7 @@ def test_aligned_dlib_matches_real_photos_to_restyled_ones(tmp_path):
     shared_data("orl_faces")
     data = build_dataset(tmp_path / "faces")
     runs = tmp_path / "runs"
-    assert infer_facenet.main(["--data", str(data), "--runs", str(runs), "--embedder", "dlib", "--tta", "--workers", "0"]) == 0
+    assert infer_facenet.main(["--data", str(data), "--runs", str(runs), "--embedder", "dlib", "--detector", "mtcnn", "--tta", "--workers", "0"]) == 0
     run = load_run(runs / "dlib")
     # measured 991.67 (benchmarks/results/faces.md); whole-image dlib scores about 800 here
     assert run.meta["metrics"]["test"]["score"] >= 950

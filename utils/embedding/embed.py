@@ -30,6 +30,7 @@ from utils.training.distributed import DistInfo
 log = logging.getLogger(__name__)
 
 Forward = Callable[[torch.Tensor], torch.Tensor]
+CPU_CNN_SLICE = 8  # images per forward call of a CNN on the CPU (benchmarks/bench_embed.py)
 
 
 def l2_normalize(x: np.ndarray) -> np.ndarray:
@@ -71,12 +72,18 @@ def embed_batches(
         stack_views: put all views of a batch through the model in one call
             (fewer, bigger calls; the same result up to float rounding).
         channels_last: hand the model NHWC batches (convert a CNN with
-            ``model.to(memory_format=torch.channels_last)`` to match).
+            ``model.to(memory_format=torch.channels_last)`` to match); on the CPU,
+            in slices of :data:`CPU_CNN_SLICE` images.
     """
     fmt = torch.channels_last if channels_last else torch.contiguous_format
+    # a CNN on the CPU runs sub-batches whose activations stay in cache (ResNet-50 at 224 px,
+    # 2 cores: 14 images/s in slices of 8 vs 10 in batches of 32); the GPU takes the whole batch
+    step = CPU_CNN_SLICE if channels_last and device.type == "cpu" else None
 
     def run(x: torch.Tensor) -> torch.Tensor:
         with torch.autocast(device.type, dtype=amp, enabled=amp is not None):
+            if step is not None and len(x) > step:
+                return torch.cat([forward(part.contiguous(memory_format=fmt)).float() for part in x.split(step)])
             return forward(x.contiguous(memory_format=fmt)).float()
 
     chunks = []
