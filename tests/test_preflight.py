@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import shutil
 import socket
-import threading
 from contextlib import contextmanager
 from pathlib import Path
 
@@ -15,6 +14,7 @@ import torch
 from PIL import Image
 
 import preflight
+from tests.helpers.serving import serving
 from utils.checklist import BLOCK, OK, SKIP, WARN, Checklist
 from utils.data.data_checks import check_data
 from utils.data.layout import load_layout
@@ -40,15 +40,8 @@ def _run(data: Path, run_dir: Path, config: dict | None = None, query_names: lis
 @contextmanager
 def local_server(data: Path):
     """The kit's competition server in a thread on a free port; yields it."""
-    server = CompetitionServer(data)
-    thread = threading.Thread(target=server.serve_forever, daemon=True)
-    thread.start()
-    try:
+    with serving(CompetitionServer(data)) as server:
         yield server
-    finally:
-        server.shutdown()
-        server.server_close()
-        thread.join(timeout=10)
 
 
 def _closed_port_url() -> str:

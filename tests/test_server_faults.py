@@ -7,13 +7,13 @@ import json
 import socket
 import subprocess
 import sys
-import threading
 from contextlib import contextmanager
 from pathlib import Path
 
 import pytest
 
 from tests.conftest import ROOT
+from tests.helpers.serving import serving
 from utils.data.layout import load_layout
 from utils.submission.server import CompetitionServer
 
@@ -22,15 +22,8 @@ from utils.submission.server import CompetitionServer
 def running(data: Path, **kwargs):
     """The server in a thread of this process, 1 s read timeout and a 1 MiB cap unless told."""
     kwargs = {"read_timeout_s": 1.0, "max_body_mb": 1, **kwargs}
-    srv = CompetitionServer(data, **kwargs)
-    thread = threading.Thread(target=srv.serve_forever, daemon=True)
-    thread.start()
-    try:
+    with serving(CompetitionServer(data, **kwargs), join_s=5) as srv:
         yield srv
-    finally:
-        srv.shutdown()
-        srv.server_close()
-        thread.join(timeout=5)
 
 
 def exchange(srv: CompetitionServer, head: bytes, body: bytes = b"", keep_open: bool = True) -> tuple[int, dict]:

@@ -18,6 +18,7 @@ import pytest
 
 import submit
 from tests.conftest import ROOT
+from tests.helpers.serving import serving
 from tests.test_submit import make_run, server
 from utils.atomic import atomic_write_json
 from utils.errors import KitError
@@ -92,16 +93,11 @@ class FaultServer(ThreadingHTTPServer):
 
 @contextmanager
 def fault_server(mode: str):
-    srv = FaultServer(mode)
-    thread = threading.Thread(target=srv.serve_forever, daemon=True)
-    thread.start()
-    try:
-        yield srv, f"http://127.0.0.1:{srv.server_address[1]}/"
-    finally:
-        srv.release.set()
-        srv.shutdown()
-        srv.server_close()
-        thread.join(timeout=5)
+    with serving(FaultServer(mode), join_s=5) as srv:
+        try:
+            yield srv, f"http://127.0.0.1:{srv.server_address[1]}/"
+        finally:
+            srv.release.set()  # a handler waiting on it must not hold up the shutdown
 
 
 @pytest.fixture
