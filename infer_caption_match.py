@@ -55,7 +55,7 @@ import torch
 from utils.atomic import atomic_write_json
 from utils.clip.captions import CaptionParams, caption_images
 from utils.clip.text import ClipModel, create_clip, encode_texts
-from utils.config import RunConfig, add_config_args, config_from_args, config_to_dict
+from utils.config import RunConfig, add_config_args, check_at_least, config_from_args, config_to_dict
 from utils.data.split import identity_of
 from utils.data.task import Task, prepare_task
 from utils.device import amp_dtype, pick_device, resolve_workers
@@ -116,8 +116,7 @@ def check_config(cfg: Config) -> None:
     """Flags that argparse cannot check alone."""
     if not 0.0 <= cfg.blend <= 1.0:
         raise KitError(f"--blend {cfg.blend}: must be in [0, 1] (0 = image-to-text only, 1 = image-to-image only)")
-    if cfg.embed_batch_size < 1:
-        raise KitError(f"--embed-batch-size {cfg.embed_batch_size}: at least 1")
+    check_at_least(cfg, ("embed_batch_size",))
     resolve_workers(cfg.workers)
     if "{}" not in cfg.label_template:
         raise KitError(f"--label-template {cfg.label_template!r}: must contain '{{}}' where the class name goes")

@@ -47,7 +47,7 @@ from utils.atomic import atomic_save_npy
 from utils.clip.colour_term import ColourTerm, apply_colour_term, search_colour_term, threshold_grid
 from utils.clip.hf_clip import HF_PREFIX, create_hf_visual
 from utils.clip.models import create_visual, is_weights_file
-from utils.config import RunConfig, add_config_args, config_from_args, config_to_dict
+from utils.config import RunConfig, add_config_args, check_at_least, config_from_args, config_to_dict
 from utils.data.colour import DESCRIPTORS, DISTANCES, ColourDescriptors, bin_centres, colour_descriptors, colour_distances
 from utils.data.object_crop import OBJECT_CROPS, object_crops
 from utils.data.task import Task
@@ -102,8 +102,7 @@ def check_config(cfg: Config) -> None:
     for name in ("colour_top_m", "img_size"):
         if getattr(cfg, name) < 0:
             raise KitError(f"--{name.replace('_', '-')} {getattr(cfg, name)}: 0 or more")
-    if cfg.embed_batch_size < 1:
-        raise KitError(f"--embed-batch-size {cfg.embed_batch_size}: at least 1")
+    check_at_least(cfg, ("embed_batch_size",))
     if not cfg.alphas or not cfg.threshold_quantiles:
         raise KitError("--alphas and --threshold-quantiles need at least one value each")
     if cfg.model.startswith(HF_PREFIX) and cfg.img_size:

@@ -39,7 +39,7 @@ import timm
 import torch
 from rich.table import Table
 
-from utils.config import RunConfig, add_config_args, config_from_args, config_to_dict
+from utils.config import RunConfig, add_config_args, check_at_least, config_from_args, config_to_dict
 from utils.data.augment import eval_transform
 from utils.device import amp_dtype, is_cnn, resolve_workers
 from utils.embedding.backbone import create_backbone, weights_id
@@ -95,9 +95,7 @@ def check_config(cfg: Config) -> None:
     """Flags that argparse cannot check alone."""
     if not timm.is_model(cfg.model):
         raise KitError(f"--model {cfg.model!r}: not a timm model; list them with timm.list_models('*resnet*')")
-    for name in ("img_size", "embed_batch_size", "detect_batch_size", "pixel_px"):
-        if getattr(cfg, name) < 1:
-            raise KitError(f"--{name.replace('_', '-')} {getattr(cfg, name)}: at least 1")
+    check_at_least(cfg, ("img_size", "embed_batch_size", "detect_batch_size", "pixel_px"))
     if cfg.pixel_k < 0:
         raise KitError(f"--pixel-k {cfg.pixel_k}: 0 or more")
     if cfg.pixel_px < 7:

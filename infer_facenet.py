@@ -40,11 +40,11 @@ import time
 from dataclasses import dataclass, field
 from typing import Sequence
 
-from utils.config import FormConfig, RunConfig, add_config_args, config_from_args, config_to_dict
+from utils.config import FormConfig, RunConfig, add_config_args, check_at_least, config_from_args, config_to_dict
 from utils.device import resolve_workers
 from utils.embedding.step import embed_task
 from utils.embedding.views import TTA_GROUPS, tta_views
-from utils.errors import KitError, run_cli
+from utils.errors import run_cli
 from utils.faces.cascade import DEFAULT_STAGES, STAGES
 from utils.faces.detect import SELECT_METHODS
 from utils.faces.embedder import EMBEDDERS
@@ -99,9 +99,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 def check_config(cfg: Config) -> None:
     """Flags that argparse cannot check alone."""
-    for name in ("detect_batch_size", "embed_batch_size"):
-        if getattr(cfg, name) < 1:
-            raise KitError(f"--{name.replace('_', '-')} {getattr(cfg, name)}: at least 1")
+    check_at_least(cfg, ("detect_batch_size", "embed_batch_size"))
     resolve_workers(cfg.workers)
     cfg.run_form()
     tta_views(cfg.tta)

@@ -40,7 +40,7 @@ from rich.table import Table
 from torch import nn
 from torch.utils.data import DataLoader, Dataset
 
-from utils.config import FormConfig, RunConfig, add_config_args, config_from_args, config_to_dict
+from utils.config import FormConfig, RunConfig, add_config_args, check_at_least, config_from_args, config_to_dict
 from utils.data.task import Task
 from utils.embedding.cache import files_key
 from utils.embedding.embed import cosine_similarity
@@ -100,9 +100,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 def check_config(cfg: Config) -> None:
     """Flag mistakes, before any data is read."""
-    for name in ("batch_size", "m_per_class", "hidden", "finetune_blocks"):
-        if getattr(cfg, name) < 1:
-            raise KitError(f"--{name.replace('_', '-')} {getattr(cfg, name)}: must be at least 1")
+    check_at_least(cfg, ("batch_size", "m_per_class", "hidden", "finetune_blocks"))
     if cfg.batch_size % cfg.m_per_class:
         raise KitError(f"--batch-size {cfg.batch_size} must be a multiple of --m-per-class {cfg.m_per_class}")
     if not 0.0 <= cfg.shrinkage <= 1.0:

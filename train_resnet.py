@@ -34,7 +34,7 @@ import torch
 from torch import nn
 from torch.utils.data import DataLoader
 
-from utils.config import FormConfig, RunConfig, add_config_args, config_from_args, config_to_dict
+from utils.config import FormConfig, RunConfig, add_config_args, check_at_least, config_from_args, config_to_dict
 from utils.data.augment import eval_transform, train_transform
 from utils.data.image_dataset import ImageDataset
 from utils.data.task import Task, prepare_task
@@ -107,9 +107,7 @@ def check_config(cfg: Config) -> None:
     """Flag mistakes, before any data is read."""
     if not timm.is_model(cfg.model):
         raise KitError(f"--model {cfg.model!r}: not a timm model; list them with timm.list_models('*resnet*')")
-    for name in ("batch_size", "embed_batch_size", "img_size", "m_per_class"):
-        if getattr(cfg, name) < 1:
-            raise KitError(f"--{name.replace('_', '-')} {getattr(cfg, name)}: must be at least 1")
+    check_at_least(cfg, ("batch_size", "embed_batch_size", "img_size", "m_per_class"))
     if cfg.loss != "ce" and cfg.batch_size % cfg.m_per_class:
         raise KitError(f"--batch-size {cfg.batch_size} must be a multiple of --m-per-class {cfg.m_per_class}")
     LoopSettings.from_config(cfg).check()

@@ -33,6 +33,13 @@ def _flag(name: str) -> str:
     return "--" + name.replace("_", "-")
 
 
+def check_at_least(cfg: Any, names: tuple[str, ...], low: int = 1) -> None:
+    """Raise a KitError naming the flag for the first of ``names`` whose value is below ``low``."""
+    for name in names:
+        if getattr(cfg, name) < low:
+            raise KitError(f"{_flag(name)} {getattr(cfg, name)}: at least {low}")
+
+
 def add_config_args(parser: argparse.ArgumentParser, cls: type) -> None:
     """Add one flag per dataclass field of ``cls`` to ``parser``."""
     hints = typing.get_type_hints(cls)
