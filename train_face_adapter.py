@@ -207,17 +207,19 @@ def fit_on_identities(cfg: Config, task: Task, run_dir: Path, module: tuple[str,
     return trainer.state.history
 
 
-def train_adapter(cfg: Config, task: Task, run_dir: Path, train: tuple[np.ndarray, np.ndarray], adapted: Callable[[Adapter], dict], data_key: str) -> tuple[Adapter, list[dict]]:
+def train_adapter(cfg: Config, task: Task, run_dir: Path, train: tuple[np.ndarray, np.ndarray], adapted: Callable[[Adapter], dict],
+                  val_rel: np.ndarray, data_key: str) -> tuple[Adapter, list[dict]]:
     """The adapter trained on the (transformed) training embeddings, on the CPU (a few thousand vectors)."""
     emb, side = train
     adapter = Adapter(emb.shape[1], cfg.adapter, cfg.hidden)
     step = AdapterStep(adapter, emb, side, cfg.loss, cfg.pairs)
     history = fit_on_identities(cfg, task, run_dir, ("adapter", adapter), step, cfg.lr, torch.device("cpu"),
-                                lambda: rank_key(val_metrics(adapted(adapter), val_relevance(task))), data_key)
+                                lambda: rank_key(val_metrics(adapted(adapter), val_rel)), data_key)
     return adapter, history
 
 
-def finetune(cfg: Config, task: Task, run_dir: Path, pipe: FacePipeline, side: np.ndarray, data_key: str) -> tuple[dict[str, np.ndarray], list[dict]]:
+def finetune(cfg: Config, task: Task, run_dir: Path, pipe: FacePipeline, side: np.ndarray, val_rel: np.ndarray,
+             data_key: str) -> tuple[dict[str, np.ndarray], list[dict]]:
     """FaceNet's last --finetune-blocks trained on the training crops; every set embedded again (uncached)."""
     model = pipe.embedder.model
     names = unfreeze_last_blocks(model, cfg.finetune_blocks)
@@ -228,7 +230,7 @@ def finetune(cfg: Config, task: Task, run_dir: Path, pipe: FacePipeline, side: n
 
     def evaluate() -> float:
         model.eval()
-        return rank_key(val_metrics({w: pipe.embed_pixels(c, w, views=[View()]) for w, c in val_crops.items()}, val_relevance(task)))
+        return rank_key(val_metrics({w: pipe.embed_pixels(c, w, views=[View()]) for w, c in val_crops.items()}, val_rel))
 
     history = fit_on_identities(cfg, task, run_dir, ("facenet", model), step, cfg.finetune_lr, pipe.device, evaluate, data_key,
                                 on_epoch=lambda epoch: freeze_frozen_norms(model, names))
@@ -259,15 +261,14 @@ def main(argv: Sequence[str] | None = None) -> int:
     cfg = config_from_args(Config, build_parser().parse_args(argv))
     setup_logging(cfg.verbose)
     check_config(cfg)
-    t0 = time.time()
     run_name = cfg.run_name or f"{cfg.source}_adapted"
-    run_dir = cfg.runs / run_name
     if run_name == cfg.source:
         raise KitError(f"--run-name {run_name}: that is the source run; choose another name")
     face = source_settings(cfg)
     # the old run invalidated, device, seed, data, the shared split; the source's embeddings of every set (from the face cache)
     run = begin_inference_run(cfg, run_name)
-    device, task, timings = run.device, run.task, run.timings
+    run_dir, device, task, t0, timings = run.run_dir, run.device, run.task, run.t0, run.timings
+    val_rel = val_relevance(task)
     pipe = FacePipeline(face, device, cache_dir=cfg.runs / "face_cache")
     source = embed_task(task, pipe.embed_set)
     train_emb, side = pipe.embed_set(task.train_paths, "training images"), training_sides(task, cfg.query_domain)
@@ -281,19 +282,21 @@ def main(argv: Sequence[str] | None = None) -> int:
         candidates[cfg.domain_stats] = centred
     history: list[dict] = []
     if cfg.adapter == "finetune":
-        candidates[f"finetune {cfg.finetune_blocks} blocks"], history = finetune(cfg, task, run_dir, pipe, side, files_key(task.train_paths, pipe.tag))
+        candidates[f"finetune {cfg.finetune_blocks} blocks"], history = finetune(cfg, task, run_dir, pipe, side, val_rel,
+                                                                            files_key(task.train_paths, pipe.tag))
     elif cfg.adapter != "none":
         adapted = lambda a: {w: a.apply_np(e) for w, e in centred.items() if w.startswith("val")}  # noqa: E731
-        adapter, history = train_adapter(cfg, task, run_dir, (stats.transform_sides(train_emb, side), side), adapted,
+        adapter, history = train_adapter(cfg, task, run_dir, (stats.transform_sides(train_emb, side), side), adapted, val_rel,
                                          files_key(task.train_paths, pipe.tag))
         candidates[f"{cfg.domain_stats} + {cfg.adapter} adapter" if cfg.domain_stats != "none" else f"{cfg.adapter} adapter"] = {w: adapter.apply_np(e) for w, e in centred.items()}
     timings["train"] = time.time() - t0 - sum(timings.values())
 
     # validation picks what the run holds
-    chosen, scores = choose(candidates, val_relevance(task))
+    chosen, scores = choose(candidates, val_rel)
     truth = task.relevant("test")  # known in rehearsals and benchmarks only: recorded, never used to choose
-    test = {} if truth is None else {name: evaluate(cosine_similarity(e["test_query"], e["test_gallery"]), relevance_matrix(
-        task.names("test_query"), task.names("test_gallery"), truth)) for name, e in candidates.items()}
+    test_rel = None if truth is None else relevance_matrix(task.names("test_query"), task.names("test_gallery"), truth)
+    test = {} if test_rel is None else {name: evaluate(cosine_similarity(e["test_query"], e["test_gallery"]), test_rel)
+                                        for name, e in candidates.items()}
     extra = {"adaptation": {"source": cfg.source, "chosen": chosen, "val": scores, "test": test}, "history": history, "faces": pipe.faces,
              "source_config": vars(face)}
     write_embedding_run(run_dir, run_name, config_to_dict(cfg), task, {w: candidates[chosen][w] for w in SETS}, timings, extra, form=cfg.run_form())
