@@ -27,7 +27,6 @@ Results: a rich table, also written to benchmarks/results/faces.md.
 from __future__ import annotations
 
 import argparse
-import csv
 import json
 import random
 import shutil
@@ -39,7 +38,6 @@ from typing import Sequence
 import cv2
 import numpy as np
 import torch
-from PIL import Image
 from rich.table import Table
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -47,6 +45,7 @@ sys.path.insert(0, str(ROOT))
 
 import ensemble  # noqa: E402
 import infer_facenet  # noqa: E402
+from benchmarks.face_data import orl_people, write_orl_layout  # noqa: E402
 from utils.atomic import atomic_write_bytes  # noqa: E402
 from utils.embedding.embed import embed_arrays  # noqa: E402
 from utils.embedding.views import tta_views  # noqa: E402
@@ -56,11 +55,9 @@ from utils.faces.detect import DetectorParams, FaceDetector  # noqa: E402
 from utils.faces.embedder import build_embedder  # noqa: E402
 from utils.logs import console, setup_logging  # noqa: E402
 
-ORL = ROOT.parent / "shared" / "data" / "orl_faces"
 OUT = ROOT / "benchmarks" / "out" / "faces"
 RESULT = ROOT / "benchmarks" / "results" / "faces.md"
 N_TRAIN_PEOPLE = 16
-N_QUERY_PER_PERSON = 3
 ALL_TTA = ["flip", "rot", "brightness", "scale"]
 
 
@@ -124,51 +121,12 @@ STYLES = {"pencil": pencil, "stylise": stylise, "colour_map": colour_map, "carto
 # ---------------------------------------------------------------- the data set
 def build_dataset(out: Path, seed: int = 0) -> Path:
     """Write the competition-layout face set to ``out`` (replaced if present)."""
-    if not ORL.is_dir():
-        raise KitError(f"{ORL}: ORL faces not found; the benchmark needs ../shared/data/orl_faces")
+    people = orl_people()  # ../shared/data/orl_faces, or one line saying it is missing
     if out.exists():
         shutil.rmtree(out)
     rng = random.Random(seed)
-    people = sorted((p for p in ORL.iterdir() if p.is_dir()), key=lambda p: int(p.name[1:]))
     rng.shuffle(people)
-    style_names = list(STYLES)
-    domains, truth = [], {}
-    q_count = g_count = 0
-    gallery_of: dict[str, list[str]] = {}
-    queries_of: dict[str, list[str]] = {}
-    for k, person in enumerate(people):
-        files = sorted(person.glob("*.pgm"), key=lambda p: int(p.stem))
-        order = files[:]
-        rng.shuffle(order)
-        is_train = k < N_TRAIN_PEOPLE
-        for j, f in enumerate(order):
-            img = np.asarray(Image.open(f).convert("RGB").resize((184, 224), Image.Resampling.BICUBIC))
-            real = j < N_QUERY_PER_PERSON
-            style = "real" if real else style_names[(j + k) % len(style_names)]
-            pixels = img if real else STYLES[style](reframe(img, rng))
-            ext = ".jpg" if real else ".png"
-            if is_train:
-                rel = f"train/{person.name}/{f.stem}_{style}{ext}"
-            elif real:
-                q_count += 1
-                rel = f"test/query/q{q_count:04d}{ext}"
-                queries_of.setdefault(person.name, []).append(Path(rel).name)
-            else:
-                g_count += 1
-                rel = f"test/gallery/g{g_count:04d}{ext}"
-                gallery_of.setdefault(person.name, []).append(Path(rel).name)
-            (out / rel).parent.mkdir(parents=True, exist_ok=True)
-            Image.fromarray(pixels).save(out / rel, quality=92) if real else Image.fromarray(pixels).save(out / rel)
-            if is_train:
-                domains.append((rel, "real" if real else "synthetic"))
-    for person, qs in queries_of.items():
-        for q in qs:
-            truth[q] = sorted(gallery_of[person])
-    with open(out / "domains.csv", "w", newline="") as fh:
-        w = csv.writer(fh)
-        w.writerow(["path", "domain"])
-        w.writerows(domains)
-    atomic_write_bytes(out / "test" / "ground_truth.json", json.dumps(truth, indent=1, sort_keys=True).encode())
+    write_orl_layout(out, people, N_TRAIN_PEOPLE, list(STYLES), lambda img, style, r: STYLES[style](reframe(img, r)), rng)
     return out
 
 

@@ -25,6 +25,7 @@ import json
 import random
 import shutil
 from pathlib import Path
+from typing import Callable
 
 import numpy as np
 from PIL import Image
@@ -46,21 +47,22 @@ def orl_people() -> list[Path]:
     return sorted((p for p in ORL.iterdir() if p.is_dir()), key=lambda p: int(p.name[1:]))
 
 
-def build_hard_dataset(out: Path, n_train: int = 20, n_test: int = 20, seed: int = 0) -> Path:
-    """Write the hard set to ``out`` (replaced if present); returns ``out``."""
-    people = orl_people()
-    if n_train + n_test > len(people):
-        raise KitError(f"{n_train} training + {n_test} test people: ORL has {len(people)}")
-    if out.exists():
-        shutil.rmtree(out)
-    rng = random.Random(seed)
-    rng.shuffle(people)
-    style_names = list(STYLES)
+def write_orl_layout(out: Path, people: list[Path], n_train: int, style_names: list[str],
+                     restyle: Callable[[np.ndarray, str, random.Random], np.ndarray], rng: random.Random) -> dict[str, str]:
+    """Write ``people`` (ORL folders, in this order) to ``out`` in the competition layout; returns
+    each synthetic file's style (path relative to ``out``).
+
+    Per person the photos are shuffled; the first 3 stay photos (queries, domain ``real``),
+    the others become ``restyle(pixels, style, rng)`` with the styles taken in turn
+    (domain ``synthetic``). The first ``n_train`` people are training identities
+    (``train/<id>/``, ``domains.csv``), the rest test identities (``test/query``,
+    ``test/gallery`` with hidden names, ``test/ground_truth.json``).
+    """
     domains, styles, truth = [], {}, {}
     queries_of: dict[str, list[str]] = {}
     gallery_of: dict[str, list[str]] = {}
     n_q = n_g = 0
-    for k, person in enumerate(people[: n_train + n_test]):
+    for k, person in enumerate(people):
         files = sorted(person.glob("*.pgm"), key=lambda p: int(p.stem))
         rng.shuffle(files)
         is_train = k < n_train
@@ -68,7 +70,7 @@ def build_hard_dataset(out: Path, n_train: int = 20, n_test: int = 20, seed: int
             img = np.asarray(Image.open(f).convert("RGB").resize((184, 224), Image.Resampling.BICUBIC))
             real = j < N_QUERY_PER_PERSON
             style = "real" if real else style_names[(j + k) % len(style_names)]
-            pixels = img if real else styled(img, style, rng)
+            pixels = img if real else restyle(img, style, rng)
             ext = ".jpg" if real else ".png"
             if is_train:
                 rel = f"train/{person.name}/{f.stem}_{style}{ext}"
@@ -93,6 +95,19 @@ def build_hard_dataset(out: Path, n_train: int = 20, n_test: int = 20, seed: int
         w.writerow(["path", "domain"])
         w.writerows(domains)
     atomic_write_bytes(out / "test" / "ground_truth.json", json.dumps(truth, indent=1, sort_keys=True).encode())
+    return styles
+
+
+def build_hard_dataset(out: Path, n_train: int = 20, n_test: int = 20, seed: int = 0) -> Path:
+    """Write the hard set to ``out`` (replaced if present); returns ``out``."""
+    people = orl_people()
+    if n_train + n_test > len(people):
+        raise KitError(f"{n_train} training + {n_test} test people: ORL has {len(people)}")
+    if out.exists():
+        shutil.rmtree(out)
+    rng = random.Random(seed)
+    rng.shuffle(people)
+    styles = write_orl_layout(out, people[: n_train + n_test], n_train, list(STYLES), styled, rng)
     atomic_write_bytes(out / "styles.json", json.dumps(styles, indent=1, sort_keys=True).encode())
     return out
 
