@@ -126,10 +126,15 @@ def test_unknown_flag_is_rejected():
 
 @pytest.mark.parametrize("loss", ["multi-similarity", "contrastive", "triplet"])
 def test_pair_losses_train_the_embedding_on_m_per_class_batches(rehearsal_data_session, tmp_path, loss):
-    run = _run(rehearsal_data_session, tmp_path, "--loss", loss, "--m-per-class", "4", "--epochs", "3", "--eval-every", "0",
-               "--aug-strength", "0")
+    flags = ["--loss", loss, "--m-per-class", "4", "--eval-every", "0", "--aug-strength", "0"]
+    one_step = _run(rehearsal_data_session, tmp_path / "one_step", *flags, "--epochs", "1", "--max-steps", "1")
+    run = _run(rehearsal_data_session, tmp_path, *flags, "--epochs", "3")
     losses = [h["loss"] for h in run.meta["history"]]
-    assert len(losses) == 3 and all(np.isfinite(losses)) and losses[-1] < losses[0]
+    assert len(losses) == 3 and all(np.isfinite(losses))
+    if loss != "triplet":  # a semi-hard miner's triplets all lie inside the margin: their mean loss need not fall
+        assert losses[-1] < losses[0]
+    for split in ("val", "test"):  # the embedding itself got better at the task than after one step
+        assert run.meta["metrics"][split]["map_all"] > one_step.meta["metrics"][split]["map_all"] + 0.05
     ckpt = torch.load(tmp_path / "resnet" / "last.pt", weights_only=True)
     assert "head" not in ckpt and ckpt["config"]["loss"] == loss  # no classifier: the embedding itself is trained
     with pytest.raises(KitError, match="multiple of --m-per-class 3"):
