@@ -71,6 +71,7 @@ class Config(FormConfig, RunConfig):
     # detection: MTCNN on a letterboxed square canvas; 'none' = every image uses the centre-square fallback
     detector: str = field(default="cascade", metadata={"help": "face detector: mtcnn, cascade (--detector-stages in turn, each on what the earlier missed) or none", "choices": ["mtcnn", "cascade", "none"]})
     detector_stages: list[str] = field(default_factory=lambda: list(DEFAULT_STAGES), metadata={"help": f"cascade only: stages tried in order, of {list(STAGES)}", "metavar": "STAGE"})
+    detector_rotations: list[float] = field(default_factory=list, metadata={"help": "cascade only: every MTCNN stage also tries copies rotated by these degrees where upright found nothing, e.g. -15 15 -30 30", "metavar": "DEG"})
     min_face_frac: float = field(default=0.15, metadata={"help": "cascade only: a box whose side is below this share of the image's shorter side is not a face"})
     face_fallback: str = field(default="center", metadata={"help": "no face found -> center (centre square), letterbox (the whole image) or best (cascade only: its best box below the gates)", "choices": list(FACE_FALLBACKS)})
     detect_px: int = field(default=320, metadata={"help": "side of the detection canvas; raise it for small faces in big photos"})

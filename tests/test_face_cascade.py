@@ -1,4 +1,5 @@
-"""The detection cascade: every stage alone finds a real face drawn as a rotated pencil sketch,
+"""The detection cascade: every stage alone finds a real face drawn as a pencil sketch rolled 15 and
+30 degrees (the MTCNN stages at 30 degrees with their rotation search),
 none finds a face in a blank image, later stages run only on what earlier ones missed,
 and rotated detections map back onto the face."""
 
@@ -67,11 +68,36 @@ def test_each_stage_finds_the_sketched_face_and_nothing_in_a_blank_image(images,
     check_face(faces, 0, 15.0, stage)
 
 
-@pytest.mark.parametrize("stage", ["hog", "mmod", "rotate"])
-def test_rotation_robust_stages_find_the_sketch_rolled_30_degrees(images, stage):
-    faces = FaceCascade(CascadeParams(stages=(stage,)), CPU).detect([images["sketch30"]], workers=0)
+ROTATIONS = (-15.0, 15.0, -30.0, 30.0)
+
+
+@pytest.fixture(scope="module")
+def negative30(tmp_path_factory) -> Path:
+    path = tmp_path_factory.mktemp("cascade30") / "negative30.png"
+    Image.fromarray(255 - sketch(ANGLE_DEG)).save(path)
+    return path
+
+
+@pytest.mark.parametrize("stage", STAGES)
+def test_each_stage_finds_the_sketch_rolled_30_degrees(images, negative30, stage):
+    """hog, mmod and rotate as they are; every MTCNN stage with its rotation search (--detector-rotations)."""
+    params = CascadeParams(stages=(stage,), stage_rotations=() if stage in ("hog", "mmod", "rotate") else ROTATIONS)
+    faces = FaceCascade(params, CPU).detect([negative30 if stage == "mtcnn_invert" else images["sketch30"]], workers=0)
     assert faces.found[0], stage
     check_face(faces, 0, ANGLE_DEG, stage)
+
+
+def test_stage_rotations_run_only_where_upright_found_nothing(images, monkeypatch):
+    from utils.faces import cascade as cascade_module
+
+    angles = []
+    real = cascade_module.rotate_expand
+    monkeypatch.setattr(cascade_module, "rotate_expand", lambda img, a: angles.append(a) or real(img, a))
+    cascade = FaceCascade(CascadeParams(stages=("mtcnn", "mtcnn_sketch"), stage_rotations=ROTATIONS), CPU)
+    faces = cascade.detect([images["sketch15"], images["blank"]], workers=0)
+    assert faces.stage.tolist() == [0, -1]
+    # only the blank image is rotated: by mtcnn at each angle, then by mtcnn_sketch per angle and blur
+    assert angles == list(ROTATIONS) + [a for a in ROTATIONS for _ in CascadeParams().sketch_blur]
 
 
 def test_plain_mtcnn_misses_the_30_degree_sketch_and_the_cascade_recovers_it(images):
@@ -120,6 +146,8 @@ def test_dlib_points_become_mtcnn_order_landmarks():
     ({"stages": ("mtcnn", "yolo")}, "'yolo'"),
     ({"stages": ("hog", "hog")}, "each stage once"),
     ({"min_face_frac": 1.5}, "--min-face-frac"),
+    ({"stage_rotations": (0.0, 15.0)}, "not 0"),
+    ({"sketch_blur": ()}, "sketch blur"),
 ])
 def test_bad_settings_are_one_clear_line(bad, match):
     with pytest.raises(KitError, match=match) as err:

@@ -4,10 +4,19 @@ Stages (names for ``--detector-stages``):
     ``mtcnn``         MTCNN at the configured thresholds (:mod:`utils.faces.detect`)
     ``mtcnn_clahe``   MTCNN on a contrast-normalised (CLAHE) greyscale copy
     ``mtcnn_invert``  MTCNN on the inverted greyscale copy (dark-on-light sketches)
+    ``mtcnn_hue``     MTCNN on a false-colour image read back to brightness (hue as intensity;
+                      rainbow colour maps such as jet, turbo, thermal-camera looks)
+    ``mtcnn_sketch``  MTCNN on blurred, equalised copies (pencil hatching smoothed into shading;
+                      blur sigmas ``sketch_blur``, as fractions of the shorter side)
     ``mtcnn_low``     MTCNN with lower thresholds (``low_thresholds``)
     ``hog``           dlib's HOG frontal face detector on the greyscale image (upsampled once)
     ``mmod``          dlib's CNN (mmod) face detector from face_recognition_models
     ``rotate``        MTCNN on copies rotated by ``rotations_deg``; box and landmarks mapped back
+
+Every MTCNN stage can also search rotated copies (``stage_rotations``, e.g. +-15
+and +-30 degrees: ``--detector-rotations``) of its view of the images it missed
+upright, the way ``rotate`` does for the plain image; boxes and landmarks are
+mapped back. It costs a stage one MTCNN pass per angle on face-free images.
 
 A detection is kept only when its box side is at least ``min_face_frac`` of
 the image's shorter side and its score reaches the stage's gate (MTCNN: its
@@ -33,6 +42,7 @@ from __future__ import annotations
 import logging
 import time
 from dataclasses import asdict, dataclass, field
+from functools import partial
 from pathlib import Path
 from typing import Callable, Sequence
 
@@ -48,8 +58,8 @@ from utils.progress import ProgressBar
 
 log = logging.getLogger(__name__)
 
-STAGES = ("mtcnn", "mtcnn_clahe", "mtcnn_invert", "mtcnn_low", "hog", "mmod", "rotate")
-DEFAULT_STAGES = ("mtcnn", "mtcnn_clahe", "mtcnn_invert", "mmod")  # measured: benchmarks/results/bench_faces_hard.md
+STAGES = ("mtcnn", "mtcnn_clahe", "mtcnn_invert", "mtcnn_hue", "mtcnn_sketch", "mtcnn_low", "hog", "mmod", "rotate")
+DEFAULT_STAGES = ("mtcnn", "mtcnn_clahe", "mtcnn_invert", "mtcnn_hue", "mmod", "mtcnn_sketch")  # measured: benchmarks/results/bench_faces_hard.md
 MMOD_FILE = "mmod_human_face_detector.dat"
 FALLBACKS = ("center", "best")
 CHUNK = 256  # images decoded and held at once
@@ -63,11 +73,13 @@ class CascadeParams:
     mtcnn: DetectorParams = field(default_factory=DetectorParams)  # canvas, thresholds, face selection
     low_thresholds: tuple[float, float, float] = (0.5, 0.6, 0.6)  # mtcnn_low's P/R/O-net thresholds
     rotations_deg: tuple[float, ...] = (-15.0, 15.0, -30.0, 30.0)  # rotate: copies tried, first hit wins
+    stage_rotations: tuple[float, ...] = ()  # every MTCNN stage: copies also tried where upright found nothing
     min_face_frac: float = 0.15  # box side / shorter image side below this: not a face
     min_prob: float = 0.9  # MTCNN stages: O-net probability gate
     hog_min_score: float = 0.0  # dlib HOG score gate (its own threshold is 0)
     mmod_min_score: float = 0.3  # dlib mmod confidence gate
     clahe_clip: float = 3.0  # CLAHE clip limit (8x8 tiles)
+    sketch_blur: tuple[float, ...] = (0.006, 0.02)  # mtcnn_sketch: Gaussian sigmas / shorter side, tried in order (small, then portrait-sized faces)
     fallback: str = "center"  # no face: center (the crop's centre square) or best (the best MTCNN box below the gates)
 
     def check(self) -> None:
@@ -85,6 +97,10 @@ class CascadeParams:
             raise KitError(f"--min-face-prob {self.min_prob}: in [0, 1)")
         if len(self.low_thresholds) != 3 or not all(0.0 < t < 1.0 for t in self.low_thresholds):
             raise KitError(f"low thresholds {list(self.low_thresholds)}: three values in (0, 1)")
+        if any(not -90.0 <= a <= 90.0 or a == 0.0 for a in (*self.rotations_deg, *self.stage_rotations)):
+            raise KitError(f"rotations {[*self.rotations_deg, *self.stage_rotations]}: degrees in [-90, 90], not 0 (upright is always tried)")
+        if not self.sketch_blur or not all(0.0 < f < 0.2 for f in self.sketch_blur):
+            raise KitError(f"sketch blur {list(self.sketch_blur)}: one or more fractions of the shorter side in (0, 0.2)")
         if self.fallback not in FALLBACKS:
             raise KitError(f"--face-fallback {self.fallback!r}: choose from {list(FALLBACKS)}")
         self.mtcnn.check()
@@ -109,6 +125,27 @@ def clahe_grey(img: np.ndarray, clip: float = 3.0) -> np.ndarray:
 
 def inverted_grey(img: np.ndarray) -> np.ndarray:
     return 255 - grey3(img)
+
+
+def hue_grey(img: np.ndarray) -> np.ndarray:
+    """A false-colour image read back to brightness, as RGB: rainbow colour maps run from blue
+    (hue 120 in OpenCV's 0-180) through green and yellow to red (0), so ``(120 - hue) mod 180``
+    orders the colours the way the grey values they stand for were ordered. Weighted by
+    saturation: grey pixels keep their own brightness (a grey image passes unchanged)."""
+    hsv = cv2.cvtColor(img, cv2.COLOR_RGB2HSV)
+    level = np.clip((120.0 - hsv[..., 0].astype(np.float32)) % 180.0, 0.0, 150.0) * (255.0 / 150.0)
+    sat = hsv[..., 1].astype(np.float32) / 255.0
+    grey = sat * level + (1.0 - sat) * cv2.cvtColor(img, cv2.COLOR_RGB2GRAY).astype(np.float32)
+    return cv2.cvtColor(np.clip(grey, 0, 255).astype(np.uint8), cv2.COLOR_GRAY2RGB)
+
+
+def sketch_shading(img: np.ndarray, sigma_frac: float) -> np.ndarray:
+    """Greyscale blurred by a Gaussian of ``sigma_frac`` x the shorter side, then histogram-equalised,
+    as RGB: a pencil drawing's hatching becomes the dark eye, brow and mouth regions a detector
+    looks for in a photograph."""
+    grey = cv2.cvtColor(img, cv2.COLOR_RGB2GRAY)
+    blurred = cv2.GaussianBlur(grey, (0, 0), sigma_frac * min(grey.shape))
+    return cv2.cvtColor(cv2.equalizeHist(blurred), cv2.COLOR_GRAY2RGB)
 
 
 def rotate_expand(img: np.ndarray, angle_deg: float) -> tuple[np.ndarray, np.ndarray]:
@@ -194,14 +231,14 @@ class FaceCascade:
         side = min(box[2] - box[0], box[3] - box[1])
         return score >= min_score and side >= self.params.min_face_frac * min(size)
 
-    def _mtcnn_on(self, images: list[np.ndarray], thresholds, transform: Callable[[np.ndarray], np.ndarray] | None = None):
-        """MTCNN on (transformed) images: per image (box, landmarks, prob) of the kept face, or None."""
+    def _mtcnn_on(self, images: list[np.ndarray], thresholds):
+        """MTCNN on images: per image (box, landmarks, prob, passed the gates) of the kept face, or None."""
         det = self._mtcnn_det(tuple(thresholds))
         s = self.params.mtcnn.canvas_px
         out = []
         for start in range(0, len(images), 32):
             batch = images[start : start + 32]
-            canvases, scales = zip(*(letterbox_array(transform(im) if transform else im, s) for im in batch))
+            canvases, scales = zip(*(letterbox_array(im, s) for im in batch))
             boxes, probs, points = det.detect_canvases(np.stack(canvases))
             for im, sc, b, p, pts in zip(batch, scales, boxes, probs, points):
                 out.append(self._keep(im, b, p, pts, sc))
@@ -255,40 +292,48 @@ class FaceCascade:
             out.append((boxes[k], landmarks_from_shape(pts), float(scores[k]), True))
         return out
 
-    def _rotate(self, images: list[np.ndarray]):
+    def _search(self, images: list[np.ndarray], thresholds, transforms: list[Callable[[np.ndarray], np.ndarray] | None],
+                angles: Sequence[float]):
+        """MTCNN on each (angle, transform) in turn, each only on the images without a face yet.
+        A face found on a rotated copy is mapped back and gated again on the image's own size."""
         out: list = [None] * len(images)
-        for angle in self.params.rotations_deg:
-            todo = [i for i in range(len(images)) if out[i] is None or not out[i][3]]
-            if not todo:
-                break
-            rotated = [rotate_expand(images[i], angle) for i in todo]
-            hits = self._mtcnn_on([r for r, _ in rotated], self.params.mtcnn.thresholds)
-            for i, (_, back), hit in zip(todo, rotated, hits):
-                if hit is None:
-                    continue
-                box, lm = map_back(hit[0], hit[1], back)  # gated again on the original image's size
-                size = (images[i].shape[1], images[i].shape[0])
-                passed = self._gate(box, hit[2], self.params.min_prob, size)
-                if out[i] is None or passed or hit[2] > out[i][2]:
-                    out[i] = (box, lm, hit[2], passed)
+        for angle in angles:
+            for transform in transforms:
+                todo = [i for i in range(len(images)) if out[i] is None or not out[i][3]]
+                if not todo:
+                    return out
+                views = [transform(images[i]) if transform else images[i] for i in todo]
+                rotated = [rotate_expand(v, angle) for v in views] if angle else [(v, None) for v in views]
+                hits = self._mtcnn_on([r for r, _ in rotated], thresholds)
+                for i, (_, back), hit in zip(todo, rotated, hits):
+                    if hit is None:
+                        continue
+                    if back is not None:
+                        box, lm = map_back(hit[0], hit[1], back)
+                        hit = (box, lm, hit[2], self._gate(box, hit[2], self.params.min_prob, (images[i].shape[1], images[i].shape[0])))
+                    if out[i] is None or hit[3] or hit[2] > out[i][2]:
+                        out[i] = hit
         return out
 
     def run_stage(self, stage: str, images: list[np.ndarray]):
         """One stage on ``images``: per image (box, landmarks, score, passed the gates) or None."""
         p = self.params
-        if stage == "mtcnn":
-            return self._mtcnn_on(images, p.mtcnn.thresholds)
-        if stage == "mtcnn_clahe":
-            return self._mtcnn_on(images, p.mtcnn.thresholds, lambda im: clahe_grey(im, p.clahe_clip))
-        if stage == "mtcnn_invert":
-            return self._mtcnn_on(images, p.mtcnn.thresholds, inverted_grey)
-        if stage == "mtcnn_low":
-            return self._mtcnn_on(images, p.low_thresholds)
         if stage in ("hog", "mmod"):
             return self._dlib_on(images, stage)
         if stage == "rotate":
-            return self._rotate(images)
-        raise KitError(f"--detector-stages {stage!r}: choose from {list(STAGES)}")
+            return self._search(images, p.mtcnn.thresholds, [None], p.rotations_deg)
+        transforms = {
+            "mtcnn": [None],
+            "mtcnn_low": [None],
+            "mtcnn_clahe": [partial(clahe_grey, clip=p.clahe_clip)],
+            "mtcnn_invert": [inverted_grey],
+            "mtcnn_hue": [hue_grey],
+            "mtcnn_sketch": [partial(sketch_shading, sigma_frac=f) for f in p.sketch_blur],
+        }
+        if stage not in transforms:
+            raise KitError(f"--detector-stages {stage!r}: choose from {list(STAGES)}")
+        thresholds = p.low_thresholds if stage == "mtcnn_low" else p.mtcnn.thresholds
+        return self._search(images, thresholds, transforms[stage], (0.0, *p.stage_rotations))
 
     # ------------------------------------------------------------ the cascade
     def detect(self, paths: Sequence[Path], batch_size: int = 32, workers: int = 2, desc: str = "detecting faces") -> Faces:

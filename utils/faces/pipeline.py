@@ -35,7 +35,7 @@ from utils.faces.embedder import build_embedder
 log = logging.getLogger(__name__)
 
 # the settings that decide a face run's embeddings (and their cache keys)
-FACE_FIELDS = ("embedder", "weights", "shape_predictor", "detector", "detector_stages", "min_face_frac", "face_fallback",
+FACE_FIELDS = ("embedder", "weights", "shape_predictor", "detector", "detector_stages", "detector_rotations", "min_face_frac", "face_fallback",
                "detect_px", "min_face_px", "thresholds", "face_select", "margin_px", "align_eyes", "tta",
                "detect_batch_size", "embed_batch_size", "amp", "workers")
 
@@ -50,7 +50,8 @@ def build_detector(cfg: Any, device: torch.device) -> FaceDetector | FaceCascade
     if cfg.detector == "mtcnn":
         return FaceDetector(mtcnn, device)
     if cfg.detector == "cascade":
-        return FaceCascade(CascadeParams(stages=tuple(cfg.detector_stages), mtcnn=mtcnn, min_face_frac=cfg.min_face_frac,
+        return FaceCascade(CascadeParams(stages=tuple(cfg.detector_stages), stage_rotations=tuple(cfg.detector_rotations), mtcnn=mtcnn,
+                                         min_face_frac=cfg.min_face_frac,
                                          fallback="best" if cfg.face_fallback == "best" else "center"), device)
     if cfg.detector == "none":
         return None
