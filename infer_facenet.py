@@ -48,7 +48,7 @@ from utils.errors import run_cli
 from utils.faces.cascade import DEFAULT_STAGES, STAGES
 from utils.faces.detect import SELECT_METHODS
 from utils.faces.embedder import EMBEDDERS
-from utils.faces.pipeline import FACE_FALLBACKS, FacePipeline
+from utils.faces.pipeline import FACE_COLOURS, FACE_FALLBACKS, FacePipeline
 from utils.logs import setup_logging
 from utils.runs.model_run import begin_inference_run, write_embedding_run
 
@@ -74,6 +74,7 @@ class Config(FormConfig, RunConfig):
     detector_rotations: list[float] = field(default_factory=list, metadata={"help": "cascade only: every MTCNN stage also tries copies rotated by these degrees where upright found nothing, e.g. -15 15 -30 30", "metavar": "DEG"})
     min_face_frac: float = field(default=0.15, metadata={"help": "cascade only: a box whose side is below this share of the image's shorter side is not a face"})
     face_fallback: str = field(default="center", metadata={"help": "no face found -> center (centre square), letterbox (the whole image) or best (cascade only: its best box below the gates)", "choices": list(FACE_FALLBACKS)})
+    face_colour: str = field(default="grey", metadata={"help": "crops the embedder sees, query and gallery alike: grey (a style's colours removed), rgb, or hue (false colour read back to brightness; distorts some colour photos)", "choices": list(FACE_COLOURS)})
     detect_px: int = field(default=320, metadata={"help": "side of the detection canvas; raise it for small faces in big photos"})
     min_face_px: int = field(default=20, metadata={"help": "smallest face searched, in canvas pixels"})
     thresholds: tuple[float, float, float] = field(default=(0.6, 0.7, 0.7), metadata={"help": "MTCNN P/R/O-net thresholds; lower finds more painted faces (and more false ones)"})

@@ -115,8 +115,8 @@ def source_settings(cfg: Config) -> SimpleNamespace:
     if not meta_path.is_file():
         raise KitError(f"{meta_path}: no finished run {cfg.source!r}; make it first, e.g. "
                        f"python infer_facenet.py --data {cfg.data} --runs {cfg.runs} --embedder dlib")
-    # runs made before --detector-rotations existed searched upright only
-    src = {"detector_rotations": [], **json.loads(meta_path.read_text()).get("config", {})}
+    # runs made before --detector-rotations / --face-colour existed: upright search, colour crops
+    src = {"detector_rotations": [], "face_colour": "rgb", **json.loads(meta_path.read_text()).get("config", {})}
     missing = [k for k in FACE_FIELDS if k not in src]
     if missing:
         raise KitError(f"{meta_path}: not a face run of infer_facenet.py (its config lacks {missing[:3]}); pass --source <face run>")

@@ -16,7 +16,8 @@ styles). Then:
    each stage spent on the images it ran on.
 2. scores (unless --skip-scores): infer_facenet.py --embedder dlib without TTA
    with --detector none (centre square), mtcnn (the old path), cascade, and
-   cascade with --face-fallback best / letterbox; train_face_adapter.py on the
+   cascade with --face-fallback best / letterbox or --face-colour rgb / hue
+   (the others: the default grey crops); train_face_adapter.py on the
    cascade run (every candidate's validation and test figures); ensemble.py
    --auto over them; per gallery style (the test gallery cut to that style) and
    overall. Then the TTA table: the cascade run with each view group alone and
@@ -127,6 +128,8 @@ SCORE_PLAN = {
     "dlib_cascade": ("cascade", ["--detector", "cascade", "--tta"]),
     "dlib_cascade_best": ("cascade, best-box fallback", ["--detector", "cascade", "--face-fallback", "best", "--tta"]),
     "dlib_cascade_letterbox": ("cascade, letterbox fallback", ["--detector", "cascade", "--face-fallback", "letterbox", "--tta"]),
+    "dlib_cascade_rgb": ("cascade, colour crops (--face-colour rgb)", ["--detector", "cascade", "--face-colour", "rgb", "--tta"]),
+    "dlib_cascade_hue": ("cascade, hue crops (--face-colour hue)", ["--detector", "cascade", "--face-colour", "hue", "--tta"]),
 }
 TTA_PLAN = [[], ["flip"], ["rot"], ["brightness"], ["scale"], ["flip", "rot", "brightness", "scale"]]
 

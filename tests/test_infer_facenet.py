@@ -20,6 +20,7 @@ from utils.faces import pipeline as face_pipeline
 from utils.faces.crop import CropParams, face_crops, square_affine
 from utils.faces.detect import DetectorParams, FaceDetector
 from utils.faces.embedder import FaceNetEmbedder, build_embedder
+from utils.faces.pipeline import colour_view
 from utils.runs.similarity_io import load_run
 from utils.seed import seed_everything
 
@@ -223,12 +224,41 @@ def test_main_applies_tta_to_query_and_gallery_alike(rehearsal_data, tmp_path):
     emb = build_embedder("dlib", "default", CPU)
     params = CropParams(size_px=150, aligner="dlib")
     det = FaceDetector(DetectorParams(canvas_px=64), CPU)
-    crops = [
+    colour = [
         face_crops([rehearsal_data / "test" / side / n for n in names], det, params, workers=0, cache_dir=runs / "dlib" / "cache").pixels
         for side, names in (("query", test.query_names), ("gallery", test.gallery_names))
     ]
+    crops = [colour_view(c, "grey") for c in colour]  # the default --face-colour, on both sides
     q_tta, g_tta = (embed_arrays(emb, c, tta_views(["flip"]), device=CPU, out_px=emb.input_px) for c in crops)
     q_id, g_id = (embed_arrays(emb, c, tta_views([]), device=CPU, out_px=emb.input_px) for c in crops)
     assert np.allclose(test.sim, q_tta @ g_tta.T, atol=1e-5)
     assert np.abs(test.sim - q_id @ g_tta.T).max() > 1e-3  # what a query side without TTA gives
     assert np.abs(test.sim - q_tta @ g_id.T).max() > 1e-3  # what a gallery side without TTA gives
+    q_rgb, g_rgb = (embed_arrays(emb, c, tta_views(["flip"]), device=CPU, out_px=emb.input_px) for c in colour)
+    assert np.abs(test.sim - q_rgb @ g_rgb.T).max() > 1e-3  # what colour crops give (--face-colour rgb)
+
+
+def test_face_colour_views(images, detector):
+    photo = np.asarray(Image.open(images["astronaut"]).convert("RGB"))
+    grey = colour_view(photo[None], "grey")[0]
+    assert (grey[..., 0] == grey[..., 1]).all() and (grey[..., 1] == grey[..., 2]).all()
+    assert np.abs(grey[..., 0].astype(int) - cv2.cvtColor(photo, cv2.COLOR_RGB2GRAY)).max() == 0
+    assert np.array_equal(colour_view(photo[None], "rgb")[0], photo)
+    # hue: a jet colour map reads back in the order of the grey values it stands for; grey stays grey
+    ramp = np.tile(np.arange(256, dtype=np.uint8), (4, 1))
+    jet = cv2.cvtColor(cv2.applyColorMap(ramp, cv2.COLORMAP_JET), cv2.COLOR_BGR2RGB)
+    back = colour_view(jet[None], "hue")[0][0, :, 0].astype(int)
+    assert np.diff(back).min() >= -2 and back[-1] - back[0] > 150  # non-decreasing up to rounding, full range
+    assert np.array_equal(colour_view(grey[None], "hue")[0], grey)
+    with pytest.raises(KitError, match="--face-colour 'sepia'"):
+        colour_view(photo[None], "sepia")
+    # grey crops: a colour cast (warm varnish) moves the dlib embedding less than in colour
+    tinted = (photo * np.array([1.15, 0.95, 0.75])).clip(0, 255).astype(np.uint8)
+    faces = face_crops([images["astronaut"]], detector, CropParams(size_px=150, aligner="dlib"), workers=0).pixels
+    d = images["astronaut"].parent / "tinted.png"
+    Image.fromarray(tinted).save(d)
+    pair = np.concatenate([faces, face_crops([d], detector, CropParams(size_px=150, aligner="dlib"), workers=0).pixels])
+    emb = build_embedder("dlib", "default", CPU)
+    cos = {m: float(np.prod(embed_arrays(emb, colour_view(pair, m), tta_views([]), device=CPU, out_px=150), axis=0).sum())
+           for m in ("rgb", "grey")}
+    assert cos["grey"] > cos["rgb"], cos

@@ -16,6 +16,7 @@ faces (:data:`FACE_FIELDS`).
 from __future__ import annotations
 
 import logging
+from dataclasses import replace
 from pathlib import Path
 from typing import Any, Sequence
 
@@ -27,7 +28,7 @@ from utils.embedding.cache import cached, files_key
 from utils.embedding.embed import embed_arrays
 from utils.embedding.views import View, tta_views
 from utils.errors import KitError
-from utils.faces.cascade import CascadeParams, FaceCascade
+from utils.faces.cascade import CascadeParams, FaceCascade, grey3, hue_grey
 from utils.faces.crop import CropParams, Crops, face_crops
 from utils.faces.detect import DetectorParams, FaceDetector
 from utils.faces.embedder import build_embedder
@@ -35,12 +36,25 @@ from utils.faces.embedder import build_embedder
 log = logging.getLogger(__name__)
 
 # the settings that decide a face run's embeddings (and their cache keys)
-FACE_FIELDS = ("embedder", "weights", "shape_predictor", "detector", "detector_stages", "detector_rotations", "min_face_frac", "face_fallback",
+FACE_FIELDS = ("embedder", "weights", "shape_predictor", "detector", "detector_stages", "detector_rotations", "min_face_frac", "face_fallback", "face_colour",
                "detect_px", "min_face_px", "thresholds", "face_select", "margin_px", "align_eyes", "tta",
                "detect_batch_size", "embed_batch_size", "amp", "workers")
 
 
 FACE_FALLBACKS = ("center", "letterbox", "best")  # best: the cascade's best box below its gates, else center
+FACE_COLOURS = ("grey", "rgb", "hue")  # what the embedder sees: measured in benchmarks/results/bench_faces_hard_scores.md
+
+
+def colour_view(pixels: np.ndarray, mode: str) -> np.ndarray:
+    """Crops as the embedder sees them: ``rgb`` unchanged; ``grey`` greyscale (a style's colour
+    cast or palette removed, on query and gallery alike); ``hue`` false colour read back to
+    brightness (:func:`~utils.faces.cascade.hue_grey`; grey where unsaturated)."""
+    if mode == "rgb" or len(pixels) == 0:
+        return pixels
+    if mode not in FACE_COLOURS:
+        raise KitError(f"--face-colour {mode!r}: choose from {list(FACE_COLOURS)}")
+    view = grey3 if mode == "grey" else hue_grey
+    return np.stack([view(p) for p in pixels])
 
 
 def build_detector(cfg: Any, device: torch.device) -> FaceDetector | FaceCascade | None:
@@ -67,6 +81,8 @@ class FacePipeline:
             raise KitError(f"face settings lack {missing}: not a face run's config")
         if cfg.face_fallback not in FACE_FALLBACKS:
             raise KitError(f"--face-fallback {cfg.face_fallback!r}: choose from {list(FACE_FALLBACKS)}")
+        if cfg.face_colour not in FACE_COLOURS:
+            raise KitError(f"--face-colour {cfg.face_colour!r}: choose from {list(FACE_COLOURS)}")
         if cfg.face_fallback == "best" and cfg.detector != "cascade":
             raise KitError(f"--face-fallback best needs --detector cascade (its boxes below the gates), not {cfg.detector}")
         self.cfg, self.device, self.cache_dir = cfg, device, Path(cache_dir)
@@ -82,14 +98,16 @@ class FacePipeline:
 
     @property
     def tag(self) -> str:
-        """Identifies the embeddings: detector, crop geometry, embedder weights, views."""
-        return "|".join([self.det_tag, self.crop_params.tag(), self.embedder.tag, repr(self.views)])
+        """Identifies the embeddings: detector, crop geometry, colour, embedder weights, views."""
+        return "|".join([self.det_tag, self.crop_params.tag(), f"colour={self.cfg.face_colour}", self.embedder.tag, repr(self.views)])
 
     def crops(self, paths: Sequence[Path], desc: str) -> Crops:
-        """Detected, aligned context crops of ``paths`` (cached); counts the set's faces and fallbacks."""
+        """Detected, aligned context crops of ``paths`` (cached), in the run's ``face_colour``;
+        counts the set's faces and fallbacks."""
         cfg = self.cfg
         crops = face_crops(paths, self.detector, self.crop_params, batch_size=cfg.detect_batch_size,
                            workers=resolve_workers(cfg.workers), cache_dir=self.cache_dir, desc=desc)
+        crops = replace(crops, pixels=colour_view(crops.pixels, cfg.face_colour))
         self.faces[desc.replace(" ", "_")] = {"images": len(paths), "faces_found": len(paths) - crops.n_fallback,
                                               "fallback": crops.n_fallback, "by_stage": crops.stage_counts()}
         return crops
