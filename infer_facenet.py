@@ -6,8 +6,12 @@ written as runs/<run-name>/{val,test}_sim.npy + meta.json for the ensemble.
     # offline, FaceNet weights from a local facenet-pytorch state dict:
     python infer_facenet.py --data DATA --weights /path/to/20180402-114759-vggface2.pt
     # dlib's ResNet face model (weights ship in face-recognition-models, offline), run runs/dlib;
-    # the defaults (detection cascade, flip TTA) are the best measured on the hard face benchmark:
+    # the defaults (detection cascade, grey crops, flip TTA) are the best measured on the hard face benchmark:
     python infer_facenet.py --data DATA --embedder dlib
+    # a gallery of false-colour images (colour maps, thermal looks): a second run on hue crops
+    python infer_facenet.py --data DATA --embedder dlib --face-colour hue --run-name dlib_hue
+    # tilted faces: every detector stage also searches rotated copies
+    python infer_facenet.py --data DATA --embedder dlib --detector-rotations -20 20
     # MTCNN alone (faster; photos), other cascade stages, another fallback:
     python infer_facenet.py --data DATA --embedder dlib --detector mtcnn
     python infer_facenet.py --data DATA --embedder dlib --detector-stages mtcnn hog rotate --face-fallback best
@@ -27,7 +31,8 @@ landmarks and chip geometry); an image without a face falls back to the centre
 square of the whole image (--face-fallback), resized and normalised like every
 crop, and is counted in meta.json -> crops and embeddings are cached under
 runs/face_cache/, shared by every face run on this data (keyed by file
-path/size/mtime, the detector, crop and embedder settings) -> embed every view
+path/size/mtime, the detector, crop and embedder settings) -> the crops in
+--face-colour (grey by default: a style's palette removed) -> embed every view
 of every batch (identity + --tta views, on query and gallery alike), average
 the L2-normalised embeddings, normalise -> cosine similarity matrices.
 """
