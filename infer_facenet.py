@@ -6,7 +6,7 @@ written as runs/<run-name>/{val,test}_sim.npy + meta.json for the ensemble.
     # offline, FaceNet weights from a local facenet-pytorch state dict:
     python infer_facenet.py --data DATA --weights /path/to/20180402-114759-vggface2.pt
     # dlib's ResNet face model (weights ship in face-recognition-models, offline), run runs/dlib;
-    # the defaults (detection cascade, grey crops, flip TTA) are the best measured on the hard face benchmark:
+    # the defaults (detection cascade, grey crops, flip + blur TTA) are the best measured on the hard face benchmark:
     python infer_facenet.py --data DATA --embedder dlib
     # a gallery of false-colour images (colour maps, thermal looks): a second run on hue crops
     python infer_facenet.py --data DATA --embedder dlib --face-colour hue --run-name dlib_hue
@@ -15,7 +15,7 @@ written as runs/<run-name>/{val,test}_sim.npy + meta.json for the ensemble.
     # MTCNN alone (faster; photos), other cascade stages, another fallback:
     python infer_facenet.py --data DATA --embedder dlib --detector mtcnn
     python infer_facenet.py --data DATA --embedder dlib --detector-stages mtcnn hog rotate --face-fallback best
-    # other test-time views (all four groups: 8 views), or none:
+    # other test-time views (flip rot brightness scale: 8 views), or none:
     python infer_facenet.py --data DATA --embedder dlib --tta flip rot brightness scale
     python infer_facenet.py --data DATA --embedder dlib --tta
     # the floor: FaceNet with random weights
@@ -89,7 +89,7 @@ class Config(FormConfig, RunConfig):
     margin_px: int = field(default=20, metadata={"help": "facenet only: context around the box, pixels of the 160 px crop (dlib uses its chip padding)"})
     align_eyes: bool = field(default=True, metadata={"help": "facenet only: rotate crops so the eyes are level"})
     # test-time augmentation, on query and gallery alike; '--tta' alone = identity only
-    tta: list[str] = field(default_factory=lambda: ["flip"], metadata={"help": f"test-time view groups added to the identity, of {list(TTA_GROUPS)}; none: identity only"})
+    tta: list[str] = field(default_factory=lambda: ["flip", "blur"], metadata={"help": f"test-time view groups added to the identity, of {list(TTA_GROUPS)}; none: identity only"})
     detect_batch_size: int = field(default=32, metadata={"help": "images per detection batch"})
     embed_batch_size: int = field(default=64, metadata={"help": "crops per embedding batch"})
     # machine

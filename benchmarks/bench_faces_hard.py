@@ -20,8 +20,9 @@ styles). Then:
    (the others: the default grey crops); train_face_adapter.py on the
    cascade run (every candidate's validation and test figures); ensemble.py
    --auto over them; per gallery style (the test gallery cut to that style) and
-   overall. Then the TTA table: the cascade run with each view group alone and
-   all four (crops from the cache, so the time is the embedding's).
+   overall. Then the TTA table: the cascade run with each view group alone,
+   flip + blur, and flip + rot + brightness + scale (crops from the cache, so
+   the time is the embedding's).
    --skip-detection writes these to bench_faces_hard_scores.md instead.
 Results: rich tables, also written to benchmarks/results/bench_faces_hard.md.
 Timings come from a shared 2-core machine: compare within one run only.
@@ -131,7 +132,7 @@ SCORE_PLAN = {
     "dlib_cascade_rgb": ("cascade, colour crops (--face-colour rgb)", ["--detector", "cascade", "--face-colour", "rgb", "--tta"]),
     "dlib_cascade_hue": ("cascade, hue crops (--face-colour hue)", ["--detector", "cascade", "--face-colour", "hue", "--tta"]),
 }
-TTA_PLAN = [[], ["flip"], ["rot"], ["brightness"], ["scale"], ["flip", "rot", "brightness", "scale"]]
+TTA_PLAN = [[], ["flip"], ["rot"], ["brightness"], ["scale"], ["blur"], ["flip", "blur"], ["flip", "rot", "brightness", "scale"]]
 
 
 def scores(data: Path) -> list[tuple[Table, list[str]]]:

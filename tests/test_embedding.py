@@ -66,6 +66,21 @@ def test_identity_and_flip_are_pixel_exact_and_groups_have_one_grammar():
         tta_views(["id"])
 
 
+def test_blur_view_softens_fine_texture_and_keeps_flat_regions_and_range():
+    x = torch.zeros(1, 3, 32, 32)
+    x[..., ::2, :] = 255.0  # one-pixel stripes: the texture a sketch's hatching or JPEG blocks add
+    x[:, :, 16:, :] = 100.0  # a flat region
+    out = render_view(x, View(blur_px=1.0), 32)
+    assert out.shape == x.shape and 0.0 <= out.min() and out.max() <= 255.0
+    stripes = lambda t: (t[..., 2:12, 1:-1] - t[..., 3:13, 1:-1]).abs().mean()
+    assert stripes(out) < 0.2 * stripes(x)  # the stripes nearly gone ...
+    assert torch.allclose(out[..., 22:, :], x[..., 22:, :], atol=1e-3)  # ... a flat region unchanged
+    assert tta_views(["blur", "flip"]) == [View(), View(flip=True), View(blur_px=1.0)]
+    scale = PixelScale(IMAGENET_MEAN, IMAGENET_STD)  # linear: the same view on normalised input
+    mean, std = torch.tensor(IMAGENET_MEAN).view(1, 3, 1, 1), torch.tensor(IMAGENET_STD).view(1, 3, 1, 1)
+    assert torch.allclose((out / 255 - mean) / std, render_view((x / 255 - mean) / std, View(blur_px=1.0), 32, scale), atol=1e-4)
+
+
 # ----------------------------------------------------------------------------- the core
 
 

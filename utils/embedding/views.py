@@ -1,11 +1,12 @@
-"""Test-time views, one kind for every model script: flip, small rotations, brightness, zoom.
+"""Test-time views, one kind for every model script: flip, small rotations, brightness, zoom, blur.
 
 A view is an affine resampling of a batch plus a brightness gain. Every
 script's ``--tta`` names the view *groups* added to the identity view, in the
 same grammar everywhere:
 
     --tta flip                        (the identity and its mirror: 2 views)
-    --tta flip rot brightness scale   (all: 8 views)
+    --tta flip blur                   (and a softened copy: 3 views; the face default)
+    --tta flip rot brightness scale   (8 views)
     --tta                             (none: the identity only)
 
 The identity and the flip are pixel-exact (a centre crop, mirrored or not);
@@ -37,6 +38,7 @@ class View:
     angle_deg: float = 0.0  # rotate by this much
     zoom: float = 1.0  # >1: closer (a tighter crop), <1: wider (more context)
     gain: float = 1.0  # brightness factor on the pixels
+    blur_px: float = 0.0  # Gaussian blur sigma, in output pixels (0: none): hatching, JPEG blocks and grain softened
 
 
 TTA_GROUPS: dict[str, tuple[View, ...]] = {
@@ -44,6 +46,7 @@ TTA_GROUPS: dict[str, tuple[View, ...]] = {
     "rot": (View(angle_deg=8.0), View(angle_deg=-8.0)),
     "brightness": (View(gain=0.8), View(gain=1.2)),
     "scale": (View(zoom=1.1), View(zoom=0.9)),
+    "blur": (View(blur_px=1.0),),
 }
 
 
@@ -122,4 +125,18 @@ def render_view(batch: torch.Tensor, view: View, out_px: int | None = None, scal
     out = F.grid_sample(batch, grid, mode="bilinear", padding_mode="border", align_corners=False)
     if view.gain != 1.0:
         out = _adjust_gain(out, view.gain, scale)
+    if view.blur_px > 0:
+        out = blur(out, view.blur_px)
     return out
+
+
+def blur(batch: torch.Tensor, sigma_px: float) -> torch.Tensor:
+    """A separable Gaussian blur of a (B, C, H, W) batch, edges replicated; values stay in range."""
+    radius = max(1, math.ceil(3 * sigma_px))
+    x = torch.arange(-radius, radius + 1, dtype=batch.dtype, device=batch.device)
+    k = torch.exp(-0.5 * (x / sigma_px) ** 2)
+    k = k / k.sum()
+    c = batch.shape[1]
+    out = F.pad(batch, (radius, radius, radius, radius), mode="replicate")
+    out = F.conv2d(out, k.view(1, 1, 1, -1).expand(c, 1, 1, -1), groups=c)
+    return F.conv2d(out, k.view(1, 1, -1, 1).expand(c, 1, -1, 1), groups=c)
