@@ -9,8 +9,10 @@ same grammar everywhere:
     --tta flip rot brightness scale   (8 views)
     --tta                             (none: the identity only)
 
-The identity and the flip are pixel-exact (a centre crop, mirrored or not);
-the others are made on the device with ``affine_grid``/``grid_sample``. A
+Views without rotation or zoom (the identity, the flip, brightness, blur) start
+from the pixel-exact centre crop, mirrored or not; rotated and zoomed views are
+resampled on the device with ``affine_grid``/``grid_sample``. Brightness and
+blur then act on the view's pixels. A
 batch is either raw pixels (0..255, the face path) or normalised by a
 per-channel ``mean``/``std`` (the CNN and CLIP paths); brightness is applied
 to the underlying pixels in both cases and clamped to their valid range.
@@ -97,8 +99,8 @@ def render_view(batch: torch.Tensor, view: View, out_px: int | None = None, scal
     Args:
         batch: (B, C, H, W) float.
         view: the view to make.
-        out_px: output side, at most min(H, W); None keeps (H, W) for the
-            pixel-exact views and min(H, W) for the others.
+        out_px: output side, at most min(H, W); None keeps (H, W) for views
+            without rotation or zoom and min(H, W) for the others.
         scale: what the values mean (default: raw 0..255 pixels).
 
     Returns:
@@ -106,23 +108,24 @@ def render_view(batch: torch.Tensor, view: View, out_px: int | None = None, scal
     """
     scale = scale or PixelScale.raw255()
     b, c, h, w = batch.shape
-    if view in (View(), View(flip=True)):  # pixel-exact, no resampling
+    if view.angle_deg == 0.0 and view.zoom == 1.0:  # no geometry change: a centre crop, mirrored or not
         if out_px is None or (out_px == h and out_px == w):
             out = batch
         else:
             top, left = (h - out_px) // 2, (w - out_px) // 2
             out = batch[:, :, top : top + out_px, left : left + out_px]
-        return out.flip(3) if view.flip else out
-    side = out_px or min(h, w)
-    s = side / min(h, w) / view.zoom
-    a = math.radians(view.angle_deg)
-    fx = -1.0 if view.flip else 1.0
-    theta = torch.tensor(
-        [[s * math.cos(a) * fx * min(h, w) / w, -s * math.sin(a), 0.0], [s * math.sin(a) * fx, s * math.cos(a) * min(h, w) / h, 0.0]],
-        dtype=batch.dtype, device=batch.device,
-    ).expand(b, 2, 3)
-    grid = F.affine_grid(theta, [b, c, side, side], align_corners=False)
-    out = F.grid_sample(batch, grid, mode="bilinear", padding_mode="border", align_corners=False)
+        out = out.flip(3) if view.flip else out
+    else:
+        side = out_px or min(h, w)
+        s = side / min(h, w) / view.zoom
+        a = math.radians(view.angle_deg)
+        fx = -1.0 if view.flip else 1.0
+        theta = torch.tensor(
+            [[s * math.cos(a) * fx * min(h, w) / w, -s * math.sin(a), 0.0], [s * math.sin(a) * fx, s * math.cos(a) * min(h, w) / h, 0.0]],
+            dtype=batch.dtype, device=batch.device,
+        ).expand(b, 2, 3)
+        grid = F.affine_grid(theta, [b, c, side, side], align_corners=False)
+        out = F.grid_sample(batch, grid, mode="bilinear", padding_mode="border", align_corners=False)
     if view.gain != 1.0:
         out = _adjust_gain(out, view.gain, scale)
     if view.blur_px > 0:
