@@ -198,7 +198,7 @@ def test_main_end_to_end_on_rehearsal_data_writes_a_valid_run(rehearsal_data, tm
         assert m.sim.shape == (len(m.query_names), len(m.gallery_names)) and np.isfinite(m.sim).all()
         assert "score" in meta["metrics"][split]
     assert json.loads((runs / "split.json").read_text())["val_query"]
-    # a second run reads crops and embeddings from the cache (no detection, no embedding) and writes the same matrices
+    # a second run reads crops and embeddings from the cache (no detection, no colour view, no embedding) and writes the same matrices
     before = np.load(runs / "facenet" / "test_sim.npy")
 
     def must_not_run(*args, **kwargs):
@@ -207,6 +207,7 @@ def test_main_end_to_end_on_rehearsal_data_writes_a_valid_run(rehearsal_data, tm
     with monkeypatch.context() as m:
         m.setattr(FaceDetector, "detect", must_not_run)
         m.setattr(face_pipeline, "embed_arrays", must_not_run)
+        m.setattr(face_pipeline, "colour_view", must_not_run)  # grey crops are made only for the embedder
         assert infer_facenet.main(argv) == 0
     assert np.array_equal(np.load(runs / "facenet" / "test_sim.npy"), before)
     # the cache is shared across run folders: another run name with the same settings detects nothing again

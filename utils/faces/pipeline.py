@@ -104,10 +104,14 @@ class FacePipeline:
     def crops(self, paths: Sequence[Path], desc: str) -> Crops:
         """Detected, aligned context crops of ``paths`` (cached), in the run's ``face_colour``;
         counts the set's faces and fallbacks."""
+        crops = self._stored_crops(paths, desc)
+        return replace(crops, pixels=colour_view(crops.pixels, self.cfg.face_colour))
+
+    def _stored_crops(self, paths: Sequence[Path], desc: str) -> Crops:
+        """The crops as the crop cache holds them (colour); counts the set's faces and fallbacks."""
         cfg = self.cfg
         crops = face_crops(paths, self.detector, self.crop_params, batch_size=cfg.detect_batch_size,
                            workers=resolve_workers(cfg.workers), cache_dir=self.cache_dir, desc=desc)
-        crops = replace(crops, pixels=colour_view(crops.pixels, cfg.face_colour))
         self.faces[desc.replace(" ", "_")] = {"images": len(paths), "faces_found": len(paths) - crops.n_fallback,
                                               "fallback": crops.n_fallback, "by_stage": crops.stage_counts()}
         return crops
@@ -120,11 +124,13 @@ class FacePipeline:
 
     def embed_set(self, paths: Sequence[Path], desc: str, use_cache: bool = True) -> np.ndarray:
         """Crops (cached), then every view's embedding of one image set (cached unless ``use_cache``
-        is off: for an embedder whose weights change, e.g. while fine-tuning)."""
-        crops = self.crops(paths, desc)
+        is off: for an embedder whose weights change, e.g. while fine-tuning). The colour view is
+        made only when the embedder runs, not when the embedding cache answers."""
+        crops = self._stored_crops(paths, desc)
+        embed = lambda: self.embed_pixels(colour_view(crops.pixels, self.cfg.face_colour), desc)  # noqa: E731
         if not use_cache:
-            return self.embed_pixels(crops.pixels, desc)
-        return cached(self.cache_dir / f"emb_{files_key(paths, self.tag)}.npy", lambda: self.embed_pixels(crops.pixels, desc), desc)
+            return embed()
+        return cached(self.cache_dir / f"emb_{files_key(paths, self.tag)}.npy", embed, desc)
 
     def log_fallbacks(self) -> None:
         """One line: images without a face, per image set."""
