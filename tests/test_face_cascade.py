@@ -39,10 +39,11 @@ def images(tmp_path_factory) -> dict[str, Path]:
     """skimage's astronaut rotated by 15 and 30 degrees and drawn as a pencil sketch
     (and its negative, for the inverting stage); a blank image."""
     d = tmp_path_factory.mktemp("cascade")
-    paths = {name: d / f"{name}.png" for name in ("sketch15", "negative15", "sketch30", "blank")}
+    paths = {name: d / f"{name}.png" for name in ("sketch15", "negative15", "sketch30", "negative30", "blank")}
     Image.fromarray(sketch(15.0)).save(paths["sketch15"])
     Image.fromarray(255 - sketch(15.0)).save(paths["negative15"])
     Image.fromarray(sketch(ANGLE_DEG)).save(paths["sketch30"])
+    Image.fromarray(255 - sketch(ANGLE_DEG)).save(paths["negative30"])
     Image.new("RGB", (200, 160), (255, 255, 255)).save(paths["blank"])
     return paths
 
@@ -71,18 +72,11 @@ def test_each_stage_finds_the_sketched_face_and_nothing_in_a_blank_image(images,
 ROTATIONS = (-15.0, 15.0, -30.0, 30.0)
 
 
-@pytest.fixture(scope="module")
-def negative30(tmp_path_factory) -> Path:
-    path = tmp_path_factory.mktemp("cascade30") / "negative30.png"
-    Image.fromarray(255 - sketch(ANGLE_DEG)).save(path)
-    return path
-
-
 @pytest.mark.parametrize("stage", STAGES)
-def test_each_stage_finds_the_sketch_rolled_30_degrees(images, negative30, stage):
+def test_each_stage_finds_the_sketch_rolled_30_degrees(images, stage):
     """hog, mmod and rotate as they are; every MTCNN stage with its rotation search (--detector-rotations)."""
     params = CascadeParams(stages=(stage,), stage_rotations=() if stage in ("hog", "mmod", "rotate") else ROTATIONS)
-    faces = FaceCascade(params, CPU).detect([negative30 if stage == "mtcnn_invert" else images["sketch30"]], workers=0)
+    faces = FaceCascade(params, CPU).detect([images["negative30" if stage == "mtcnn_invert" else "sketch30"]], workers=0)
     assert faces.found[0], stage
     check_face(faces, 0, ANGLE_DEG, stage)
 
