@@ -1,0 +1,136 @@
+"""The hard face benchmark over several draws: how much of a score is the draw of the test people.
+
+    HF_HUB_OFFLINE=1 .venv/bin/python benchmarks/bench_faces_seeds.py                 # seeds 0 1 2 3 4
+    HF_HUB_OFFLINE=1 .venv/bin/python benchmarks/bench_faces_seeds.py --seeds 0 1 2
+
+bench_faces_hard.py measures one draw (seed 0): 20 test people, 60 queries, so
+one query moving in or out of first place moves the score by 10. Here each seed
+draws its own split of the 40 ORL people into 20 training and 20 test people and
+its own poses, degradations and styles (benchmarks/face_data.py), then runs:
+- ``infer_facenet.py --embedder dlib --tta`` (the cascade, no TTA),
+- ``infer_facenet.py --embedder dlib`` (the default face recipe),
+- ``train_face_adapter.py --source <default run>`` (validation's choice),
+- ``ensemble.py --auto`` over the three,
+and, on the default run's matrices, every re-ranking step of ensemble.py alone
+(validation and test figures: what --auto could have chosen). A table per seed, with the mean,
+standard deviation and standard error over the seeds; re-ranking summed over the seeds. Results: rich tables,
+also written to benchmarks/results/bench_faces_seeds.md. Data and runs go to
+benchmarks/out/faces_seeds/seed<N>/ (kept: a second call reuses the face cache).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+from typing import Sequence
+
+import numpy as np
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+import ensemble  # noqa: E402
+import train_face_adapter  # noqa: E402
+from benchmarks.bench_faces_hard import md_table, run_face  # noqa: E402
+from benchmarks.face_data import build_hard_dataset  # noqa: E402
+from utils.atomic import atomic_write_bytes  # noqa: E402
+from utils.ensemble.plan import val_relevance  # noqa: E402
+from utils.ensemble.rerank import STEPS, RerankParams, rerank  # noqa: E402
+from utils.errors import run_cli  # noqa: E402
+from utils.logs import console, setup_logging  # noqa: E402
+from utils.runs.metrics import evaluate, relevance_matrix  # noqa: E402
+from utils.runs.similarity_io import load_run  # noqa: E402
+
+OUT = ROOT / "benchmarks" / "out" / "faces_seeds"
+RESULT = ROOT / "benchmarks" / "results" / "bench_faces_seeds.md"
+RUNS = {"dlib_cascade": "cascade, no TTA", "dlib": "default recipe", "dlib_adapted": "default + adapter (validation's choice)",
+        "ensemble": "ensemble.py --auto over the three"}
+RERANKS = [(), ("dba",), ("qe",), ("kr",), ("dual_softmax",), ("sinkhorn",)]
+
+
+def one_seed(seed: int) -> tuple[dict[str, dict], dict[str, dict]]:
+    """Val and test metrics of each run, and of each re-ranking of the default run, for one draw."""
+    base = OUT / f"seed{seed}"
+    data, runs = base / "data", base / "runs"
+    if not (data / "styles.json").is_file():
+        build_hard_dataset(data, seed=seed)
+    run_face(data, runs, "dlib_cascade", ["--tta"])
+    run_face(data, runs, "dlib", [])
+    train_face_adapter.main(["--data", str(data), "--runs", str(runs), "--val-fraction", "0.5", "--source", "dlib"])
+    ensemble.main(["--runs", str(runs), "--models", "dlib_cascade", "dlib", "dlib_adapted", "--data", str(data),
+                   "--out", str(runs / "ensemble"), "--auto"])
+    truth = json.loads((data / "test" / "ground_truth.json").read_text())
+    out = {}
+    for name in RUNS:
+        run = load_run(runs / name)
+        t = run.splits["test"]
+        out[name] = {"val": run.meta["metrics"]["val"], "test": evaluate(t.sim, relevance_matrix(t.query_names, t.gallery_names, truth))}
+    out["ensemble"]["choice"] = load_run(runs / "ensemble").meta["choice"]["rerank_label"]
+    run = load_run(runs / "dlib")
+    v, t = run.splits["val"], run.splits["test"]
+    v_rel, t_rel = val_relevance(v.query_names, v.gallery_names), relevance_matrix(t.query_names, t.gallery_names, truth)
+    reranked = {}
+    for steps in RERANKS:
+        p = RerankParams(steps=steps)
+        reranked[p.label()] = {"val": evaluate(rerank(v.sim, p), v_rel), "test": evaluate(rerank(t.sim, p), t_rel)}
+    return out, reranked
+
+
+def mean_sd(values: list[float], fmt: str) -> str:
+    a = np.array(values, dtype=float)
+    return f"{a.mean():{fmt}} +- {a.std(ddof=1) if len(a) > 1 else 0.0:{fmt}}"
+
+
+def summary_rows(results: dict, seeds: list[int]) -> list[list[str]]:
+    """Mean, standard deviation and standard error of the mean over the draws, per run."""
+    rows = []
+    for label, fn in (("mean", np.mean), ("sd", lambda a: np.std(a, ddof=1)), ("standard error", lambda a: np.std(a, ddof=1) / np.sqrt(len(a)))):
+        cells = []
+        for n in RUNS:
+            sc = np.array([results[s][0][n]["test"]["score"] for s in seeds])
+            mp = np.array([results[s][0][n]["test"]["map_all"] for s in seeds])
+            cells.append(f"{fn(sc):.2f} ({fn(mp):.3f})" if len(seeds) > 1 or label == "mean" else "-")
+        rows.append([f"**{label}**", *cells, ""])
+    return rows
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2, 3, 4], help="data draws (default: %(default)s)")
+    args = parser.parse_args(argv)
+    setup_logging()
+    torch.set_num_threads(2)
+    results = {s: one_seed(s) for s in args.seeds}
+    seeds = list(results)
+    tables = [md_table("Test score (mAP@All) per draw of the 20 test people, dlib", ["seed", *RUNS.values(), "--auto chose"],
+                       [[str(s), *[f"{results[s][0][n]['test']['score']:.2f} ({results[s][0][n]['test']['map_all']:.3f})" for n in RUNS],
+                         results[s][0]["ensemble"]["choice"]] for s in seeds] + summary_rows(results, seeds))]
+    none = RerankParams().label()
+    rrows = []
+    for label in results[seeds[0]][1]:
+        cells = [results[s][1][label] for s in seeds]
+        base = [results[s][1][none] for s in seeds]
+        rrows.append([label, f"{np.mean([c['val']['score'] for c in cells]):.2f}", f"{np.mean([c['val']['map_all'] for c in cells]):.3f}",
+                      mean_sd([c["test"]["score"] for c in cells], ".2f"),
+                      f"{sum(c['test']['score'] > b['test']['score'] for c, b in zip(cells, base))} / "
+                      f"{sum(c['test']['score'] < b['test']['score'] for c, b in zip(cells, base))}",
+                      f"{sum(c['val']['map_all'] > b['val']['map_all'] for c, b in zip(cells, base))}"])
+    tables.append(md_table(f"ensemble.py's re-ranking steps ({', '.join(STEPS)}) alone on the default run, default settings, "
+                           f"over {len(seeds)} draws",
+                           ["re-ranking", "val score mean", "val mAP mean", "test score mean +- sd", "draws test above / below none",
+                            "draws val mAP above none"], rrows))
+    md = [f"## Hard face benchmark over {len(seeds)} draws (ORL: 20 training + 20 test people per draw)", ""]
+    for table, lines in tables:
+        console.print(table)
+        md += lines
+    md += ["Command: `HF_HUB_OFFLINE=1 .venv/bin/python benchmarks/bench_faces_seeds.py --seeds " + " ".join(map(str, seeds)) + "`", ""]
+    atomic_write_bytes(RESULT, "\n".join(md).encode())
+    console.print(f"written {RESULT.relative_to(ROOT)}")
+    return 0
+
+
+if __name__ == "__main__":
+    run_cli(main)
