@@ -13,7 +13,9 @@ its own poses, degradations and styles (benchmarks/face_data.py), then runs:
 - ``ensemble.py --auto`` over the three,
 and, on the default run's matrices, every re-ranking step of ensemble.py alone
 (validation and test figures: what --auto could have chosen). A table per seed, with the mean,
-standard deviation and standard error over the seeds; re-ranking summed over the seeds. Results: rich tables,
+standard deviation and standard error over the seeds; re-ranking summed over the seeds.
+``--detection`` instead runs the default cascade on each draw's 280 synthetic images
+(bench_faces_seeds_detection.md; false faces do not depend on the draw: bench_faces_hard.py). Results: rich tables,
 also written to benchmarks/results/bench_faces_seeds.md. Data and runs go to
 benchmarks/out/faces_seeds/seed<N>/ (kept: a second call reuses the face cache).
 """
@@ -28,6 +30,7 @@ from typing import Sequence
 
 import numpy as np
 import torch
+from rich.table import Table
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
@@ -36,10 +39,12 @@ import ensemble  # noqa: E402
 import train_face_adapter  # noqa: E402
 from benchmarks.bench_faces_hard import md_table, run_face  # noqa: E402
 from benchmarks.face_data import build_hard_dataset  # noqa: E402
+from benchmarks.face_styles import STYLES  # noqa: E402
 from utils.atomic import atomic_write_bytes  # noqa: E402
 from utils.ensemble.plan import val_relevance  # noqa: E402
 from utils.ensemble.rerank import STEPS, RerankParams, rerank  # noqa: E402
 from utils.errors import run_cli  # noqa: E402
+from utils.faces.cascade import CascadeParams, FaceCascade  # noqa: E402
 from utils.logs import console, setup_logging  # noqa: E402
 from utils.runs.metrics import evaluate, relevance_matrix  # noqa: E402
 from utils.runs.similarity_io import load_run  # noqa: E402
@@ -79,6 +84,26 @@ def one_seed(seed: int) -> tuple[dict[str, dict], dict[str, dict]]:
     return out, reranked
 
 
+def detection(seeds: list[int]) -> tuple[Table, list[str]]:
+    """The default cascade on each draw's 280 synthetic images (train and test people): share found, per style."""
+    rows, shares = [], []
+    for seed in seeds:
+        data = OUT / f"seed{seed}" / "data"
+        if not (data / "styles.json").is_file():
+            build_hard_dataset(data, seed=seed)
+        styles = json.loads((data / "styles.json").read_text())
+        rels = sorted(styles)
+        found = FaceCascade(CascadeParams(), torch.device("cpu")).detect([data / r for r in rels], workers=0, desc=f"seed {seed}").stage >= 0
+        style_of = np.array([styles[r] for r in rels])
+        shares.append([found[style_of == st].mean() for st in STYLES] + [found.mean()])
+        rows.append([str(seed), *[f"{x:.1%}" for x in shares[-1][:-1]], f"{int(found.sum())} / {len(found)} ({found.mean():.1%})"])
+    a = np.array(shares)
+    rows.append(["**mean**", *[f"{x:.1%}" for x in a.mean(axis=0)]])
+    rows.append(["**lowest, highest**", *[f"{lo:.1%}, {hi:.1%}" for lo, hi in zip(a.min(axis=0), a.max(axis=0))]])
+    return md_table("Faces the default cascade finds in each draw's synthetic images (20 training + 20 test people, 7 each)",
+                    ["seed", *STYLES, "all"], rows)
+
+
 def mean_sd(values: list[float], fmt: str) -> str:
     a = np.array(values, dtype=float)
     return f"{a.mean():{fmt}} +- {a.std(ddof=1) if len(a) > 1 else 0.0:{fmt}}"
@@ -100,9 +125,18 @@ def summary_rows(results: dict, seeds: list[int]) -> list[list[str]]:
 def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2, 3, 4], help="data draws (default: %(default)s)")
+    parser.add_argument("--detection", action="store_true", help="only the detection table (the default cascade on each draw's synthetic images)")
     args = parser.parse_args(argv)
     setup_logging()
     torch.set_num_threads(2)
+    if args.detection:
+        table, lines = detection(args.seeds)
+        console.print(table)
+        lines += ["Command: `HF_HUB_OFFLINE=1 .venv/bin/python benchmarks/bench_faces_seeds.py --detection --seeds "
+                  + " ".join(map(str, args.seeds)) + "`", ""]
+        atomic_write_bytes(RESULT.with_name("bench_faces_seeds_detection.md"), "\n".join(lines).encode())
+        console.print(f"written {RESULT.with_name('bench_faces_seeds_detection.md').relative_to(ROOT)}")
+        return 0
     results = {s: one_seed(s) for s in args.seeds}
     seeds = list(results)
     tables = [md_table("Test score (mAP@All) per draw of the 20 test people, dlib", ["seed", *RUNS.values(), "--auto chose"],
