@@ -246,7 +246,7 @@ def write_outputs(cfg, out_dir, runs, names, plan: Plan, rows, searches, sims, v
                        "test": SimMatrix(sims["test"], test.query_names, test.gallery_names)}, meta)
     atomic_write_json(out_dir / "weights.json", record)
     atomic_write_bytes(out_dir / "report.md", options_markdown(rows, names).encode())
-    console.print(options_table(f"ensemble options (validation: bootstrap mean ± std over {cfg.bootstrap} resamples of {cfg.bootstrap_by}s)", rows, names))
+    console.print(options_table(f"ensemble options (validation: bootstrap mean ± std over {cfg.bootstrap} resamples of {'queries' if cfg.bootstrap_by == 'query' else 'identities'})", rows, names))
     if cfg.plot and plan.fusion in searches:
         png = plot_simplex(searches[plan.fusion], names, out_dir / "simplex.png", f"{plan.fusion}: validation score over the weights")
         if png:

@@ -4,6 +4,7 @@ bad input, and main() end to end on run folders written with save_run."""
 from __future__ import annotations
 
 import json
+import logging
 
 import numpy as np
 import pytest
@@ -435,3 +436,18 @@ def test_auto_does_not_take_a_gain_of_one_validation_query(by):
     assert 0.5 < scorer.win_rate(opt["one"], opt["base"]) < 0.75  # present in about 1 - e^-1 of the resamples
     assert scorer.win_rate(opt["two"], opt["base"]) >= 0.75
     assert scorer.win_rate(opt["base"], opt["two"]) == 0.0
+
+
+def test_auto_warns_when_validation_saturates(tmp_path, caplog):
+    """Every option at 1000 on validation: --auto says it cannot choose, rather than choosing silently."""
+    runs, data = write_runs(tmp_path, models=(("a", 9.0), ("b", 8.0)))
+    with caplog.at_level(logging.WARNING, logger="utils.ensemble.plan"):
+        assert ensemble.main(["--runs", str(runs), "--data", str(data), "--auto", "--bootstrap", "20", "--no-plot"]) == 0
+    meta = load_run(runs / "ensemble").meta
+    assert all(o["val_score"] == 1000 for o in meta["choice"]["options"] if o["kind"] in ("fusion", "re-rank"))
+    assert "validation saturates" in caplog.text and "--val-fraction" in caplog.text
+    caplog.clear()
+    noisy, data2 = write_runs(tmp_path / "noisy", models=(("a", 1.5), ("b", 1.0)))
+    with caplog.at_level(logging.WARNING, logger="utils.ensemble.plan"):
+        assert ensemble.main(["--runs", str(noisy), "--data", str(data2), "--auto", "--bootstrap", "20", "--no-plot"]) == 0
+    assert "validation saturates" not in caplog.text

@@ -226,7 +226,18 @@ def choose_plan(
     else:
         chosen, plan = best, base_plan
     chosen.chosen = True
+    if auto:
+        warn_if_saturated(rows, chosen, scorer.val_rel.shape[0])
     return plan, rows, searches
+
+
+def warn_if_saturated(rows: list[Option], chosen: Option, n_queries: int) -> None:
+    """A warning when several fusions or re-rankings reach the full score: validation cannot rank them."""
+    full = [r for r in rows if r.kind in ("fusion", "re-rank") and r.val_score >= 1000.0 - 1e-6]
+    if len(full) > 1:
+        log.warning("validation saturates: %d fusions and re-rankings score 1000 on its %d queries, so --auto cannot tell "
+                    "them apart (kept: %s). More validation identities (a larger --val-fraction in the model scripts) "
+                    "give it something to measure", len(full), n_queries, chosen.label)
 
 
 def _rerank_option(base: Plan, params: RerankParams, before: RerankParams, val, test, scorer: Scorer) -> Option:
