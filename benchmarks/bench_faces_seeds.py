@@ -43,7 +43,7 @@ from benchmarks.face_styles import STYLES  # noqa: E402
 from utils.atomic import atomic_write_bytes  # noqa: E402
 from utils.ensemble.plan import val_relevance  # noqa: E402
 from utils.ensemble.rerank import STEPS, RerankParams, rerank  # noqa: E402
-from utils.errors import run_cli  # noqa: E402
+from utils.errors import KitError, run_cli  # noqa: E402
 from utils.faces.cascade import CascadeParams, FaceCascade  # noqa: E402
 from utils.logs import console, setup_logging  # noqa: E402
 from utils.runs.metrics import evaluate, relevance_matrix  # noqa: E402
@@ -64,9 +64,11 @@ def one_seed(seed: int) -> tuple[dict[str, dict], dict[str, dict]]:
         build_hard_dataset(data, seed=seed)
     run_face(data, runs, "dlib_cascade", ["--tta"])
     run_face(data, runs, "dlib", [])
-    train_face_adapter.main(["--data", str(data), "--runs", str(runs), "--val-fraction", "0.5", "--source", "dlib"])
-    ensemble.main(["--runs", str(runs), "--models", "dlib_cascade", "dlib", "dlib_adapted", "--data", str(data),
-                   "--out", str(runs / "ensemble"), "--auto"])
+    if train_face_adapter.main(["--data", str(data), "--runs", str(runs), "--val-fraction", "0.5", "--source", "dlib"]) != 0:
+        raise KitError(f"seed {seed}: train_face_adapter.py failed")
+    if ensemble.main(["--runs", str(runs), "--models", "dlib_cascade", "dlib", "dlib_adapted", "--data", str(data),
+                      "--out", str(runs / "ensemble"), "--auto"]) != 0:
+        raise KitError(f"seed {seed}: ensemble.py failed")
     truth = json.loads((data / "test" / "ground_truth.json").read_text())
     out = {}
     for name in RUNS:

@@ -11,7 +11,7 @@ import pytest
 
 import ensemble
 from utils.ensemble.fusion import fuse, transform, weighted_sum
-from utils.ensemble.plan import Scorer
+from utils.ensemble.plan import Option, Scorer, warn_if_saturated
 from utils.ensemble.rerank import (
     RerankParams,
     database_augmentation,
@@ -427,7 +427,7 @@ def test_auto_does_not_take_a_gain_of_one_validation_query(by):
     groups = np.arange(n_q) % 10 if by == "identity" else None
     scorer = Scorer(rel, None, n_boot=400, seed=0, groups=groups)
     base = np.full(n_q, 1000.0)
-    base[[0, 11]] = 500.0  # two queries of two identities find their person at rank 2
+    base[[0, 11]] = 400.0  # two queries of two identities find their person at rank 2 (300 + 100)
     one, two = base.copy(), base.copy()
     one[0] = 1000.0
     two[[0, 11]] = 1000.0
@@ -451,3 +451,9 @@ def test_auto_warns_when_validation_saturates(tmp_path, caplog):
     with caplog.at_level(logging.WARNING, logger="utils.ensemble.plan"):
         assert ensemble.main(["--runs", str(noisy), "--data", str(data2), "--auto", "--bootstrap", "20", "--no-plot"]) == 0
     assert "validation saturates" not in caplog.text
+    # one option at 1000 is a clear winner, not saturation
+    one_full = [Option("a", "fusion", "", 1000.0, 0.0, 1000.0), Option("b", "re-rank", "", 990.0, 0.0, 990.0)]
+    warn_if_saturated(one_full, one_full[0], 30)
+    assert "validation saturates" not in caplog.text
+    warn_if_saturated([*one_full, Option("c", "re-rank", "", 1000.0, 0.0, 1000.0)], one_full[0], 30)
+    assert "validation saturates" in caplog.text and "kept: a" in caplog.text
