@@ -56,12 +56,17 @@ RUNS = {"dlib_cascade": "cascade, no TTA", "dlib": "default recipe", "dlib_adapt
 RERANKS = [(), ("dba",), ("qe",), ("kr",), ("dual_softmax",), ("sinkhorn",)]
 
 
-def one_seed(seed: int) -> tuple[dict[str, dict], dict[str, dict]]:
-    """Val and test metrics of each run, and of each re-ranking of the default run, for one draw."""
-    base = OUT / f"seed{seed}"
-    data, runs = base / "data", base / "runs"
+def seed_data(seed: int) -> Path:
+    """The draw's hard set, built once and kept under OUT/seed<N>/data."""
+    data = OUT / f"seed{seed}" / "data"
     if not (data / "styles.json").is_file():
         build_hard_dataset(data, seed=seed)
+    return data
+
+
+def one_seed(seed: int) -> tuple[dict[str, dict], dict[str, dict]]:
+    """Val and test metrics of each run, and of each re-ranking of the default run, for one draw."""
+    data, runs = seed_data(seed), OUT / f"seed{seed}" / "runs"
     run_face(data, runs, "dlib_cascade", ["--tta"])
     run_face(data, runs, "dlib", [])
     if train_face_adapter.main(["--data", str(data), "--runs", str(runs), "--val-fraction", "0.5", "--source", "dlib"]) != 0:
@@ -70,14 +75,13 @@ def one_seed(seed: int) -> tuple[dict[str, dict], dict[str, dict]]:
                       "--out", str(runs / "ensemble"), "--auto"]) != 0:
         raise KitError(f"seed {seed}: ensemble.py failed")
     truth = json.loads((data / "test" / "ground_truth.json").read_text())
+    loaded = {name: load_run(runs / name) for name in RUNS}
     out = {}
-    for name in RUNS:
-        run = load_run(runs / name)
+    for name, run in loaded.items():
         t = run.splits["test"]
         out[name] = {"val": run.meta["metrics"]["val"], "test": evaluate(t.sim, relevance_matrix(t.query_names, t.gallery_names, truth))}
-    out["ensemble"]["choice"] = load_run(runs / "ensemble").meta["choice"]["rerank_label"]
-    run = load_run(runs / "dlib")
-    v, t = run.splits["val"], run.splits["test"]
+    out["ensemble"]["choice"] = loaded["ensemble"].meta["choice"]["rerank_label"]
+    v, t = loaded["dlib"].splits["val"], loaded["dlib"].splits["test"]
     v_rel, t_rel = val_relevance(v.query_names, v.gallery_names), relevance_matrix(t.query_names, t.gallery_names, truth)
     reranked = {}
     for steps in RERANKS:
@@ -90,9 +94,7 @@ def detection(seeds: list[int]) -> tuple[Table, list[str]]:
     """The default cascade on each draw's 280 synthetic images (train and test people): share found, per style."""
     rows, shares = [], []
     for seed in seeds:
-        data = OUT / f"seed{seed}" / "data"
-        if not (data / "styles.json").is_file():
-            build_hard_dataset(data, seed=seed)
+        data = seed_data(seed)
         styles = json.loads((data / "styles.json").read_text())
         rels = sorted(styles)
         found = FaceCascade(CascadeParams(), torch.device("cpu")).detect([data / r for r in rels], workers=0, desc=f"seed {seed}").stage >= 0

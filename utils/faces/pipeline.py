@@ -42,18 +42,25 @@ FACE_FIELDS = ("embedder", "weights", "shape_predictor", "detector", "detector_s
 
 
 FACE_FALLBACKS = ("center", "letterbox", "best")  # best: the cascade's best box below its gates, else center
-FACE_COLOURS = ("grey", "rgb", "hue")  # what the embedder sees: measured in benchmarks/results/bench_faces_hard_scores.md
+# what the embedder sees, per crop (None: unchanged); measured in benchmarks/results/bench_faces_hard_scores.md
+COLOUR_VIEWS = {"grey": grey3, "rgb": None, "hue": hue_grey}
+FACE_COLOURS = tuple(COLOUR_VIEWS)
+
+
+def colour_transform(mode: str):
+    """The per-crop transform of ``--face-colour mode`` (None for rgb); a KitError for an unknown mode."""
+    if mode not in COLOUR_VIEWS:
+        raise KitError(f"--face-colour {mode!r}: choose from {list(FACE_COLOURS)}")
+    return COLOUR_VIEWS[mode]
 
 
 def colour_view(pixels: np.ndarray, mode: str) -> np.ndarray:
     """Crops as the embedder sees them: ``rgb`` unchanged; ``grey`` greyscale (a style's colour
     cast or palette removed, on query and gallery alike); ``hue`` false colour read back to
     brightness (:func:`~utils.faces.cascade.hue_grey`; grey where unsaturated)."""
-    if mode == "rgb" or len(pixels) == 0:
+    view = colour_transform(mode)
+    if view is None or len(pixels) == 0:
         return pixels
-    if mode not in FACE_COLOURS:
-        raise KitError(f"--face-colour {mode!r}: choose from {list(FACE_COLOURS)}")
-    view = grey3 if mode == "grey" else hue_grey
     return np.stack([view(p) for p in pixels])
 
 
@@ -81,8 +88,7 @@ class FacePipeline:
             raise KitError(f"face settings lack {missing}: not a face run's config")
         if cfg.face_fallback not in FACE_FALLBACKS:
             raise KitError(f"--face-fallback {cfg.face_fallback!r}: choose from {list(FACE_FALLBACKS)}")
-        if cfg.face_colour not in FACE_COLOURS:
-            raise KitError(f"--face-colour {cfg.face_colour!r}: choose from {list(FACE_COLOURS)}")
+        colour_transform(cfg.face_colour)  # an unknown --face-colour fails here, before any detection
         if cfg.face_fallback == "best" and cfg.detector != "cascade":
             raise KitError(f"--face-fallback best needs --detector cascade (its boxes below the gates), not {cfg.detector}")
         self.cfg, self.device, self.cache_dir = cfg, device, Path(cache_dir)
