@@ -50,7 +50,7 @@ from utils.device import resolve_workers
 from utils.embedding.step import embed_task
 from utils.embedding.views import TTA_GROUPS, tta_views
 from utils.errors import run_cli
-from utils.faces.cascade import DEFAULT_STAGES, STAGES
+from utils.faces.cascade import DEFAULT_ROTATED_STAGES, DEFAULT_ROTATIONS, DEFAULT_STAGES, MTCNN_STAGES, STAGES
 from utils.faces.detect import SELECT_METHODS
 from utils.faces.embedder import EMBEDDERS
 from utils.faces.pipeline import FACE_COLOURS, FACE_FALLBACKS, FacePipeline
@@ -76,7 +76,8 @@ class Config(FormConfig, RunConfig):
     # detection: MTCNN on a letterboxed square canvas; 'none' = every image uses the centre-square fallback
     detector: str = field(default="cascade", metadata={"help": "face detector: mtcnn, cascade (--detector-stages in turn, each on what the earlier missed) or none", "choices": ["mtcnn", "cascade", "none"]})
     detector_stages: list[str] = field(default_factory=lambda: list(DEFAULT_STAGES), metadata={"help": f"cascade only: stages tried in order, of {list(STAGES)}", "metavar": "STAGE"})
-    detector_rotations: list[float] = field(default_factory=list, metadata={"help": "cascade only: every MTCNN stage also tries copies rotated by these degrees where upright found nothing, e.g. -15 15 -30 30", "metavar": "DEG"})
+    detector_rotations: list[float] = field(default_factory=lambda: list(DEFAULT_ROTATIONS), metadata={"help": "cascade only: the --detector-rotated-stages also try copies rotated by these degrees where upright found nothing (the flag alone: upright only)", "metavar": "DEG"})
+    detector_rotated_stages: list[str] = field(default_factory=lambda: list(DEFAULT_ROTATED_STAGES), metadata={"help": f"cascade only: the MTCNN stages that search --detector-rotations, of {list(MTCNN_STAGES)}", "metavar": "STAGE"})
     min_face_frac: float = field(default=0.15, metadata={"help": "cascade only: a box whose side is below this share of the image's shorter side is not a face"})
     face_fallback: str = field(default="center", metadata={"help": "no face found -> center (centre square), letterbox (the whole image) or best (cascade only: its best box below the gates)", "choices": list(FACE_FALLBACKS)})
     face_colour: str = field(default="grey", metadata={"help": "crops the embedder sees, query and gallery alike: grey (a style's colours removed), rgb, or hue (false colour read back to brightness; distorts some colour photos)", "choices": list(FACE_COLOURS)})

@@ -48,6 +48,7 @@ from utils.embedding.step import SETS, embed_task
 from utils.embedding.views import View
 from utils.errors import KitError, run_cli
 from utils.faces.adapter import ADAPTERS, DOMAIN_STATS, Adapter, DomainStats, cross_domain_pairs
+from utils.faces.cascade import MTCNN_STAGES
 from utils.faces.finetune import FACENET_BLOCKS, CropPairStep, freeze_frozen_norms, unfreeze_last_blocks
 from utils.faces.pipeline import FACE_FIELDS, FacePipeline
 from utils.logs import console, setup_logging
@@ -115,8 +116,9 @@ def source_settings(cfg: Config) -> SimpleNamespace:
     if not meta_path.is_file():
         raise KitError(f"{meta_path}: no finished run {cfg.source!r}; make it first, e.g. "
                        f"python infer_facenet.py --data {cfg.data} --runs {cfg.runs} --embedder dlib")
-    # runs made before --detector-rotations / --face-colour existed: upright search, colour crops
-    src = {"detector_rotations": [], "face_colour": "rgb", **json.loads(meta_path.read_text()).get("config", {})}
+    # runs made before --detector-rotations / --detector-rotated-stages / --face-colour existed:
+    # upright search (or the search of every MTCNN stage), colour crops
+    src = {"detector_rotations": [], "detector_rotated_stages": list(MTCNN_STAGES), "face_colour": "rgb", **json.loads(meta_path.read_text()).get("config", {})}
     missing = [k for k in FACE_FIELDS if k not in src]
     if missing:
         raise KitError(f"{meta_path}: not a face run of infer_facenet.py (its config lacks {missing[:3]}); pass --source <face run>")

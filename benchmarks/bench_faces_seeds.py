@@ -14,8 +14,9 @@ its own poses, degradations and styles (benchmarks/face_data.py), then runs:
 and, on the default run's matrices, every re-ranking step of ensemble.py alone
 (validation and test figures: what --auto could have chosen). A table per seed, with the mean,
 standard deviation and standard error over the seeds; re-ranking summed over the seeds.
-``--detection`` instead runs the default cascade on each draw's 280 synthetic images
-(bench_faces_seeds_detection.md; false faces do not depend on the draw: bench_faces_hard.py). Results: rich tables,
+``--detection`` instead runs the default cascade on each draw's 280 synthetic images, and once
+on the 240 face-free PACS images (false faces do not depend on the draw; per stage: bench_faces_hard.py),
+written to bench_faces_seeds_detection.md. Results: rich tables,
 also written to benchmarks/results/bench_faces_seeds.md. Data and runs go to
 benchmarks/out/faces_seeds/seed<N>/ (kept: a second call reuses the face cache).
 """
@@ -38,7 +39,7 @@ sys.path.insert(0, str(ROOT))
 import ensemble  # noqa: E402
 import train_face_adapter  # noqa: E402
 from benchmarks.bench_faces_hard import md_table, run_face  # noqa: E402
-from benchmarks.face_data import build_hard_dataset  # noqa: E402
+from benchmarks.face_data import build_hard_dataset, face_free_images  # noqa: E402
 from benchmarks.face_styles import STYLES  # noqa: E402
 from utils.atomic import atomic_write_bytes  # noqa: E402
 from utils.ensemble.plan import val_relevance  # noqa: E402
@@ -91,7 +92,8 @@ def one_seed(seed: int) -> tuple[dict[str, dict], dict[str, dict]]:
 
 
 def detection(seeds: list[int]) -> tuple[Table, list[str]]:
-    """The default cascade on each draw's 280 synthetic images (train and test people): share found, per style."""
+    """The default cascade on each draw's 280 synthetic images (train and test people): share found, per style;
+    and the false faces it finds in the face-free PACS images."""
     rows, shares = [], []
     for seed in seeds:
         data = seed_data(seed)
@@ -104,6 +106,9 @@ def detection(seeds: list[int]) -> tuple[Table, list[str]]:
     a = np.array(shares)
     rows.append(["**mean**", *[f"{x:.1%}" for x in a.mean(axis=0)]])
     rows.append(["**lowest, highest**", *[f"{lo:.1%}, {hi:.1%}" for lo, hi in zip(a.min(axis=0), a.max(axis=0))]])
+    free = FaceCascade(CascadeParams(), torch.device("cpu")).detect(face_free_images(10), workers=0, desc="face-free PACS")
+    false = int((free.stage >= 0).sum())
+    rows.append(["**false faces** (240 face-free PACS images, any draw)", *[""] * len(STYLES), f"{false} / {len(free.stage)} ({false / len(free.stage):.1%})"])
     return md_table("Faces the default cascade finds in each draw's synthetic images (20 training + 20 test people, 7 each)",
                     ["seed", *STYLES, "all"], rows)
 

@@ -144,3 +144,24 @@ def test_finetune_trains_only_facenets_last_blocks_and_refuses_dlib(rehearsal_da
     (runs / "dlib" / "meta.json").write_text(json.dumps(meta))  # a dlib face run's settings
     with pytest.raises(KitError, match="--adapter finetune.*uses dlib"):
         train_face_adapter.main([*common, "--source", "dlib", "--adapter", "finetune"])
+
+
+def test_a_source_run_from_before_the_rotation_and_colour_flags_keeps_its_cache_key(tmp_path):
+    """A face run whose meta.json predates --detector-rotations, --detector-rotated-stages and
+    --face-colour was made upright with colour crops: the adapter rebuilds those settings, and the
+    cascade's cache key is the one an upright cascade has (its crops are found again, not redone)."""
+    from utils.config import config_to_dict
+    from utils.faces.cascade import CascadeParams
+    from utils.faces.pipeline import build_detector
+
+    old = config_to_dict(infer_facenet.Config(data=tmp_path, runs=tmp_path / "runs", embedder="dlib"))
+    for key in ("detector_rotations", "detector_rotated_stages", "face_colour"):
+        del old[key]
+    (tmp_path / "runs" / "dlib").mkdir(parents=True)
+    (tmp_path / "runs" / "dlib" / "meta.json").write_text(json.dumps({"config": old}))
+    cfg = train_face_adapter.Config(data=tmp_path, runs=tmp_path / "runs", source="dlib")
+    src = train_face_adapter.source_settings(cfg)
+    assert src.detector_rotations == [] and src.face_colour == "rgb"
+    assert build_detector(src, torch.device("cpu")).params.tag() == CascadeParams(stage_rotations=()).tag()
+    # today's defaults rotate in two stages: another key
+    assert CascadeParams().tag() != CascadeParams(stage_rotations=()).tag()

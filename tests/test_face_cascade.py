@@ -14,7 +14,7 @@ import torch
 from PIL import Image
 
 from utils.errors import KitError
-from utils.faces.cascade import STAGES, CascadeParams, FaceCascade, landmarks_from_shape, map_back, rotate_expand
+from utils.faces.cascade import MTCNN_STAGES, STAGES, CascadeParams, FaceCascade, landmarks_from_shape, map_back, rotate_expand
 
 CPU = torch.device("cpu")
 ANGLE_DEG = 30.0
@@ -75,7 +75,7 @@ ROTATIONS = (-15.0, 15.0, -30.0, 30.0)
 @pytest.mark.parametrize("stage", STAGES)
 def test_each_stage_finds_the_sketch_rolled_30_degrees(images, stage):
     """hog, mmod and rotate as they are; every MTCNN stage with its rotation search (--detector-rotations)."""
-    params = CascadeParams(stages=(stage,), stage_rotations=() if stage in ("hog", "mmod", "rotate") else ROTATIONS)
+    params = CascadeParams(stages=(stage,), stage_rotations=() if stage in ("hog", "mmod", "rotate") else ROTATIONS, rotated_stages=MTCNN_STAGES)
     faces = FaceCascade(params, CPU).detect([images["negative30" if stage == "mtcnn_invert" else "sketch30"]], workers=0)
     assert faces.found[0], stage
     check_face(faces, 0, ANGLE_DEG, stage)
@@ -87,15 +87,39 @@ def test_stage_rotations_run_only_where_upright_found_nothing(images, monkeypatc
     angles = []
     real = cascade_module.rotate_expand
     monkeypatch.setattr(cascade_module, "rotate_expand", lambda img, a: angles.append(a) or real(img, a))
-    cascade = FaceCascade(CascadeParams(stages=("mtcnn", "mtcnn_sketch"), stage_rotations=ROTATIONS), CPU)
+    cascade = FaceCascade(CascadeParams(stages=("mtcnn", "mtcnn_sketch"), stage_rotations=ROTATIONS, rotated_stages=MTCNN_STAGES), CPU)
     faces = cascade.detect([images["sketch15"], images["blank"]], workers=0)
     assert faces.stage.tolist() == [0, -1]
     # only the blank image is rotated: by mtcnn at each angle, then by mtcnn_sketch per angle and blur
     assert angles == list(ROTATIONS) + [a for a in ROTATIONS for _ in CascadeParams().sketch_blur]
 
 
+def test_only_the_rotated_stages_search_rotated_copies(images, monkeypatch):
+    from utils.faces import cascade as cascade_module
+
+    angles = []
+    real = cascade_module.rotate_expand
+    monkeypatch.setattr(cascade_module, "rotate_expand", lambda img, a: angles.append(a) or real(img, a))
+    params = CascadeParams(stages=("mtcnn_invert", "mtcnn_clahe"), stage_rotations=ROTATIONS, rotated_stages=("mtcnn_clahe",))
+    faces = FaceCascade(params, CPU).detect([images["sketch30"]], workers=0)
+    assert angles == [ROTATIONS[0]]  # mtcnn_invert upright only; mtcnn_clahe finds it on its first rotated copy
+    assert faces.stage.tolist() == [1]
+    check_face(faces, 0, ANGLE_DEG, "mtcnn_clahe")
+    upright = FaceCascade(CascadeParams(stages=("mtcnn_invert", "mtcnn_clahe"), stage_rotations=()), CPU)
+    assert upright.detect([images["sketch30"]], workers=0).stage.tolist() == [-1]  # the search is what finds it
+
+
+def test_the_default_cascade_rotates_in_mtcnn_and_clahe_only():
+    p = CascadeParams()
+    assert p.stage_rotations == ROTATIONS and p.rotated_stages == ("mtcnn", "mtcnn_clahe")
+    # the tag names the rotated stages only where they matter: upright settings keep their cache keys
+    assert "rotated_stages" in p.tag()
+    assert "rotated_stages" not in CascadeParams(stage_rotations=()).tag()
+    assert CascadeParams(rotated_stages=MTCNN_STAGES).tag() != p.tag()
+
+
 def test_plain_mtcnn_misses_the_30_degree_sketch_and_the_cascade_recovers_it(images):
-    cascade = FaceCascade(CascadeParams(stages=("mtcnn", "rotate")), CPU)
+    cascade = FaceCascade(CascadeParams(stages=("mtcnn", "rotate"), stage_rotations=()), CPU)
     faces = cascade.detect([images["sketch30"]], workers=0)
     assert faces.stage.tolist() == [1]  # found by the rotation search, not by MTCNN upright
     check_face(faces, 0, ANGLE_DEG, "rotate")
@@ -141,6 +165,7 @@ def test_dlib_points_become_mtcnn_order_landmarks():
     ({"stages": ("hog", "hog")}, "each stage once"),
     ({"min_face_frac": 1.5}, "--min-face-frac"),
     ({"stage_rotations": (0.0, 15.0)}, "not 0"),
+    ({"rotated_stages": ("mtcnn", "hog")}, "--detector-rotated-stages"),
     ({"sketch_blur": ()}, "sketch blur"),
 ])
 def test_bad_settings_are_one_clear_line(bad, match):
@@ -152,7 +177,7 @@ def test_bad_settings_are_one_clear_line(bad, match):
 def test_the_crop_cache_records_the_stage_per_image(images, tmp_path):
     from utils.faces.crop import CropParams, face_crops
 
-    cascade = FaceCascade(CascadeParams(stages=("mtcnn", "rotate")), CPU)
+    cascade = FaceCascade(CascadeParams(stages=("mtcnn", "rotate"), stage_rotations=()), CPU)
     paths = [images["sketch30"], images["blank"], images["sketch15"]]
     crops = face_crops(paths, cascade, CropParams(size_px=150, aligner="dlib"), workers=0, cache_dir=tmp_path)
     assert crops.stage.tolist() == [1, -1, 0] and crops.stage_names == ("mtcnn", "rotate")

@@ -13,10 +13,12 @@ Stages (names for ``--detector-stages``):
     ``mmod``          dlib's CNN (mmod) face detector from face_recognition_models
     ``rotate``        MTCNN on copies rotated by ``rotations_deg``; box and landmarks mapped back
 
-Every MTCNN stage can also search rotated copies (``stage_rotations``, e.g. +-15
-and +-30 degrees: ``--detector-rotations``) of its view of the images it missed
-upright, the way ``rotate`` does for the plain image; boxes and landmarks are
-mapped back. It costs a stage one MTCNN pass per angle on face-free images.
+Each MTCNN stage in ``rotated_stages`` (``--detector-rotated-stages``; by default
+``mtcnn`` and ``mtcnn_clahe``) also searches rotated copies (``stage_rotations``,
+by default +-15 and +-30 degrees: ``--detector-rotations``) of its view of the
+images it missed upright, the way ``rotate`` does for the plain image; boxes and
+landmarks are mapped back. It costs the stage one MTCNN pass per angle on
+face-free images.
 
 A detection is kept only when its box side is at least ``min_face_frac`` of
 the image's shorter side and its score reaches the stage's gate (MTCNN: its
@@ -59,6 +61,11 @@ from utils.progress import ProgressBar
 log = logging.getLogger(__name__)
 
 STAGES = ("mtcnn", "mtcnn_clahe", "mtcnn_invert", "mtcnn_hue", "mtcnn_sketch", "mtcnn_low", "hog", "mmod", "rotate")
+MTCNN_STAGES = tuple(s for s in STAGES if s.startswith("mtcnn"))  # the stages a rotation search can extend
+# measured over 15 draws (benchmarks/results/bench_faces_seeds_detection.md): rotating in these two stages finds
+# 4 more stylised faces per 280 for 2 more false faces in 240; every MTCNN stage finds 6.5 more for 6 more
+DEFAULT_ROTATIONS = (-15.0, 15.0, -30.0, 30.0)
+DEFAULT_ROTATED_STAGES = ("mtcnn", "mtcnn_clahe")
 DEFAULT_STAGES = ("mtcnn", "mtcnn_clahe", "mtcnn_invert", "mtcnn_hue", "mmod", "mtcnn_sketch")  # measured: benchmarks/results/bench_faces_hard.md
 MMOD_FILE = "mmod_human_face_detector.dat"
 FALLBACKS = ("center", "best")
@@ -73,7 +80,8 @@ class CascadeParams:
     mtcnn: DetectorParams = field(default_factory=DetectorParams)  # canvas, thresholds, face selection
     low_thresholds: tuple[float, float, float] = (0.5, 0.6, 0.6)  # mtcnn_low's P/R/O-net thresholds
     rotations_deg: tuple[float, ...] = (-15.0, 15.0, -30.0, 30.0)  # rotate: copies tried, first hit wins
-    stage_rotations: tuple[float, ...] = ()  # every MTCNN stage: copies also tried where upright found nothing
+    stage_rotations: tuple[float, ...] = DEFAULT_ROTATIONS  # the rotated_stages: copies also tried where upright found nothing
+    rotated_stages: tuple[str, ...] = DEFAULT_ROTATED_STAGES  # the MTCNN stages that search stage_rotations (others: upright only)
     min_face_frac: float = 0.15  # box side / shorter image side below this: not a face
     min_prob: float = 0.9  # MTCNN stages: O-net probability gate
     hog_min_score: float = 0.0  # dlib HOG score gate (its own threshold is 0)
@@ -99,6 +107,9 @@ class CascadeParams:
             raise KitError(f"low thresholds {list(self.low_thresholds)}: three values in (0, 1)")
         if any(not -90.0 <= a <= 90.0 or a == 0.0 for a in (*self.rotations_deg, *self.stage_rotations)):
             raise KitError(f"rotations {[*self.rotations_deg, *self.stage_rotations]}: degrees in [-90, 90], not 0 (upright is always tried)")
+        if any(s not in MTCNN_STAGES for s in self.rotated_stages):
+            raise KitError(f"--detector-rotated-stages {list(self.rotated_stages)}: choose from {list(MTCNN_STAGES)} "
+                           "(hog and mmod search upright; the rotate stage has its own angles)")
         if not self.sketch_blur or not all(0.0 < f < 0.2 for f in self.sketch_blur):
             raise KitError(f"sketch blur {list(self.sketch_blur)}: one or more fractions of the shorter side in (0, 0.2)")
         if self.fallback not in FALLBACKS:
@@ -109,6 +120,8 @@ class CascadeParams:
         """A string that identifies these settings (cache keys)."""
         d = asdict(self)
         d["mtcnn"] = self.mtcnn.tag()
+        if not self.stage_rotations or set(self.rotated_stages) >= set(MTCNN_STAGES):
+            del d["rotated_stages"]  # no effect, or the search of every stage (as before the field existed): keys stay
         return "cascade|" + "|".join(f"{k}={v}" for k, v in sorted(d.items()))
 
 
@@ -333,7 +346,7 @@ class FaceCascade:
         if stage not in transforms:
             raise KitError(f"--detector-stages {stage!r}: choose from {list(STAGES)}")
         thresholds = p.low_thresholds if stage == "mtcnn_low" else p.mtcnn.thresholds
-        return self._search(images, thresholds, transforms[stage], (0.0, *p.stage_rotations))
+        return self._search(images, thresholds, transforms[stage], (0.0, *p.stage_rotations) if stage in p.rotated_stages else (0.0,))
 
     # ------------------------------------------------------------ the cascade
     def detect(self, paths: Sequence[Path], batch_size: int = 32, workers: int = 2, desc: str = "detecting faces") -> Faces:

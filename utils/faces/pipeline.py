@@ -36,7 +36,7 @@ from utils.faces.embedder import build_embedder
 log = logging.getLogger(__name__)
 
 # the settings that decide a face run's embeddings (and their cache keys)
-FACE_FIELDS = ("embedder", "weights", "shape_predictor", "detector", "detector_stages", "detector_rotations", "min_face_frac", "face_fallback", "face_colour",
+FACE_FIELDS = ("embedder", "weights", "shape_predictor", "detector", "detector_stages", "detector_rotations", "detector_rotated_stages", "min_face_frac", "face_fallback", "face_colour",
                "detect_px", "min_face_px", "thresholds", "face_select", "margin_px", "align_eyes", "tta",
                "detect_batch_size", "embed_batch_size", "amp", "workers")
 
@@ -71,7 +71,8 @@ def build_detector(cfg: Any, device: torch.device) -> FaceDetector | FaceCascade
     if cfg.detector == "mtcnn":
         return FaceDetector(mtcnn, device)
     if cfg.detector == "cascade":
-        return FaceCascade(CascadeParams(stages=tuple(cfg.detector_stages), stage_rotations=tuple(cfg.detector_rotations), mtcnn=mtcnn,
+        return FaceCascade(CascadeParams(stages=tuple(cfg.detector_stages), stage_rotations=tuple(cfg.detector_rotations),
+                                         rotated_stages=tuple(cfg.detector_rotated_stages), mtcnn=mtcnn,
                                          min_face_frac=cfg.min_face_frac,
                                          fallback="best" if cfg.face_fallback == "best" else "center"), device)
     if cfg.detector == "none":
