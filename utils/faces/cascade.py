@@ -62,8 +62,8 @@ log = logging.getLogger(__name__)
 
 STAGES = ("mtcnn", "mtcnn_clahe", "mtcnn_invert", "mtcnn_hue", "mtcnn_sketch", "mtcnn_low", "hog", "mmod", "rotate")
 MTCNN_STAGES = tuple(s for s in STAGES if s.startswith("mtcnn"))  # the stages a rotation search can extend
-# measured over 15 draws (benchmarks/results/bench_faces_seeds_detection.md): rotating in these two stages finds
-# 4 more stylised faces per 280 for 2 more false faces in 240; every MTCNN stage finds 6.5 more for 6 more
+# measured over 15 draws (benchmarks/results/bench_faces_rotations.md): rotating in these two stages finds 4.0
+# more of a draw's 280 stylised faces for 2 more false faces in 240; every MTCNN stage 6.5 more for 6 more; +-45 adds ~0
 DEFAULT_ROTATIONS = (-15.0, 15.0, -30.0, 30.0)
 DEFAULT_ROTATED_STAGES = ("mtcnn", "mtcnn_clahe")
 DEFAULT_STAGES = ("mtcnn", "mtcnn_clahe", "mtcnn_invert", "mtcnn_hue", "mmod", "mtcnn_sketch")  # measured: benchmarks/results/bench_faces_hard.md
@@ -328,8 +328,10 @@ class FaceCascade:
                         out[i] = hit
         return out
 
-    def run_stage(self, stage: str, images: list[np.ndarray]):
-        """One stage on ``images``: per image (box, landmarks, score, passed the gates) or None."""
+    def run_stage(self, stage: str, images: list[np.ndarray], angles: Sequence[float] | None = None):
+        """One stage on ``images``: per image (box, landmarks, score, passed the gates) or None.
+        ``angles``: for an MTCNN stage, the rotations searched in turn (0: upright); by default
+        upright, then ``stage_rotations`` where the stage is one of ``rotated_stages``."""
         p = self.params
         if stage in ("hog", "mmod"):
             return self._dlib_on(images, stage)
@@ -346,7 +348,9 @@ class FaceCascade:
         if stage not in transforms:
             raise KitError(f"--detector-stages {stage!r}: choose from {list(STAGES)}")
         thresholds = p.low_thresholds if stage == "mtcnn_low" else p.mtcnn.thresholds
-        return self._search(images, thresholds, transforms[stage], (0.0, *p.stage_rotations) if stage in p.rotated_stages else (0.0,))
+        if angles is None:
+            angles = (0.0, *p.stage_rotations) if stage in p.rotated_stages else (0.0,)
+        return self._search(images, thresholds, transforms[stage], angles)
 
     # ------------------------------------------------------------ the cascade
     def detect(self, paths: Sequence[Path], batch_size: int = 32, workers: int = 2, desc: str = "detecting faces") -> Faces:
