@@ -151,7 +151,7 @@ def test_a_source_run_from_before_the_rotation_and_colour_flags_keeps_its_cache_
     --face-colour was made upright with colour crops: the adapter rebuilds those settings, and the
     cascade's cache key is the one an upright cascade has (its crops are found again, not redone)."""
     from utils.config import config_to_dict
-    from utils.faces.cascade import CascadeParams
+    from utils.faces.cascade import MTCNN_STAGES, CascadeParams
     from utils.faces.pipeline import build_detector
 
     old = config_to_dict(infer_facenet.Config(data=tmp_path, runs=tmp_path / "runs", embedder="dlib"))
@@ -165,3 +165,10 @@ def test_a_source_run_from_before_the_rotation_and_colour_flags_keeps_its_cache_
     assert build_detector(src, torch.device("cpu")).params.tag() == CascadeParams(stage_rotations=()).tag()
     # today's defaults rotate in two stages: another key
     assert CascadeParams().tag() != CascadeParams(stage_rotations=()).tag()
+    # an old run made with --detector-rotations searched them in every MTCNN stage: read back so, same key
+    old["detector_rotations"] = [-15.0, 15.0]
+    (tmp_path / "runs" / "dlib" / "meta.json").write_text(json.dumps({"config": old}))
+    rotated = build_detector(train_face_adapter.source_settings(cfg), torch.device("cpu")).params
+    assert set(rotated.rotated_stages) == set(MTCNN_STAGES)
+    assert rotated.tag() == CascadeParams(stage_rotations=(-15.0, 15.0), rotated_stages=MTCNN_STAGES).tag()
+    assert "rotated_stages" not in rotated.tag()  # the key such a run had before the field existed

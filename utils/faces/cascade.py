@@ -63,7 +63,7 @@ log = logging.getLogger(__name__)
 STAGES = ("mtcnn", "mtcnn_clahe", "mtcnn_invert", "mtcnn_hue", "mtcnn_sketch", "mtcnn_low", "hog", "mmod", "rotate")
 MTCNN_STAGES = tuple(s for s in STAGES if s.startswith("mtcnn"))  # the stages a rotation search can extend
 # measured over 15 draws (benchmarks/results/bench_faces_rotations.md): rotating in these two stages finds 4.0
-# more of a draw's 280 stylised faces for 2 more false faces in 240; every MTCNN stage 6.5 more for 6 more; +-45 adds ~0
+# more of a draw's 280 stylised faces for 2 more false faces in 240; all five default MTCNN stages 6.5 for 6; +-45 ~0
 DEFAULT_ROTATIONS = (-15.0, 15.0, -30.0, 30.0)
 DEFAULT_ROTATED_STAGES = ("mtcnn", "mtcnn_clahe")
 DEFAULT_STAGES = ("mtcnn", "mtcnn_clahe", "mtcnn_invert", "mtcnn_hue", "mmod", "mtcnn_sketch")  # measured: benchmarks/results/bench_faces_hard.md
