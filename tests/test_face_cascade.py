@@ -81,28 +81,29 @@ def test_each_stage_finds_the_sketch_rolled_30_degrees(images, stage):
     check_face(faces, 0, ANGLE_DEG, stage)
 
 
-def test_stage_rotations_run_only_where_upright_found_nothing(images, monkeypatch):
+@pytest.fixture
+def rotated_angles(monkeypatch) -> list[float]:
+    """The angle of every rotated copy the cascade makes, in order."""
     from utils.faces import cascade as cascade_module
 
-    angles = []
+    angles: list[float] = []
     real = cascade_module.rotate_expand
     monkeypatch.setattr(cascade_module, "rotate_expand", lambda img, a: angles.append(a) or real(img, a))
+    return angles
+
+
+def test_stage_rotations_run_only_where_upright_found_nothing(images, rotated_angles):
     cascade = FaceCascade(CascadeParams(stages=("mtcnn", "mtcnn_sketch"), stage_rotations=ROTATIONS, rotated_stages=MTCNN_STAGES), CPU)
     faces = cascade.detect([images["sketch15"], images["blank"]], workers=0)
     assert faces.stage.tolist() == [0, -1]
     # only the blank image is rotated: by mtcnn at each angle, then by mtcnn_sketch per angle and blur
-    assert angles == list(ROTATIONS) + [a for a in ROTATIONS for _ in CascadeParams().sketch_blur]
+    assert rotated_angles == list(ROTATIONS) + [a for a in ROTATIONS for _ in CascadeParams().sketch_blur]
 
 
-def test_only_the_rotated_stages_search_rotated_copies(images, monkeypatch):
-    from utils.faces import cascade as cascade_module
-
-    angles = []
-    real = cascade_module.rotate_expand
-    monkeypatch.setattr(cascade_module, "rotate_expand", lambda img, a: angles.append(a) or real(img, a))
+def test_only_the_rotated_stages_search_rotated_copies(images, rotated_angles):
     params = CascadeParams(stages=("mtcnn_invert", "mtcnn_clahe"), stage_rotations=ROTATIONS, rotated_stages=("mtcnn_clahe",))
     faces = FaceCascade(params, CPU).detect([images["sketch30"]], workers=0)
-    assert angles == [ROTATIONS[0]]  # mtcnn_invert upright only; mtcnn_clahe finds it on its first rotated copy
+    assert rotated_angles == [ROTATIONS[0]]  # mtcnn_invert upright only; mtcnn_clahe finds it on its first rotated copy
     assert faces.stage.tolist() == [1]
     check_face(faces, 0, ANGLE_DEG, "mtcnn_clahe")
     upright = FaceCascade(CascadeParams(stages=("mtcnn_invert", "mtcnn_clahe"), stage_rotations=()), CPU)
