@@ -73,41 +73,9 @@ def test_one_flag_name_one_meaning(name):
         assert "split" in opts["--seed"].help
 
 
-def test_readme_flags_exist_in_their_scripts():
-    """Every --flag the README shows on a `python SCRIPT.py` line is an option of that script."""
-    readme = (ROOT / "README.md").read_text()
-    bad = []
-    for line in readme.splitlines():
-        m = re.search(r"python (?:-m )?(\w+)\.py\b(.*)", line)
-        if not m or m.group(1) not in SCRIPTS:
-            continue
-        opts = _options(m.group(1))
-        for flag in re.findall(r"(?<![\w-])(--[a-z][a-z0-9-]*)", m.group(2)):
-            if flag not in opts and flag not in ("--help",):
-                bad.append(f"{m.group(1)}.py {flag}")
-    assert not bad, f"README flags the scripts do not have: {bad}"
-
-
 @pytest.mark.parametrize("name", SCRIPTS)
 def test_unknown_options_are_rejected(name, capsys):
     with pytest.raises(SystemExit) as info:
         importlib.import_module(name).build_parser().parse_args(["--definitely-not-an-option"])
     assert info.value.code == 2
     assert "unrecognized arguments" in capsys.readouterr().err
-
-
-def test_readme_layout_names_every_module():
-    """The README's "Layout of the code" section matches the tree: every group and module is named."""
-    readme = (ROOT / "README.md").read_text()
-    section = readme[readme.index("## Layout of the code"):]
-    section = section[: section.index("\n## ", 3)]
-    missing = []
-    for path in sorted((ROOT / "utils").rglob("*.py")):
-        if path.name == "__init__.py" or "__pycache__" in path.parts:
-            continue
-        group = path.parent.relative_to(ROOT / "utils")
-        if str(group) != "." and f"{group}/" not in section:
-            missing.append(f"utils/{group}/")
-        if not re.search(rf"\b{path.stem}\b", section):
-            missing.append(str(path.relative_to(ROOT)))
-    assert not missing, f"README layout does not name: {sorted(set(missing))}"

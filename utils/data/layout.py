@@ -1,4 +1,4 @@
-"""The competition folder layout of DESIGN.md, checked once.
+"""The competition folder layout of docs/design.md, checked once.
 
     DATA/train/<identity>/<image>
     DATA/test/query/<image>

@@ -1,4 +1,4 @@
-"""The deterministic validation split of DESIGN.md, written once to runs/split.json.
+"""The deterministic validation split of docs/design.md, written once to runs/split.json.
 
 A fraction of the training identities is held out. For each held-out identity
 some images become validation queries and the rest validation gallery; the

@@ -1,6 +1,6 @@
 """Top-10 lists, their validation, and the request body (building, saving, reading it back).
 
-Body forms (DESIGN.md): ``dict`` -> ``{"groupname": G, "images": {query: [10 names]}}``;
+Body forms (docs/design.md): ``dict`` -> ``{"groupname": G, "images": {query: [10 names]}}``;
 ``list`` (earlier rounds) -> ``{"groupname": G, "images": [{"filename": q,
 "gallery_images": [10 names]}]}``. The body is always written to disk first;
 :func:`parse_body` reads either form back and checks its shape (``--resend`` and
