@@ -54,7 +54,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     if cfg.timeout_s <= 0:
         raise KitError(f"--timeout-s {cfg.timeout_s}: must be > 0")
     cl = Checklist()
-    layout = check_data(cl, cfg.data)
+    layout = check_data(cl, cfg.data, cfg.runs)
     check_runs(cl, cfg.runs, layout)
     check_accelerator(cl)
     check_disk(cl, cfg.runs)

@@ -3,6 +3,7 @@ unloadable weights and a server that does not answer are blockers (exit 1)."""
 
 from __future__ import annotations
 
+import json
 import shutil
 import socket
 from contextlib import contextmanager
@@ -156,3 +157,48 @@ def test_server_that_answers_and_one_that_does_not(rehearsal_data_session, capsy
 def test_bad_timeout_flag_is_one_line():
     with pytest.raises(KitError, match="--timeout-s 0.0: must be > 0"):
         preflight.main(["--timeout-s", "0"])
+
+
+def _keep_identities(data: Path, keep: int, single: int = 0) -> None:
+    """Leave ``keep`` training identities, the first ``single`` of them with one image."""
+    idents = sorted(p for p in (data / "train").iterdir() if p.is_dir())
+    for d in idents[keep:]:
+        shutil.rmtree(d)
+    for d in idents[:single]:
+        for p in sorted(d.iterdir())[1:]:
+            p.unlink()
+
+
+@pytest.mark.parametrize("case", ["one identity", "one identity with two images", "split.json val_fraction 0.95"])
+def test_preflight_blocks_data_the_scripts_refuse(rehearsal_data, tmp_path, case):
+    """The split the model scripts make is made by preflight too: data no script accepts is not 'ready'."""
+    from utils.data.split import SplitParams
+    from utils.data.task import prepare_task
+
+    runs = tmp_path / "runs"
+    params = SplitParams()
+    if case == "one identity":
+        _keep_identities(rehearsal_data, 1)
+    elif case == "one identity with two images":
+        _keep_identities(rehearsal_data, 3, single=2)
+    elif case == "split.json val_fraction 0.95":
+        _keep_identities(rehearsal_data, 3)
+        params = SplitParams(val_fraction=0.95)
+        runs.mkdir()
+        (runs / "split.json").write_text(json.dumps({"params": {"seed": 0, "val_fraction": 0.95, "query_domain": "real"}}))
+    else:
+        raise ValueError(case)
+    with pytest.raises(KitError) as refused:  # what train_resnet.py & co. do first
+        prepare_task(rehearsal_data, tmp_path / "script_runs", params)
+    cl = Checklist()
+    check_data(cl, rehearsal_data, runs)
+    status, detail = _items(cl)[("data", "validation split")]
+    assert status == BLOCK and str(refused.value) in detail
+    assert preflight.main(["--data", str(rehearsal_data), "--runs", str(runs)]) == 1
+
+
+def test_preflight_reports_the_split_the_scripts_will_make(rehearsal_data_session):
+    cl = Checklist()
+    check_data(cl, rehearsal_data_session)
+    status, detail = _items(cl)[("data", "validation split")]
+    assert status == OK and detail.startswith("3 held-out identities") and "default" in detail

@@ -8,6 +8,7 @@ training images, near-empty images and duplicate files are warnings.
 from __future__ import annotations
 
 import hashlib
+import json
 from collections import Counter
 from pathlib import Path
 
@@ -16,6 +17,7 @@ import numpy as np
 from utils.checklist import Checklist
 from utils.data.images import ImageError, load_image
 from utils.data.layout import MIN_GALLERY, DataLayout, load_layout
+from utils.data.split import SplitParams, make_split
 from utils.errors import KitError
 from utils.progress import track
 
@@ -112,10 +114,34 @@ def check_duplicates(cl: Checklist, layout: DataLayout) -> None:
             f"e.g. {' = '.join(layout.rel(p) for p in e[:3])}")
 
 
-def check_data(cl: Checklist, data: Path) -> DataLayout | None:
+def split_params_of(runs: Path | None) -> tuple[SplitParams, str]:
+    """The split parameters the model scripts will use: those of ``runs/split.json`` if any, else the defaults."""
+    path = Path(runs) / "split.json" if runs is not None else None
+    if path is None or not path.is_file():
+        return SplitParams(), "default --seed/--val-fraction/--query-domain"
+    try:
+        return SplitParams(**json.loads(path.read_text())["params"]), f"the parameters of {path}"
+    except (OSError, ValueError, TypeError, KeyError):
+        return SplitParams(), f"default parameters ({path} unreadable)"
+
+
+def check_split(cl: Checklist, layout: DataLayout, runs: Path | None = None) -> None:
+    """The validation split every model script makes (the same function): data it refuses is a blocker."""
+    params, source = split_params_of(runs)
+    try:
+        split = make_split(layout, params)
+    except KitError as err:
+        cl.block("data", "validation split", f"{err} (every model script refuses this data)")
+        return
+    cl.ok("data", "validation split", f"{len(split.val)} held-out identities, {len(split.val_query)} queries x "
+          f"{len(split.val_gallery)} gallery ({source})")
+
+
+def check_data(cl: Checklist, data: Path, runs: Path | None = None) -> DataLayout | None:
     """Every data check; the layout when it could be read."""
     layout = check_layout(cl, data)
     if layout is not None:
+        check_split(cl, layout, runs)
         check_images(cl, layout)
         check_duplicates(cl, layout)
     return layout
