@@ -202,3 +202,38 @@ def test_preflight_reports_the_split_the_scripts_will_make(rehearsal_data_sessio
     check_data(cl, rehearsal_data_session)
     status, detail = _items(cl)[("data", "validation split")]
     assert status == OK and detail.startswith("3 held-out identities") and "default" in detail
+
+
+def test_query_files_the_kit_will_not_read_are_counted_and_block(rehearsal_data, capsys):
+    """Ten files in test/query, four of them not named like an image the kit reads: preflight blocks, naming them,
+    and every script stops on the first one (load_layout), where today's kit listed 6 queries and went on."""
+    query = rehearsal_data / "test" / "query"
+    first = sorted(query.iterdir())[0]
+    n_images = len(list(query.iterdir()))
+    odd = ["q6", "q7.jfif", "q8.jpeg ", "q9.avif"]
+    for name in odd:
+        shutil.copy(first, query / name)
+    (query / ".DS_Store").write_bytes(b"\0")
+    cl = Checklist()
+    check_data(cl, rehearsal_data)
+    status, detail = _items(cl)[("data", "query files")]
+    assert status == BLOCK and detail.startswith(f"{n_images + 5} entries, {n_images} images the kit reads; 4 it will not:")
+    assert "'test/query/q6' (no extension ('q6'))" in detail and "'test/query/q7.jfif' (extension '.jfif'" in detail
+    assert "'test/query/q8.jpeg ' (extension '.jpeg ' has a space in it)" in detail
+    assert _items(cl)[("data", "gallery files")] == (OK, f"{len(list((rehearsal_data / 'test' / 'gallery').iterdir()))} entries, "
+                                                    f"{len(list((rehearsal_data / 'test' / 'gallery').iterdir()))} images the kit reads: every file is an image")
+    with pytest.raises(KitError, match=r"test/query/q6: no extension \('q6'\); convert or rename it"):
+        load_layout(rehearsal_data)  # what every model script, ensemble and submit read first
+    assert preflight.main(["--data", str(rehearsal_data)]) == 1
+    for name in odd:
+        (query / name).unlink()
+    cl = Checklist()
+    check_data(cl, rehearsal_data)
+    status, detail = _items(cl)[("data", "query files")]
+    assert status == WARN and "1 hidden, system or sub-folder entries ignored: '.DS_Store'" in detail
+    ident = sorted((rehearsal_data / "train").iterdir())[0]
+    shutil.copy(first, ident / "x.heic")
+    cl = Checklist()
+    check_data(cl, rehearsal_data)
+    status, detail = _items(cl)[("data", "training files")]
+    assert status == WARN and f"'train/{ident.name}/x.heic'" in detail and cl.exit_code() == 0

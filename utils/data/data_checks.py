@@ -15,7 +15,7 @@ from pathlib import Path
 import numpy as np
 
 from utils.checklist import Checklist
-from utils.data.images import ImageError, load_image
+from utils.data.images import ImageError, load_image, scan_folder
 from utils.data.layout import MIN_GALLERY, DataLayout, load_layout
 from utils.data.split import SplitParams, make_split
 from utils.errors import KitError
@@ -32,6 +32,35 @@ def file_sha256(path: Path) -> str:
         while chunk := f.read(_CHUNK):
             digest.update(chunk)
     return digest.hexdigest()
+
+
+def _examples(entries: list[tuple[Path, str]], root: Path) -> str:
+    return "; ".join(f"{p.relative_to(root).as_posix()!r} ({why})" for p, why in entries[:3]) + (" ..." if len(entries) > 3 else "")
+
+
+def check_files(cl: Checklist, data: Path) -> None:
+    """Every file of the query and gallery folders counted: one the kit will not read is a blocker
+    (the server wants every query); hidden or system files are a warning; unknown training files too."""
+    for what in ("query", "gallery"):
+        try:
+            listing = scan_folder(data / "test" / what)
+        except KitError:
+            continue  # check_layout names the missing folder
+        bad = listing.unknown + listing.broken_links
+        counts = f"{listing.n_entries} entries, {len(listing.images)} images the kit reads"
+        if bad:
+            cl.block("data", f"{what} files", f"{counts}; {len(bad)} it will not: {_examples(bad, data)}; "
+                     "convert or rename them, or move them out")
+        elif listing.ignored:
+            names = ", ".join(repr(p.name) for p in listing.ignored[:3])
+            cl.warn("data", f"{what} files", f"{counts}; {len(listing.ignored)} hidden, system or sub-folder entries ignored: {names}")
+        else:
+            cl.ok("data", f"{what} files", f"{counts}: every file is an image")
+    train = data / "train"
+    skipped = [e for d in sorted(train.iterdir()) if d.is_dir() and not d.name.startswith(".")
+               for e in scan_folder(d).unknown] if train.is_dir() else []
+    if skipped:
+        cl.warn("data", "training files", f"{len(skipped)} not images the kit reads (skipped in training): {_examples(skipped, data)}")
 
 
 def check_layout(cl: Checklist, data: Path) -> DataLayout | None:
@@ -139,6 +168,7 @@ def check_split(cl: Checklist, layout: DataLayout, runs: Path | None = None) -> 
 
 def check_data(cl: Checklist, data: Path, runs: Path | None = None) -> DataLayout | None:
     """Every data check; the layout when it could be read."""
+    check_files(cl, data)
     layout = check_layout(cl, data)
     if layout is not None:
         check_split(cl, layout, runs)

@@ -64,12 +64,14 @@ def read_ground_truth(path: Path) -> dict[str, list[str]]:
 def load_layout(root: str | Path) -> DataLayout:
     """Read and check a data folder.
 
-    A training image that is a broken symbolic link is skipped with a warning
-    line; one among the query or gallery images stops here.
+    A training file that is a broken symbolic link or not an image the kit reads
+    (:func:`~utils.data.images.extension_problem`) is skipped with a warning
+    line; one among the query or gallery files stops here.
 
     Raises:
         KitError: a folder is missing or empty, the gallery has fewer than 10
-            images, or a query or gallery link points nowhere or loops.
+            images, a query or gallery link points nowhere or loops, or a
+            query or gallery file has an extension the kit does not read.
     """
     root = Path(root)
     if not root.is_dir():
@@ -79,7 +81,7 @@ def load_layout(root: str | Path) -> DataLayout:
         raise KitError(f"{train_dir}: folder not found; expected DATA/train/<identity>/<image>")
     train = {}
     for d in sorted(p for p in train_dir.iterdir() if p.is_dir() and not p.name.startswith(".")):
-        imgs = list_images(d, what="training", broken_links="skip")
+        imgs = list_images(d, what="training", broken_links="skip", unknown="skip")
         if imgs:
             train[d.name] = imgs
     if not train:
