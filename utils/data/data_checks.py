@@ -166,6 +166,18 @@ def check_split(cl: Checklist, layout: DataLayout, runs: Path | None = None) -> 
           f"{len(split.val_gallery)} gallery ({source})")
 
 
+def matrix_shapes(layout: DataLayout | None, runs: Path | None = None) -> list[tuple[int, int]]:
+    """(queries, gallery) of each split a model run writes: val (from the split the scripts will make) and test."""
+    if layout is None:
+        return []
+    shapes = [(len(layout.query), len(layout.gallery))]
+    try:
+        split = make_split(layout, split_params_of(runs)[0])
+    except KitError:
+        return shapes  # check_split reports it
+    return [(len(split.val_query), len(split.val_gallery)), *shapes]
+
+
 def check_data(cl: Checklist, data: Path, runs: Path | None = None) -> DataLayout | None:
     """Every data check; the layout when it could be read."""
     check_files(cl, data)
