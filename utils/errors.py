@@ -6,12 +6,21 @@ system refusal the user can fix (read-only, no space, quota, file too large,
 permission denied, a file where a folder is expected) becomes the same kind of
 line, ``error: <path>: <problem>; <what to do>`` (:func:`filesystem_error`).
 Anything else is a bug in the kit and keeps its traceback.
+
+Ctrl-C and SIGTERM end the same way: one line with the exact command that goes
+on (:func:`resume_command`): the same command plus ``--resume`` for a script
+that has the flag, else the same command (its caches make finished steps
+cheap), or what the script's module sets in ``INTERRUPT_HINT``. Exit code 130
+(Ctrl-C) or 143 (SIGTERM).
 """
 
 from __future__ import annotations
 
 import errno
 import os
+import shlex
+import shutil
+import signal
 import sys
 from pathlib import Path
 from typing import Callable, Sequence
@@ -60,8 +69,49 @@ def filesystem_error(err: OSError, path: str | os.PathLike | None = None) -> Kit
     return KitError(f"{where or '(file system)'}: {problem}; {fix}")
 
 
+class Terminated(KeyboardInterrupt):
+    """SIGTERM, raised where the process was, so that it ends like Ctrl-C (files closed, temps removed)."""
+
+
+def _raise_terminated(signum, frame) -> None:
+    raise Terminated()
+
+
+def resume_command(main: Callable, argv: Sequence[str] | None = None) -> str:
+    """What to type to go on after ``main`` was interrupted: its command line, plus ``--resume`` if its parser has it.
+
+    Args:
+        main: the script's ``main``; its module's ``build_parser()`` tells whether it takes ``--resume``,
+            and a module-level ``INTERRUPT_HINT`` string replaces the advice.
+        argv: the command line (default ``sys.argv``).
+    """
+    argv = list(sys.argv if argv is None else argv)
+    module = sys.modules.get(getattr(main, "__module__", ""), None)
+    hint = getattr(module, "INTERRUPT_HINT", None)
+    if hint:
+        return str(hint)
+    python = "python" if shutil.which("python") == sys.executable else sys.executable
+    spec = getattr(module, "__spec__", None) if getattr(main, "__module__", "") == "__main__" else None
+    if spec is not None and spec.name:  # started as python -m NAME
+        head = [python, "-m", spec.name.removesuffix(".__main__")]
+    else:
+        head = [python, argv[0]]
+    args = argv[1:]
+    build_parser = getattr(module, "build_parser", None)
+    takes_resume = build_parser is not None and "--resume" in build_parser()._option_string_actions
+    if takes_resume:
+        cmd = shlex.join([*head, *args, *([] if "--resume" in args else ["--resume"])])
+        return f"to go on from the last saved epoch: {cmd}  (if none was saved yet, run it without --resume)"
+    return f"to go on, run it again (finished steps are cached, so they are cheap): {shlex.join([*head, *args])}"
+
+
 def run_cli(main: Callable[[Sequence[str] | None], int | None]) -> None:
-    """Run ``main(None)`` and exit with its code; a KitError or a fixable OSError becomes one line on stderr."""
+    """Run ``main(None)`` and exit with its code; a KitError or a fixable OSError becomes one line on stderr,
+    Ctrl-C or SIGTERM one line with the command that goes on."""
+    try:
+        signal.signal(signal.SIGTERM, _raise_terminated)
+    except ValueError:  # not the main thread: leave SIGTERM alone
+        pass
     try:
         code = main(None)
     except KitError as err:
@@ -73,7 +123,9 @@ def run_cli(main: Callable[[Sequence[str] | None], int | None]) -> None:
             raise
         print(f"error: {mapped}", file=sys.stderr)
         code = 2
-    except KeyboardInterrupt:
-        print("interrupted", file=sys.stderr)
-        code = 130
+    except KeyboardInterrupt as err:
+        term = isinstance(err, Terminated)
+        signal.signal(signal.SIGTERM, signal.SIG_DFL)  # a second SIGTERM while printing ends the process
+        print(f"interrupted ({'SIGTERM' if term else 'Ctrl-C'}); {resume_command(main)}", file=sys.stderr)
+        code = 143 if term else 130
     sys.exit(code or 0)
