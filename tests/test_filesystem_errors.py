@@ -125,9 +125,11 @@ def test_run_cli_maps_a_raw_os_error_and_keeps_other_tracebacks(tmp_path, capsys
 
 def test_atomic_write_names_the_file_when_the_disk_is_full(tmp_path, monkeypatch):
     _refuse_under(monkeypatch, tmp_path, errno.ENOSPC, "write")
-    with pytest.raises(KitError, match=rf"^{tmp_path / 'm.npy'}: no space left on the device; free space there"):
+    with pytest.raises(KitError, match=rf"^{tmp_path / 'm.npy'}: no space left on the device; free space there") as info:
         atomic_write_bytes(tmp_path / "m.npy", b"x" * 100)
     assert list(tmp_path.iterdir()) == []
+    # still an OSError with its errno, for callers that go on without a cache when the disk is full
+    assert isinstance(info.value, OSError) and info.value.errno == errno.ENOSPC and info.value.filename == str(tmp_path / "m.npy")
 
 
 def test_preflight_blocks_a_runs_folder_it_cannot_write(rehearsal_data_session, tmp_path, monkeypatch, capsys):

@@ -30,6 +30,17 @@ class KitError(Exception):
     """A problem with the user's input, files or flags; the message says the fix."""
 
 
+class FileSystemError(KitError, OSError):
+    """A file system refusal the user can fix: one line for :func:`run_cli`, and still an ``OSError`` with its
+    ``errno`` and ``filename`` for code that catches those (e.g. to go on without a cache)."""
+
+    def __init__(self, code: int, message: str, filename: str | None = None):
+        super().__init__(code, message, filename)
+
+    def __str__(self) -> str:
+        return str(self.strerror)
+
+
 # errno -> (problem, what to do): the file system refusals a user can fix
 FILESYSTEM_ERRORS = {
     errno.EROFS: ("read-only file system", "write somewhere writable (e.g. another --runs/--out) or remount it read-write"),
@@ -53,20 +64,22 @@ def _blocking_file(path: str) -> str:
     return path
 
 
-def filesystem_error(err: OSError, path: str | os.PathLike | None = None) -> KitError | None:
+def filesystem_error(err: OSError, path: str | os.PathLike | None = None) -> FileSystemError | None:
     """``err`` as one line naming the path and what to do; ``None`` when it is not a refusal the user can fix.
 
     Args:
         err: the error the operating system raised.
         path: the file being written, when ``err`` does not name it (``os.write`` errors name no file).
     """
+    if isinstance(err, FileSystemError):
+        return err
     if err.errno not in FILESYSTEM_ERRORS:
         return None
     problem, fix = FILESYSTEM_ERRORS[err.errno]
     where = os.fsdecode(err.filename) if err.filename is not None else (os.fspath(path) if path is not None else "")
     if err.errno == errno.ENOTDIR and where:
         where = _blocking_file(where)
-    return KitError(f"{where or '(file system)'}: {problem}; {fix}")
+    return FileSystemError(err.errno, f"{where or '(file system)'}: {problem}; {fix}", where or None)
 
 
 class Terminated(KeyboardInterrupt):
