@@ -236,4 +236,10 @@ def test_query_files_the_kit_will_not_read_are_counted_and_block(rehearsal_data,
     cl = Checklist()
     check_data(cl, rehearsal_data)
     status, detail = _items(cl)[("data", "training files")]
-    assert status == WARN and f"'train/{ident.name}/x.heic'" in detail and cl.exit_code() == 0
+    assert status == WARN and f"'train/{ident.name}/x.heic' (extension '.heic' is not one the kit reads)" in detail
+    assert cl.exit_code() == 0
+    shutil.copy(first, rehearsal_data / "train" / "no_identity.jpg")
+    cl = Checklist()
+    check_data(cl, rehearsal_data)
+    status, detail = _items(cl)[("data", "training files")]
+    assert status == WARN and detail.startswith("2 not used for training") and "'train/no_identity.jpg' (outside an identity folder)" in detail

@@ -16,7 +16,7 @@ import numpy as np
 
 from utils.checklist import Checklist
 from utils.data.images import ImageError, load_image, scan_folder
-from utils.data.layout import MIN_GALLERY, DataLayout, load_layout
+from utils.data.layout import MIN_GALLERY, DataLayout, load_layout, stray_training_files
 from utils.data.split import SplitParams, make_split
 from utils.errors import KitError
 from utils.progress import track
@@ -57,10 +57,12 @@ def check_files(cl: Checklist, data: Path) -> None:
         else:
             cl.ok("data", f"{what} files", f"{counts}: every file is an image")
     train = data / "train"
-    skipped = [e for d in sorted(train.iterdir()) if d.is_dir() and not d.name.startswith(".")
-               for e in scan_folder(d).unknown] if train.is_dir() else []
+    if not train.is_dir():
+        return  # check_layout names it
+    skipped = [e for d in sorted(train.iterdir()) if d.is_dir() and not d.name.startswith(".") for e in scan_folder(d).unknown]
+    skipped += [(p, "outside an identity folder") for p in stray_training_files(train)]
     if skipped:
-        cl.warn("data", "training files", f"{len(skipped)} not images the kit reads (skipped in training): {_examples(skipped, data)}")
+        cl.warn("data", "training files", f"{len(skipped)} not used for training: {_examples(skipped, data)}")
 
 
 def check_layout(cl: Checklist, data: Path) -> DataLayout | None:
