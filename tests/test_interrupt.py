@@ -11,6 +11,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 import visualize
 from utils.errors import resume_command
 
@@ -76,3 +78,20 @@ def test_a_script_without_resume_says_to_run_it_again():
     assert hint.startswith("to go on, run it again (finished steps are cached, so they are cheap): ")
     assert hint.endswith("visualize.py --run 'runs/my run'") and "--resume" not in hint
 
+
+
+def test_run_cli_gives_sigterm_back_as_it_found_it(capsys):
+    """In-process callers (tests, notebooks) keep their own SIGTERM handling after run_cli returns."""
+    from utils.errors import run_cli
+
+    before = signal.getsignal(signal.SIGTERM)
+    seen = []
+
+    def main(argv):
+        seen.append(signal.getsignal(signal.SIGTERM))
+        return 0
+
+    with pytest.raises(SystemExit) as done:
+        run_cli(main)
+    assert done.value.code == 0
+    assert seen[0] is not before and signal.getsignal(signal.SIGTERM) is before

@@ -118,27 +118,36 @@ def resume_command(main: Callable, argv: Sequence[str] | None = None) -> str:
     return f"to go on, run it again (finished steps are cached, so they are cheap): {shlex.join([*head, *args])}"
 
 
-def run_cli(main: Callable[[Sequence[str] | None], int | None]) -> None:
-    """Run ``main(None)`` and exit with its code; a KitError or a fixable OSError becomes one line on stderr,
-    Ctrl-C or SIGTERM one line with the command that goes on."""
+def _run_main(main: Callable[[Sequence[str] | None], int | None]) -> int:
+    """``main(None)``'s exit code, with the user's errors and interruptions turned into one line on stderr."""
     try:
-        signal.signal(signal.SIGTERM, _raise_terminated)
-    except ValueError:  # not the main thread: leave SIGTERM alone
-        pass
-    try:
-        code = main(None)
+        return main(None) or 0
     except KitError as err:
         print(f"error: {err}", file=sys.stderr)
-        code = 2
+        return 2
     except OSError as err:
         mapped = filesystem_error(err)
         if mapped is None:
             raise
         print(f"error: {mapped}", file=sys.stderr)
-        code = 2
+        return 2
     except KeyboardInterrupt as err:
         term = isinstance(err, Terminated)
         signal.signal(signal.SIGTERM, signal.SIG_DFL)  # a second SIGTERM while printing ends the process
         print(f"interrupted ({'SIGTERM' if term else 'Ctrl-C'}); {resume_command(main)}", file=sys.stderr)
-        code = 143 if term else 130
-    sys.exit(code or 0)
+        return 143 if term else 130
+
+
+def run_cli(main: Callable[[Sequence[str] | None], int | None]) -> None:
+    """Run ``main(None)`` and exit with its code; a KitError or a fixable OSError becomes one line on stderr,
+    Ctrl-C or SIGTERM one line with the command that goes on."""
+    try:
+        previous = signal.signal(signal.SIGTERM, _raise_terminated)
+    except ValueError:  # not the main thread: leave SIGTERM alone
+        previous = None
+    try:
+        code = _run_main(main)
+    finally:
+        if previous is not None:
+            signal.signal(signal.SIGTERM, previous)
+    sys.exit(code)
