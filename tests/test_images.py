@@ -272,3 +272,12 @@ def test_broken_links_can_be_skipped_with_a_line(tmp_path, caplog):
     assert [p.name for p in listed] == ["good_link.png", "ok.png"]
     assert f"skipping training image {tmp_path / 'dangling.jpg'}: symbolic link points nowhere" in caplog.text
     assert f"skipping training file {tmp_path / 'notes.txt'}: extension '.txt'" in caplog.text
+
+
+def test_a_name_with_a_newline_is_named_on_one_line(tmp_path):
+    Image.new("RGB", (4, 4)).save(tmp_path / "ok.png")
+    Image.new("RGB", (4, 4)).save(tmp_path / "two\nlines.jfif", format="PNG")
+    with pytest.raises(ImageError) as info:
+        list_images(tmp_path, what="gallery")
+    assert str(info.value).startswith(f"{str(tmp_path / 'two')!r}"[:-1] + "\\nlines.jfif': extension '.jfif'")
+    assert "\n" not in str(info.value)

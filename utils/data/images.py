@@ -51,7 +51,8 @@ class ImageError(KitError):
     def __init__(self, path: str | Path, problem: str):
         self.path = str(path)
         self.problem = problem
-        super().__init__(f"{path}: {problem}")
+        shown = self.path if self.path.isprintable() else repr(self.path)  # a newline in a name: still one line
+        super().__init__(f"{shown}: {problem}")
 
     def __reduce__(self):  # survive the trip back from a DataLoader worker
         return (ImageError, (self.path, self.problem))
