@@ -1,6 +1,7 @@
 """Check everything before competition day's first command: data, runs, machine, server.
 
-    # the data folder (layout, counts, unreadable, near-empty and duplicate images) and the machine:
+    # the data folder (every file counted; layout, the validation split, unreadable, near-empty and
+    # duplicate images) and the machine (GPU; runs/ and submissions/ writable, room for the matrices):
     python preflight.py --data DATA
     # also every run under runs/ (complete, hashes match, on this data's lists; weight files load):
     python preflight.py --data DATA --runs runs
@@ -22,10 +23,10 @@ from typing import Sequence
 
 from utils.checklist import BLOCK, WARN, Checklist
 from utils.config import add_config_args, config_from_args
-from utils.data.data_checks import check_data
+from utils.data.data_checks import check_data, matrix_shapes
 from utils.errors import KitError, run_cli
 from utils.logs import console, setup_logging
-from utils.machine_checks import check_accelerator, check_disk
+from utils.machine_checks import check_accelerator, check_output_folders
 from utils.runs.run_checks import check_runs
 from utils.submission.server_check import check_server
 
@@ -36,6 +37,7 @@ log = logging.getLogger("preflight")
 class Config:
     data: Path = field(default=Path("data"), metadata={"help": "competition data folder", "metavar": "DIR"})
     runs: Path = field(default=Path("runs"), metadata={"help": "runs folder to check (a missing one is only a warning)", "metavar": "DIR"})
+    submissions: Path = field(default=Path("submissions"), metadata={"help": "folder submit.py writes (its --out)", "metavar": "DIR"})
     url: str = field(default="", metadata={"help": "server URL to GET (default: $COMPETITION_URL; none: not checked)"})
     group: str = field(default="", metadata={"help": "team name (default: $COMPETITION_GROUP)", "metavar": "NAME"})
     timeout_s: float = field(default=5.0, metadata={"help": "seconds the server may take to answer the GET"})
@@ -54,10 +56,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     if cfg.timeout_s <= 0:
         raise KitError(f"--timeout-s {cfg.timeout_s}: must be > 0")
     cl = Checklist()
-    layout = check_data(cl, cfg.data)
+    layout = check_data(cl, cfg.data, cfg.runs)
     check_runs(cl, cfg.runs, layout)
     check_accelerator(cl)
-    check_disk(cl, cfg.runs)
+    check_output_folders(cl, cfg.runs, cfg.submissions, matrix_shapes(layout, cfg.runs))
     check_server(cl, cfg.url or os.environ.get("COMPETITION_URL", ""), cfg.group or os.environ.get("COMPETITION_GROUP", ""), cfg.timeout_s)
     console.print(cl.table(f"preflight: {cfg.data}"))
     blockers, warnings = cl.count(BLOCK), cl.count(WARN)

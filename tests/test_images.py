@@ -16,7 +16,7 @@ from PIL import Image
 
 from tests.conftest import ROOT
 from utils.data import images
-from utils.data.images import ImageError, check_images, list_images, load_image
+from utils.data.images import ImageError, check_images, list_images, load_image, scan_folder
 from utils.errors import KitError
 
 
@@ -97,13 +97,39 @@ def test_broken_files_name_the_file_and_problem(tmp_path, name, content, problem
     assert "\n" not in str(info.value)
 
 
-def test_listing_skips_non_images_and_hidden_files(tmp_path):
+def test_listing_ignores_hidden_files_junk_and_folders_with_a_line(tmp_path, caplog):
     Image.new("RGB", (4, 4)).save(tmp_path / "b.png")
     Image.new("RGB", (4, 4)).save(tmp_path / "a.JPG", format="JPEG")
-    (tmp_path / "notes.txt").write_text("x")
     (tmp_path / ".DS_Store").write_bytes(b"\0")
+    (tmp_path / "._a.JPG").write_bytes(b"\0")  # macOS resource fork
+    (tmp_path / "Thumbs.db").write_bytes(b"\0")
     (tmp_path / "sub").mkdir()
-    assert [p.name for p in list_images(tmp_path)] == ["a.JPG", "b.png"]
+    with caplog.at_level(logging.WARNING):
+        assert [p.name for p in list_images(tmp_path, what="query")] == ["a.JPG", "b.png"]
+    assert "ignoring 4 hidden, system or sub-folder entries: '.DS_Store', '._a.JPG', 'Thumbs.db', 'sub'" in caplog.text
+    listing = scan_folder(tmp_path)
+    assert listing.n_entries == 6 and not listing.unknown
+
+
+@pytest.mark.parametrize("name, problem", [
+    ("q6", "no extension ('q6')"),
+    ("q7.jfif", "extension '.jfif' is not one the kit reads"),
+    ("q8.jpeg ", "extension '.jpeg ' has a space in it"),
+    ("q9.avif", "extension '.avif' is not one the kit reads"),
+    ("notes.txt", "extension '.txt' is not one the kit reads"),
+])
+def test_a_query_file_the_kit_will_not_read_stops_the_listing(tmp_path, caplog, name, problem):
+    """Every query or gallery file counts: one the kit would not read is named, not dropped."""
+    Image.new("RGB", (4, 4)).save(tmp_path / "ok.png")
+    Image.new("RGB", (4, 4)).save(tmp_path / name, format="PNG")
+    with pytest.raises(ImageError) as info:
+        list_images(tmp_path, what="query")
+    msg = str(info.value)
+    assert msg.startswith(f"{tmp_path / name}: {problem}; convert or rename it to one of .bmp ")
+    assert "query images must all be readable" in msg and "\n" not in msg
+    with caplog.at_level(logging.WARNING):  # training: skipped, one line each
+        assert [p.name for p in list_images(tmp_path, what="training", unknown="skip")] == ["ok.png"]
+    assert f"skipping training file {tmp_path / name}: {problem}" in caplog.text
 
 
 def test_listing_a_missing_folder_is_a_clear_error(tmp_path):
@@ -240,8 +266,18 @@ def test_broken_links_can_be_skipped_with_a_line(tmp_path, caplog):
     Image.new("RGB", (4, 4)).save(tmp_path / "ok.png")
     os.symlink(tmp_path / "ok.png", tmp_path / "good_link.png")
     os.symlink(tmp_path / "gone.png", tmp_path / "dangling.jpg")
-    os.symlink(tmp_path / "gone.txt", tmp_path / "notes.txt")  # not named like an image: not listed, no line
+    os.symlink(tmp_path / "gone.txt", tmp_path / "notes.txt")  # not named like an image: an unknown file
     with caplog.at_level(logging.WARNING):
-        assert [p.name for p in list_images(tmp_path, what="training", broken_links="skip")] == ["good_link.png", "ok.png"]
+        listed = list_images(tmp_path, what="training", broken_links="skip", unknown="skip")
+    assert [p.name for p in listed] == ["good_link.png", "ok.png"]
     assert f"skipping training image {tmp_path / 'dangling.jpg'}: symbolic link points nowhere" in caplog.text
-    assert "notes.txt" not in caplog.text
+    assert f"skipping training file {tmp_path / 'notes.txt'}: extension '.txt'" in caplog.text
+
+
+def test_a_name_with_a_newline_is_named_on_one_line(tmp_path):
+    Image.new("RGB", (4, 4)).save(tmp_path / "ok.png")
+    Image.new("RGB", (4, 4)).save(tmp_path / "two\nlines.jfif", format="PNG")
+    with pytest.raises(ImageError) as info:
+        list_images(tmp_path, what="gallery")
+    assert str(info.value).startswith(f"{str(tmp_path / 'two')!r}"[:-1] + "\\nlines.jfif': extension '.jfif'")
+    assert "\n" not in str(info.value)

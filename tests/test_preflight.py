@@ -3,6 +3,7 @@ unloadable weights and a server that does not answer are blockers (exit 1)."""
 
 from __future__ import annotations
 
+import json
 import shutil
 import socket
 from contextlib import contextmanager
@@ -156,3 +157,89 @@ def test_server_that_answers_and_one_that_does_not(rehearsal_data_session, capsy
 def test_bad_timeout_flag_is_one_line():
     with pytest.raises(KitError, match="--timeout-s 0.0: must be > 0"):
         preflight.main(["--timeout-s", "0"])
+
+
+def _keep_identities(data: Path, keep: int, single: int = 0) -> None:
+    """Leave ``keep`` training identities, the first ``single`` of them with one image."""
+    idents = sorted(p for p in (data / "train").iterdir() if p.is_dir())
+    for d in idents[keep:]:
+        shutil.rmtree(d)
+    for d in idents[:single]:
+        for p in sorted(d.iterdir())[1:]:
+            p.unlink()
+
+
+@pytest.mark.parametrize("case", ["one identity", "one identity with two images", "split.json val_fraction 0.95"])
+def test_preflight_blocks_data_the_scripts_refuse(rehearsal_data, tmp_path, case):
+    """The split the model scripts make is made by preflight too: data no script accepts is not 'ready'."""
+    from utils.data.split import SplitParams
+    from utils.data.task import prepare_task
+
+    runs = tmp_path / "runs"
+    params = SplitParams()
+    if case == "one identity":
+        _keep_identities(rehearsal_data, 1)
+    elif case == "one identity with two images":
+        _keep_identities(rehearsal_data, 3, single=2)
+    elif case == "split.json val_fraction 0.95":
+        _keep_identities(rehearsal_data, 3)
+        params = SplitParams(val_fraction=0.95)
+        runs.mkdir()
+        (runs / "split.json").write_text(json.dumps({"params": {"seed": 0, "val_fraction": 0.95, "query_domain": "real"}}))
+    else:
+        raise ValueError(case)
+    with pytest.raises(KitError) as refused:  # what train_resnet.py & co. do first
+        prepare_task(rehearsal_data, tmp_path / "script_runs", params)
+    cl = Checklist()
+    check_data(cl, rehearsal_data, runs)
+    status, detail = _items(cl)[("data", "validation split")]
+    assert status == BLOCK and str(refused.value) in detail
+    assert preflight.main(["--data", str(rehearsal_data), "--runs", str(runs)]) == 1
+
+
+def test_preflight_reports_the_split_the_scripts_will_make(rehearsal_data_session):
+    cl = Checklist()
+    check_data(cl, rehearsal_data_session)
+    status, detail = _items(cl)[("data", "validation split")]
+    assert status == OK and detail.startswith("3 held-out identities") and "default" in detail
+
+
+def test_query_files_the_kit_will_not_read_are_counted_and_block(rehearsal_data, capsys):
+    """Ten files in test/query, four of them not named like an image the kit reads: preflight blocks, naming them,
+    and every script stops on the first one (load_layout), where today's kit listed 6 queries and went on."""
+    query = rehearsal_data / "test" / "query"
+    first = sorted(query.iterdir())[0]
+    n_images = len(list(query.iterdir()))
+    odd = ["q6", "q7.jfif", "q8.jpeg ", "q9.avif"]
+    for name in odd:
+        shutil.copy(first, query / name)
+    (query / ".DS_Store").write_bytes(b"\0")
+    cl = Checklist()
+    check_data(cl, rehearsal_data)
+    status, detail = _items(cl)[("data", "query files")]
+    assert status == BLOCK and detail.startswith(f"{n_images + 5} entries, {n_images} images the kit reads; 4 it will not:")
+    assert "'test/query/q6' (no extension ('q6'))" in detail and "'test/query/q7.jfif' (extension '.jfif'" in detail
+    assert "'test/query/q8.jpeg ' (extension '.jpeg ' has a space in it)" in detail
+    assert _items(cl)[("data", "gallery files")] == (OK, f"{len(list((rehearsal_data / 'test' / 'gallery').iterdir()))} entries, "
+                                                    f"{len(list((rehearsal_data / 'test' / 'gallery').iterdir()))} images the kit reads: every file is an image")
+    with pytest.raises(KitError, match=r"test/query/q6: no extension \('q6'\); convert or rename it"):
+        load_layout(rehearsal_data)  # what every model script, ensemble and submit read first
+    assert preflight.main(["--data", str(rehearsal_data)]) == 1
+    for name in odd:
+        (query / name).unlink()
+    cl = Checklist()
+    check_data(cl, rehearsal_data)
+    status, detail = _items(cl)[("data", "query files")]
+    assert status == WARN and "1 hidden, system or sub-folder entries ignored: '.DS_Store'" in detail
+    ident = sorted((rehearsal_data / "train").iterdir())[0]
+    shutil.copy(first, ident / "x.heic")
+    cl = Checklist()
+    check_data(cl, rehearsal_data)
+    status, detail = _items(cl)[("data", "training files")]
+    assert status == WARN and f"'train/{ident.name}/x.heic' (extension '.heic' is not one the kit reads)" in detail
+    assert cl.exit_code() == 0
+    shutil.copy(first, rehearsal_data / "train" / "no_identity.jpg")
+    cl = Checklist()
+    check_data(cl, rehearsal_data)
+    status, detail = _items(cl)[("data", "training files")]
+    assert status == WARN and detail.startswith("2 not used for training") and "'train/no_identity.jpg' (outside an identity folder)" in detail

@@ -104,3 +104,29 @@ def test_worst_without_ground_truth_is_one_clear_error(rehearsal_data, tmp_path)
     img = Image.open(next((run / "visual" / "test").glob("*.png"))).convert("RGB")
     rgb = frame_colour(img, 1)
     assert not is_green(rgb) and not is_red(rgb) and abs(int(rgb[0]) - int(rgb[1])) < 10
+
+
+def test_names_with_a_newline_are_drawn_on_one_line(rehearsal_data, tmp_path):
+    """A query and a gallery file whose names hold a newline (legal on Linux): panels drawn, the name shown as '\\n'."""
+    import json
+
+    gt_path = rehearsal_data / "test" / "ground_truth.json"
+    gt = json.loads(gt_path.read_text())
+    query = sorted(gt)[0]
+    gallery = gt[query][0]
+    new_q, new_g = f"odd\nquery_{query}", f"odd\ngallery_{gallery}"
+    (rehearsal_data / "test" / "query" / query).rename(rehearsal_data / "test" / "query" / new_q)
+    (rehearsal_data / "test" / "gallery" / gallery).rename(rehearsal_data / "test" / "gallery" / new_g)
+    gt[new_q] = [new_g if g == gallery else g for g in gt.pop(query)]
+    gt = {q: [new_g if g == gallery else g for g in v] for q, v in gt.items()}
+    gt_path.write_text(json.dumps(gt))
+    run, _, q = handmade_run(rehearsal_data, tmp_path / "runs")
+    assert new_q in q
+    assert visualize.main(["--run", str(run), "--split", "test", "--queries", "0", "--k", str(K),
+                           "--thumb-px", str(THUMB_PX)]) == 0
+    pngs = sorted((run / "visual" / "test").glob("*.png"))
+    assert len(pngs) == len(q) and all("\n" not in p.name for p in pngs)
+    img = Image.open(pngs[q.index(new_q)]).convert("RGB")
+    assert [is_red(frame_colour(img, p)) for p in (1, 2)] == [True, True]
+    assert is_green(frame_colour(img, 3))  # its right answer (the renamed gallery image): rank 3 in handmade_run
+    assert "odd\nquery_" in (run / "visual" / "test.html").read_text()

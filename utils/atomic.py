@@ -16,6 +16,8 @@ from typing import Any
 
 import numpy as np
 
+from utils.errors import filesystem_error
+
 
 def current_umask() -> int:
     """The process's umask, read without changing it where /proc allows (Linux)."""
@@ -32,18 +34,38 @@ def current_umask() -> int:
 
 
 def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> Path:
-    """Write ``data`` to ``path`` through a temporary file in the same folder."""
+    """Write ``data`` to ``path`` through a temporary file in the same folder.
+
+    Raises:
+        KitError: the file system refuses (read-only, full, quota, file too
+            large, permission denied, a file where a folder is expected): one
+            line naming the path and what to do; no temporary file is left.
+    """
     path = Path(path)
+    try:
+        return _write_via_temp(path, data)
+    except OSError as err:
+        mapped = filesystem_error(err, path)
+        if mapped is None:
+            raise
+        raise mapped from err
+
+
+def _write_via_temp(path: Path, data: bytes) -> Path:
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     try:
         os.chmod(tmp, 0o666 & ~current_umask())
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
+        view = memoryview(data)
+        while view:  # os.write may write less than asked
+            view = view[os.write(fd, view):]
+        os.fsync(fd)
+        os.close(fd)
+        fd = -1
         os.replace(tmp, path)
     except BaseException:
+        if fd >= 0:
+            os.close(fd)
         if os.path.exists(tmp):
             os.unlink(tmp)
         raise

@@ -8,14 +8,16 @@ training images, near-empty images and duplicate files are warnings.
 from __future__ import annotations
 
 import hashlib
+import json
 from collections import Counter
 from pathlib import Path
 
 import numpy as np
 
 from utils.checklist import Checklist
-from utils.data.images import ImageError, load_image
-from utils.data.layout import MIN_GALLERY, DataLayout, load_layout
+from utils.data.images import ImageError, load_image, scan_folder
+from utils.data.layout import MIN_GALLERY, DataLayout, load_layout, stray_training_files
+from utils.data.split import SplitParams, make_split
 from utils.errors import KitError
 from utils.progress import track
 
@@ -30,6 +32,37 @@ def file_sha256(path: Path) -> str:
         while chunk := f.read(_CHUNK):
             digest.update(chunk)
     return digest.hexdigest()
+
+
+def _examples(entries: list[tuple[Path, str]], root: Path) -> str:
+    return "; ".join(f"{p.relative_to(root).as_posix()!r} ({why})" for p, why in entries[:3]) + (" ..." if len(entries) > 3 else "")
+
+
+def check_files(cl: Checklist, data: Path) -> None:
+    """Every file of the query and gallery folders counted: one the kit will not read is a blocker
+    (the server wants every query); hidden or system files are a warning; unknown training files too."""
+    for what in ("query", "gallery"):
+        try:
+            listing = scan_folder(data / "test" / what)
+        except KitError:
+            continue  # check_layout names the missing folder
+        bad = listing.unknown + listing.broken_links
+        counts = f"{listing.n_entries} entries, {len(listing.images)} images the kit reads"
+        if bad:
+            cl.block("data", f"{what} files", f"{counts}; {len(bad)} it will not: {_examples(bad, data)}; "
+                     "convert or rename them, or move them out")
+        elif listing.ignored:
+            names = ", ".join(repr(p.name) for p in listing.ignored[:3])
+            cl.warn("data", f"{what} files", f"{counts}; {len(listing.ignored)} hidden, system or sub-folder entries ignored: {names}")
+        else:
+            cl.ok("data", f"{what} files", f"{counts}: every file is an image")
+    train = data / "train"
+    if not train.is_dir():
+        return  # check_layout names it
+    skipped = [e for d in sorted(train.iterdir()) if d.is_dir() and not d.name.startswith(".") for e in scan_folder(d).unknown]
+    skipped += [(p, "outside an identity folder") for p in stray_training_files(train)]
+    if skipped:
+        cl.warn("data", "training files", f"{len(skipped)} not used for training: {_examples(skipped, data)}")
 
 
 def check_layout(cl: Checklist, data: Path) -> DataLayout | None:
@@ -112,10 +145,47 @@ def check_duplicates(cl: Checklist, layout: DataLayout) -> None:
             f"e.g. {' = '.join(layout.rel(p) for p in e[:3])}")
 
 
-def check_data(cl: Checklist, data: Path) -> DataLayout | None:
+def split_params_of(runs: Path | None) -> tuple[SplitParams, str]:
+    """The split parameters the model scripts will use: those of ``runs/split.json`` if any, else the defaults."""
+    path = Path(runs) / "split.json" if runs is not None else None
+    if path is None or not path.is_file():
+        return SplitParams(), "default --seed/--val-fraction/--query-domain"
+    try:
+        return SplitParams(**json.loads(path.read_text())["params"]), f"the parameters of {path}"
+    except (OSError, ValueError, TypeError, KeyError):
+        return SplitParams(), f"default parameters ({path} unreadable)"
+
+
+def check_split(cl: Checklist, layout: DataLayout, runs: Path | None = None) -> None:
+    """The validation split every model script makes (the same function): data it refuses is a blocker."""
+    params, source = split_params_of(runs)
+    try:
+        split = make_split(layout, params)
+    except KitError as err:
+        cl.block("data", "validation split", f"{err} (every model script refuses this data)")
+        return
+    cl.ok("data", "validation split", f"{len(split.val)} held-out identities, {len(split.val_query)} queries x "
+          f"{len(split.val_gallery)} gallery ({source})")
+
+
+def matrix_shapes(layout: DataLayout | None, runs: Path | None = None) -> list[tuple[int, int]]:
+    """(queries, gallery) of each split a model run writes: val (from the split the scripts will make) and test."""
+    if layout is None:
+        return []
+    shapes = [(len(layout.query), len(layout.gallery))]
+    try:
+        split = make_split(layout, split_params_of(runs)[0])
+    except KitError:
+        return shapes  # check_split reports it
+    return [(len(split.val_query), len(split.val_gallery)), *shapes]
+
+
+def check_data(cl: Checklist, data: Path, runs: Path | None = None) -> DataLayout | None:
     """Every data check; the layout when it could be read."""
+    check_files(cl, data)
     layout = check_layout(cl, data)
     if layout is not None:
+        check_split(cl, layout, runs)
         check_images(cl, layout)
         check_duplicates(cl, layout)
     return layout

@@ -5,10 +5,13 @@ white), CMYK, 16-bit and float images (rescaled to 8 bits), very large images
 (JPEG decoded reduced; others shrunk by an integer factor in their own mode
 before any conversion, then to ``max_side``), and memory bombs under the pixel
 limit: an image whose decoded size would pass :data:`MAX_DECODE_BYTES` is
-refused with one line before it is decoded. Non-image files in a folder
-(``.DS_Store``, ``notes.txt``) are not listed; a symbolic link named like an
-image that points nowhere or loops is reported (or skipped with a line, for
-training images), never dropped silently. A file that cannot be decoded raises
+refused with one line before it is decoded. Every file of a folder is
+accounted for (:func:`scan_folder`): hidden files, system junk (``Thumbs.db``)
+and sub-folders are left out with a line; a file the kit will not read (no
+extension, ``.jfif``, ``.avif``, ``.jpeg `` with a trailing space, ``notes.txt``)
+and a link named like an image that points nowhere or loops stop a query or
+gallery listing naming the file (training images: skipped with a line each),
+never dropped silently. A file that cannot be decoded raises
 :class:`ImageError` naming it; callers decide whether skipping is safe (a
 training image) or not (query, gallery).
 """
@@ -20,6 +23,7 @@ import json
 import logging
 import os
 import warnings
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -36,7 +40,8 @@ MAX_SIDE = 2048  # longest side after loading; bigger inputs only cost time
 MAX_PIXELS = 400_000_000  # refuse beyond this (a decompression bomb, not a photo)
 Image.MAX_IMAGE_PIXELS = MAX_PIXELS
 MAX_DECODE_BYTES = 1 << 30  # refuse an image whose decoded pixels need more (e.g. 20000^2 RGB: 1.5 GiB)
-BROKEN_LINKS = ("raise", "skip")
+UNUSABLE_FILES = ("raise", "skip")  # what list_images does with a broken link or a file it will not read
+JUNK_NAMES = frozenset({"thumbs.db", "ehthumbs.db", "desktop.ini", "icon\r", "__macosx"})  # besides any .hidden name
 _BYTES_PER_PIXEL = {"1": 1, "L": 1, "P": 1, "I;16": 2, "I;16B": 2, "I;16L": 2, "I;16N": 2}  # PIL keeps others in 4
 
 
@@ -46,7 +51,8 @@ class ImageError(KitError):
     def __init__(self, path: str | Path, problem: str):
         self.path = str(path)
         self.problem = problem
-        super().__init__(f"{path}: {problem}")
+        shown = self.path if self.path.isprintable() else repr(self.path)  # a newline in a name: still one line
+        super().__init__(f"{shown}: {problem}")
 
     def __reduce__(self):  # survive the trip back from a DataLoader worker
         return (ImageError, (self.path, self.problem))
@@ -66,8 +72,66 @@ def _broken_link(path: Path) -> str:
         return f"symbolic link points nowhere (-> {target})"
 
 
-def list_images(folder: str | Path, what: str = "", broken_links: str = "raise") -> list[Path]:
-    """Image files in ``folder`` sorted by name; hidden and non-image files skipped.
+def is_ignored_name(name: str) -> bool:
+    """Hidden files (``.DS_Store``, ``._photo.jpg``) and system junk (``Thumbs.db``): never images of the set."""
+    return name.startswith(".") or name.lower() in JUNK_NAMES
+
+
+def extension_problem(name: str) -> str:
+    """Why the kit will not read a file called ``name`` as an image ('' when its extension is one it reads)."""
+    suffix = Path(name).suffix
+    if suffix.lower() in IMAGE_EXTENSIONS:
+        return ""
+    if not suffix:
+        return f"no extension ({name!r})"
+    if suffix.strip().lower() in IMAGE_EXTENSIONS:
+        return f"extension {suffix!r} has a space in it"
+    return f"extension {suffix!r} is not one the kit reads"
+
+
+@dataclass
+class FolderFiles:
+    """Every entry of a folder, sorted by name: what the kit reads and what it does not."""
+
+    images: list[Path]  # files named like an image (a link among them points somewhere)
+    unknown: list[tuple[Path, str]]  # (file, why): not hidden, not junk, but not named like an image the kit reads
+    broken_links: list[tuple[Path, str]]  # (link named like an image, why it cannot be followed)
+    ignored: list[Path]  # hidden files, system junk (see JUNK_NAMES) and sub-folders
+
+    @property
+    def n_entries(self) -> int:
+        return len(self.images) + len(self.unknown) + len(self.broken_links) + len(self.ignored)
+
+
+def scan_folder(folder: str | Path) -> FolderFiles:
+    """Sort every entry of ``folder`` into images, unknown files, broken links and ignored entries.
+
+    Raises:
+        KitError: the folder does not exist or is not a folder.
+    """
+    folder = Path(folder)
+    if not folder.is_dir():
+        raise KitError(f"{folder}: folder not found (check --data)")
+    out = FolderFiles([], [], [], [])
+    for p in sorted(folder.iterdir()):
+        if is_ignored_name(p.name) or p.is_dir():
+            out.ignored.append(p)
+        elif problem := extension_problem(p.name):
+            out.unknown.append((p, problem))
+        elif problem := _broken_link(p):
+            out.broken_links.append((p, problem))
+        elif p.is_file():
+            out.images.append(p)
+        else:  # a FIFO, socket or device named like an image
+            out.unknown.append((p, "not a regular file"))
+    return out
+
+
+def list_images(folder: str | Path, what: str = "", broken_links: str = "raise", unknown: str = "raise") -> list[Path]:
+    """Image files in ``folder`` sorted by name; every other entry accounted for.
+
+    Hidden files, system junk (``Thumbs.db``) and sub-folders are left out (with
+    a warning line when ``unknown="raise"``, i.e. a set whose every file counts).
 
     Args:
         folder: the folder to list.
@@ -75,31 +139,34 @@ def list_images(folder: str | Path, what: str = "", broken_links: str = "raise")
         broken_links: what to do with a link named like an image that points
             nowhere or loops: ``"raise"`` (query and gallery: every image is
             needed) or ``"skip"`` with a warning line (training images).
+        unknown: what to do with a file whose extension the kit does not read
+            (``q6``, ``a.jfif``, ``b.jpeg `` with a trailing space): ``"raise"``
+            (query and gallery) or ``"skip"`` with a warning line (training).
 
     Raises:
-        KitError: the folder does not exist or is not a folder.
-        ImageError: a broken link and ``broken_links="raise"``.
+        KitError: the folder does not exist or is not a folder; a bad option.
+        ImageError: a broken link or an unknown file, with ``"raise"``.
     """
-    folder = Path(folder)
-    if not folder.is_dir():
-        raise KitError(f"{folder}: folder not found (check --data)")
-    out = []
-    for p in sorted(folder.iterdir()):
-        if p.name.startswith(".") or p.suffix.lower() not in IMAGE_EXTENSIONS:
-            if not p.is_dir():
-                log.debug("skipping non-image file %s", p)
-            continue
-        problem = _broken_link(p)
-        if not problem:
-            if p.is_file():
-                out.append(p)
-        elif broken_links == "raise":
-            raise ImageError(p, f"{problem}; fix or remove the link ({what or folder.name} images must all be readable)")
-        elif broken_links == "skip":
-            log.warning("skipping %s image %s: %s", what or folder.name, p, problem)
-        else:
-            raise KitError(f"broken_links={broken_links!r}: choose one of {BROKEN_LINKS}")
-    return out
+    for name, value in (("broken_links", broken_links), ("unknown", unknown)):
+        if value not in UNUSABLE_FILES:
+            raise KitError(f"{name}={value!r}: choose one of {UNUSABLE_FILES}")
+    listing = scan_folder(folder)
+    what = what or Path(folder).name
+    for kind, action, entries in (("image", broken_links, listing.broken_links), ("file", unknown, listing.unknown)):
+        for p, problem in entries:
+            if action == "raise":
+                fix = "fix or remove the link" if kind == "image" else f"convert or rename it to one of {' '.join(sorted(IMAGE_EXTENSIONS))}, or move it out"
+                raise ImageError(p, f"{problem}; {fix} ({what} images must all be readable)")
+            elif action == "skip":
+                log.warning("skipping %s %s %s: %s", what, kind, p, problem)
+            else:
+                raise KitError(f"{action!r}: choose one of {UNUSABLE_FILES}")
+    if listing.ignored:
+        names = ", ".join(repr(p.name) for p in listing.ignored[:5]) + (" ..." if len(listing.ignored) > 5 else "")
+        (log.warning if unknown == "raise" else log.debug)(
+            "%s: ignoring %d hidden, system or sub-folder entr%s: %s", folder, len(listing.ignored),
+            "y" if len(listing.ignored) == 1 else "ies", names)
+    return listing.images
 
 
 def _to_8bit_rgb(img: Image.Image) -> Image.Image:

@@ -11,11 +11,14 @@ from __future__ import annotations
 
 import csv
 import json
+import logging
 from dataclasses import dataclass, field
 from pathlib import Path
 
 from utils.errors import KitError
-from utils.data.images import list_images
+from utils.data.images import is_ignored_name, list_images
+
+log = logging.getLogger(__name__)
 
 MIN_GALLERY = 10  # a submission lists 10 distinct gallery images per query
 
@@ -61,15 +64,22 @@ def read_ground_truth(path: Path) -> dict[str, list[str]]:
     return {str(k): [str(x) for x in v] for k, v in data.items()}
 
 
+def stray_training_files(train_dir: Path) -> list[Path]:
+    """Files directly in ``train/`` (not hidden, not junk): no identity, so no training image."""
+    return [p for p in sorted(train_dir.iterdir()) if not p.is_dir() and not is_ignored_name(p.name)]
+
+
 def load_layout(root: str | Path) -> DataLayout:
     """Read and check a data folder.
 
-    A training image that is a broken symbolic link is skipped with a warning
-    line; one among the query or gallery images stops here.
+    A training file that is a broken symbolic link or not an image the kit reads
+    (:func:`~utils.data.images.extension_problem`) is skipped with a warning
+    line; one among the query or gallery files stops here.
 
     Raises:
         KitError: a folder is missing or empty, the gallery has fewer than 10
-            images, or a query or gallery link points nowhere or loops.
+            images, a query or gallery link points nowhere or loops, or a
+            query or gallery file has an extension the kit does not read.
     """
     root = Path(root)
     if not root.is_dir():
@@ -77,9 +87,13 @@ def load_layout(root: str | Path) -> DataLayout:
     train_dir = root / "train"
     if not train_dir.is_dir():
         raise KitError(f"{train_dir}: folder not found; expected DATA/train/<identity>/<image>")
+    stray = stray_training_files(train_dir)
+    if stray:
+        log.warning("%s: %d file(s) outside an identity folder, not used for training (move them into train/<identity>/): %s",
+                    train_dir, len(stray), ", ".join(repr(p.name) for p in stray[:5]))
     train = {}
     for d in sorted(p for p in train_dir.iterdir() if p.is_dir() and not p.name.startswith(".")):
-        imgs = list_images(d, what="training", broken_links="skip")
+        imgs = list_images(d, what="training", broken_links="skip", unknown="skip")
         if imgs:
             train[d.name] = imgs
     if not train:

@@ -80,8 +80,14 @@ def thumbnail(img: Image.Image, side_px: int) -> Image.Image:
     return ImageOps.pad(img.convert("RGB"), (side_px, side_px), Image.Resampling.BILINEAR, color=FILL_RGB)
 
 
+def printable(text: str) -> str:
+    """``text`` on one line: control characters (a newline or tab in a file name) shown as escapes, e.g. ``\\n``."""
+    return "".join(ch if ch.isprintable() else ch.encode("unicode_escape").decode("ascii") for ch in text)
+
+
 def _fit_text(draw: ImageDraw.ImageDraw, text: str, font, width_px: int) -> str:
-    """``text`` cut from the left with an ellipsis until it fits ``width_px``."""
+    """``text`` on one line (:func:`printable`), cut from the left with an ellipsis until it fits ``width_px``."""
+    text = printable(text)
     if draw.textlength(text, font=font) <= width_px:
         return text
     while text and draw.textlength("..." + text, font=font) > width_px:
