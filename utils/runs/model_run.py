@@ -25,8 +25,8 @@ from utils.logs import console
 from utils.runs.metrics import competition_score, evaluate, relevance_matrix
 from utils.runs.run_lock import release_run_lock
 from utils.runs.similarity_io import SimMatrix, invalidate_run, save_run
-from utils.seed import seed_everything
 from utils.runs.topk_run import DEFAULT_K, MAX_MATRIX_CELLS, TopkSplit, make_topk_split, save_topk_run, use_topk_form
+from utils.seed import seed_everything
 
 log = logging.getLogger(__name__)
 
