@@ -42,7 +42,7 @@ from utils.atomic import atomic_write_bytes, atomic_write_json
 from utils.config import add_config_args, config_from_args, config_to_dict
 from utils.data.layout import read_ground_truth
 from utils.ensemble.fusion import FUSIONS
-from utils.ensemble.members import check_not_shrinking, check_out, clear_artefacts, left_out_line, select_members
+from utils.ensemble.members import Members, check_not_shrinking, check_out, clear_artefacts, left_out_line, select_members
 from utils.ensemble.plan import Plan, Scorer, choose_plan, val_identities, val_relevance
 from utils.ensemble.report import options_markdown, options_table, plot_simplex
 from utils.ensemble.rerank import RerankParams, check_steps
@@ -175,6 +175,18 @@ def main(argv: Sequence[str] | None = None) -> int:
     out_dir = cfg.out or cfg.runs / "ensemble"
     members = select_members(cfg.runs, cfg.models, out_dir)
     check_out(out_dir)
+    try:
+        left_out = fuse_into(cfg, out_dir, members, t0)
+    except OSError as err:  # read-only folder, no space, file too large: one line naming the path
+        path = err.filename or out_dir
+        raise KitError(f"{path}: {err.strerror or err}; the ensemble was not written (make the folder writable, free space "
+                       f"or raise the file-size limit, or choose another --out)") from None
+    console.print(left_out_line(left_out))
+    return 0
+
+
+def fuse_into(cfg: Config, out_dir: Path, members: Members, t0: float) -> list[tuple[Path, str]]:
+    """Fuse the members into ``out_dir`` under its lock; returns the run folders left out with why."""
     with run_lock(out_dir):  # one writer of the output folder at a time
         if members.form == "topk":
             left_out = members.left_out
@@ -191,8 +203,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             ensemble_matrix_form(cfg, out_dir, runs, t0)
         else:
             raise KitError(f"{cfg.runs}: unknown run form {members.form!r}")
-    console.print(left_out_line(left_out))
-    return 0
+    return left_out
 
 
 def begin_output(cfg: Config, out_dir: Path, names: list[str], left_out: list[tuple[Path, str]]) -> None:

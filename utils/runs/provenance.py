@@ -89,7 +89,7 @@ def check_members(run_dir: str | Path, meta: dict[str, Any]) -> None:
         raise StaleEnsemble(f"{run_dir / 'meta.json'}: records no hashes of its members (an older kit wrote it), so it "
                             f"cannot be checked against them; re-run ensemble.py")
     for m in members:
-        member_dir = run_dir / m.get("dir", os.path.join("..", str(m.get("name"))))
+        member_dir = Path(os.path.normpath(run_dir / m.get("dir", os.path.join("..", str(m.get("name"))))))
         problem = _member_problem(member_dir, m["files"])
         if problem:
             raise StaleEnsemble(f"{run_dir}: member {m.get('name')!r} changed since it was fused: {problem}; "
