@@ -9,6 +9,8 @@ re-rank, and write runs/ensemble/ (the test matrix is what submit.py submits).
     python ensemble.py --runs runs --models facenet clip --fusion rank --dual-softmax --temperature 1 --data DATA
     # fixed weights, no search
     python ensemble.py --runs runs --models facenet clip --fusion-weights 0.7 0.3
+    # replace runs/ensemble although a run it used is now missing or incomplete
+    python ensemble.py --runs runs --allow-missing
 
 Stages: load and check the runs, join them by query/gallery name -> per fusion,
 search the weights on the validation matrices (simplex grid up to 4 models,
@@ -21,6 +23,17 @@ weights.json (the plan and every scored option), simplex.png (2-3 models).
 One model and no re-ranking: its matrices are copied unchanged.
 Memory: each member's matrices once (as aligned), the fused results, and row chunks; the
 search and the fusion never hold a transformed copy per model (benchmarks/bench_ensemble.py --memory).
+Members: every complete run under --runs (or --models), never a fused run (an
+ensemble output: "fused": true in its meta.json), all of one form (full matrices
+or top-k; a mix is refused in one line). --out may not be a member or any
+model's run folder. While it writes, the output folder is locked (.run.lock: a
+second writer stops with one line naming the holder). meta.json records each
+member's folder and the sha256 of its matrix files; loading the ensemble
+(submit.py, preflight, visualize) refuses it once a member changed. When a run
+that the current ensemble used is now missing or incomplete, the ensemble is not
+replaced (one line naming the run; --allow-missing replaces it). A re-run clears
+the folder's earlier artefacts (simplex.png, visual/, ...); the last line names
+the runs left out ("left out: none" when none were).
 Validation ground truth comes from the names (train/<identity>/<image>); the
 test ground truth (DATA/test/ground_truth.json, rehearsal data only) is only
 reported, never used to choose.
@@ -53,7 +66,7 @@ from utils.runs.metrics import evaluate, relevance_matrix
 from utils.runs.model_run import git_commit, metrics_table
 from utils.runs.provenance import member_record
 from utils.runs.run_lock import run_lock
-from utils.runs.similarity_io import Run, SimMatrix, align_runs, invalidate_run, load_run, save_run, scan_runs
+from utils.runs.similarity_io import Run, SimMatrix, align_runs, invalidate_run, load_run, remove_run_temps, save_run, scan_runs
 
 log = logging.getLogger("ensemble")
 
@@ -210,7 +223,8 @@ def begin_output(cfg: Config, out_dir: Path, names: list[str], left_out: list[tu
     """Refuse to shrink the current ensemble (unless --allow-missing), then clear the output folder for this run."""
     if not cfg.models and not cfg.allow_missing:
         check_not_shrinking(out_dir, names, left_out, cfg.runs)
-    invalidate_run(out_dir)  # a failed re-run must not leave the old ensemble looking current
+    invalidate_run(out_dir, clean_parent=False)  # a failed re-run must not leave the old ensemble looking current
+    remove_run_temps(out_dir, cfg.runs)  # temp files of killed writers in the output folder and the runs folder
     clear_artefacts(out_dir)
 
 

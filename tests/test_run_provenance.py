@@ -302,6 +302,10 @@ def test_temps_of_killed_writers_are_cleaned_in_runs_cache_and_ensemble(tmp_path
     invalidate_run(runs / "a")  # a model script beginning its re-run of runs/a
     assert not left[2].exists()
     release_run_lock(runs / "a")
+    # an --out outside the runs folder: the folder above it is not the kit's to clean
+    theirs = killed_temp(tmp_path, tmp_path / "elsewhere" / "notes.txt")
+    assert ensemble.main(["--runs", str(runs), "--out", str(tmp_path / "elsewhere" / "ens"), *FAST]) == 0
+    assert theirs.exists()
 
 
 # ------------------------------------------------------------------ point 16: the ensemble never shrinks silently

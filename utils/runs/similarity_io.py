@@ -85,13 +85,14 @@ def check_matrix(sim: np.ndarray, n_rows: int, n_cols: int, where: Path | str) -
         raise KitError(f"{where}: {bad} NaN or infinite value(s); the model run is broken, re-run it")
 
 
-def invalidate_run(run_dir: str | Path) -> bool:
+def invalidate_run(run_dir: str | Path, clean_parent: bool = True) -> bool:
     """Claim ``run_dir`` for this process's re-run: take its lock, clear stale temp files, remove the old marker.
 
     The lock (:mod:`utils.runs.run_lock`) stops a second writer with one line
     until this process writes the run or exits. Temp files (``.*.tmp``) that a
     killed writer left in the folder, its ``cache/`` and the runs folder above
-    are removed. Until the re-run writes a new ``meta.json``, loaders refuse
+    are removed (the folder above only with ``clean_parent``: a model's run sits
+    in the runs folder, an ensemble's --out may not). Until the re-run writes a new ``meta.json``, loaders refuse
     the folder, so a re-run that is killed or fails never leaves the old
     matrices looking current.
 
@@ -103,14 +104,15 @@ def invalidate_run(run_dir: str | Path) -> bool:
     """
     run_dir = Path(run_dir)
     acquire_run_lock(run_dir)
-    remove_run_temps(run_dir)
+    remove_run_temps(run_dir, run_dir.parent if clean_parent else None)
     return _remove_marker(run_dir)
 
 
-def remove_run_temps(run_dir: str | Path) -> list[Path]:
-    """Remove the stale temp files in ``run_dir``, ``run_dir/cache`` and the runs folder above it."""
+def remove_run_temps(run_dir: str | Path, runs_dir: str | Path | None = None) -> list[Path]:
+    """Remove the stale temp files in ``run_dir``, ``run_dir/cache`` and ``runs_dir`` (the runs folder)."""
     run_dir = Path(run_dir)
-    removed = [p for d in (run_dir, run_dir / "cache", run_dir.parent) for p in remove_stale_temps(d)]
+    folders = (run_dir, run_dir / "cache") + ((Path(runs_dir),) if runs_dir is not None else ())
+    removed = [p for d in folders for p in remove_stale_temps(d)]
     for p in removed:
         log.info("removed %s, left by a killed writer", p)
     return removed
