@@ -187,14 +187,14 @@ def main(argv: Sequence[str] | None = None) -> int:
     t0 = time.time()
     out_dir = cfg.out or cfg.runs / "ensemble"
     members = select_members(cfg.runs, cfg.models, out_dir)
-    check_out(out_dir)
+    check_out(out_dir, cfg.runs)
     try:
         left_out = fuse_into(cfg, out_dir, members, t0)
     except OSError as err:  # read-only folder, no space, file too large: one line naming the path
         path = err.filename or out_dir
         raise KitError(f"{path}: {err.strerror or err}; the ensemble was not written (make the folder writable, free space "
                        f"or raise the file-size limit, or choose another --out)") from None
-    console.print(left_out_line(left_out))
+    console.print(left_out_line(left_out), soft_wrap=True, markup=False, highlight=False)  # one line, never wrapped
     return 0
 
 

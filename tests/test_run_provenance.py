@@ -359,3 +359,29 @@ def test_ensemble_under_a_file_size_limit_is_one_line(tmp_path):
     line = one_error_line(proc)
     assert "File too large" in line and str(runs / "ensemble") in line
     assert not (runs / "ensemble" / "meta.json").exists() and not list((runs / "ensemble").glob(".*.tmp"))
+
+
+def test_a_run_still_being_written_is_named_with_its_writer_when_left_out(tmp_path):
+    runs, _ = write_runs(tmp_path, models=(("a", 1.5), ("b", 1.0), ("c", 0.5)))
+    held, go = tmp_path / "held", tmp_path / "go"
+    holder = subprocess.Popen([sys.executable, "-c", HOLD, str(runs / "c"), str(held), str(go)],
+                              cwd=ROOT, env=ENV, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    try:
+        wait_for(held, holder)
+        proc = script("ensemble.py", "--runs", str(runs), *FAST)
+        assert proc.returncode == 0, proc.stderr[-2000:]
+        assert proc.stdout.strip().splitlines()[-1].startswith(f"left out: c (still being written by pid {holder.pid} on ")
+        cl = Checklist()
+        check_runs(cl, runs, None)
+        assert _items(cl)[("runs", "c")][1].startswith(f"being written by pid {holder.pid}")
+    finally:
+        go.touch()
+        holder.wait(timeout=60)
+
+
+def test_out_may_not_hold_the_runs_folder(tmp_path):
+    runs, _ = write_runs(tmp_path)
+    for out in (runs, tmp_path):
+        with pytest.raises(KitError, match="holds the runs folder"):
+            ensemble.main(["--runs", str(runs), "--out", str(out), *FAST])
+    assert not (runs / "val_sim.npy").exists()

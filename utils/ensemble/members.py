@@ -22,6 +22,7 @@ from typing import Sequence
 
 from utils.errors import KitError
 from utils.runs.provenance import is_fused, read_json
+from utils.runs.run_lock import lock_holder
 from utils.runs.similarity_io import MARKER, run_folders
 
 log = logging.getLogger(__name__)
@@ -75,7 +76,9 @@ def select_members(runs_dir: Path, models: Sequence[str], out_dir: Path) -> Memb
                 raise KitError(f"--models {d.name}: {d} is a fused run (ensemble.py output); fused runs are never fused again")
             log.info("not a member: %s is a fused run (ensemble.py output)", d)
         elif meta is None and not models:
-            left_out.append((d, f"{d / MARKER} not found; the run is incomplete (killed, failed or still running)"))
+            holder = lock_holder(d)
+            left_out.append((d, f"still being written by {holder}" if holder else
+                             f"{d / MARKER} not found; the run is incomplete (killed, failed or still running)"))
         else:
             by_form[_form(meta or {})].append(d)
     if by_form["matrix"] and by_form["topk"]:
@@ -86,12 +89,14 @@ def select_members(runs_dir: Path, models: Sequence[str], out_dir: Path) -> Memb
     return Members(form, by_form[form], left_out)
 
 
-def check_out(out_dir: Path) -> None:
-    """Refuse an output folder that holds a model's run (its matrices or checkpoints would be replaced).
+def check_out(out_dir: Path, runs_dir: Path) -> None:
+    """Refuse an output folder that holds a model's run (its matrices or checkpoints would be replaced) or the runs.
 
     Raises:
-        KitError: ``out_dir`` holds a model run's meta.json or checkpoints.
+        KitError: ``out_dir`` holds a model run's meta.json or checkpoints, or is (or holds) the runs folder.
     """
+    if runs_dir.absolute().resolve().is_relative_to(out_dir.absolute().resolve()):
+        raise KitError(f"--out {out_dir}: holds the runs folder {runs_dir}; choose a folder of its own (e.g. {runs_dir / 'ensemble'})")
     meta = read_json(out_dir / MARKER)
     if (meta is not None and not is_fused(meta)) or any((out_dir / f).exists() for f in MODEL_RUN_FILES):
         raise KitError(f"--out {out_dir}: holds a model's run, which the ensemble would overwrite; choose another --out "

@@ -17,6 +17,7 @@ from utils.checklist import Checklist
 from utils.data.layout import DataLayout
 from utils.errors import KitError
 from utils.runs.provenance import is_fused
+from utils.runs.run_lock import lock_holder
 from utils.runs.similarity_io import IncompleteRun, load_run, run_folders
 from utils.runs.topk_run import is_topk_run, load_topk_split, read_meta
 
@@ -78,7 +79,9 @@ def check_run(cl: Checklist, d: Path, layout: DataLayout | None, seen_weights: d
     try:
         meta, query_names, gallery_names, shape = _load_checked(d)
     except IncompleteRun as err:
-        cl.warn("runs", d.name, f"incomplete, ensemble.py leaves it out: {err}")
+        holder = lock_holder(d)
+        cl.warn("runs", d.name, f"being written by {holder}; ensemble.py leaves it out until it finishes" if holder
+                else f"incomplete, ensemble.py leaves it out: {err}")
         return
     except KitError as err:
         cl.block("runs", d.name, str(err))

@@ -144,6 +144,15 @@ def acquire_run_lock(run_dir: str | Path) -> bool:
     raise KitError(f"{lock}: could not take the lock; other writers keep taking it; try again")
 
 
+def lock_holder(run_dir: str | Path) -> str:
+    """Which other process is writing ``run_dir`` now ('' when no other live process holds its lock)."""
+    holder = _read(Path(run_dir) / LOCK_NAME)
+    here = holder and holder.get("host") == socket.gethostname()
+    if not holder or (here and (holder.get("pid") == os.getpid() or not _alive(holder))):
+        return ""
+    return _describe(holder)
+
+
 def release_run_lock(run_dir: str | Path) -> None:
     """Remove this process's lock on ``run_dir`` (nothing if it holds none)."""
     lock = (Path(run_dir) / LOCK_NAME).absolute()

@@ -33,7 +33,7 @@ import numpy as np
 from utils.atomic import atomic_write_bytes, atomic_write_json, remove_stale_temps
 from utils.errors import KitError
 from utils.runs.provenance import check_members, is_fused, read_json
-from utils.runs.run_lock import acquire_run_lock, run_lock
+from utils.runs.run_lock import acquire_run_lock, lock_holder, run_lock
 
 log = logging.getLogger(__name__)
 
@@ -294,6 +294,9 @@ def scan_runs(runs_dir: str | Path, exclude: tuple[Path, ...] = ()) -> tuple[lis
             continue
         try:
             runs.append(load_run(d))
+        except IncompleteRun as err:
+            holder = lock_holder(d)
+            left_out.append((d, f"still being written by {holder}" if holder else str(err)))
         except KitError as err:
             left_out.append((d, str(err)))
     groups: list[list[Run]] = []
