@@ -11,7 +11,9 @@ this form (:func:`use_topk_form`). Per split, in ``runs/<model>/``:
   query and gallery names (row order) and the SHA-256 of each file, checked on load.
 
 A fused run (``ensemble.py`` on top-k runs) holds only ``_topk_idx`` and
-``_topk_scores`` per split (``"fused": true``): its scores are not cosines.
+``_topk_scores`` per split (``"fused": true``): its scores are not cosines. Its
+``members`` record each member's files and their SHA-256; loading it refuses a
+member that changed since (:mod:`utils.runs.provenance`).
 
 Fusion over candidates (:func:`fuse_topk`): for each query, the candidates are
 the union of the models' top-K lists. Every (query, candidate) pair is scored
