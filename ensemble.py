@@ -9,6 +9,8 @@ re-rank, and write runs/ensemble/ (the test matrix is what submit.py submits).
     python ensemble.py --runs runs --models facenet clip --fusion rank --dual-softmax --temperature 1 --data DATA
     # fixed weights, no search
     python ensemble.py --runs runs --models facenet clip --fusion-weights 0.7 0.3
+    # replace runs/ensemble although a run it used is now missing or incomplete
+    python ensemble.py --runs runs --allow-missing
 
 Stages: load and check the runs, join them by query/gallery name -> per fusion,
 search the weights on the validation matrices (simplex grid up to 4 models,
@@ -21,6 +23,17 @@ weights.json (the plan and every scored option), simplex.png (2-3 models).
 One model and no re-ranking: its matrices are copied unchanged.
 Memory: each member's matrices once (as aligned), the fused results, and row chunks; the
 search and the fusion never hold a transformed copy per model (benchmarks/bench_ensemble.py --memory).
+Members: every complete run under --runs (or --models), never a fused run (an
+ensemble output: "fused": true in its meta.json), all of one form (full matrices
+or top-k; a mix is refused in one line). --out may not be a member or any
+model's run folder. While it writes, the output folder is locked (.run.lock: a
+second writer stops with one line naming the holder). meta.json records each
+member's folder and the sha256 of its matrix files; loading the ensemble
+(submit.py, preflight, visualize) refuses it once a member changed. When a run
+that the current ensemble used is now missing or incomplete, the ensemble is not
+replaced (one line naming the run; --allow-missing replaces it). A re-run clears
+the folder's earlier artefacts (simplex.png, visual/, ...); the last line names
+the runs left out ("left out: none" when none were).
 Validation ground truth comes from the names (train/<identity>/<image>); the
 test ground truth (DATA/test/ground_truth.json, rehearsal data only) is only
 reported, never used to choose.
@@ -42,15 +55,18 @@ from utils.atomic import atomic_write_bytes, atomic_write_json
 from utils.config import add_config_args, config_from_args, config_to_dict
 from utils.data.layout import read_ground_truth
 from utils.ensemble.fusion import FUSIONS
+from utils.ensemble.members import Members, check_not_shrinking, check_out, clear_artefacts, left_out_line, select_members
 from utils.ensemble.plan import Plan, Scorer, choose_plan, val_identities, val_relevance
 from utils.ensemble.report import options_markdown, options_table, plot_simplex
 from utils.ensemble.rerank import RerankParams, check_steps
-from utils.ensemble.topk_plan import fuse_topk_runs, topk_members
+from utils.ensemble.topk_plan import fuse_topk_runs
 from utils.errors import KitError, run_cli
 from utils.logs import console, setup_logging
 from utils.runs.metrics import evaluate, relevance_matrix
 from utils.runs.model_run import git_commit, metrics_table
-from utils.runs.similarity_io import Run, SimMatrix, align_runs, invalidate_run, load_run, save_run, scan_runs
+from utils.runs.provenance import member_record
+from utils.runs.run_lock import run_lock
+from utils.runs.similarity_io import Run, SimMatrix, align_runs, invalidate_run, load_run, remove_run_temps, save_run, scan_runs
 
 log = logging.getLogger("ensemble")
 
@@ -94,6 +110,8 @@ class Config:
     temperature: float = field(default=1.0, metadata={"help": "temperature of --dual-softmax/--sinkhorn on row z-scores"})
     sinkhorn_iters: int = field(default=20, metadata={"help": "Sinkhorn iterations"})
     plot: bool = field(default=True, metadata={"help": "write simplex.png (2 or 3 models)"})
+    allow_missing: bool = field(default=False, metadata={
+        "help": "replace the ensemble in --out even though a run it used is now missing or incomplete"})
     verbose: bool = field(default=False, metadata={"help": "debug logging"})
 # ----------------------------------------------------------------------------
 
@@ -104,23 +122,20 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def find_runs(runs_dir: Path, models: list[str], out_dir: Path) -> list[Run]:
+def find_runs(runs_dir: Path, models: list[str], out_dir: Path) -> tuple[list[Run], list[tuple[Path, str]]]:
     """The named runs (each must be complete), or every complete run under ``runs_dir`` except the output.
 
     Without ``models``, a run folder that is incomplete, does not match its
-    hashes, or whose names differ from the others is left out with a warning line.
+    hashes, or whose names differ from the others is left out with a warning
+    line; fused runs (ensemble outputs) are never members. Returns the runs and
+    the folders left out with why.
     """
-    if not runs_dir.is_dir():
-        raise KitError(f"{runs_dir}: runs folder not found; run a model script first or pass --runs DIR")
     if len(set(models)) != len(models):
         raise KitError(f"--models {models}: a run is named twice")
-    runs = []
+    runs, left_out = [], []
     for m in models:
-        d = runs_dir / m
-        if not d.is_dir():
-            raise KitError(f"--models {m}: {d} not found; available: {sorted(p.name for p in runs_dir.iterdir() if p.is_dir())}")
         try:
-            runs.append(load_run(d))
+            runs.append(load_run(runs_dir / m))
         except KitError as err:
             raise KitError(f"--models {m}: {err}") from None
     if not models:
@@ -132,7 +147,7 @@ def find_runs(runs_dir: Path, models: list[str], out_dir: Path) -> list[Run]:
     for r in runs:
         if r.meta.get("full_train"):
             log.warning("%s was trained with --full-train: its validation matrix is optimistic and skews the weights", r.path)
-    return runs
+    return runs, left_out
 
 
 def rerank_params(cfg: Config) -> RerankParams:
@@ -171,12 +186,51 @@ def main(argv: Sequence[str] | None = None) -> int:
     setup_logging(cfg.verbose)
     t0 = time.time()
     out_dir = cfg.out or cfg.runs / "ensemble"
-    if cfg.runs.is_dir() and (topk_dirs := topk_members(cfg.runs, cfg.models, out_dir)):
-        return ensemble_topk_form(cfg, out_dir, topk_dirs, t0)
-    runs = find_runs(cfg.runs, cfg.models, out_dir)
-    invalidate_run(out_dir)  # a failed re-run must not leave the old ensemble looking current
+    members = select_members(cfg.runs, cfg.models, out_dir)
+    check_out(out_dir, cfg.runs)
+    try:
+        left_out = fuse_into(cfg, out_dir, members, t0)
+    except OSError as err:  # read-only folder, no space, file too large: one line naming the path
+        path = err.filename or out_dir
+        raise KitError(f"{path}: {err.strerror or err}; the ensemble was not written (make the folder writable, free space "
+                       f"or raise the file-size limit, or choose another --out)") from None
+    console.print(left_out_line(left_out), soft_wrap=True, markup=False, highlight=False)  # one line, never wrapped
+    return 0
+
+
+def fuse_into(cfg: Config, out_dir: Path, members: Members, t0: float) -> list[tuple[Path, str]]:
+    """Fuse the members into ``out_dir`` under its lock; returns the run folders left out with why."""
+    with run_lock(out_dir):  # one writer of the output folder at a time
+        if members.form == "topk":
+            left_out = members.left_out
+            if rerank_params(cfg).steps:
+                raise KitError("re-ranking needs full matrices; the runs are in the top-k form (drop the re-ranking flags)")
+            check_config(cfg, len(members.dirs))
+            begin_output(cfg, out_dir, [d.name for d in members.dirs], left_out)
+            ensemble_topk_form(cfg, out_dir, members.dirs, t0)
+        elif members.form == "matrix":
+            runs, left_out = find_runs(cfg.runs, cfg.models, out_dir)
+            check_config(cfg, len(runs))
+            rerank_params(cfg)
+            begin_output(cfg, out_dir, [r.path.name for r in runs], left_out)
+            ensemble_matrix_form(cfg, out_dir, runs, t0)
+        else:
+            raise KitError(f"{cfg.runs}: unknown run form {members.form!r}")
+    return left_out
+
+
+def begin_output(cfg: Config, out_dir: Path, names: list[str], left_out: list[tuple[Path, str]]) -> None:
+    """Refuse to shrink the current ensemble (unless --allow-missing), then clear the output folder for this run."""
+    if not cfg.models and not cfg.allow_missing:
+        check_not_shrinking(out_dir, names, left_out, cfg.runs)
+    invalidate_run(out_dir, clean_parent=False)  # a failed re-run must not leave the old ensemble looking current
+    remove_run_temps(out_dir, cfg.runs)  # temp files of killed writers in the output folder and the runs folder
+    clear_artefacts(out_dir)
+
+
+def ensemble_matrix_form(cfg: Config, out_dir: Path, runs: list[Run], t0: float) -> None:
+    """Members with full matrices: search, re-rank, write the fused run."""
     names = [r.path.name for r in runs]
-    check_config(cfg, len(runs))
     params = rerank_params(cfg)
     val, test = align_runs(runs, "val"), align_runs(runs, "test")
     for r in runs:  # align_runs copied the other members' matrices: let the loaded ones go
@@ -204,17 +258,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     else:
         sims = {"val": plan.apply([m.sim for m in val]), "test": plan.apply([m.sim for m in test])}
     write_outputs(cfg, out_dir, runs, names, plan, rows, searches, sims, val[0], test[0], val_rel, test_rel, passthrough, time.time() - t0)
-    return 0
 
 
-def ensemble_topk_form(cfg: Config, out_dir: Path, dirs: list[Path], t0: float) -> int:
+def ensemble_topk_form(cfg: Config, out_dir: Path, dirs: list[Path], t0: float) -> None:
     """Members in the top-k run form (large galleries): weights searched on the candidate unions, no re-ranking."""
-    if cfg.models and len(dirs) != len(cfg.models):
-        raise KitError(f"--models {cfg.models}: mixes the top-k run form with the matrix form; re-run the models with the same --matrix-limit")
-    if rerank_params(cfg).steps:
-        raise KitError("re-ranking needs full matrices; the runs are in the top-k form (drop the re-ranking flags)")
-    check_config(cfg, len(dirs))
-    invalidate_run(out_dir)
     search = {"grid_step": cfg.grid_step, "n_random": cfg.n_random, "top_m": cfg.top_m, "smooth_radius": cfg.smooth_radius,
               "bootstrap": cfg.bootstrap, "seed": cfg.search_seed}
     meta = {"model": "ensemble", "config": config_to_dict(cfg), "commit": git_commit(Path(__file__).resolve().parent), "kit_version": __version__}
@@ -222,7 +269,6 @@ def ensemble_topk_form(cfg: Config, out_dir: Path, dirs: list[Path], t0: float) 
     atomic_write_json(out_dir / "weights.json", choice)
     console.print(f"ensemble (top-k form, {choice['fusion']}): {dict(zip(choice['members'], choice['weights']))} -> {out_dir} "
                   f"in {time.time() - t0:.1f} s")
-    return 0
 
 
 def write_outputs(cfg, out_dir, runs, names, plan: Plan, rows, searches, sims, val, test, val_rel, test_rel, passthrough, seconds) -> None:
@@ -239,7 +285,7 @@ def write_outputs(cfg, out_dir, runs, names, plan: Plan, rows, searches, sims, v
     meta = {
         "model": "ensemble", "config": config_to_dict(cfg), "commit": git_commit(Path(__file__).resolve().parent),
         "kit_version": __version__, "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
-        "members": [{"name": n, "path": str(r.path), "model": r.name, "metrics": r.meta.get("metrics", {})} for n, r in zip(names, runs)],
+        "fused": True, "members": [member_record(out_dir, r.path, r.meta) for r in runs],
         "plan": plan.to_dict(), "choice": record, "timings_s": {"total": round(seconds, 2)}, "metrics": metrics,
     }
     save_run(out_dir, {"val": SimMatrix(sims["val"], val.query_names, val.gallery_names),

@@ -20,16 +20,9 @@ import numpy as np
 from utils.ensemble.plan import val_identities
 from utils.ensemble.weight_search import CandidateScorer, SearchResult, search_weights
 from utils.errors import KitError
-from utils.runs.topk_run import align_topk, candidate_matrices, ensemble_topk, is_topk_run, load_topk_split
+from utils.runs.topk_run import align_topk, candidate_matrices, ensemble_topk, load_topk_split
 
 log = logging.getLogger(__name__)
-
-
-def topk_members(runs_dir: Path, models: Sequence[str], out_dir: Path) -> list[Path]:
-    """The run folders in the top-k form among ``models`` (or every folder under ``runs_dir``)."""
-    dirs = [runs_dir / m for m in models] if models else sorted(
-        d for d in runs_dir.iterdir() if d.is_dir() and d.resolve() != out_dir.resolve() and d.name != "ensemble")
-    return [d for d in dirs if (d / "meta.json").is_file() and is_topk_run(d)]
 
 
 def search_topk(dirs: list[Path], fusions: Sequence[str], fixed: Sequence[float] | None, search: dict) -> tuple[str, np.ndarray, dict[str, float]]:

@@ -23,9 +23,10 @@ from utils.device import pick_device
 from utils.embedding.step import similarities
 from utils.logs import console
 from utils.runs.metrics import competition_score, evaluate, relevance_matrix
+from utils.runs.run_lock import release_run_lock
 from utils.runs.similarity_io import SimMatrix, invalidate_run, save_run
-from utils.seed import seed_everything
 from utils.runs.topk_run import DEFAULT_K, MAX_MATRIX_CELLS, TopkSplit, make_topk_split, save_topk_run, use_topk_form
+from utils.seed import seed_everything
 
 log = logging.getLogger(__name__)
 
@@ -84,6 +85,7 @@ def write_model_run(
         if relevant is not None:
             metrics[split] = evaluate(m.sim, relevance_matrix(m.query_names, m.gallery_names, relevant))
     save_run(run_dir, matrices, run_meta(model, config, task, timings, metrics, extra))
+    release_run_lock(run_dir)  # the run is written: the folder is free for the next writer
     console.print(metrics_table(f"{model} -> {run_dir}", metrics))
     return metrics
 
@@ -151,6 +153,7 @@ def write_embedding_run(
         if relevant is not None:
             metrics[split] = topk_metrics(splits[split], relevant)
     save_topk_run(run_dir, splits, {**run_meta(model, config, task, timings, metrics, extra), "search_backend": form.backend})
+    release_run_lock(run_dir)
     console.print(metrics_table(f"{model} (top-k form) -> {run_dir}", metrics))
     return metrics
 
@@ -167,8 +170,13 @@ class RunStart:
 
 
 def begin_inference_run(cfg: Any, run_name: str | None = None) -> RunStart:
-    """The opening of every script that does not train: invalidate the old run, pick the device,
-    seed, read the data and the shared validation split (only its val queries/gallery are used)."""
+    """The opening of every script that does not train: lock the run folder and invalidate the old run
+    (:func:`utils.runs.similarity_io.invalidate_run`), pick the device, seed, read the data and the
+    shared validation split (only its val queries/gallery are used).
+
+    Raises:
+        KitError: another live process is writing the run folder (the message names it).
+    """
     t0 = time.time()
     run_dir = cfg.runs / (run_name or cfg.run_name)
     invalidate_run(run_dir)  # a killed or failed re-run must not leave the old run looking complete

@@ -1,7 +1,8 @@
 """Preflight checks of a runs folder: each run complete (hashes), on the current data's
 query and gallery names, and the weight files its config names present and loadable.
 
-Blockers: a matrix that does not match its hash, a run whose test names differ
+Blockers: a matrix that does not match its hash, a fused run (ensemble output)
+whose members changed since it was fused, a run whose test names differ
 from the data folder, a weight file that is missing or does not load. An
 incomplete run (killed, failed, still running) is a warning: ``ensemble.py``
 leaves it out.
@@ -15,7 +16,10 @@ from typing import Any
 from utils.checklist import Checklist
 from utils.data.layout import DataLayout
 from utils.errors import KitError
-from utils.runs.similarity_io import IncompleteRun, Run, load_run, run_folders
+from utils.runs.provenance import is_fused
+from utils.runs.run_lock import lock_holder
+from utils.runs.similarity_io import IncompleteRun, load_run, run_folders
+from utils.runs.topk_run import is_topk_run, load_topk_split, read_meta
 
 WEIGHT_KEYS = ("weights", "checkpoint", "predictor")  # config keys that may name a weights file
 WEIGHT_SUFFIXES = (".pt", ".pth", ".bin", ".safetensors", ".ckpt", ".dat")
@@ -46,9 +50,8 @@ def weights_problem(path: Path) -> str:
     return ""
 
 
-def _names_vs_data(run: Run, layout: DataLayout) -> str:
-    test = run.splits["test"]
-    for what, names, paths in (("query", test.query_names, layout.query), ("gallery", test.gallery_names, layout.gallery)):
+def _names_vs_data(query_names: list[str], gallery_names: list[str], layout: DataLayout) -> str:
+    for what, names, paths in (("query", query_names, layout.query), ("gallery", gallery_names, layout.gallery)):
         on_disk = {p.name for p in paths}
         if set(names) != on_disk:
             return (f"test {what} names differ from {layout.root / 'test' / what} (not in run: {sorted(on_disk - set(names))[:3]}, "
@@ -56,22 +59,40 @@ def _names_vs_data(run: Run, layout: DataLayout) -> str:
     return ""
 
 
+def _load_checked(d: Path) -> tuple[dict[str, Any], list[str], list[str], str]:
+    """meta.json, the test query and gallery names and a shape line of a run of either form, every file checked.
+
+    Raises:
+        KitError: as :func:`load_run` / :func:`load_topk_split` (IncompleteRun when unfinished).
+    """
+    if is_topk_run(d):
+        test = load_topk_split(d, "test", with_embeddings=False)
+        load_topk_split(d, "val", with_embeddings=False)
+        return read_meta(d), test.query_names, test.gallery_names, f"top-k form, test {len(test.query_names)} x K={test.k}"
+    run = load_run(d)
+    test = run.splits["test"]
+    return run.meta, test.query_names, test.gallery_names, "test {} x {}".format(*test.sim.shape)
+
+
 def check_run(cl: Checklist, d: Path, layout: DataLayout | None, seen_weights: dict[Path, str]) -> None:
+    """One run folder: complete, hashes match (a fused run's members too), on the data's lists, weights load."""
     try:
-        run = load_run(d)
+        meta, query_names, gallery_names, shape = _load_checked(d)
     except IncompleteRun as err:
-        cl.warn("runs", d.name, f"incomplete, ensemble.py leaves it out: {err}")
+        holder = lock_holder(d)
+        cl.warn("runs", d.name, f"being written by {holder}; ensemble.py leaves it out until it finishes" if holder
+                else f"incomplete, ensemble.py leaves it out: {err}")
         return
     except KitError as err:
         cl.block("runs", d.name, str(err))
         return
-    mismatch = _names_vs_data(run, layout) if layout is not None else ""
+    mismatch = _names_vs_data(query_names, gallery_names, layout) if layout is not None else ""
     if mismatch:
         cl.block("runs", d.name, mismatch)
     else:
-        shape = run.splits["test"].sim.shape
-        cl.ok("runs", d.name, f"complete, hashes match; test {shape[0]} x {shape[1]}" + (" = the data's lists" if layout else ""))
-    for key, value in weight_files(run.meta.get("config", {})):
+        fused = ", members unchanged" if is_fused(meta) else ""
+        cl.ok("runs", d.name, f"complete, hashes match{fused}; {shape}" + (" = the data's lists" if layout else ""))
+    for key, value in weight_files(meta.get("config", {})):
         path = Path(value)
         if path not in seen_weights:
             seen_weights[path] = weights_problem(path)

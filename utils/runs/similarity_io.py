@@ -10,9 +10,11 @@ before writing any, removes the old marker, writes each matrix through a
 temporary file, and writes ``meta.json`` last with each matrix's sha256, shape
 and dtype. :func:`load_run` streams each matrix through sha256 and refuses a
 file that does not match, so a folder is either complete and consistent or
-refused. A model script calls :func:`invalidate_run` before a re-run starts, so
-a re-run that is killed or fails leaves a folder that loaders refuse.
-:func:`scan_runs` finds the usable runs under a runs folder and says why it
+refused. A model script calls :func:`invalidate_run` before a re-run starts: it
+takes the folder's lock (one writer at a time, :mod:`utils.runs.run_lock`) and
+removes the marker, so a re-run that is killed or fails leaves a folder that
+loaders refuse. A fused run (ensemble output) is checked against its members'
+hashes on load (:mod:`utils.runs.provenance`). :func:`scan_runs` finds the usable runs under a runs folder and says why it
 leaves each other one out.
 """
 
@@ -28,8 +30,10 @@ from typing import Any
 
 import numpy as np
 
-from utils.atomic import atomic_write_bytes, atomic_write_json
+from utils.atomic import atomic_write_bytes, atomic_write_json, remove_stale_temps
 from utils.errors import KitError
+from utils.runs.provenance import check_members, is_fused, read_json
+from utils.runs.run_lock import acquire_run_lock, lock_holder, run_lock
 
 log = logging.getLogger(__name__)
 
@@ -81,16 +85,41 @@ def check_matrix(sim: np.ndarray, n_rows: int, n_cols: int, where: Path | str) -
         raise KitError(f"{where}: {bad} NaN or infinite value(s); the model run is broken, re-run it")
 
 
-def invalidate_run(run_dir: str | Path) -> bool:
-    """Remove the completion marker of an earlier run in ``run_dir`` (before a re-run starts).
+def invalidate_run(run_dir: str | Path, clean_parent: bool = True) -> bool:
+    """Claim ``run_dir`` for this process's re-run: take its lock, clear stale temp files, remove the old marker.
 
-    Until the re-run writes a new ``meta.json``, loaders refuse the folder, so a
-    re-run that is killed or fails never leaves the old matrices looking current.
+    The lock (:mod:`utils.runs.run_lock`) stops a second writer with one line
+    until this process writes the run or exits. Temp files (``.*.tmp``) that a
+    killed writer left in the folder, its ``cache/`` and the runs folder above
+    are removed (the folder above only with ``clean_parent``: a model's run sits
+    in the runs folder, an ensemble's --out may not). Until the re-run writes a new ``meta.json``, loaders refuse
+    the folder, so a re-run that is killed or fails never leaves the old
+    matrices looking current.
 
     Returns:
         whether there was a marker to remove.
+
+    Raises:
+        KitError: another live process is writing ``run_dir``.
     """
-    marker = Path(run_dir) / MARKER
+    run_dir = Path(run_dir)
+    acquire_run_lock(run_dir)
+    remove_run_temps(run_dir, run_dir.parent if clean_parent else None)
+    return _remove_marker(run_dir)
+
+
+def remove_run_temps(run_dir: str | Path, runs_dir: str | Path | None = None) -> list[Path]:
+    """Remove the stale temp files in ``run_dir``, ``run_dir/cache`` and ``runs_dir`` (the runs folder)."""
+    run_dir = Path(run_dir)
+    folders = (run_dir, run_dir / "cache") + ((Path(runs_dir),) if runs_dir is not None else ())
+    removed = [p for d in folders for p in remove_stale_temps(d)]
+    for p in removed:
+        log.info("removed %s, left by a killed writer", p)
+    return removed
+
+
+def _remove_marker(run_dir: Path) -> bool:
+    marker = run_dir / MARKER
     try:
         marker.unlink()
     except FileNotFoundError:
@@ -126,13 +155,14 @@ def save_run(run_dir: str | Path, splits: dict[str, SimMatrix], meta: dict[str, 
         _check_names(m.query_names, "query", where)
         _check_names(m.gallery_names, "gallery", where)
         checked.append((split, m, sim, where))
-    invalidate_run(run_dir)
-    for split, m, sim, where in checked:
-        data = _npy_bytes(sim)
-        atomic_write_bytes(where, data)
-        meta["files"][where.name] = {"sha256": hashlib.sha256(data).hexdigest(), "shape": list(sim.shape), "dtype": str(sim.dtype)}
-        meta["splits"][split] = {"query_names": list(m.query_names), "gallery_names": list(m.gallery_names)}
-    atomic_write_json(run_dir / MARKER, meta)
+    with run_lock(run_dir):
+        _remove_marker(run_dir)
+        for split, m, sim, where in checked:
+            data = _npy_bytes(sim)
+            atomic_write_bytes(where, data)
+            meta["files"][where.name] = {"sha256": hashlib.sha256(data).hexdigest(), "shape": list(sim.shape), "dtype": str(sim.dtype)}
+            meta["splits"][split] = {"query_names": list(m.query_names), "gallery_names": list(m.gallery_names)}
+        atomic_write_json(run_dir / MARKER, meta)
     return run_dir
 
 
@@ -160,7 +190,8 @@ def load_run(run_dir: str | Path, splits: tuple[str, ...] = SPLITS) -> Run:
         KitError: no ``meta.json`` (the run is unfinished), missing files, a
             matrix whose sha256 differs from meta.json's, unreadable matrices,
             shapes that do not match the names, NaN or infinite values,
-            repeated names.
+            repeated names; a fused run whose members changed since
+            (:class:`utils.runs.provenance.StaleEnsemble`).
     """
     run_dir = Path(run_dir)
     meta_path = run_dir / MARKER
@@ -174,6 +205,7 @@ def load_run(run_dir: str | Path, splits: tuple[str, ...] = SPLITS) -> Run:
         raise KitError(f"{meta_path}: not valid JSON ({err})") from None
     if not isinstance(meta, dict):
         raise KitError(f"{meta_path}: expected a JSON object; re-run the model")
+    check_members(run_dir, meta)
     run = Run(name=meta.get("model", run_dir.name), path=run_dir, meta=meta)
     for split in splits:
         where = run_dir / f"{split}_sim.npy"
@@ -245,7 +277,8 @@ def run_folders(runs_dir: str | Path, exclude: tuple[Path, ...] = ()) -> list[Pa
 def scan_runs(runs_dir: str | Path, exclude: tuple[Path, ...] = ()) -> tuple[list[Run], list[tuple[Path, str]]]:
     """The complete runs under ``runs_dir`` that agree on names, and each folder left out with why.
 
-    A subfolder counts as a run when it holds any of :data:`RUN_FILES`. Left
+    A subfolder counts as a run when it holds any of :data:`RUN_FILES`; fused
+    runs (ensemble outputs) are skipped: they are never members. Left
     out: incomplete runs (no ``meta.json``, a missing matrix), matrices that do
     not match their hashes, and runs whose names differ from the largest group
     of runs that agree.
@@ -256,8 +289,14 @@ def scan_runs(runs_dir: str | Path, exclude: tuple[Path, ...] = ()) -> tuple[lis
     """
     runs, left_out = [], []
     for d in run_folders(runs_dir, exclude):
+        if is_fused(read_json(d / MARKER) or {}):
+            log.info("not a member: %s is a fused run (ensemble.py output); fused runs are never fused again", d)
+            continue
         try:
             runs.append(load_run(d))
+        except IncompleteRun as err:
+            holder = lock_holder(d)
+            left_out.append((d, f"still being written by {holder}" if holder else str(err)))
         except KitError as err:
             left_out.append((d, str(err)))
     groups: list[list[Run]] = []

@@ -11,7 +11,9 @@ this form (:func:`use_topk_form`). Per split, in ``runs/<model>/``:
   query and gallery names (row order) and the SHA-256 of each file, checked on load.
 
 A fused run (``ensemble.py`` on top-k runs) holds only ``_topk_idx`` and
-``_topk_scores`` per split (``"fused": true``): its scores are not cosines.
+``_topk_scores`` per split (``"fused": true``): its scores are not cosines. Its
+``members`` record each member's files and their SHA-256; loading it refuses a
+member that changed since (:mod:`utils.runs.provenance`).
 
 Fusion over candidates (:func:`fuse_topk`): for each query, the candidates are
 the union of the models' top-K lists. Every (query, candidate) pair is scored
@@ -49,6 +51,8 @@ import numpy as np
 from utils.atomic import atomic_write_bytes, atomic_write_json
 from utils.errors import KitError
 from utils.progress import ProgressBar
+from utils.runs.provenance import check_members, member_record
+from utils.runs.run_lock import run_lock
 from utils.runs.search import DEFAULT_BUDGET_BYTES, search_topk
 
 FORM = "topk"
@@ -143,9 +147,11 @@ def save_topk_run(run_dir: str | Path, splits: dict[str, TopkSplit], meta: dict[
     meta = dict(meta)
     meta["form"] = FORM
     meta["fused"] = fused
-    meta["splits"] = {split: save_topk_split(run_dir, split, data) for split, data in splits.items()}
-    meta["topk"] = min((s["topk"] for s in meta["splits"].values()), default=0)
-    atomic_write_json(run_dir / "meta.json", meta)
+    with run_lock(run_dir):
+        (run_dir / "meta.json").unlink(missing_ok=True)
+        meta["splits"] = {split: save_topk_split(run_dir, split, data) for split, data in splits.items()}
+        meta["topk"] = min((s["topk"] for s in meta["splits"].values()), default=0)
+        atomic_write_json(run_dir / "meta.json", meta)
     return run_dir
 
 
@@ -198,12 +204,15 @@ def load_topk_split(run_dir: str | Path, split: str = "test", with_embeddings: b
         verify: compare each file with its SHA-256 in ``meta.json``.
 
     Raises:
-        KitError: not a top-k run, a missing or changed file, shapes or names that do not agree.
+        KitError: not a top-k run, a missing or changed file, shapes or names that do not agree;
+            a fused run whose members changed since (:class:`utils.runs.provenance.StaleEnsemble`).
     """
     run_dir = Path(run_dir)
     meta = read_meta(run_dir)
     if meta.get("form") != FORM:
         raise KitError(f"{run_dir / 'meta.json'}: not a top-k run (no \"form\": \"topk\"); load it with similarity_io.load_run")
+    if verify:
+        check_members(run_dir, meta)
     entry = meta.get("splits", {}).get(split)
     if entry is None:
         raise KitError(f"{run_dir / 'meta.json'}: no split {split!r}")
@@ -432,6 +441,7 @@ def ensemble_topk(
     Each split of each run is loaded (hashes checked), joined by name, fused with
     :func:`fuse_topk` keeping ``k`` candidates per query (at most the largest run's K).
     """
+    members = [member_record(out_dir, d, read_meta(d)) for d in run_dirs]  # the hashes the loads below check
     loaded = {split: [load_topk_split(d, split) for d in run_dirs] for split in splits}
     out = {}
     for split, parts in loaded.items():
@@ -440,5 +450,6 @@ def ensemble_topk(
         out[split] = TopkSplit(idx, scores, parts[0].query_names, parts[0].gallery_names)
     record = dict(meta or {})
     record.setdefault("model", "ensemble")
-    record.update({"members": [str(d) for d in run_dirs], "weights": [float(x) for x in weights], "fusion": fusion})
+    record.update({"members": members, "weights": [float(x) for x in weights],
+                   "fusion": fusion})
     return save_topk_run(out_dir, out, record, fused=True)

@@ -46,6 +46,7 @@ from utils.atomic import remove_stale_temps
 from utils.data.image_dataset import log_unreadable
 from utils.errors import KitError
 from utils.progress import ProgressBar, QuietBar
+from utils.runs.run_lock import acquire_run_lock
 from utils.training.checkpoint import load_checkpoint, save_checkpoint
 from utils.training.distributed import DistInfo, broadcast
 from utils.training.schedule import warmup_cosine
@@ -144,6 +145,8 @@ class Trainer:
         self.scaler = torch.amp.GradScaler(device.type if device.type == "cuda" else "cpu", enabled=amp == torch.float16)
         self.state = LoopState()
         self.trained = False  # set once this run (or the one it resumed) has a checkpoint
+        if self.dist.master:
+            acquire_run_lock(self.run_dir)  # one writer per run folder; released when the run is written or at exit
         for stale in remove_stale_temps(self.run_dir) if self.dist.master else []:
             log.info("removed %s, left by a killed checkpoint write", stale.name)
         if settings.resume:
