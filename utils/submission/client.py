@@ -10,11 +10,19 @@ arrived; nothing in between may read as "submitted". So:
   (connection refused, no connection within the time) or the server answered
   5xx. After a read timeout, a dropped connection or a cut reply, the server may
   well hold the body: we stop and say so instead of posting it again.
-- **one deadline**: ``timeout_s`` bounds each attempt from connecting to the
-  last byte of the reply, so a reply trickled a byte a second cannot hold the
-  client for minutes. The request runs in a worker thread; the caller waits for
-  it at most ``timeout_s`` (plus half a second of grace), and the worker itself
-  stops reading at the deadline.
+- **one deadline per attempt**: ``timeout_s`` bounds each attempt from
+  connecting to the last byte of the reply, so a reply trickled a byte a second
+  cannot hold the client for minutes. The request runs in a worker thread; the
+  caller waits for it at most ``timeout_s`` (plus half a second of grace), and
+  the worker itself stops reading at the deadline.
+- **bounded waits**: the wait before a retry doubles from ``backoff_s`` but never
+  exceeds ``max_backoff_s``; ``deadline_s`` bounds the whole submission (no
+  attempt starts, and none runs, past it).
+- **a score or nothing**: a 2xx reply counts only with a finite numeric
+  ``accuracy`` (a number, or a string holding one: stored as a number) and no
+  ``error``; anything else is NOT CONFIRMED (the server had the body).
+- **no secrets on screen**: messages show the URL through
+  :func:`utils.submission.urls.redact_url`.
 """
 
 from __future__ import annotations
@@ -26,13 +34,16 @@ import threading
 import time
 from dataclasses import dataclass
 from typing import Any
-from urllib.parse import urljoin, urlsplit
+from urllib.parse import urljoin
 
 import requests
 from urllib3.exceptions import HTTPError as Urllib3Error
 from urllib3.exceptions import MaxRetryError, NewConnectionError
 
 from utils.errors import KitError
+from utils.submission.urls import check_url, redact_url
+
+__all__ = ["NotSubmitted", "check_send_options", "check_url", "confirmed_score", "post"]
 
 log = logging.getLogger(__name__)
 
@@ -45,15 +56,15 @@ class NotSubmitted(KitError):
     """The server did not accept the body (or we cannot know that it did); the body is on disk.
 
     Attributes:
-        outcome: ``rejected`` (the server answered 4xx) or ``not-submitted``.
-        answer: what the server said, or what went wrong, in one line.
+        outcome: ``rejected`` (the server answered 4xx), ``not-confirmed`` (it may hold the body) or ``not-submitted``.
+        answer: what the server said (its reply when it had one), or what went wrong, in one line.
         maybe_received: True when the body may have arrived (read timeout, cut reply).
     """
 
-    def __init__(self, message: str, outcome: str = "not-submitted", maybe_received: bool = False):
+    def __init__(self, message: str, outcome: str = "", maybe_received: bool = False, answer: Any = None):
         super().__init__(message)
-        self.outcome = outcome
-        self.answer = message
+        self.outcome = outcome or ("not-confirmed" if maybe_received else "not-submitted")
+        self.answer = message if answer is None else answer
         self.maybe_received = maybe_received
 
 
@@ -68,33 +79,19 @@ class _Answer:
     text: str
 
 
-def check_url(url: str, source: str = "--url") -> str:
-    """``url`` if it is an http(s) URL with a host and a numeric port.
-
-    Raises:
-        KitError: naming ``source`` (the flag or environment variable) and the fix.
-    """
-    parts = urlsplit(url)
-    if parts.scheme not in ("http", "https") or not parts.netloc:
-        rest = url.split("://", 1)[-1].strip("/") or "HOST:PORT"
-        raise KitError(f"{source} {url!r}: needs http:// or https:// and a host, e.g. http://{rest}/")
-    try:
-        _ = parts.port  # raises ValueError for a port that is not a number
-    except ValueError:
-        raise KitError(f"{source} {url!r}: the port is not a number from 0 to 65535, e.g. http://{parts.hostname}:8000/") from None
-    if not parts.hostname:
-        raise KitError(f"{source} {url!r}: no host name, e.g. http://127.0.0.1{parts.netloc}/")
-    return url
-
-
-def check_send_options(timeout_s: float, retries: int, backoff_s: float) -> None:
-    """Raise a KitError for a timeout, retry count or backoff that cannot work."""
+def check_send_options(timeout_s: float, retries: int, backoff_s: float, max_backoff_s: float = 30.0,
+                       deadline_s: float = 300.0) -> None:
+    """Raise a KitError for a timeout, retry count, backoff, backoff cap or deadline that cannot work."""
     if not (math.isfinite(timeout_s) and timeout_s > 0):
         raise KitError(f"--timeout-s {timeout_s}: must be a number of seconds above 0, e.g. --timeout-s 30")
     if retries < 0:
         raise KitError(f"--retries {retries}: must be 0 or more (0 = a single attempt)")
     if not (math.isfinite(backoff_s) and backoff_s >= 0):
         raise KitError(f"--backoff-s {backoff_s}: must be 0 or more seconds")
+    if not (math.isfinite(max_backoff_s) and max_backoff_s >= 0):
+        raise KitError(f"--max-backoff-s {max_backoff_s}: must be 0 or more seconds, e.g. --max-backoff-s 30")
+    if not (math.isfinite(deadline_s) and deadline_s > 0):
+        raise KitError(f"--deadline-s {deadline_s}: must be a number of seconds above 0, e.g. --deadline-s 300")
 
 
 def _reached(err: requests.ConnectionError) -> bool:
@@ -107,18 +104,19 @@ def _reached(err: requests.ConnectionError) -> bool:
 
 def _request(url: str, data: bytes, timeout_s: float, deadline: float) -> _Answer:
     """One POST, no redirect followed, the reply read until ``deadline`` at most."""
+    shown = redact_url(url)
     try:
         resp = requests.post(url, data=data, headers={"Content-Type": "application/json"},
                              timeout=(timeout_s, timeout_s), allow_redirects=False, stream=True)
     except requests.RequestException as err:
         if isinstance(err, requests.ConnectionError) and not _reached(err):
-            raise _Unreached(f"{type(err).__name__}: cannot reach {url}") from None
-        raise NotSubmitted(f"{url}: {type(err).__name__} before any answer; {MAY_HAVE_ARRIVED}", maybe_received=True) from None
+            raise _Unreached(f"{type(err).__name__}: cannot reach {shown}") from None
+        raise NotSubmitted(f"{shown}: {type(err).__name__} before any answer; {MAY_HAVE_ARRIVED}", maybe_received=True) from None
     try:
         chunks, size = [], 0
         while True:
             if time.monotonic() > deadline:
-                raise NotSubmitted(f"{url}: the reply did not finish within --timeout-s {timeout_s:g}; {MAY_HAVE_ARRIVED}",
+                raise NotSubmitted(f"{shown}: the reply did not finish within --timeout-s {timeout_s:g}; {MAY_HAVE_ARRIVED}",
                                    maybe_received=True)
             chunk = resp.raw.read1(65536, decode_content=True)
             if not chunk:
@@ -126,17 +124,19 @@ def _request(url: str, data: bytes, timeout_s: float, deadline: float) -> _Answe
             chunks.append(chunk)
             size += len(chunk)
             if size > MAX_REPLY_BYTES:
-                raise NotSubmitted(f"{url}: the reply is over {MAX_REPLY_BYTES} bytes; is this the competition server?")
+                raise NotSubmitted(f"{shown}: the reply is over {MAX_REPLY_BYTES} bytes; is this the competition server? {MAY_HAVE_ARRIVED}",
+                                   maybe_received=True)
     except (requests.RequestException, Urllib3Error, OSError) as err:
-        raise NotSubmitted(f"{url}: the reply was cut ({type(err).__name__}); {MAY_HAVE_ARRIVED}", maybe_received=True) from None
+        raise NotSubmitted(f"{shown}: the reply was cut ({type(err).__name__}); {MAY_HAVE_ARRIVED}", maybe_received=True) from None
     finally:
         resp.close()
-    location = urljoin(url, resp.headers.get("Location", "")) if resp.headers.get("Location") else ""
+    location = _shown_location(url, resp.headers.get("Location", ""))
     return _Answer(resp.status_code, location, b"".join(chunks).decode("utf-8", "replace"))
 
 
 def _attempt(url: str, data: bytes, timeout_s: float) -> _Answer:
     """:func:`_request` in a worker thread, waited for ``timeout_s`` (+ grace) at most."""
+    shown = redact_url(url)
     result: dict[str, Any] = {}
     done = threading.Event()
     deadline = time.monotonic() + timeout_s
@@ -151,7 +151,7 @@ def _attempt(url: str, data: bytes, timeout_s: float) -> _Answer:
 
     threading.Thread(target=work, name="submit-post", daemon=True).start()
     if not done.wait(timeout_s + GRACE_S):
-        raise NotSubmitted(f"{url}: no complete answer within --timeout-s {timeout_s:g}; {MAY_HAVE_ARRIVED}", maybe_received=True)
+        raise NotSubmitted(f"{shown}: no complete answer within --timeout-s {timeout_s:g}; {MAY_HAVE_ARRIVED}", maybe_received=True)
     if "error" in result:
         raise result["error"]
     return result["answer"]
@@ -160,45 +160,102 @@ def _attempt(url: str, data: bytes, timeout_s: float) -> _Answer:
 def _judge(url: str, answer: _Answer) -> dict[str, Any]:
     """The reply as a dict for a 2xx JSON answer; NotSubmitted for a redirect, 4xx or non-JSON."""
     code, text = answer.status, answer.text.strip()[:300]
+    shown = redact_url(url)
     if 300 <= code < 400:
         where = answer.location or "(no Location header)"
-        raise NotSubmitted(f"{url} answered HTTP {code} redirect to {where}; a POST is never followed (the body would "
+        raise NotSubmitted(f"{shown} answered HTTP {code} redirect to {where}; a POST is never followed (the body would "
                            f"be dropped), so nothing was submitted. If {where} is the right server, pass it as --url")
     if code == 405:
-        raise NotSubmitted(f"HTTP 405 from {url}: it does not take POSTs; is this the submission URL?", outcome="rejected")
+        raise NotSubmitted(f"HTTP 405 from {shown}: it does not take POSTs; is this the submission URL?", outcome="rejected")
     if code >= 400:
-        raise NotSubmitted(f"HTTP {code} from {url}: {text}", outcome="rejected")
+        raise NotSubmitted(f"HTTP {code} from {shown}: {text}", outcome="rejected")
     try:
         reply = json.loads(answer.text)
     except ValueError:
-        raise NotSubmitted(f"{url} answered HTTP {code} but not JSON: {text[:200]!r}", maybe_received=True) from None
+        raise NotSubmitted(f"{shown} answered HTTP {code} but not JSON: {text[:200]!r}", maybe_received=True) from None
     return reply if isinstance(reply, dict) else {"reply": reply}
 
 
-def post(url: str, body: dict[str, Any], timeout_s: float = 30.0, retries: int = 3, backoff_s: float = 1.0) -> dict[str, Any]:
+def _shown_location(url: str, location: str) -> str:
+    """A redirect's target, absolute and redacted (a relative one inherits the URL's credentials)."""
+    if not location:
+        return ""
+    target = urljoin(url, location)
+    try:
+        return redact_url(target)
+    except ValueError:
+        return target.split("?")[0]
+
+
+def confirmed_score(url: str, reply: dict[str, Any]) -> float:
+    """The score of a 2xx reply: its ``accuracy`` as a finite number (a numeric string is read as one).
+
+    Raises:
+        NotSubmitted: (``not-confirmed``, the reply kept as the answer) when the reply holds an
+            ``error``, or no ``accuracy`` that is a finite number.
+    """
+    shown = redact_url(url)
+    acc = reply.get("accuracy")
+    problem = ""
+    if reply.get("error") not in (None, "", False):
+        problem = f"an error ({str(reply['error'])[:200]})"
+    elif isinstance(acc, str):
+        try:
+            acc = float(acc.strip())
+        except ValueError:
+            problem = f"an 'accuracy' that is not a number ({acc[:40]!r})"
+    elif isinstance(acc, bool) or not isinstance(acc, (int, float)):
+        problem = "no numeric 'accuracy'" if acc is None else f"an 'accuracy' that is not a number ({str(acc)[:40]})"
+    if not problem and not math.isfinite(acc):
+        problem = f"'accuracy' {acc} (not a finite number)"
+    if problem:
+        raise NotSubmitted(f"{shown} answered with {problem}, so no score is confirmed; reply: "
+                           f"{json.dumps(reply, default=str)[:300]}; {MAY_HAVE_ARRIVED}",
+                           maybe_received=True, answer=reply)
+    return float(acc)
+
+
+def backoff_wait_s(retry: int, backoff_s: float, max_backoff_s: float) -> float:
+    """The wait before retry number ``retry`` (from 1): ``backoff_s`` doubled each time, capped at ``max_backoff_s``."""
+    return min(max_backoff_s, backoff_s * 2.0 ** min(retry - 1, 64))
+
+
+def post(url: str, body: dict[str, Any], timeout_s: float = 30.0, retries: int = 3, backoff_s: float = 1.0,
+         max_backoff_s: float = 30.0, deadline_s: float = 300.0) -> dict[str, Any]:
     """POST ``body`` and return the server's JSON reply.
 
-    Retries (with doubling waits from ``backoff_s``) only a request that never
-    reached the server or that got a 5xx; 3xx and 4xx are final, and so is any
-    failure after the body may have arrived.
+    Retries (with doubling waits from ``backoff_s``, each at most ``max_backoff_s``)
+    only a request that never reached the server or that got a 5xx; 3xx and 4xx
+    are final, and so is any failure after the body may have arrived. No attempt
+    runs past ``deadline_s`` from the start: the last one gets what time is left.
 
     Raises:
         NotSubmitted: the body was refused, not delivered, or not confirmed.
     """
     data = json.dumps(body).encode()
-    last = ""
+    shown = redact_url(url)
+    end = time.monotonic() + deadline_s
+    last, tries = "", 0
     for attempt in range(retries + 1):
         if attempt:
-            wait = backoff_s * 2 ** (attempt - 1)
-            log.warning("retrying in %.1f s (%s)", wait, last)
+            wait = backoff_wait_s(attempt, backoff_s, max_backoff_s)
+            if time.monotonic() + wait >= end:
+                break
+            log.warning("retrying in %.3g s (%s)", wait, last)
             time.sleep(wait)
+        left = end - time.monotonic()
+        if left <= 0:
+            break
+        tries += 1
         try:
-            answer = _attempt(url, data, timeout_s)
+            answer = _attempt(url, data, min(timeout_s, left))
         except _Unreached as err:
             last = str(err)
             continue
         if answer.status >= 500:
-            last = f"HTTP {answer.status} from {url}: {answer.text.strip()[:200]}"
+            last = f"HTTP {answer.status} from {shown}: {answer.text.strip()[:200]}"
             continue
         return _judge(url, answer)
+    if tries < retries + 1:
+        raise NotSubmitted(f"gave up after {tries} attempt(s): --deadline-s {deadline_s:g} reached ({last})")
     raise NotSubmitted(f"gave up after {retries + 1} attempt(s) ({last})")
