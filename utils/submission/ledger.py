@@ -99,12 +99,25 @@ def _write_line(path: Path, record: dict[str, Any]) -> int:
             line = b"\n" + line  # a torn last line stays alone; ours starts on the next
         number = before.count(b"\n") + (1 if before and not before.endswith(b"\n") else 0) + 1
         view = memoryview(line)
-        while view:
-            view = view[os.write(fd, view):]
-        os.fsync(fd)
+        try:
+            while view:
+                view = view[os.write(fd, view):]
+            os.fsync(fd)
+        except OSError:
+            _take_back(fd, size, len(line) - len(view))
+            raise
     finally:
         os.close(fd)
     return number
+
+
+def _take_back(fd: int, size: int, written: int) -> None:
+    """Cut a line that could not be written whole (file full, size limit) back off, if nobody appended since."""
+    try:
+        if written and os.fstat(fd).st_size == size + written:
+            os.ftruncate(fd, size)
+    except OSError:
+        pass  # a torn line is skipped by read() and the next append starts on a new line
 
 
 def append(out_dir: str | Path, *, body: Path, url: str, group: str, outcome: str, answer: Any = "",

@@ -172,8 +172,8 @@ def send(body: dict[str, Any], body_path: Path, url: str, out: Path, timeout_s: 
     except OSError as err:
         problems.append(f"{out / ledger.LEDGER_NAME} ({describe(err)})")
     if problems:
-        console.print(f"[bold red]the ledger could not be written[/]: {escape('; '.join(problems))}. The score above is the only "
-                      f"record: note it; --history shows entry {number} as unknown")
+        console.print(f"[bold red]the ledger could not be written[/]: {escape('; '.join(problems))}. The score above is "
+                      f"the only record: note it; --history shows entry {number} as unknown", soft_wrap=True)
     return 0
 
 
@@ -211,6 +211,6 @@ def show_history(out: Path) -> int:
     console.print(ledger.history_table(entries, f"{out / ledger.LEDGER_NAME}: {len(entries)} attempt(s)"))
     for e in entries:
         if e.outcome == ledger.UNKNOWN:
-            console.print(f"entry {e.number} ({Path(e.body).name}): no outcome recorded (killed, interrupted or disk "
-                          f"full): unknown: check the leaderboard before --resend {e.number} --force")
+            console.print(f"entry {e.number} ({escape(Path(e.body).name)}): no outcome recorded (killed, interrupted or "
+                          f"disk full): unknown: check the leaderboard before --resend {e.number} --force", soft_wrap=True)
     return 0
