@@ -102,7 +102,7 @@ def _reached(err: requests.ConnectionError) -> bool:
     return not (isinstance(cause, MaxRetryError) and isinstance(cause.reason, NewConnectionError))
 
 
-def _request(url: str, data: bytes, timeout_s: float, deadline: float) -> _Answer:
+def _request(url: str, data: bytes, timeout_s: float, deadline: float, limit: str) -> _Answer:
     """One POST, no redirect followed, the reply read until ``deadline`` at most."""
     shown = redact_url(url)
     try:
@@ -111,12 +111,12 @@ def _request(url: str, data: bytes, timeout_s: float, deadline: float) -> _Answe
     except requests.RequestException as err:
         if isinstance(err, requests.ConnectionError) and not _reached(err):
             raise _Unreached(f"{type(err).__name__}: cannot reach {shown}") from None
-        raise NotSubmitted(f"{shown}: {type(err).__name__} before any answer; {MAY_HAVE_ARRIVED}", maybe_received=True) from None
+        raise NotSubmitted(f"{shown}: {type(err).__name__} before any answer within {limit}; {MAY_HAVE_ARRIVED}", maybe_received=True) from None
     try:
         chunks, size = [], 0
         while True:
             if time.monotonic() > deadline:
-                raise NotSubmitted(f"{shown}: the reply did not finish within --timeout-s {timeout_s:g}; {MAY_HAVE_ARRIVED}",
+                raise NotSubmitted(f"{shown}: the reply did not finish within {limit}; {MAY_HAVE_ARRIVED}",
                                    maybe_received=True)
             chunk = resp.raw.read1(65536, decode_content=True)
             if not chunk:
@@ -134,8 +134,9 @@ def _request(url: str, data: bytes, timeout_s: float, deadline: float) -> _Answe
     return _Answer(resp.status_code, location, b"".join(chunks).decode("utf-8", "replace"))
 
 
-def _attempt(url: str, data: bytes, timeout_s: float) -> _Answer:
-    """:func:`_request` in a worker thread, waited for ``timeout_s`` (+ grace) at most."""
+def _attempt(url: str, data: bytes, timeout_s: float, limit: str = "") -> _Answer:
+    """:func:`_request` in a worker thread, waited for ``timeout_s`` (+ grace) at most; ``limit`` names the flag that set it."""
+    limit = limit or f"--timeout-s {timeout_s:g}"
     shown = redact_url(url)
     result: dict[str, Any] = {}
     done = threading.Event()
@@ -143,7 +144,7 @@ def _attempt(url: str, data: bytes, timeout_s: float) -> _Answer:
 
     def work() -> None:
         try:
-            result["answer"] = _request(url, data, timeout_s, deadline)
+            result["answer"] = _request(url, data, timeout_s, deadline, limit)
         except BaseException as err:  # handed to the caller's thread
             result["error"] = err
         finally:
@@ -151,7 +152,7 @@ def _attempt(url: str, data: bytes, timeout_s: float) -> _Answer:
 
     threading.Thread(target=work, name="submit-post", daemon=True).start()
     if not done.wait(timeout_s + GRACE_S):
-        raise NotSubmitted(f"{shown}: no complete answer within --timeout-s {timeout_s:g}; {MAY_HAVE_ARRIVED}", maybe_received=True)
+        raise NotSubmitted(f"{shown}: no complete answer within {limit}; {MAY_HAVE_ARRIVED}", maybe_received=True)
     if "error" in result:
         raise result["error"]
     return result["answer"]
@@ -248,7 +249,8 @@ def post(url: str, body: dict[str, Any], timeout_s: float = 30.0, retries: int =
             break
         tries += 1
         try:
-            answer = _attempt(url, data, min(timeout_s, left))
+            limit = f"--timeout-s {timeout_s:g}" if timeout_s <= left else f"--deadline-s {deadline_s:g}"
+            answer = _attempt(url, data, min(timeout_s, left), limit)
         except _Unreached as err:
             last = str(err)
             continue
