@@ -134,7 +134,7 @@ def test_disk_full_after_the_post_still_shows_the_score(run_dir, tmp_path, capsy
     shown = capsys.readouterr().out
     assert "score: 912.5" in shown and "rank" in shown
     [line] = [ln for ln in shown.splitlines() if "could not be written" in ln]
-    assert "ledger.jsonl" in line and "no space left" in line and "entry 1 as unknown" in line
+    assert "ledger.jsonl" in line and "no space left" in line and "entry 1 as unknown" in line and "reply file" in line
     assert not list(out.glob("*.response.json")) and not list(out.glob(".*.tmp"))
     [entry] = ledger.read(out)  # the attempt line went out before the POST
     assert entry.outcome == ledger.UNKNOWN

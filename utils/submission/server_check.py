@@ -7,7 +7,7 @@ import time
 import requests
 
 from utils.checklist import Checklist
-from utils.submission.urls import redact_url, shown_for_error, url_problem
+from utils.submission.client import redact_url, shown_for_error, url_problem
 
 
 def check_server(cl: Checklist, url: str, group: str, timeout_s: float = 5.0) -> None:

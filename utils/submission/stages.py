@@ -1,7 +1,7 @@
 """The stages of ``submit.py``, in order: target -> body (from a run, or an earlier one) -> send -> record.
 
 Each stage raises a KitError (exit 2) for bad input, a file it cannot write
-included (utils.submission.fs_errors); :func:`send` returns the exit code: 0
+included (:func:`writing`); :func:`send` returns the exit code: 0
 submitted (a score confirmed), 3 not submitted or not confirmed (the body stays
 on disk). Every attempt, dry runs included, goes to the ledger
 (utils.submission.ledger), written ahead of the POST.
@@ -9,11 +9,13 @@ on disk). Every attempt, dry runs included, goes to the ledger
 
 from __future__ import annotations
 
+import errno
 import json
 import logging
 import os
+from contextlib import contextmanager
 from pathlib import Path
-from typing import Any
+from typing import Any, Iterator
 
 from rich.markup import escape
 from rich.table import Table
@@ -25,15 +27,47 @@ from utils.logs import console
 from utils.runs.similarity_io import load_run
 from utils.runs.topk_run import is_topk_run, load_topk_split, topk_lists
 from utils.submission import ledger
-from utils.submission.client import NotSubmitted, confirmed_score, post
-from utils.submission.fs_errors import describe, writing
+from utils.submission.client import NotSubmitted, check_url, confirmed_score, post, redact_url
 from utils.submission.lists import make_body, parse_body, save_body, top_lists, validate_lists
 from utils.submission.preview import write_preview
-from utils.submission.urls import check_url, redact_url
 
 log = logging.getLogger(__name__)
 
 NOT_SUBMITTED = 3
+
+
+# Filesystem errors of the outputs as one line: the path, what happened, what to do. Local to the
+# submission group for now; a kit-wide OSError -> one-line mapping (utils/errors.py) can replace it.
+_REASONS = {
+    errno.ENOSPC: "no space left on the device: free some space or pass another --out",
+    errno.EDQUOT: "the disk quota is used up: free some space or pass another --out",
+    errno.EROFS: "the file system is read-only: pass a writable --out",
+    errno.EFBIG: "file too large (a file-size limit, see ulimit -f): raise the limit or pass another --out",
+    errno.EACCES: "permission denied: pass a folder you may write as --out",
+    errno.EPERM: "operation not permitted: pass a folder you may write as --out",
+    errno.ENOTDIR: "a part of the path is a file, not a folder: pass another --out",
+    errno.EEXIST: "a file of that name is in the way: pass another --out",
+}
+
+
+def describe(err: OSError) -> str:
+    """What went wrong and the fix, in a few words."""
+    return _REASONS.get(err.errno or 0, f"{err.strerror or type(err).__name__}")
+
+
+def write_error(path: str | Path, err: OSError, what: str) -> KitError:
+    """A KitError ``<path>: cannot write <what> (<reason and fix>)``."""
+    where = err.filename if err.filename else path
+    return KitError(f"{where}: cannot write {what} ({describe(err)})")
+
+
+@contextmanager
+def writing(path: str | Path, what: str) -> Iterator[None]:
+    """Turn an OSError raised inside the block into :func:`write_error`'s one line."""
+    try:
+        yield
+    except OSError as err:
+        raise write_error(path, err, what) from None
 
 
 def resolve_target(url: str, group: str, sending: bool) -> tuple[str, str]:
@@ -166,14 +200,14 @@ def send(body: dict[str, Any], body_path: Path, url: str, out: Path, timeout_s: 
     try:
         atomic_write_json(body_path.with_suffix(".response.json"), ledger.finite(reply))
     except OSError as err:
-        problems.append(f"{body_path.with_suffix('.response.json')} ({describe(err)})")
+        problems.append(f"the reply file {body_path.with_suffix('.response.json')} ({describe(err)})")
     try:
         ledger.write_outcome(out, attempt_id, "submitted", answer=reply, score=score)
     except OSError as err:
-        problems.append(f"{out / ledger.LEDGER_NAME} ({describe(err)})")
+        problems.append(f"the ledger {out / ledger.LEDGER_NAME} ({describe(err)}); --history shows entry {number} as unknown")
     if problems:
         console.print(f"[bold red]the ledger could not be written[/]: {escape('; '.join(problems))}. The score above is "
-                      f"the only record: note it; --history shows entry {number} as unknown", soft_wrap=True)
+                      f"the only full record: note it", soft_wrap=True)
     return 0
 
 
