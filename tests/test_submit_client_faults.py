@@ -48,6 +48,8 @@ NOT_SCORES = {
     "accuracy NaN": b'{"accuracy": NaN}',
     "accuracy Infinity": b'{"accuracy": Infinity}',
     "a list": b'[1000.0]',
+    "accuracy an object": b'{"accuracy": {"value": 900}}',
+    "accuracy past float": b'{"accuracy": 1' + b"0" * 400 + b'}',
 }
 
 

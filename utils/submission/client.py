@@ -303,23 +303,25 @@ def confirmed_score(url: str, reply: dict[str, Any]) -> float:
     """
     shown = redact_url(url)
     acc = reply.get("accuracy")
-    problem = ""
+    problem, value = "", math.nan
     if reply.get("error") not in (None, "", False):
         problem = f"an error ({str(reply['error'])[:200]})"
-    elif isinstance(acc, str):
+    elif acc is None:
+        problem = "no numeric 'accuracy'"
+    elif isinstance(acc, bool) or not isinstance(acc, (int, float, str)):
+        problem = f"an 'accuracy' that is not a number ({json.dumps(acc, default=str)[:40]})"
+    else:
         try:
-            acc = float(acc.strip())
-        except ValueError:
-            problem = f"an 'accuracy' that is not a number ({acc[:40]!r})"
-    elif isinstance(acc, bool) or not isinstance(acc, (int, float)):
-        problem = "no numeric 'accuracy'" if acc is None else f"an 'accuracy' that is not a number ({str(acc)[:40]})"
-    if not problem and not math.isfinite(acc):
-        problem = f"'accuracy' {acc} (not a finite number)"
+            value = float(acc.strip() if isinstance(acc, str) else acc)
+        except (ValueError, OverflowError):
+            problem = f"an 'accuracy' that is not a number ({str(acc)[:40]!r})"
+        if not problem and not math.isfinite(value):
+            problem = f"'accuracy' {str(acc)[:40]} (not a finite number)"
     if problem:
         raise NotSubmitted(f"{shown} answered with {problem}, so no score is confirmed; reply: "
                            f"{json.dumps(reply, default=str)[:300]}; {MAY_HAVE_ARRIVED}",
                            maybe_received=True, answer=reply)
-    return float(acc)
+    return value
 
 
 def backoff_wait_s(retry: int, backoff_s: float, max_backoff_s: float) -> float:
