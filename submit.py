@@ -9,18 +9,26 @@
     # every attempt so far, numbered; send one again (a number from --history, or a file):
     python submit.py --history
     python submit.py --resend 3 --url http://HOST:PORT/
+    # a body the ledger records as sent (or maybe sent) goes again only with --force:
+    python submit.py --resend 3 --url http://HOST:PORT/ --force
 
 Order of work: check the flags -> load and check the matrix -> top-10 per query
 -> validate (every query present, 10 distinct gallery names each; with --data,
 the names must be exactly the files of DATA/test/query and DATA/test/gallery)
--> write the exact body to submissions/<timestamp>.json -> POST it (redirects
-are never followed; --timeout-s bounds each attempt to the last byte; retried
-only when it never reached the server or got a 5xx) -> print the score, save the
-reply beside the body, and append the attempt to submissions/ledger.jsonl.
+-> write the exact body to submissions/<timestamp>.json -> write an `attempt`
+line to submissions/ledger.jsonl (fsynced: nothing is sent unless it is on disk)
+-> POST it (redirects are never followed; --timeout-s bounds each attempt to the
+last byte; retried only when it never reached the server or got a 5xx, each wait
+at most --max-backoff-s, everything within --deadline-s) -> print the score, save
+the reply beside the body, and write the attempt's outcome line. An attempt
+without an outcome (killed, Ctrl-C, disk full) shows in --history as
+"unknown: check the leaderboard". URLs are shown and recorded without
+credentials or query values.
 
-Exit codes: 0 submitted (or dry run), 2 bad input, 3 not submitted (the body is
-on disk; after a timeout the server may hold it: check the leaderboard, then
-send it again with --resend FILE or --resend N).
+Exit codes: 0 submitted (a numeric score came back; or dry run), 2 bad input or
+an output that cannot be written, 3 not submitted or NOT CONFIRMED (the body is
+on disk; the reply had no numeric `accuracy`, or after a timeout the server may
+hold it: check the leaderboard, then send it again with --resend FILE|N --force).
 """
 
 from __future__ import annotations
@@ -39,6 +47,7 @@ from utils.submission.stages import (
     NOT_SUBMITTED,
     body_from_run,
     body_to_resend,
+    check_resend,
     record_dry_run,
     resolve_target,
     send,
@@ -63,6 +72,9 @@ class Config:
     timeout_s: float = field(default=30.0, metadata={"help": "seconds an attempt may take in all, connect to last byte of the answer"})
     retries: int = field(default=3, metadata={"help": "extra attempts when the server was not reached or answered 5xx"})
     backoff_s: float = field(default=1.0, metadata={"help": "first wait between attempts; doubles each time"})
+    max_backoff_s: float = field(default=30.0, metadata={"help": "longest single wait between attempts"})
+    deadline_s: float = field(default=300.0, metadata={"help": "seconds the whole submission may take, retries included"})
+    force: bool = field(default=False, metadata={"help": "--resend a body the ledger records as (maybe) counted already"})
     verbose: bool = field(default=False, metadata={"help": "debug logging"})
 
 
@@ -78,14 +90,15 @@ def main(argv: Sequence[str] | None = None) -> int:
     if cfg.history:
         return show_history(cfg.out)
     url, group = resolve_target(cfg.url, cfg.group, sending=not cfg.dry_run)
-    check_send_options(cfg.timeout_s, cfg.retries, cfg.backoff_s)
+    check_send_options(cfg.timeout_s, cfg.retries, cfg.backoff_s, cfg.max_backoff_s, cfg.deadline_s)
     if cfg.resend:
         body, body_path = body_to_resend(cfg.resend, cfg.out, cfg.data)
+        check_resend(body, body_path, group, cfg.out, force=cfg.force or cfg.dry_run)
     else:
         body, body_path = body_from_run(cfg.run, cfg.data, group, cfg.format, cfg.out, cfg.preview)
     if cfg.dry_run:
         return record_dry_run(body_path, url, body["groupname"], cfg.out)
-    return send(body, body_path, url, cfg.out, cfg.timeout_s, cfg.retries, cfg.backoff_s)
+    return send(body, body_path, url, cfg.out, cfg.timeout_s, cfg.retries, cfg.backoff_s, cfg.max_backoff_s, cfg.deadline_s)
 
 
 if __name__ == "__main__":

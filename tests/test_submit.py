@@ -119,7 +119,7 @@ def test_resend_posts_the_saved_body(rehearsal_data_session, run_dir, tmp_path, 
     submit.main(["--run", str(run_dir), "--group", "t", "--out", str(tmp_path / "s"), "--dry-run"])
     saved = next((tmp_path / "s").glob("*.json"))
     with server(rehearsal_data_session) as url:
-        assert submit.main(["--resend", str(saved), "--url", url]) == 0
+        assert submit.main(["--resend", str(saved), "--url", url, "--out", str(tmp_path / "s")]) == 0
     assert "score: 1000.0" in capsys.readouterr().out
 
 

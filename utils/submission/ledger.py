@@ -1,13 +1,22 @@
-"""The submission ledger: one JSON line per attempt in ``<out>/ledger.jsonl``, append-only.
+"""The submission ledger ``<out>/ledger.jsonl``: written ahead of every POST, append-only, one JSON object a line.
 
-Each line: ``time`` (UTC, ISO), ``body`` (the body file), ``sha256`` (of that
-file), ``url``, ``group``, ``outcome`` (one of :data:`OUTCOMES`), ``answer``
-(the server's reply or what went wrong) and ``score`` (the reply's
-``accuracy``, or null). A line is written with one ``write`` on a file opened
-for appending, then flushed and fsynced, so a kill leaves at most one torn last
-line. Reading skips a line that does not parse, with a warning. An entry's
-number is its line number, so numbers never shift (``submit.py --history``
-shows them; ``--resend N`` takes one).
+Write-ahead: before a body is posted, an **attempt** line (``kind: attempt``,
+``id``, ``time`` (UTC, ISO), ``body`` (the file), ``sha256`` (of that file),
+``url`` (redacted: no credentials, no query values), ``group``) is written,
+flushed and fsynced. After the answer an **outcome** line (``kind: outcome``, the
+attempt's ``id``, ``outcome`` (one of :data:`OUTCOMES`), ``answer`` (the
+server's reply or what went wrong), ``score`` (a number, or null)) follows. A dry
+run writes one line holding both. :func:`read` joins them: an attempt whose
+outcome never came (the process was killed, Ctrl-C, the disk filled) reads as
+``unknown``: the server may hold the body, so check the leaderboard.
+
+Each line goes out in one ``write`` on a file opened for appending, then
+fsync; when the file does not end with a newline (a torn line left by a kill),
+the new line starts with one, so a torn line never swallows the next entry.
+Reading skips a line that does not parse, with a warning. Numbers are stored as
+JSON numbers; NaN and infinities as null. An entry's number is the line number
+of its attempt, so numbers never shift (``submit.py --history`` shows them;
+``--resend N`` takes one). Lines without ``kind`` (older ledgers) are complete entries.
 """
 
 from __future__ import annotations
@@ -15,7 +24,9 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
+import math
 import os
+import uuid
 from dataclasses import dataclass
 from datetime import datetime, timezone
 from pathlib import Path
@@ -25,16 +36,19 @@ from rich.markup import escape
 from rich.table import Table
 
 from utils.errors import KitError
+from utils.submission.client import redact_url
 
 log = logging.getLogger(__name__)
 
 LEDGER_NAME = "ledger.jsonl"
-OUTCOMES = ("submitted", "not-submitted", "dry-run", "rejected")
+OUTCOMES = ("submitted", "not-confirmed", "not-submitted", "dry-run", "rejected")
+UNKNOWN = "unknown"  # an attempt without an outcome line: read back only, never written
+MAY_COUNT = ("submitted", "not-confirmed", UNKNOWN)  # outcomes after which the server may hold the body
 
 
 @dataclass
 class Entry:
-    """One attempt as read back; ``number`` is its line in the ledger (from 1)."""
+    """One attempt as read back (joined with its outcome); ``number`` is its line in the ledger (from 1)."""
 
     number: int
     record: dict[str, Any]
@@ -43,6 +57,10 @@ class Entry:
     def body(self) -> str:
         return str(self.record.get("body", ""))
 
+    @property
+    def outcome(self) -> str:
+        return str(self.record.get("outcome", UNKNOWN))
+
 
 def body_sha256(path: str | Path) -> str:
     """Hex SHA-256 of a body file."""
@@ -50,39 +68,98 @@ def body_sha256(path: str | Path) -> str:
         return hashlib.file_digest(f, "sha256").hexdigest()
 
 
-def append(out_dir: str | Path, *, body: Path, url: str, group: str, outcome: str, answer: Any = "",
-           score: float | None = None) -> dict[str, Any]:
-    """Append one attempt to ``<out_dir>/ledger.jsonl`` and make it durable."""
-    if outcome not in OUTCOMES:
-        raise ValueError(f"outcome {outcome!r} is not one of {OUTCOMES}")
-    record = {
-        "time": datetime.now(timezone.utc).isoformat(timespec="seconds"),
-        "body": str(body),
-        "sha256": body_sha256(body),
-        "url": url,
-        "group": group,
-        "outcome": outcome,
-        "answer": answer,
-        "score": score,
-    }
-    line = (json.dumps(record, sort_keys=True, default=str) + "\n").encode()
-    path = Path(out_dir) / LEDGER_NAME
+def finite(obj: Any) -> Any:
+    """``obj`` with every NaN or infinite float (at any depth) replaced by None, for strict JSON."""
+    if isinstance(obj, float):
+        return obj if math.isfinite(obj) else None
+    if isinstance(obj, dict):
+        return {str(k): finite(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [finite(v) for v in obj]
+    return obj
+
+
+def _now() -> str:
+    return datetime.now(timezone.utc).isoformat(timespec="seconds")
+
+
+def _write_line(path: Path, record: dict[str, Any]) -> int:
+    """Append ``record`` as one line, on a line of its own, fsynced; its line number.
+
+    Raises:
+        OSError: the folder or the file cannot be written (read-only, full, too large).
+    """
+    line = (json.dumps(finite(record), sort_keys=True, default=str, allow_nan=False) + "\n").encode()
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o666)  # the umask decides the mode
+    fd = os.open(path, os.O_RDWR | os.O_APPEND | os.O_CREAT, 0o666)  # the umask decides the mode
     try:
-        os.write(fd, line)
-        os.fsync(fd)
+        size = os.fstat(fd).st_size
+        before = os.pread(fd, size, 0) if size else b""
+        if before and not before.endswith(b"\n"):
+            line = b"\n" + line  # a torn last line stays alone; ours starts on the next
+        number = before.count(b"\n") + (1 if before and not before.endswith(b"\n") else 0) + 1
+        view = memoryview(line)
+        try:
+            while view:
+                view = view[os.write(fd, view):]
+            os.fsync(fd)
+        except OSError:
+            _take_back(fd, size, len(line) - len(view))
+            raise
     finally:
         os.close(fd)
+    return number
+
+
+def _take_back(fd: int, size: int, written: int) -> None:
+    """Cut a line that could not be written whole (file full, size limit) back off, if nobody appended since."""
+    try:
+        if written and os.fstat(fd).st_size == size + written:
+            os.ftruncate(fd, size)
+    except OSError:
+        pass  # a torn line is skipped by read() and the next append starts on a new line
+
+
+def append(out_dir: str | Path, *, body: Path, url: str, group: str, outcome: str, answer: Any = "",
+           score: float | None = None) -> dict[str, Any]:
+    """Append one complete entry (attempt and outcome in one line, as a dry run has) and make it durable."""
+    if outcome not in OUTCOMES:
+        raise ValueError(f"outcome {outcome!r} is not one of {OUTCOMES}")
+    record = {**_attempt_record(body, url, group), "outcome": outcome, "answer": answer, "score": score}
+    _write_line(Path(out_dir) / LEDGER_NAME, record)
     return record
 
 
-def read(out_dir: str | Path) -> list[Entry]:
-    """Every entry that parses, in order; a corrupt line is skipped with a warning."""
-    path = Path(out_dir) / LEDGER_NAME
-    if not path.is_file():
-        return []
-    entries = []
+def _attempt_record(body: Path, url: str, group: str) -> dict[str, Any]:
+    return {"kind": "attempt", "id": uuid.uuid4().hex, "time": _now(), "body": str(body), "sha256": body_sha256(body),
+            "url": redact_url(url) if url else "", "group": group}
+
+
+def write_attempt(out_dir: str | Path, *, body: Path, url: str, group: str) -> tuple[str, int]:
+    """Record that ``body`` is about to be posted, before the POST; ``(attempt id, entry number)``.
+
+    Raises:
+        OSError: the ledger cannot be written (then nothing may be sent).
+    """
+    record = _attempt_record(body, url, group)
+    return record["id"], _write_line(Path(out_dir) / LEDGER_NAME, record)
+
+
+def write_outcome(out_dir: str | Path, attempt_id: str, outcome: str, answer: Any = "", score: float | None = None) -> None:
+    """Record how the attempt ``attempt_id`` ended.
+
+    Raises:
+        OSError: the ledger cannot be written; the attempt then reads back as ``unknown``.
+    """
+    if outcome not in OUTCOMES:
+        raise ValueError(f"outcome {outcome!r} is not one of {OUTCOMES}")
+    record = {"kind": "outcome", "id": attempt_id, "time": _now(), "outcome": outcome, "answer": answer, "score": score}
+    _write_line(Path(out_dir) / LEDGER_NAME, record)
+
+
+def _lines(path: Path) -> list[tuple[int, dict[str, Any]]]:
+    """``(line number, object)`` of each line that parses as a JSON object; others skipped with a warning."""
+    records = []
     with open(path, "rb") as f:
         for number, raw in enumerate(f, start=1):
             if not raw.strip():
@@ -91,11 +168,40 @@ def read(out_dir: str | Path) -> list[Entry]:
                 record = json.loads(raw)
                 if not isinstance(record, dict):
                     raise ValueError("not a JSON object")
-            except (ValueError, UnicodeDecodeError) as err:
-                log.warning("%s line %d: skipped, not a ledger entry (%s)", path, number, err)
+            except (ValueError, UnicodeDecodeError, RecursionError) as err:
+                log.warning("%s line %d: skipped, not a ledger entry (%s)", path, number, str(err)[:120])
                 continue
-            entries.append(Entry(number, record))
+            records.append((number, record))
+    return records
+
+
+def read(out_dir: str | Path) -> list[Entry]:
+    """Every entry, in order, each attempt joined with its outcome (``unknown`` when it has none)."""
+    path = Path(out_dir) / LEDGER_NAME
+    if not path.is_file():
+        return []
+    entries: list[Entry] = []
+    by_id: dict[str, Entry] = {}
+    for number, record in _lines(path):
+        if record.get("kind") == "outcome":
+            entry = by_id.get(str(record.get("id")))
+            if entry is None:
+                log.warning("%s line %d: an outcome of no recorded attempt, skipped", path, number)
+                continue
+            entry.record.update({k: v for k, v in record.items() if k in ("outcome", "answer", "score")})
+            entry.record["outcome_time"] = record.get("time")
+            continue
+        entry = Entry(number, dict(record))
+        entry.record.setdefault("outcome", UNKNOWN)
+        entries.append(entry)
+        if record.get("id"):
+            by_id[str(record["id"])] = entry
     return entries
+
+
+def sent_before(out_dir: str | Path, sha256: str) -> list[Entry]:
+    """The entries that posted a body with this hash and that the server may have counted."""
+    return [e for e in read(out_dir) if e.record.get("sha256") == sha256 and e.outcome in MAY_COUNT]
 
 
 def find(out_dir: str | Path, number: int) -> Entry:
@@ -133,14 +239,23 @@ def history_table(entries: list[Entry], title: str) -> Table:
     for col, justify in (("#", "right"), ("time (UTC)", "left"), ("outcome", "left"), ("score", "right"),
                          ("group", "left"), ("url", "left"), ("body", "left"), ("sha256", "left"), ("answer", "left")):
         table.add_column(col, justify=justify)  # type: ignore[arg-type]
-    colour = {"submitted": "green", "rejected": "red", "not-submitted": "yellow", "dry-run": "dim"}
+    colour = {"submitted": "green", "rejected": "red", "not-submitted": "yellow", "not-confirmed": "yellow",
+              "dry-run": "dim", UNKNOWN: "bold yellow"}
     for e in entries:
         r = e.record
-        outcome = str(r.get("outcome", "?"))
+        outcome = e.outcome if e.outcome != UNKNOWN else "unknown: check the leaderboard"
         score = r.get("score")
         answer = r.get("answer", "")
         answer = answer if isinstance(answer, str) else json.dumps(answer, sort_keys=True)
-        cells = [str(r.get("group", "")), str(r.get("url", "")), Path(e.body).name, str(r.get("sha256", ""))[:12], answer[:80]]
-        table.add_row(str(e.number), escape(str(r.get("time", ""))), f"[{colour.get(outcome, 'white')}]{escape(outcome)}[/]",
+        cells = [str(r.get("group", "")), _shown_url(str(r.get("url", ""))), Path(e.body).name, str(r.get("sha256", ""))[:12], answer[:80]]
+        table.add_row(str(e.number), escape(str(r.get("time", ""))), f"[{colour.get(e.outcome, 'white')}]{escape(outcome)}[/]",
                       "" if score is None else escape(str(score)), *map(escape, cells))
     return table
+
+
+def _shown_url(url: str) -> str:
+    """A URL of the ledger as shown: redacted again, for lines written before redaction existed."""
+    try:
+        return redact_url(url) if url else ""
+    except ValueError:
+        return url.split("@")[-1].split("?")[0]

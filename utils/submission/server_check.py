@@ -3,11 +3,11 @@
 from __future__ import annotations
 
 import time
-from urllib.parse import urlparse
 
 import requests
 
 from utils.checklist import Checklist
+from utils.submission.client import redact_url, shown_for_error, url_problem
 
 
 def check_server(cl: Checklist, url: str, group: str, timeout_s: float = 5.0) -> None:
@@ -20,17 +20,19 @@ def check_server(cl: Checklist, url: str, group: str, timeout_s: float = 5.0) ->
     if not url:
         cl.skip("server", "answers", "no --url (or COMPETITION_URL): not checked")
         return
-    parts = urlparse(url)
-    if parts.scheme not in ("http", "https") or not parts.netloc:
-        cl.block("server", "url", f"--url {url!r}: expected http://HOST:PORT/...")
+    problem = url_problem(url)  # the same check as submit.py's --url
+    if problem:
+        shown = shown_for_error(url)
+        cl.block("server", "url", f"--url {shown!r}: {problem}; expected http://HOST:PORT/...")
         return
+    full, url = url, redact_url(url)  # what is shown from here on carries no credentials
     if group.strip():
         cl.ok("server", "group", f"team {group!r}")
     else:
         cl.block("server", "group", "no --group TEAM (or COMPETITION_GROUP): submit.py needs it")
     t0 = time.monotonic()
     try:
-        reply = requests.get(url, timeout=(timeout_s, timeout_s), allow_redirects=False)
+        reply = requests.get(full, timeout=(timeout_s, timeout_s), allow_redirects=False)
     except requests.Timeout:
         cl.block("server", "answers", f"{url}: no answer within {timeout_s:g} s")
         return

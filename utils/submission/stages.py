@@ -1,18 +1,23 @@
 """The stages of ``submit.py``, in order: target -> body (from a run, or an earlier one) -> send -> record.
 
-Each stage raises a KitError (exit 2) for bad input; :func:`send` returns the
-exit code: 0 submitted, 3 not submitted (the body stays on disk). Every attempt,
-dry runs included, goes to the ledger (utils.submission.ledger).
+Each stage raises a KitError (exit 2) for bad input, a file it cannot write
+included (:func:`writing`); :func:`send` returns the exit code: 0
+submitted (a score confirmed), 3 not submitted or not confirmed (the body stays
+on disk). Every attempt, dry runs included, goes to the ledger
+(utils.submission.ledger), written ahead of the POST.
 """
 
 from __future__ import annotations
 
+import errno
 import json
 import logging
 import os
+from contextlib import contextmanager
 from pathlib import Path
-from typing import Any
+from typing import Any, Iterator
 
+from rich.markup import escape
 from rich.table import Table
 
 from utils.atomic import atomic_write_json
@@ -22,13 +27,47 @@ from utils.logs import console
 from utils.runs.similarity_io import load_run
 from utils.runs.topk_run import is_topk_run, load_topk_split, topk_lists
 from utils.submission import ledger
-from utils.submission.client import NotSubmitted, check_url, post
+from utils.submission.client import NotSubmitted, check_url, confirmed_score, post, redact_url
 from utils.submission.lists import make_body, parse_body, save_body, top_lists, validate_lists
 from utils.submission.preview import write_preview
 
 log = logging.getLogger(__name__)
 
 NOT_SUBMITTED = 3
+
+
+# Filesystem errors of the outputs as one line: the path, what happened, what to do. Local to the
+# submission group for now; a kit-wide OSError -> one-line mapping (utils/errors.py) can replace it.
+_REASONS = {
+    errno.ENOSPC: "no space left on the device: free some space or pass another --out",
+    errno.EDQUOT: "the disk quota is used up: free some space or pass another --out",
+    errno.EROFS: "the file system is read-only: pass a writable --out",
+    errno.EFBIG: "file too large (a file-size limit, see ulimit -f): raise the limit or pass another --out",
+    errno.EACCES: "permission denied: pass a folder you may write as --out",
+    errno.EPERM: "operation not permitted: pass a folder you may write as --out",
+    errno.ENOTDIR: "a part of the path is a file, not a folder: pass another --out",
+    errno.EEXIST: "a file of that name is in the way: pass another --out",
+}
+
+
+def describe(err: OSError) -> str:
+    """What went wrong and the fix, in a few words."""
+    return _REASONS.get(err.errno or 0, f"{err.strerror or type(err).__name__}")
+
+
+def write_error(path: str | Path, err: OSError, what: str) -> KitError:
+    """A KitError ``<path>: cannot write <what> (<reason and fix>)``."""
+    where = err.filename if err.filename else path
+    return KitError(f"{where}: cannot write {what} ({describe(err)})")
+
+
+@contextmanager
+def writing(path: str | Path, what: str) -> Iterator[None]:
+    """Turn an OSError raised inside the block into :func:`write_error`'s one line."""
+    try:
+        yield
+    except OSError as err:
+        raise write_error(path, err, what) from None
 
 
 def resolve_target(url: str, group: str, sending: bool) -> tuple[str, str]:
@@ -75,10 +114,12 @@ def body_from_run(run: Path, data: str, group: str, form: str, out: Path, previe
     lists = topk_lists(test) if topk_form else top_lists(test)
     validate_lists(lists, test.query_names, test.gallery_names)
     body = make_body(lists, group, form)
-    body_path = save_body(body, out)
+    with writing(out, "the submission body"):
+        body_path = save_body(body, out)
     log.info("wrote %s (%d queries, %s form)", body_path, len(lists), form)
     if preview:
-        log.info("top-10 preview: %s", write_preview(body_path.with_suffix(".html"), lists, Path(data), preview))
+        with writing(body_path.with_suffix(".html"), "the preview page"):
+            log.info("top-10 preview: %s", write_preview(body_path.with_suffix(".html"), lists, Path(data), preview))
     return body, body_path
 
 
@@ -110,38 +151,89 @@ def body_to_resend(resend: str, out: Path, data: str) -> tuple[dict[str, Any], P
     return body, path
 
 
+def check_resend(body: dict[str, Any], body_path: Path, group: str, out: Path, force: bool) -> None:
+    """A resend goes out as the body is: a different ``--group`` is an error, and so is a body sent before without ``--force``.
+
+    Raises:
+        KitError: the group differs from the body's, or the ledger records the body as (maybe) counted.
+    """
+    if group and group != body.get("groupname"):
+        raise KitError(f"{body_path}: --group (or COMPETITION_GROUP) {group!r} differs from the body's groupname "
+                       f"{body.get('groupname')!r}; a resend sends the body as it is: drop --group, or build a new body "
+                       f"with submit.py --run RUN --group {group}")
+    if force:
+        return
+    earlier = ledger.sent_before(out, ledger.body_sha256(body_path))
+    if earlier:
+        e = earlier[-1]
+        score = e.record.get("score")
+        what = f"{e.outcome}" + (f", score {score}" if score is not None else "")
+        raise KitError(f"{body_path}: already sent (ledger entry {e.number}: {what}, to {e.record.get('url', '?')}); "
+                       f"each resend may count on the leaderboard: check it, then add --force to send it again")
+
+
 def record_dry_run(body_path: Path, url: str, group: str, out: Path) -> int:
     """Note the dry run in the ledger and say where the body is."""
-    ledger.append(out, body=body_path, url=url, group=group, outcome="dry-run", answer="nothing sent")
+    with writing(out / ledger.LEDGER_NAME, "the ledger"):
+        ledger.append(out, body=body_path, url=url, group=group, outcome="dry-run", answer="nothing sent")
     console.print(f"dry run: body at {body_path}, nothing sent")
     return 0
 
 
-def send(body: dict[str, Any], body_path: Path, url: str, out: Path, timeout_s: float, retries: int, backoff_s: float) -> int:
-    """POST the body, record the attempt, print the answer; the exit code."""
+def send(body: dict[str, Any], body_path: Path, url: str, out: Path, timeout_s: float, retries: int, backoff_s: float,
+         max_backoff_s: float = 30.0, deadline_s: float = 300.0) -> int:
+    """Record the attempt, POST the body, record the outcome, print the answer; the exit code."""
     group = str(body.get("groupname", ""))
+    with writing(out / ledger.LEDGER_NAME, "the ledger, so nothing was sent"):
+        attempt_id, number = ledger.write_attempt(out, body=body_path, url=url, group=group)
     try:
-        reply = post(url, body, timeout_s, retries, backoff_s)
+        reply = post(url, body, timeout_s, retries, backoff_s, max_backoff_s, deadline_s)
+        score = confirmed_score(url, reply)
     except NotSubmitted as err:
-        ledger.append(out, body=body_path, url=url, group=group, outcome=err.outcome, answer=err.answer)
-        head = "NOT CONFIRMED" if err.maybe_received else "NOT SUBMITTED"
-        log.error("%s: %s; the body is saved at %s (send it again with --resend %s)", head, err, body_path, body_path)
-        return NOT_SUBMITTED
-    score = reply.get("accuracy")
-    ledger.append(out, body=body_path, url=url, group=group, outcome="submitted", answer=reply,
-                  score=score if isinstance(score, (int, float)) else None)
-    atomic_write_json(body_path.with_suffix(".response.json"), reply)
+        return _not_submitted(err, out, attempt_id, body_path)
+    except KeyboardInterrupt:
+        log.error("interrupted before the server's answer: it may hold the body. Ledger entry %d stays 'unknown'; "
+                  "check the leaderboard before sending it again (--resend %d --force)", number, number)
+        raise
+    _show_reply(reply, score, body_path, url)
+    problems = []
+    try:
+        atomic_write_json(body_path.with_suffix(".response.json"), ledger.finite(reply))
+    except OSError as err:
+        problems.append(f"the reply file {body_path.with_suffix('.response.json')} ({describe(err)})")
+    try:
+        ledger.write_outcome(out, attempt_id, "submitted", answer=reply, score=score)
+    except OSError as err:
+        problems.append(f"the ledger {out / ledger.LEDGER_NAME} ({describe(err)}); --history shows entry {number} as unknown")
+    if problems:
+        console.print(f"[bold red]the ledger could not be written[/]: {escape('; '.join(problems))}. The score above is "
+                      f"the only full record: note it", soft_wrap=True)
+    return 0
+
+
+def _not_submitted(err: NotSubmitted, out: Path, attempt_id: str, body_path: Path) -> int:
+    """Record a failed attempt and say what to do; exit code 3."""
+    try:
+        ledger.write_outcome(out, attempt_id, err.outcome, answer=err.answer)
+    except OSError as write_err:
+        log.error("the ledger could not be written (%s): %s", out / ledger.LEDGER_NAME, describe(write_err))
+    head = "NOT CONFIRMED" if err.maybe_received else "NOT SUBMITTED"
+    again = f"--resend {body_path} --force" if err.maybe_received else f"--resend {body_path}"
+    log.error("%s: %s; the body is saved at %s (send it again with %s)", head, err, body_path, again)
+    return NOT_SUBMITTED
+
+
+def _show_reply(reply: dict[str, Any], score: float, body_path: Path, url: str) -> None:
+    """The server's reply as a table, then the score."""
     table = Table(title="submitted")
     table.add_column("key")
     table.add_column("value", justify="right")
     table.add_row("body", str(body_path))
-    table.add_row("server", url)
+    table.add_row("server", redact_url(url))
     for key, val in reply.items():
         table.add_row(str(key), f"{val:.4f}" if isinstance(val, float) else str(val))
     console.print(table)
-    if score is not None:
-        console.print(f"[bold green]score: {score}[/]")
-    return 0
+    console.print(f"[bold green]score: {score}[/]")
 
 
 def show_history(out: Path) -> int:
@@ -151,4 +243,8 @@ def show_history(out: Path) -> int:
         console.print(f"no submissions recorded in {out / ledger.LEDGER_NAME}")
         return 0
     console.print(ledger.history_table(entries, f"{out / ledger.LEDGER_NAME}: {len(entries)} attempt(s)"))
+    for e in entries:
+        if e.outcome == ledger.UNKNOWN:
+            console.print(f"entry {e.number} ({escape(Path(e.body).name)}): no outcome recorded (killed, interrupted or "
+                          f"disk full): unknown: check the leaderboard before --resend {e.number} --force", soft_wrap=True)
     return 0
