@@ -56,6 +56,9 @@ from utils.submission.stages import (
 
 __all__ = ["NOT_SUBMITTED", "Config", "build_parser", "main"]
 
+# Ctrl-C during a POST: the server may hold the body, so "run it again" would be wrong advice.
+INTERRUPT_HINT = "check the leaderboard and `python submit.py --history` before sending again (--resend N --force)"
+
 
 @dataclass
 class Config:

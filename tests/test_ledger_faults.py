@@ -105,6 +105,7 @@ def test_a_signal_while_the_server_holds_the_reply_leaves_an_unknown_attempt(sig
     assert json.loads(Path(entry.body).read_bytes()) == json.loads(srv.bodies[0])  # the attempt names what was sent
     if sig == signal.SIGINT:
         assert "may hold the body" in err and "--resend 1 --force" in err and "Traceback" not in err
+        assert "submit.py --history" in err and "run it again" not in err  # never "run it again": it would count twice
     shown = history(out, capsys)
     assert "unknown: check the leaderboard" in shown and "1 attempt(s)" in shown
 
