@@ -36,7 +36,7 @@ batch_size = 16
 lr = 3e-3
 workers = 0
 epochs = EPOCHS_B
-seed = 1
+aug_strength = 0.5
 
 [models.absent]
 script = "train_resnet.py"
