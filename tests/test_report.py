@@ -126,7 +126,7 @@ def test_report_figures_match_the_meta_files(day_dir):
     scores = [r["score"] for r in entries.values() if r["outcome"] == "submitted"]
     assert len(scores) == 1 and isinstance(scores[0], float) and ("ledger:2", "score") in checked
     text = page.read_text()
-    assert "facey" in text and "val_query: 10/12 (mtcnn 8, hog 2)" in text and "members tiny" in text
+    assert "facey" in text and "val_query: 10/12 (hog 2, mtcnn 8)" in text and "members tiny" in text
     assert "dry-run" in text and "submitted" in text
 
 
