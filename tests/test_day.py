@@ -171,3 +171,12 @@ def test_to_argv_spells_every_kind_of_value():
         "--img-size", "64", "--no-amp", "--worst", "--tta", "flip", "blur", "--lr", "0.001"]
     with pytest.raises(KitError, match="a flag's value is"):
         day.to_argv({"x": {"y": 1}}, "x")
+
+
+def test_a_preflight_blocker_stops_the_day_before_any_model(rehearsal_data, tmp_path):
+    query = sorted((rehearsal_data / "test" / "query").iterdir())[0]
+    query.write_bytes(b"not an image")  # a broken query image: no submission can be made
+    runs = tmp_path / "runs"
+    assert day.main(day_argv(rehearsal_data, tmp_path, recipe(tmp_path))) == 1
+    assert last_day(runs) == {"preflight": "blocked"}
+    assert not (runs / "a").exists() and not (runs / "ensemble").exists()
