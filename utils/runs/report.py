@@ -106,7 +106,8 @@ def made_from(meta: dict[str, Any]) -> str:
 
 def runs_section(runs_dir: Path) -> str:
     rows = []
-    for d in sorted(p for p in runs_dir.iterdir() if p.is_dir()) if runs_dir.is_dir() else []:
+    folders = sorted((p for p in runs_dir.iterdir() if p.is_dir()), key=lambda p: (p.name == "ensemble", p.name))
+    for d in folders:
         meta = read_meta(d)
         if meta is None:
             continue
@@ -148,7 +149,8 @@ def ensemble_section(runs_dir: Path) -> str:
     if choice.get("auto"):
         why += (f"With --auto, every fusion was searched and the one with the best validation bootstrap mean kept; a re-ranking "
                 f"is kept only when it beats the fusion in at least {_e(config.get('min_win'))} of the "
-                f"{_e(config.get('bootstrap'))} resamples of {_e(config.get('bootstrap_by'))}s. Test scores are shown, never used to choose.")
+                f"{_e(config.get('bootstrap'))} resamples of {'identities' if config.get('bootstrap_by') == 'identity' else 'queries'}. "
+                "Test scores are shown, never used to choose.")
     else:
         why += "Without --auto, the fusion and re-ranking came from the flags; only the weights were searched."
     simplex = ens / "simplex.png"
