@@ -409,8 +409,10 @@ def resolve(cfg: Config, recipe: Recipe) -> None:
     """URL and team from the flags, the recipe, the environment; --submit needs both."""
     cfg.url = cfg.url or os.environ.get("COMPETITION_URL", "")
     cfg.group = cfg.group or str(recipe.sections["submit"].get("group", "")) or os.environ.get("COMPETITION_GROUP", "")
-    if cfg.submit and not (cfg.url and cfg.group):
-        raise KitError("--submit needs --url (or $COMPETITION_URL) and --group (or the recipe's [submit] group, or $COMPETITION_GROUP)")
+    if not cfg.group:
+        raise KitError(f"no team name for the dry run: pass --group TEAM, set group in {recipe.path}'s [submit], or set $COMPETITION_GROUP")
+    if cfg.submit and not cfg.url:
+        raise KitError("--submit needs --url (or $COMPETITION_URL)")
     if not cfg.data.is_dir():
         raise KitError(f"{cfg.data}: data folder not found (pass --data DATA)")
 
@@ -431,12 +433,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     cfg = config_from_args(Config, build_parser().parse_args(argv))
     setup_logging(cfg.verbose)
     recipe = load_recipe(cfg.recipe, cfg.models)
-    resolve(cfg, recipe)
 
     def argv_of(step: Step) -> list[str]:
         return ["--data", str(cfg.data), "--runs", str(cfg.runs), "--run-name", step.name] + to_argv(step.flags, f"{recipe.path}: [{step.name}]")
 
     check_flags(recipe, argv_of)
+    resolve(cfg, recipe)
     cfg.runs.mkdir(parents=True, exist_ok=True)
     state_path = cfg.runs / STATE_NAME
     state = json.loads(state_path.read_text()) if state_path.is_file() else {}

@@ -42,6 +42,10 @@ aug_strength = 0.5
 script = "train_resnet.py"
 weights = "/nowhere/resnet50.safetensors"
 
+[adapters.ghost_adapted]
+script = "train_face_adapter.py"
+source = "ghost"
+
 [ensemble]
 bootstrap = 20
 plot = false
@@ -81,14 +85,15 @@ def last_day(runs: Path) -> dict[str, str]:
 def test_day_runs_then_reuses_then_redoes_only_a_deleted_run(rehearsal_data_session, tmp_path, one_torch_thread):
     argv, runs = day_argv(rehearsal_data_session, tmp_path, recipe(tmp_path)), tmp_path / "runs"
     assert day.main(argv) == 0
-    assert last_day(runs) == {"preflight": "ran", "a": "ran", "b": "ran", "absent": "skipped", "ensemble": "ran",
+    assert last_day(runs) == {"preflight": "ran", "a": "ran", "b": "ran", "absent": "skipped", "ghost_adapted": "skipped", "ensemble": "ran",
                               "visualize": "ran", "dry-run": "ran", "submit": "stopped", "report": "written"}
-    assert "weights file /nowhere/resnet50.safetensors not found" in (runs / "day.log").read_text()
+    log = (runs / "day.log").read_text()
+    assert "weights file /nowhere/resnet50.safetensors not found" in log and "no finished face run 'ghost'" in log
     assert (runs / "report.html").is_file() and (runs / "ensemble" / "visual" / "val.html").is_file()
     ensemble_meta = (runs / "ensemble" / "meta.json").read_bytes()
 
     assert day.main(argv) == 0  # again: nothing is redone
-    assert last_day(runs) == {"preflight": "ran", "a": "reused", "b": "reused", "absent": "skipped", "ensemble": "reused",
+    assert last_day(runs) == {"preflight": "ran", "a": "reused", "b": "reused", "absent": "skipped", "ghost_adapted": "skipped", "ensemble": "reused",
                               "visualize": "reused", "dry-run": "reused", "submit": "stopped", "report": "written"}
     assert (runs / "ensemble" / "meta.json").read_bytes() == ensemble_meta
 
@@ -96,7 +101,7 @@ def test_day_runs_then_reuses_then_redoes_only_a_deleted_run(rehearsal_data_sess
 
     shutil.rmtree(runs / "b")  # only b and what reads it run again
     assert day.main(argv) == 0
-    assert last_day(runs) == {"preflight": "ran", "a": "reused", "b": "ran", "absent": "skipped", "ensemble": "ran",
+    assert last_day(runs) == {"preflight": "ran", "a": "reused", "b": "ran", "absent": "skipped", "ghost_adapted": "skipped", "ensemble": "ran",
                               "visualize": "ran", "dry-run": "ran", "submit": "stopped", "report": "written"}
     assert "b                started  (redone: its output is missing or incomplete)" in (runs / "day.log").read_text()
 
@@ -125,13 +130,15 @@ def test_sigterm_in_a_model_run_then_resume_gives_the_same_ensemble(rehearsal_da
     assert not (killed / "runs" / "b" / "meta.json").exists()
 
     assert day.main(argv) == 0  # resumes: a is reused, b runs again, then the rest
-    assert last_day(killed / "runs") == {"preflight": "ran", "a": "reused", "b": "ran", "absent": "skipped", "ensemble": "ran",
+    assert last_day(killed / "runs") == {"preflight": "ran", "a": "reused", "b": "ran", "absent": "skipped", "ghost_adapted": "skipped", "ensemble": "ran",
                                          "visualize": "ran", "dry-run": "ran", "submit": "stopped", "report": "written"}
     np.testing.assert_array_equal(np.load(killed / "runs" / "ensemble" / "test_sim.npy"),
                                   np.load(clean / "runs" / "ensemble" / "test_sim.npy"))
 
 
-def test_recipe_mistakes_are_one_line_errors(tmp_path, rehearsal_data_session):
+def test_recipe_mistakes_are_one_line_errors(tmp_path, rehearsal_data_session, monkeypatch):
+    monkeypatch.delenv("COMPETITION_GROUP", raising=False)
+    monkeypatch.delenv("COMPETITION_URL", raising=False)
     bad = tmp_path / "bad.toml"
     cases = {
         "[models.x]\nscript = \"rm.py\"\n": "needs script = one of",
@@ -148,8 +155,10 @@ def test_recipe_mistakes_are_one_line_errors(tmp_path, rehearsal_data_session):
     bad.write_text("[models.x]\nscript = \"train_resnet.py\"\n")
     with pytest.raises(KitError, match=r"--models \['y'\]: not in"):
         day.main(["--data", str(rehearsal_data_session), "--recipe", str(bad), "--models", "y"])
+    with pytest.raises(KitError, match="no team name for the dry run"):
+        day.main(["--data", str(rehearsal_data_session), "--recipe", str(bad)])
     with pytest.raises(KitError, match="--submit needs --url"):
-        day.main(["--data", str(rehearsal_data_session), "--recipe", str(bad), "--submit"])
+        day.main(["--data", str(rehearsal_data_session), "--recipe", str(bad), "--group", "t", "--submit"])
     assert not (tmp_path / "runs").exists()  # nothing written before the recipe is sound
 
 
