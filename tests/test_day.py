@@ -1,0 +1,191 @@
+"""day.py: the day to the dry run, resumed from its stamps, and after a real SIGTERM in a model run."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+import day
+from tests.conftest import ROOT
+from utils.errors import KitError
+
+TINY = """
+[models.a]
+script = "train_resnet.py"
+model = "test_resnet"
+weights = "none"
+img_size = 32
+batch_size = 16
+lr = 3e-3
+workers = 0
+epochs = 2
+
+[models.b]
+script = "train_resnet.py"
+model = "test_resnet"
+weights = "none"
+img_size = 32
+batch_size = 16
+lr = 3e-3
+workers = 0
+epochs = EPOCHS_B
+aug_strength = 0.5
+
+[models.absent]
+script = "train_resnet.py"
+weights = "/nowhere/resnet50.safetensors"
+
+[adapters.ghost_adapted]
+script = "train_face_adapter.py"
+source = "ghost"
+
+[ensemble]
+bootstrap = 20
+plot = false
+
+[visualize]
+queries = 4
+thumb_px = 32
+
+[submit]
+group = "tests"
+"""
+
+
+def recipe(tmp_path: Path, epochs_b: int = 2) -> Path:
+    path = tmp_path / "day.toml"
+    path.write_text(TINY.replace("EPOCHS_B", str(epochs_b)))
+    return path
+
+
+def day_argv(data: Path, tmp_path: Path, rec: Path) -> list[str]:
+    return ["--data", str(data), "--runs", str(tmp_path / "runs"), "--out", str(tmp_path / "subs"), "--recipe", str(rec)]
+
+
+def last_day(runs: Path) -> dict[str, str]:
+    """Stage -> status of the newest invocation in runs/day.log (its progress lines, not timings)."""
+    lines = (runs / "day.log").read_text().splitlines()
+    start = max(i for i, line in enumerate(lines) if " day started:" in line)
+    out = {}
+    for line in lines[start + 1:]:
+        parts = line.split()
+        if len(parts) >= 3 and parts[2] in ("ran", "reused", "skipped", "failed", "blocked", "stopped", "written"):
+            out[parts[1]] = parts[2]
+    return out
+
+
+@pytest.mark.slow
+def test_day_runs_then_reuses_then_redoes_only_a_deleted_run(rehearsal_data_session, tmp_path, one_torch_thread):
+    argv, runs = day_argv(rehearsal_data_session, tmp_path, recipe(tmp_path)), tmp_path / "runs"
+    assert day.main(argv) == 0
+    assert last_day(runs) == {"preflight": "ran", "a": "ran", "b": "ran", "absent": "skipped", "ghost_adapted": "skipped", "ensemble": "ran",
+                              "visualize": "ran", "dry-run": "ran", "submit": "stopped", "report": "written"}
+    log = (runs / "day.log").read_text()
+    assert "weights file /nowhere/resnet50.safetensors not found" in log and "no finished face run 'ghost'" in log
+    assert (runs / "report.html").is_file() and (runs / "ensemble" / "visual" / "val.html").is_file()
+    ensemble_meta = (runs / "ensemble" / "meta.json").read_bytes()
+
+    assert day.main(argv) == 0  # again: nothing is redone
+    assert last_day(runs) == {"preflight": "ran", "a": "reused", "b": "reused", "absent": "skipped", "ghost_adapted": "skipped", "ensemble": "reused",
+                              "visualize": "reused", "dry-run": "reused", "submit": "stopped", "report": "written"}
+    assert (runs / "ensemble" / "meta.json").read_bytes() == ensemble_meta
+
+    import shutil
+
+    shutil.rmtree(runs / "b")  # only b and what reads it run again
+    assert day.main(argv) == 0
+    assert last_day(runs) == {"preflight": "ran", "a": "reused", "b": "ran", "absent": "skipped", "ghost_adapted": "skipped", "ensemble": "ran",
+                              "visualize": "ran", "dry-run": "ran", "submit": "stopped", "report": "written"}
+    assert "b                started  (redone: its output is missing or incomplete)" in (runs / "day.log").read_text()
+
+
+@pytest.mark.slow
+def test_sigterm_in_a_model_run_then_resume_gives_the_same_ensemble(rehearsal_data_session, tmp_path, one_torch_thread):
+    clean, killed = tmp_path / "clean", tmp_path / "killed"
+    clean.mkdir()
+    killed.mkdir()
+    assert day.main(day_argv(rehearsal_data_session, clean, recipe(clean, epochs_b=6))) == 0
+
+    argv = day_argv(rehearsal_data_session, killed, recipe(killed, epochs_b=6))
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1", "TIMM_OFFLINE": "1"}
+    proc = subprocess.Popen([sys.executable, str(ROOT / "day.py"), *argv], cwd=ROOT, env=env,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    marker = killed / "runs" / "b" / "last.pt"  # b's first epoch is saved: it is in the middle of its training
+    deadline = time.monotonic() + 300
+    while not marker.exists() and proc.poll() is None and time.monotonic() < deadline:
+        time.sleep(0.02)  # polling for the marker, not waiting for an amount of time
+    assert marker.exists(), proc.stderr.read() if proc.poll() is not None else "timed out waiting for b/last.pt"
+    proc.send_signal(signal.SIGTERM)
+    _, err = proc.communicate(timeout=120)
+    assert proc.returncode == 130, err[-2000:]
+    log = (killed / "runs" / "day.log").read_text()
+    assert "interrupted (SIGTERM)" in log and last_day(killed / "runs") == {"preflight": "ran", "a": "ran"}
+    assert not (killed / "runs" / "b" / "meta.json").exists()
+
+    assert day.main(argv) == 0  # resumes: a is reused, b runs again, then the rest
+    assert last_day(killed / "runs") == {"preflight": "ran", "a": "reused", "b": "ran", "absent": "skipped", "ghost_adapted": "skipped", "ensemble": "ran",
+                                         "visualize": "ran", "dry-run": "ran", "submit": "stopped", "report": "written"}
+    np.testing.assert_array_equal(np.load(killed / "runs" / "ensemble" / "test_sim.npy"),
+                                  np.load(clean / "runs" / "ensemble" / "test_sim.npy"))
+
+
+def test_recipe_mistakes_are_one_line_errors(tmp_path, rehearsal_data_session, monkeypatch):
+    monkeypatch.delenv("COMPETITION_GROUP", raising=False)
+    monkeypatch.delenv("COMPETITION_URL", raising=False)
+    bad = tmp_path / "bad.toml"
+    cases = {
+        "[models.x]\nscript = \"rm.py\"\n": "needs script = one of",
+        "[models.x]\nscript = \"train_resnet.py\"\nruns = \"elsewhere\"\n": "are set by day.py",
+        "[modles.x]\n": "unknown section",
+        "[models.x\n": "not valid TOML",
+        "[adapters.y]\nscript = \"train_face_adapter.py\"\n": "needs source",
+        "[models.x]\nscript = \"train_resnet.py\"\nimg_sise = 3\n": "rejects these flags",
+    }
+    for text, message in cases.items():
+        bad.write_text(text)
+        with pytest.raises(KitError, match=message):
+            day.main(["--data", str(rehearsal_data_session), "--runs", str(tmp_path / "runs"), "--recipe", str(bad)])
+    bad.write_text("[models.x]\nscript = \"train_resnet.py\"\n")
+    with pytest.raises(KitError, match=r"--models \['y'\]: not in"):
+        day.main(["--data", str(rehearsal_data_session), "--recipe", str(bad), "--models", "y"])
+    with pytest.raises(KitError, match="no team name for the dry run"):
+        day.main(["--data", str(rehearsal_data_session), "--recipe", str(bad)])
+    with pytest.raises(KitError, match="--submit needs --url"):
+        day.main(["--data", str(rehearsal_data_session), "--recipe", str(bad), "--group", "t", "--submit"])
+    assert not (tmp_path / "runs").exists()  # nothing written before the recipe is sound
+
+
+def test_weights_missing_decides_from_the_recipe_value(tmp_path, monkeypatch):
+    f = tmp_path / "w.safetensors"
+    f.write_bytes(b"x")
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    assert day.weights_missing(day.Step("r", "train_resnet.py", {"weights": "none"})) == ""
+    assert day.weights_missing(day.Step("r", "train_resnet.py", {"weights": str(f)})) == ""
+    assert "not found" in day.weights_missing(day.Step("r", "train_resnet.py", {"weights": str(tmp_path / "gone.pt")}))
+    assert "needs the hub" in day.weights_missing(day.Step("r", "train_resnet.py", {}))
+    monkeypatch.setenv("HF_HUB_OFFLINE", "0")
+    monkeypatch.setenv("TIMM_OFFLINE", "0")
+    assert day.weights_missing(day.Step("r", "train_resnet.py", {"weights": "default"})) == ""
+
+
+def test_to_argv_spells_every_kind_of_value():
+    assert day.to_argv({"img_size": 64, "amp": False, "worst": True, "tta": ["flip", "blur"], "lr": 1e-3}, "x") == [
+        "--img-size", "64", "--no-amp", "--worst", "--tta", "flip", "blur", "--lr", "0.001"]
+    with pytest.raises(KitError, match="a flag's value is"):
+        day.to_argv({"x": {"y": 1}}, "x")
+
+
+def test_a_preflight_blocker_stops_the_day_before_any_model(rehearsal_data, tmp_path):
+    query = sorted((rehearsal_data / "test" / "query").iterdir())[0]
+    query.write_bytes(b"not an image")  # a broken query image: no submission can be made
+    runs = tmp_path / "runs"
+    assert day.main(day_argv(rehearsal_data, tmp_path, recipe(tmp_path))) == 1
+    assert last_day(runs) == {"preflight": "blocked"}
+    assert not (runs / "a").exists() and not (runs / "ensemble").exists()
