@@ -28,6 +28,7 @@ from utils.logs import console, setup_logging
 from utils.machine_checks import check_accelerator, check_disk
 from utils.runs.run_checks import check_runs
 from utils.submission.server_check import check_server
+from utils.weights.report import check_weights
 
 log = logging.getLogger("preflight")
 
@@ -56,6 +57,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     cl = Checklist()
     layout = check_data(cl, cfg.data)
     check_runs(cl, cfg.runs, layout)
+    check_weights(cl)
     check_accelerator(cl)
     check_disk(cl, cfg.runs)
     check_server(cl, cfg.url or os.environ.get("COMPETITION_URL", ""), cfg.group or os.environ.get("COMPETITION_GROUP", ""), cfg.timeout_s)

@@ -1,6 +1,6 @@
 """Which default weights the weights folder holds: the preflight check and the ``list`` table.
 
-    >>> cl = Checklist(); check_weights(cl)     # preflight.py: one line per default, ok or warning
+    >>> cl = Checklist(); check_weights(cl)     # preflight.py: one line, ok or a warning naming what is missing
     >>> rows = default_status()                 # [(spec, 'present' | 'missing: ...'), ...]
 """
 
@@ -48,15 +48,17 @@ def status_table(rows: list[tuple[WeightSpec, str, Entry | None]], root: Path) -
 
 
 def check_weights(cl: Checklist, root: Path | None = None) -> None:
-    """Preflight: one line per default weight, ok when the folder has it, a warning when the hub would be needed."""
+    """Preflight, one line: ok when the weights folder holds every default, else a warning naming those that would need the hub."""
     root = root or weights_dir()
     try:
         rows = default_status(root)
     except KitError as err:
-        cl.warn("default weights", "manifest", str(err))
+        cl.warn("weights", "default weights", str(err))
         return
-    for spec, problem, _ in rows:
-        if problem:
-            cl.warn("default weights", spec.name, f"{problem}: {spec.used_by} would need the hub ({FETCH_HINT}, or --weights PATH)")
-        else:
-            cl.ok("default weights", spec.name, f"in {root}")
+    missing = [f"{spec.name} ({spec.used_by})" for spec, problem, _ in rows if problem]
+    present = f"{len(rows) - len(missing)} of {len(rows)} in {root}"
+    if missing:
+        cl.warn("weights", "default weights", f"{present}; these would need the hub: {'; '.join(missing)} "
+                f"(run {FETCH_HINT} where there is internet, or pass --weights PATH)")
+    else:
+        cl.ok("weights", "default weights", present)
