@@ -11,12 +11,16 @@ put it there (no network), else downloaded by timm. The classifier is removed
 
 from __future__ import annotations
 
+import logging
+
 import timm
 from torch import nn
 
 from utils.errors import KitError
 from utils.weights import fingerprint, load_into, load_weights_file, resolve_weights
 from utils.weights.resolve import FETCH_HINT
+
+log = logging.getLogger(__name__)
 
 
 def create_backbone(model: str, weights: str) -> nn.Module:
@@ -45,6 +49,7 @@ def create_backbone(model: str, weights: str) -> nn.Module:
                        f"pass --weights PATH to a local file, or --weights none (or run {FETCH_HINT} where there is internet)") from None
     if resolved.mode == "file":
         load_into(net, load_weights_file(resolved.path), resolved.path, strict=False)
+    log.info("%s: weights %s", model, resolved.describe())
     return net
 
 
