@@ -97,7 +97,7 @@ step train_face_adapter $PY train_face_adapter.py --data "$DATA" --runs "$RUNS" 
 if [ "$gpus" -ge 2 ]; then ddp_device=cuda; else ddp_device=cpu; echo "torchrun: $gpus GPU, so the 2 ranks run on the CPU (gloo)"; fi
 step torchrun_clip_2proc $PY -m torch.distributed.run --standalone --nproc_per_node=2 train_clip_arcface.py \
     --data "$DATA" --runs "$RUNS" --run-name clip_ddp --device $ddp_device --workers 0 --model ViT-B-32 --weights none \
-    --img-size 64 --unfreeze 1 --epochs 1 --max-steps 10 --amp
+    --img-size 64 --unfreeze 1 --epochs 1 --max-steps 10 --batch-size 16 --amp
 step ensemble $PY ensemble.py --runs "$RUNS" --data "$DATA" --auto
 
 total=$(( $(date +%s) - start_all ))
