@@ -61,6 +61,7 @@ from utils.logs import console, setup_logging
 from utils.runs.metrics import evaluate, relevance_matrix
 from utils.runs.model_run import begin_inference_run, write_model_run
 from utils.runs.topk import topk
+from utils.weights import fingerprint
 
 log = logging.getLogger("infer_clip_colour")
 
@@ -119,8 +120,7 @@ def build_tower(cfg: Config) -> tuple[torch.nn.Module, object, PixelScale, str]:
     clip = create_visual(cfg.model, cfg.weights, cfg.file_tag, cfg.img_size)
     tag = f"{clip.name}|{cfg.weights}|{clip.image_size}"
     if is_weights_file(cfg.weights):
-        st = Path(cfg.weights).stat()
-        tag += f"|{cfg.file_tag}:{st.st_size}:{st.st_mtime_ns}"
+        tag += f"|{cfg.file_tag}:{fingerprint(cfg.weights)}"
     scale = PixelScale(tuple(clip.preprocess["mean"]), tuple(clip.preprocess["std"]))
     return clip.visual, clip.eval_transform(), scale, tag
 

@@ -29,6 +29,7 @@ from utils.logs import console, setup_logging
 from utils.machine_checks import check_accelerator, check_output_folders
 from utils.runs.run_checks import check_runs
 from utils.submission.server_check import check_server
+from utils.weights.report import check_weights
 
 log = logging.getLogger("preflight")
 
@@ -58,6 +59,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     cl = Checklist()
     layout = check_data(cl, cfg.data, cfg.runs)
     check_runs(cl, cfg.runs, layout)
+    check_weights(cl)
     check_accelerator(cl)
     check_output_folders(cl, cfg.runs, cfg.submissions, matrix_shapes(layout, cfg.runs))
     check_server(cl, cfg.url or os.environ.get("COMPETITION_URL", ""), cfg.group or os.environ.get("COMPETITION_GROUP", ""), cfg.timeout_s)

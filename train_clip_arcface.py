@@ -61,6 +61,7 @@ from utils.training.distributed import DistInfo, barrier, cleanup, init_distribu
 from utils.training.loop import LoopSettings, Trainer
 from utils.training.margin_loss import LOSS_KINDS, build_margin_loss
 from utils.training.projection_head import HEAD_KINDS, ProjectionHead
+from utils.weights import fingerprint
 
 log = logging.getLogger("train_clip_arcface")
 
@@ -182,8 +183,7 @@ def weights_tag(cfg: Config, clip: ClipVisual) -> str:
     """Identifies the tower's starting weights for the embedding cache."""
     tag = f"{clip.name}|{cfg.weights}|{clip.image_size}"
     if is_weights_file(cfg.weights):
-        st = Path(cfg.weights).stat()
-        tag += f"|{cfg.file_tag}:{st.st_size}:{st.st_mtime_ns}"
+        tag += f"|{cfg.file_tag}:{fingerprint(cfg.weights)}"
     return tag
 
 

@@ -11,6 +11,7 @@ import pytest
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TIMM_OFFLINE", "1")
 os.environ.setdefault("TORCH_HOME", "/nonexistent-torch-home")
+os.environ.setdefault("KIT_WEIGHTS_DIR", "/nonexistent-kit-weights")  # a fetched weights/ folder must not change what tests load
 
 ROOT = Path(__file__).resolve().parent.parent
 SHARED_DATA = ROOT.parent / "shared" / "data"

@@ -1,6 +1,6 @@
 """Image captions from a BLIP or BLIP-2 captioner (``transformers``), with a JSON cache.
 
-    >>> params = CaptionParams("Salesforce/blip2-opt-2.7b")              # hub name
+    >>> params = CaptionParams("Salesforce/blip2-opt-2.7b")              # hub name (the weights folder's copy when fetched)
     >>> params = CaptionParams("/models/blip-image-captioning-base")    # a save_pretrained folder
     >>> captions = caption_images(paths, params, device, cache=Path("runs/caption_match/captions.json"))
 
@@ -31,6 +31,7 @@ from utils.data.images import load_image
 from utils.deps import require
 from utils.errors import KitError
 from utils.progress import ProgressBar
+from utils.weights import resolve_hf_source
 
 log = logging.getLogger(__name__)
 
@@ -123,7 +124,7 @@ class Captioner:
         from transformers import AutoConfig, AutoProcessor
 
         self.params, self.device = params, device
-        source = params.captioner
+        source = resolve_hf_source(params.captioner)  # a fetched copy in the weights folder is used offline
         try:
             config = AutoConfig.from_pretrained(source)
             cls = _model_class(config.model_type)

@@ -1,9 +1,9 @@
 """A Hugging Face CLIP image tower (``transformers``), by hub name or local folder: optional.
 
 FashionCLIP (``patrickjohncyh/fashion-clip``) and other CLIP fine-tunes are
-published as ``transformers`` checkpoints. ``transformers`` is not in the
-kit's pinned requirements; :data:`utils.deps.has_transformers` says whether
-it is installed, and :func:`create_hf_visual` refuses with one line when it is not.
+published as ``transformers`` checkpoints. :data:`utils.deps.has_transformers`
+says whether ``transformers`` is installed, and :func:`create_hf_visual`
+refuses with one line when it is not.
 
 Example:
     >>> tower = create_hf_visual("patrickjohncyh/fashion-clip")   # or a folder saved with save_pretrained
@@ -21,6 +21,7 @@ from torchvision import transforms as T
 
 from utils.deps import require
 from utils.errors import KitError
+from utils.weights import resolve_hf_source
 
 log = logging.getLogger(__name__)
 
@@ -44,15 +45,18 @@ class HFClipVisual(nn.Module):
 def create_hf_visual(source: str) -> HFClipVisual:
     """The image tower and preprocessing of a ``transformers`` CLIP model (hub name or folder).
 
+    A hub name is read from the weights folder when it holds a copy (``hf/<name>``).
+
     Raises:
         KitError: transformers missing, or the model cannot be found or read.
     """
     require("transformers", f"--model {HF_PREFIX}{source} (a Hugging Face CLIP)")
     from transformers import CLIPImageProcessor, CLIPVisionModelWithProjection
 
+    local = resolve_hf_source(source)  # a folder as given, or the weights folder's copy of a hub name
     try:
-        model = CLIPVisionModelWithProjection.from_pretrained(source)
-        proc = CLIPImageProcessor.from_pretrained(source)
+        model = CLIPVisionModelWithProjection.from_pretrained(local)
+        proc = CLIPImageProcessor.from_pretrained(local)
     except (OSError, ValueError) as err:
         first = (str(err).strip().splitlines() or [type(err).__name__])[0][:200]
         where = "folder" if Path(source).exists() else "hub name (offline? pass a local folder saved with save_pretrained)"

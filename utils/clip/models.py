@@ -9,7 +9,9 @@
 ``laion2b_s32b_b82k``, ...), ``none``, or a local ``.pt``/``.bin``/
 ``.safetensors`` file. For a file, ``file_tag`` says which tag it is a copy of
 (QuickGELU and mean/std come from it), so ``--weights open_clip_pytorch_model.bin
---file-tag openai`` is the offline form of ``--weights openai``. The text tower is dropped.
+--file-tag openai`` is the offline form of ``--weights openai``. A tag is taken
+from the weights folder when ``python -m utils.weights fetch`` put it there (no
+network), else downloaded by open_clip. The text tower is dropped.
 """
 
 from __future__ import annotations
@@ -28,7 +30,13 @@ from open_clip.transformer import VisionTransformer
 from torch import nn
 
 from utils.errors import KitError
-from utils.training.checkpoint import load_weights_file
+from utils.weights import (
+    is_weights_file,  # noqa: F401  (the CLIP scripts import it from here)
+    load_into,
+    load_weights_file,
+    resolve_weights,
+)
+from utils.weights.resolve import FETCH_HINT
 
 log = logging.getLogger(__name__)
 
@@ -101,23 +109,15 @@ def load_visual_weights(model: nn.Module, path: str | Path) -> None:
         KitError: missing or unreadable file, or tensors that do not fit the image tower.
     """
     state = load_weights_file(path)
-    state = {k.removeprefix("module."): v for k, v in state.items()}
     if not any(k.startswith("visual.") for k in state):
         state = {f"visual.{k}": v for k, v in state.items()}
     state = {k: v for k, v in state.items() if k.startswith("visual.")}
     try:
         resize_pos_embed(state, model)  # a checkpoint made for another image size
-        result = model.load_state_dict(state, strict=False)
     except RuntimeError as err:  # shape mismatches
-        lines = [ln.strip() for ln in str(err).splitlines() if ln.strip()]
-        raise KitError(f"{path}: weights do not fit this image tower ({' '.join(lines[1:2])[:240]}); check --model") from None
-    missing = [k for k in result.missing_keys if k.startswith("visual.")]
-    wrong = [k for k in result.unexpected_keys if k.startswith("visual.")]
-    if missing or wrong:
-        raise KitError(
-            f"{path}: weights do not fit this image tower ({len(missing)} missing, e.g. {missing[:2]}; "
-            f"{len(wrong)} unexpected, e.g. {wrong[:2]}); check --model"
-        )
+        raise KitError(f"{path}: weights do not fit this image tower ({str(err).strip()[:240]}); check --model") from None
+    tower = {k.removeprefix("visual."): v for k, v in state.items()}
+    load_into(model.visual, tower, path, strict=True, what="this image tower", hint="check --model")
 
 
 @contextlib.contextmanager
@@ -132,16 +132,8 @@ def quiet_open_clip():
         root.setLevel(level)
 
 
-WEIGHT_SUFFIXES = (".pt", ".pth", ".bin", ".safetensors")
-
-
-def is_weights_file(value: str) -> bool:
-    """Whether a ``--weights`` value names a file (a path or a weights suffix) rather than a tag."""
-    return Path(value).suffix in WEIGHT_SUFFIXES or "/" in value or "\\" in value or Path(value).is_file()
-
-
 def build_open_clip(model: str, weights: str, file_tag: str = "openai", img_size: int = 0) -> tuple[nn.Module, str, bool, dict[str, Any]]:
-    """The whole open_clip model for ``--weights``: hub weights for a tag, random init for ``none`` or a file.
+    """The whole open_clip model for ``--weights``: a tag's weights (weights folder, else hub), random init for ``none`` or a file.
 
     For a file the caller loads its tensors (the image tower's, or both towers');
     ``file_tag`` then sets QuickGELU and mean/std, as the tag does for a download.
@@ -152,11 +144,10 @@ def build_open_clip(model: str, weights: str, file_tag: str = "openai", img_size
     Raises:
         KitError: unknown model or tag, failed download, missing weights file.
     """
-    from_file = is_weights_file(weights)
-    if from_file and not Path(weights).is_file():
-        raise KitError(f"{weights}: weights file not found (--weights PATH); give an existing .pt/.bin/.safetensors file, a tag, or none")
-    tag = file_tag if from_file else weights
     name = resolve_model_name(model)
+    resolved = resolve_weights("open_clip", name, weights)
+    from_file = resolved.mode == "file"
+    tag = file_tag if from_file else weights
     tag_cfg = tag_config(name, tag)  # {} for none
     preprocess = {k: tag_cfg[k] for k in ("mean", "std", "interpolation", "resize_mode") if k in tag_cfg}
     kwargs = dict(force_quick_gelu=bool(tag_cfg.get("quick_gelu", False)), force_image_size=img_size or None,
@@ -167,15 +158,18 @@ def build_open_clip(model: str, weights: str, file_tag: str = "openai", img_size
         if not from_file:
             log.info("%s: random initialisation (--weights none)", name)
         return clip, name, from_file, tag_cfg
+    source = str(resolved.path) if resolved.mode == "folder" else tag  # open_clip reads a file as it reads a download
     try:
         with quiet_open_clip():
-            clip = open_clip.create_model(name, pretrained=tag, **kwargs)
+            clip = open_clip.create_model(name, pretrained=source, **kwargs)
     except (RuntimeError, OSError) as err:
         first = (str(err).strip().splitlines() or [type(err).__name__])[0][:200]
         raise KitError(
             f"--weights {tag}: cannot load weights for {name} ({first}); offline, pass "
-            "--weights PATH (the open_clip .bin/.safetensors file) with --file-tag TAG, or --weights none"
+            f"--weights PATH (the open_clip .bin/.safetensors file) with --file-tag TAG, or --weights none "
+            f"(or run {FETCH_HINT} where there is internet)"
         ) from None
+    log.info("%s: weights %s", name, resolved.describe())
     return clip, name, from_file, tag_cfg
 
 

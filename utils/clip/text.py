@@ -6,7 +6,7 @@
     >>> text_emb = encode_texts(clip, ["a dog on grass", "a sketch of a house"], device)
 
 ``weights`` has the kit's one grammar (as in :func:`utils.clip.models.create_visual`):
-an open_clip tag (downloaded, or taken from the open_clip cache), ``none``
+an open_clip tag (from the weights folder, else downloaded or taken from the open_clip cache), ``none``
 (random initialisation), or a ``.bin``/``.pt``/``.safetensors`` state dict of
 the whole model (both towers), with ``file_tag`` naming the tag it is a copy
 of (QuickGELU and mean/std come from it). The tokenizer is
@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import logging
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any, Callable, Sequence
 
 import numpy as np
@@ -28,7 +27,7 @@ from torch import nn
 from utils.clip.models import build_open_clip, eval_transform_of
 from utils.embedding.embed import l2_normalize
 from utils.errors import KitError
-from utils.training.checkpoint import load_weights_file
+from utils.weights import fingerprint, load_into, load_weights_file
 
 log = logging.getLogger(__name__)
 
@@ -53,16 +52,11 @@ class ClipModel:
 
 
 def _load_full_weights(model: nn.Module, path: str) -> None:
-    state = load_weights_file(path)
-    state = {k.removeprefix("module."): v for k, v in state.items()}
-    try:
-        result = model.load_state_dict(state, strict=False)
-    except RuntimeError as err:
-        lines = [ln.strip() for ln in str(err).splitlines() if ln.strip()]
-        raise KitError(f"{path}: weights do not fit this CLIP model ({' '.join(lines[1:2])[:240]}); check --model") from None
-    if result.missing_keys:
+    report = load_into(model, load_weights_file(path), path, strict=False, what="this CLIP model", hint="check --model",
+                       min_share=0.0)  # missing tensors get the message below
+    if report.missing:
         raise KitError(
-            f"{path}: {len(result.missing_keys)} tensors of the CLIP model are missing (e.g. {result.missing_keys[:2]}); "
+            f"{path}: {len(report.missing)} tensors of the CLIP model are missing (e.g. {report.missing[:2]}); "
             "image-text matching needs both towers: give the whole open_clip checkpoint and the matching --model"
         )
 
@@ -87,7 +81,7 @@ def create_clip(model: str, weights: str = "none", file_tag: str = "openai", img
         raise KitError(f"--model {model}: this open_clip model has no text tower; caption matching needs one")
     clip.eval()
     pp = dict(open_clip.get_model_preprocess_cfg(clip))
-    stamp = f"{file_tag}:{Path(weights).stat().st_size}:{Path(weights).stat().st_mtime_ns}" if from_file else ""
+    stamp = f"{file_tag}:{fingerprint(weights)}" if from_file else ""
     return ClipModel(clip, name, open_clip.get_tokenizer(name), pp, f"{name}|{weights}|{stamp}|{img_size}")
 
 

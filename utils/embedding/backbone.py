@@ -1,21 +1,26 @@
 """timm backbones with the kit's ``--weights`` grammar, for every script that uses one.
 
-    >>> model = create_backbone("resnet50", "default")   # timm's pretrained weights, from the hub
+    >>> model = create_backbone("resnet50", "default")   # timm's pretrained weights: the weights folder, else the hub
     >>> model = create_backbone("resnet50", "none")      # random init
     >>> model = create_backbone("resnet50", "/models/resnet50.safetensors")  # offline: a local file
 
-The classifier is removed (``num_classes=0``): the model returns pooled features.
+``default`` is taken from the weights folder when ``python -m utils.weights fetch``
+put it there (no network), else downloaded by timm. The classifier is removed
+(``num_classes=0``): the model returns pooled features.
 """
 
 from __future__ import annotations
 
-from pathlib import Path
+import logging
 
 import timm
 from torch import nn
 
 from utils.errors import KitError
-from utils.training.checkpoint import load_into, load_weights_file
+from utils.weights import fingerprint, load_into, load_weights_file, resolve_weights
+from utils.weights.resolve import FETCH_HINT
+
+log = logging.getLogger(__name__)
 
 
 def create_backbone(model: str, weights: str) -> nn.Module:
@@ -23,22 +28,28 @@ def create_backbone(model: str, weights: str) -> nn.Module:
 
     Args:
         model: a timm model name.
-        weights: ``default`` (timm's pretrained weights, downloaded), ``none`` (random init)
-            or a local file (timm checkpoint or state dict, ``.pth``/``.bin``/``.safetensors``).
+        weights: ``default`` (timm's pretrained weights: the weights folder, else the hub), ``none``
+            (random init) or a local file (timm checkpoint or state dict, ``.pth``/``.bin``/``.safetensors``).
 
     Raises:
         KitError: unknown model, failed download, or a weights file that does not fit.
     """
     if not timm.is_model(model):
         raise KitError(f"--model {model!r}: not a timm model; list them with timm.list_models('*resnet*')")
+    resolved = resolve_weights("timm", model, weights)
+    kwargs = {}
+    if resolved.mode == "folder":  # timm loads the file as its pretrained weights (its filters, no classifier)
+        kwargs["pretrained_cfg_overlay"] = {"file": str(resolved.path), "source": ""}
     try:
-        net = timm.create_model(model, pretrained=weights == "default", num_classes=0)
+        net = timm.create_model(model, pretrained=resolved.mode in ("hub", "folder"), num_classes=0, **kwargs)
     except RuntimeError as err:
         raise KitError(f"--model {model!r}: {err}") from None
     except OSError as err:
-        raise KitError(f"cannot download weights for {model!r} ({type(err).__name__}); pass --weights PATH to a local file, or --weights none") from None
-    if weights not in ("default", "none"):
-        load_into(net, load_weights_file(weights), weights, strict=False)
+        raise KitError(f"cannot download weights for {model!r} ({type(err).__name__}); "
+                       f"pass --weights PATH to a local file, or --weights none (or run {FETCH_HINT} where there is internet)") from None
+    if resolved.mode == "file":
+        load_into(net, load_weights_file(resolved.path), resolved.path, strict=False)
+    log.info("%s: weights %s", model, resolved.describe())
     return net
 
 
@@ -46,5 +57,4 @@ def weights_id(weights: str) -> str:
     """``weights`` plus, for a file, its size and mtime: part of an embedding cache key."""
     if weights in ("default", "none"):
         return weights
-    st = Path(weights).stat()
-    return f"{weights}:{st.st_size}:{st.st_mtime_ns}"
+    return f"{weights}:{fingerprint(weights)}"

@@ -6,7 +6,8 @@ runs every view of every batch and averages the L2-normalised results.
 
 Weights (``--weights``):
     FaceNet: ``vggface2`` / ``casia-webface`` (facenet-pytorch's release files,
-        from the torch hub cache or downloaded), ``none`` (random init: the
+        from the weights folder of ``python -m utils.weights fetch``, else the torch
+        hub cache, else downloaded), ``none`` (random init: the
         floor), or a local facenet-pytorch state dict file.
     dlib: ``default`` (the .dat shipped by face_recognition_models, offline) or
         a local ``dlib_face_recognition_resnet_model_v1.dat``.
@@ -29,15 +30,13 @@ import torch
 from utils.deps import require
 from utils.errors import KitError
 from utils.faces.crop import face_models_file
-from utils.training.checkpoint import load_into, load_weights_file
+from utils.weights import fingerprint, load_into, load_weights_file, resolve_weights
+from utils.weights.catalog import FACENET_RELEASES
+from utils.weights.resolve import FETCH_HINT
 
 log = logging.getLogger(__name__)
 
 EMBEDDERS = ("facenet", "dlib")
-FACENET_RELEASES = {
-    "vggface2": "https://github.com/timesler/facenet-pytorch/releases/download/v2.2.9/20180402-114759-vggface2.pt",
-    "casia-webface": "https://github.com/timesler/facenet-pytorch/releases/download/v2.2.9/20180408-102900-casia-webface.pt",
-}
 DLIB_MODEL_FILE = "dlib_face_recognition_resnet_model_v1.dat"
 
 
@@ -46,16 +45,19 @@ def _offline() -> bool:
 
 
 def facenet_release_file(name: str) -> Path:
-    """The release file of ``name`` in the torch hub cache, downloaded if missing and online.
+    """The release file of ``name``: the weights folder's copy, else the torch hub cache's, else downloaded (online).
 
     Raises:
         KitError: not cached and offline, or the download failed.
     """
+    resolved = resolve_weights("facenet", "facenet", name)
+    if resolved.mode == "folder":
+        return resolved.path
     url = FACENET_RELEASES[name]
     path = Path(torch.hub.get_dir()).parent / "checkpoints" / Path(url).name
     if path.is_file():
         return path
-    hint = f"pass --weights PATH to a copy of {Path(url).name} (from {url}), or --weights none"
+    hint = f"pass --weights PATH to a copy of {Path(url).name} (from {url}), or --weights none (or run {FETCH_HINT} where there is internet)"
     if _offline():
         raise KitError(f"{path}: FaceNet {name} weights not cached and HF_HUB_OFFLINE is set; {hint}")
     try:
@@ -89,7 +91,7 @@ class FaceNetEmbedder:
             state = load_weights_file(path)
             state = {k: v for k, v in state.items() if not k.startswith("logits.")}  # the VGGFace2 classifier
             load_into(self.model, state, path, strict=True)
-        self.tag = f"facenet|{weights}|" + (f"{path.stat().st_size}|{path.stat().st_mtime_ns}" if path else "")
+        self.tag = f"facenet|{weights}|" + (fingerprint(path) if path else "")
         self.model.eval().to(device)
 
     @torch.no_grad()
@@ -119,7 +121,7 @@ class DlibEmbedder:
         except RuntimeError as err:
             first = str(err).strip().splitlines()[0]
             raise KitError(f"{path}: not a dlib face recognition model ({first}); pass {DLIB_MODEL_FILE}") from None
-        self.tag = f"dlib|{path}|{path.stat().st_size}|{path.stat().st_mtime_ns}"
+        self.tag = f"dlib|{path}|{fingerprint(path)}"
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
         chips = x.round().clamp(0, 255).to(torch.uint8).permute(0, 2, 3, 1).cpu().numpy()

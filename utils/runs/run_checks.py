@@ -41,7 +41,7 @@ def weights_problem(path: Path) -> str:
         return "not found"
     if path.suffix.lower() == ".dat":  # dlib models: present and non-empty is all that is checked
         return "" if path.stat().st_size > 0 else "empty file"
-    from utils.training.checkpoint import load_weights_file
+    from utils.weights import load_weights_file
 
     try:
         load_weights_file(path)
