@@ -46,6 +46,7 @@ from utils.logs import console, setup_logging
 from utils.runs.report import write_report
 from utils.runs.run_checks import WEIGHT_SUFFIXES
 from utils.submission import ledger
+from utils.weights.resolve import FETCH_HINT, resolve_weights
 
 try:  # Python 3.11+; on 3.10 the tomli package reads the same TOML
     import tomllib
@@ -175,22 +176,47 @@ def _offline() -> bool:
     return any(os.environ.get(v, "") not in ("", "0") for v in ("HF_HUB_OFFLINE", "TIMM_OFFLINE"))
 
 
+# the kind of backbone each script's --weights names (utils.weights.resolve_weights)
+WEIGHT_KINDS = {
+    "train_resnet.py": "timm", "infer_cnn_features.py": "timm",
+    "train_clip_arcface.py": "open_clip", "infer_clip_colour.py": "open_clip", "infer_caption_match.py": "open_clip",
+}
+
+
+def _weights_kind(step: Step) -> tuple[str, str]:
+    """(kind, model) of the step's backbone; kind '' where the script loads no pretrained backbone by tag."""
+    if step.script == "infer_facenet.py":
+        embedder = step.flags.get("embedder", _script_default(step, "embedder"))
+        return ("facenet", "") if embedder == "facenet" else ("", "")
+    kind = WEIGHT_KINDS.get(step.script, "")
+    return (kind, str(step.flags.get("model", _script_default(step, "model")))) if kind else ("", "")
+
+
+def _script_default(step: Step, dest: str) -> Any:
+    return importlib.import_module(Path(step.script).stem).build_parser().get_default(dest)
+
+
 def weights_missing(step: Step) -> str:
     """'' when the step's backbone weights are at hand, else one line saying why not.
 
     ``none`` (random init) and an existing file are at hand; a path that is not a file is not;
-    a tag (``default``, ``openai``...) is at hand when the hub can be reached, and dlib's default
-    ships with face-recognition-models. (utils.weights' manifest will answer here once it exists.)
+    a tag is at hand when the weights folder holds it (``python -m utils.weights fetch``) or the
+    hub can be reached; dlib's weights ship with face-recognition-models.
     """
     value = str(step.flags.get("weights", "default"))
     if value == "none" or Path(value).is_file():
         return ""
     if "/" in value or "\\" in value or value.lower().endswith(WEIGHT_SUFFIXES):
         return f"weights file {value} not found"
-    if step.flags.get("embedder") == "dlib" and value == "default":
-        return "" if importlib.util.find_spec("face_recognition_models") else "dlib weights: face-recognition-models is not installed"
+    kind, model = _weights_kind(step)
+    if not kind:
+        if step.flags.get("embedder", _script_default(step, "embedder") if step.script == "infer_facenet.py" else "") == "dlib":
+            return "" if importlib.util.find_spec("face_recognition_models") else "dlib weights: face-recognition-models is not installed"
+    elif resolve_weights(kind, model, value).mode == "folder":
+        return ""
     if _offline():
-        return f"weights tag {value!r} needs the hub and HF_HUB_OFFLINE/TIMM_OFFLINE is set: pin a file (weights = PATH) or 'none'"
+        return (f"weights tag {value!r} is not in the weights folder and HF_HUB_OFFLINE/TIMM_OFFLINE is set: "
+                f"run {FETCH_HINT} on a box with internet, pin a file (weights = PATH) or 'none'")
     return ""
 
 

@@ -169,7 +169,19 @@ def test_weights_missing_decides_from_the_recipe_value(tmp_path, monkeypatch):
     assert day.weights_missing(day.Step("r", "train_resnet.py", {"weights": "none"})) == ""
     assert day.weights_missing(day.Step("r", "train_resnet.py", {"weights": str(f)})) == ""
     assert "not found" in day.weights_missing(day.Step("r", "train_resnet.py", {"weights": str(tmp_path / "gone.pt")}))
-    assert "needs the hub" in day.weights_missing(day.Step("r", "train_resnet.py", {}))
+    assert "not in the weights folder" in day.weights_missing(day.Step("r", "train_resnet.py", {}))
+    # the weights folder's copy of the default tag (python -m utils.weights fetch) makes it runnable offline
+    from utils.weights.catalog import spec_of
+    from utils.weights.store import write_entry
+
+    folder = tmp_path / "weights"
+    name = spec_of("timm", "resnet50", "default").name
+    (folder / name).mkdir(parents=True)
+    (folder / name / "model.safetensors").write_bytes(b"12345")
+    write_entry(folder, name, {"path": f"{name}/model.safetensors", "files": [{"path": f"{name}/model.safetensors", "size": 5, "sha256": "x"}]})
+    monkeypatch.setenv("KIT_WEIGHTS_DIR", str(folder))
+    assert day.weights_missing(day.Step("r", "train_resnet.py", {})) == ""
+    assert "not in the weights folder" in day.weights_missing(day.Step("r", "train_resnet.py", {"model": "resnet18"}))
     monkeypatch.setenv("HF_HUB_OFFLINE", "0")
     monkeypatch.setenv("TIMM_OFFLINE", "0")
     assert day.weights_missing(day.Step("r", "train_resnet.py", {"weights": "default"})) == ""

@@ -54,6 +54,16 @@ def commands() -> list[tuple[str, str, str]]:
     return found
 
 
+def _options(parser: argparse.ArgumentParser):
+    """Every option string of ``parser`` and of its sub-commands' parsers."""
+    for a in parser._actions:
+        if isinstance(a, argparse._SubParsersAction):
+            for sub in a.choices.values():
+                yield from _options(sub)
+        elif not isinstance(a, argparse._HelpAction):
+            yield from a.option_strings
+
+
 @cache
 def options_of(target: str) -> frozenset[str]:
     """The option strings --help lists for a script path or ``-m module``.
@@ -63,8 +73,10 @@ def options_of(target: str) -> frozenset[str]:
     """
     module = target[3:] if target.startswith("-m ") else target[:-3].replace("/", ".")
     if "/" not in target or target.startswith("-m utils."):
-        parser = importlib.import_module(module).build_parser()
-        return frozenset(s for a in parser._actions for s in a.option_strings if not isinstance(a, argparse._HelpAction))
+        mod = importlib.import_module(module)
+        if not hasattr(mod, "build_parser"):  # a package run as python -m PACKAGE
+            mod = importlib.import_module(module + ".__main__")
+        return frozenset(_options(mod.build_parser()))
     argv = [sys.executable, *target.split(), "--help"] if target.startswith("-m ") else [sys.executable, target, "--help"]
     proc = subprocess.run(argv, cwd=ROOT, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, f"{target} --help failed: {proc.stderr[-500:]}"
