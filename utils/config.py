@@ -37,6 +37,7 @@ from utils.data.split import SplitParams
 from utils.device import resolve_workers
 from utils.embedding.views import TTA_GROUPS, tta_views
 from utils.errors import KitError
+from utils.training.loop import LoopSettings
 
 C = TypeVar("C")
 
@@ -250,8 +251,6 @@ class LoopConfig(ConfigGroup):
         return True
 
     def check(self) -> None:
-        from utils.training.loop import LoopSettings
-
         LoopSettings.from_config(self).check()
         check_at_least(self, ("batch_size", "m_per_class"))
         if self.lr < 0 or self.weight_decay < 0:
