@@ -55,7 +55,16 @@ import torch
 from utils.atomic import atomic_write_json
 from utils.clip.captions import CaptionParams, caption_images
 from utils.clip.text import ClipModel, create_clip, encode_texts
-from utils.config import RunConfig, add_config_args, check_at_least, config_from_args, config_to_dict
+from utils.config import (
+    EmbeddingConfig,
+    RunConfig,
+    add_config_args,
+    check_at_least,
+    check_groups,
+    config_from_args,
+    config_to_dict,
+    override,
+)
 from utils.data.split import identity_of
 from utils.data.task import Task, prepare_task
 from utils.device import amp_dtype, pick_device, resolve_workers
@@ -78,8 +87,8 @@ WORD_LABEL = re.compile(r"^[A-Za-z][A-Za-z _'-]*$")
 # ----------------------------------------------------------------------------
 # defaults = the paper's setup; every field is a --flag (kebab-case); the resolved config goes to meta.json
 @dataclass
-class Config(RunConfig):
-    # --data, --runs, --seed, --val-fraction, --query-domain, --device, --verbose: utils.config.RunConfig
+class Config(EmbeddingConfig, RunConfig):
+    # shared flags (utils/config.py): data, split and device (RunConfig), embedding (EmbeddingConfig: --tta, --embed-batch-size, --amp, --workers)
     run_name: str = field(default="caption_match", metadata={"help": "output folder under --runs"})
     # CLIP: any open_clip name or a config .json; text and image towers of the same model
     model: str = field(default="ViT-L-14", metadata={"help": "open_clip model name or a model config .json file", "metavar": "NAME"})
@@ -98,11 +107,10 @@ class Config(RunConfig):
     closed_set: bool = field(default=False, metadata={"help": "--captions-from labels: test identities are the training classes (PACS); label test gallery images by CLIP"})
     # matrix
     blend: float = field(default=0.0, metadata={"help": "B in (1-B)*z(img2txt) + B*z(img2img), rows z-scored when B > 0; 0 = image-to-text only", "metavar": "B"})
-    tta: list[str] = field(default_factory=lambda: ["flip"], metadata={"help": f"test-time view groups of the image embeddings, of {list(TTA_GROUPS)}; none: identity only"})
+    tta: list[str] = override(["flip"], f"test-time view groups of the image embeddings, of {list(TTA_GROUPS)}; none: identity only")
     # machine
-    embed_batch_size: int = field(default=64, metadata={"help": "images per CLIP embedding batch"})
-    amp: bool = field(default=True, metadata={"help": "mixed precision on GPU (CLIP and the captioner)"})
-    workers: int = field(default=-1, metadata={"help": "DataLoader worker processes (-1: half the usable cores, 1 to 8; 0: main process)"})
+    embed_batch_size: int = override(64, "images per CLIP embedding batch")
+    amp: bool = override(True, "mixed precision on GPU (CLIP and the captioner)")
 # ----------------------------------------------------------------------------
 
 
@@ -113,14 +121,13 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def check_config(cfg: Config) -> None:
-    """Flags that argparse cannot check alone."""
+    """Flags that argparse cannot check alone: the shared groups' checks, then this script's own."""
+    check_groups(cfg)
     if not 0.0 <= cfg.blend <= 1.0:
         raise KitError(f"--blend {cfg.blend}: must be in [0, 1] (0 = image-to-text only, 1 = image-to-image only)")
-    check_at_least(cfg, ("embed_batch_size",))
-    resolve_workers(cfg.workers)
+    check_at_least(cfg, ("caption_batch_size", "max_new_tokens", "num_beams"))
     if "{}" not in cfg.label_template:
         raise KitError(f"--label-template {cfg.label_template!r}: must contain '{{}}' where the class name goes")
-    tta_views(cfg.tta)
     if cfg.captions_from == "labels" and not cfg.closed_set:
         raise KitError(
             "--captions-from labels: test gallery images have no labels; pass --closed-set when the test identities "

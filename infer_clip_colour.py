@@ -47,7 +47,7 @@ from utils.atomic import atomic_save_npy
 from utils.clip.colour_term import ColourTerm, apply_colour_term, search_colour_term, threshold_grid
 from utils.clip.hf_clip import HF_PREFIX, create_hf_visual
 from utils.clip.models import create_visual, is_weights_file
-from utils.config import RunConfig, add_config_args, check_at_least, config_from_args, config_to_dict
+from utils.config import EmbeddingConfig, RunConfig, add_config_args, check_groups, config_from_args, config_to_dict, override
 from utils.data.colour import DESCRIPTORS, DISTANCES, ColourDescriptors, bin_centres, colour_descriptors, colour_distances
 from utils.data.object_crop import OBJECT_CROPS, object_crops
 from utils.data.task import Task
@@ -55,7 +55,7 @@ from utils.device import amp_dtype, is_cnn, resolve_workers
 from utils.embedding.cache import files_key
 from utils.embedding.embed import embed_images
 from utils.embedding.step import SETS, embed_task, similarities
-from utils.embedding.views import TTA_GROUPS, PixelScale, tta_views
+from utils.embedding.views import PixelScale, tta_views
 from utils.errors import KitError, run_cli
 from utils.logs import console, setup_logging
 from utils.runs.metrics import evaluate, relevance_matrix
@@ -68,8 +68,8 @@ log = logging.getLogger("infer_clip_colour")
 # ----------------------------------------------------------------------------
 # defaults: every field is a --flag (kebab-case); the resolved config goes to meta.json
 @dataclass
-class Config(RunConfig):
-    # --data, --runs, --seed, --val-fraction, --query-domain, --device, --verbose: utils.config.RunConfig
+class Config(EmbeddingConfig, RunConfig):
+    # shared flags (utils/config.py): data, split and device (RunConfig), embedding (EmbeddingConfig: --tta, --embed-batch-size, --amp, --workers)
     run_name: str = field(default="clip_colour", metadata={"help": "output folder name under --runs"})
     # model: an open_clip name or config .json, or hf:<hub name or folder> (needs transformers)
     model: str = field(default="ViT-B-32", metadata={"help": "open_clip model name, a model config .json, or hf:NAME_OR_FOLDER", "metavar": "NAME"})
@@ -85,10 +85,7 @@ class Config(RunConfig):
     alphas: list[float] = field(default_factory=lambda: [0.0, 0.02, 0.05, 0.1, 0.2, 0.3], metadata={"help": "bonus weights searched on validation (one value: fixed)", "metavar": "A"})
     threshold_quantiles: list[float] = field(default_factory=lambda: [0.05, 0.1, 0.2, 0.3, 0.5], metadata={"help": "thresholds searched, as quantiles of the validation distances", "metavar": "Q"})
     # embedding
-    tta: list[str] = field(default_factory=lambda: ["flip"], metadata={"help": f"test-time view groups added to the identity, of {list(TTA_GROUPS)}; none: identity only"})
-    embed_batch_size: int = field(default=64, metadata={"help": "batch size for embedding"})
-    amp: bool = field(default=True, metadata={"help": "mixed precision on GPU (bf16 where supported)"})
-    workers: int = field(default=-1, metadata={"help": "DataLoader worker processes (-1: half the usable cores, 1 to 8; 0: main process)"})
+    embed_batch_size: int = override(64, "batch size for embedding")
 # ----------------------------------------------------------------------------
 
 
@@ -99,16 +96,15 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def check_config(cfg: Config) -> None:
-    """Flags that argparse cannot check alone."""
+    """Flags that argparse cannot check alone: the shared groups' checks, then this script's own."""
+    check_groups(cfg)
     for name in ("colour_top_m", "img_size"):
         if getattr(cfg, name) < 0:
             raise KitError(f"--{name.replace('_', '-')} {getattr(cfg, name)}: 0 or more")
-    check_at_least(cfg, ("embed_batch_size",))
     if not cfg.alphas or not cfg.threshold_quantiles:
         raise KitError("--alphas and --threshold-quantiles need at least one value each")
     if cfg.model.startswith(HF_PREFIX) and cfg.img_size:
         raise KitError(f"--model {cfg.model}: a transformers model brings its own input size; drop --img-size")
-    tta_views(cfg.tta)
 
 
 def build_tower(cfg: Config) -> tuple[torch.nn.Module, object, PixelScale, str]:

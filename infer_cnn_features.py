@@ -39,14 +39,23 @@ import timm
 import torch
 from rich.table import Table
 
-from utils.config import RunConfig, add_config_args, check_at_least, config_from_args, config_to_dict
+from utils.config import (
+    EmbeddingConfig,
+    RunConfig,
+    add_config_args,
+    check_at_least,
+    check_groups,
+    config_from_args,
+    config_to_dict,
+    override,
+)
 from utils.data.augment import eval_transform
 from utils.device import amp_dtype, is_cnn, resolve_workers
 from utils.embedding.backbone import create_backbone, weights_id
 from utils.embedding.embed import embed_images
 from utils.embedding.stage_features import POOLS, StageFeatures
 from utils.embedding.step import SETS, embed_task, similarities
-from utils.embedding.views import TTA_GROUPS, PixelScale, tta_views
+from utils.embedding.views import PixelScale, tta_views
 from utils.errors import KitError, run_cli
 from utils.faces.detect import SELECT_METHODS, DetectorParams, FaceDetector
 from utils.faces.face_box import FACE_BOX_MODES, face_box_crops
@@ -59,8 +68,8 @@ log = logging.getLogger("infer_cnn_features")
 # ----------------------------------------------------------------------------
 # defaults: every field is a --flag (kebab-case); the resolved config goes to meta.json
 @dataclass
-class Config(RunConfig):
-    # --data, --runs, --seed, --val-fraction, --query-domain, --device, --verbose: utils.config.RunConfig
+class Config(EmbeddingConfig, RunConfig):
+    # shared flags (utils/config.py): data, split and device (RunConfig), embedding (EmbeddingConfig: --tta, --embed-batch-size, --amp, --workers)
     run_name: str = field(default="cnn_features", metadata={"help": "output folder name under --runs"})
     # backbone: any timm model with intermediate features (resnet50, vgg16, convnext_tiny, vit_base_patch16_224, ...)
     model: str = field(default="resnet50", metadata={"help": "timm model name"})
@@ -78,10 +87,7 @@ class Config(RunConfig):
     pixel_k: int = field(default=5, metadata={"help": "retrieved images per query compared by RMSE and SSIM (0: skip)", "metavar": "K"})
     pixel_px: int = field(default=64, metadata={"help": "side of the grey squares RMSE and SSIM compare"})
     # embedding
-    tta: list[str] = field(default_factory=lambda: ["flip"], metadata={"help": f"test-time view groups added to the identity, of {list(TTA_GROUPS)}; none: identity only"})
-    embed_batch_size: int = field(default=64, metadata={"help": "batch size for embedding"})
-    amp: bool = field(default=True, metadata={"help": "mixed precision on GPU (bf16 where supported)"})
-    workers: int = field(default=-1, metadata={"help": "DataLoader worker processes (-1: half the usable cores, 1 to 8; 0: main process)"})
+    embed_batch_size: int = override(64, "batch size for embedding")
 # ----------------------------------------------------------------------------
 
 
@@ -92,15 +98,15 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def check_config(cfg: Config) -> None:
-    """Flags that argparse cannot check alone."""
+    """Flags that argparse cannot check alone: the shared groups' checks, then this script's own."""
+    check_groups(cfg)
     if not timm.is_model(cfg.model):
         raise KitError(f"--model {cfg.model!r}: not a timm model; list them with timm.list_models('*resnet*')")
-    check_at_least(cfg, ("img_size", "embed_batch_size", "detect_batch_size", "pixel_px"))
+    check_at_least(cfg, ("img_size", "detect_batch_size", "pixel_px"))
     if cfg.pixel_k < 0:
         raise KitError(f"--pixel-k {cfg.pixel_k}: 0 or more")
     if cfg.pixel_px < 7:
         raise KitError(f"--pixel-px {cfg.pixel_px}: SSIM needs at least 7 pixels")
-    tta_views(cfg.tta)
 
 
 def weights_tag(cfg: Config) -> str:

@@ -45,10 +45,18 @@ import time
 from dataclasses import dataclass, field
 from typing import Sequence
 
-from utils.config import FormConfig, RunConfig, add_config_args, check_at_least, config_from_args, config_to_dict
-from utils.device import resolve_workers
+from utils.config import (
+    EmbeddingConfig,
+    FormConfig,
+    RunConfig,
+    add_config_args,
+    check_at_least,
+    check_groups,
+    config_from_args,
+    config_to_dict,
+    override,
+)
 from utils.embedding.step import embed_task
-from utils.embedding.views import TTA_GROUPS, tta_views
 from utils.errors import run_cli
 from utils.faces.cascade import DEFAULT_ROTATED_STAGES, DEFAULT_ROTATIONS, DEFAULT_STAGES, MTCNN_STAGES, STAGES
 from utils.faces.detect import SELECT_METHODS
@@ -63,8 +71,9 @@ log = logging.getLogger("infer_facenet")
 # ----------------------------------------------------------------------------
 # defaults: every field is a --flag (kebab-case); the resolved config goes to meta.json
 @dataclass
-class Config(FormConfig, RunConfig):
-    # --data, --runs, --seed, --val-fraction, --query-domain, --device, --verbose: utils.config.RunConfig
+class Config(EmbeddingConfig, FormConfig, RunConfig):
+    # shared flags (utils/config.py): data, split and device (RunConfig), run form (FormConfig),
+    # embedding (EmbeddingConfig: --tta, --embed-batch-size, --amp, --workers)
     run_name: str = field(default="", metadata={"help": "output folder under --runs ('' = the embedder's name: facenet or dlib)"})
     # embedder: run both (each writes its own run) and let ensemble.py fuse them
     embedder: str = field(default="facenet", metadata={"help": "facenet (InceptionResnetV1, 512-d) or dlib (ResNet, 128-d)", "choices": list(EMBEDDERS)})
@@ -90,12 +99,12 @@ class Config(FormConfig, RunConfig):
     margin_px: int = field(default=20, metadata={"help": "facenet only: context around the box, pixels of the 160 px crop (dlib uses its chip padding)"})
     align_eyes: bool = field(default=True, metadata={"help": "facenet only: rotate crops so the eyes are level"})
     # test-time augmentation, on query and gallery alike; '--tta' alone = identity only
-    tta: list[str] = field(default_factory=lambda: ["flip", "blur"], metadata={"help": f"test-time view groups added to the identity, of {list(TTA_GROUPS)}; none: identity only"})
+    tta: list[str] = override(["flip", "blur"])
     detect_batch_size: int = field(default=32, metadata={"help": "images per detection batch"})
-    embed_batch_size: int = field(default=64, metadata={"help": "crops per embedding batch"})
+    embed_batch_size: int = override(64, "crops per embedding batch")
     # machine
-    amp: bool = field(default=True, metadata={"help": "mixed precision on GPU for FaceNet"})
-    workers: int = field(default=-1, metadata={"help": "DataLoader worker processes for loading and cropping (-1: half the usable cores, 1 to 8; 0: main process)"})
+    amp: bool = override(True, "mixed precision on GPU for FaceNet")
+    workers: int = override(-1, "DataLoader worker processes for loading and cropping (-1: half the usable cores, 1 to 8; 0: main process)")
 # ----------------------------------------------------------------------------
 
 
@@ -106,11 +115,9 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def check_config(cfg: Config) -> None:
-    """Flags that argparse cannot check alone."""
-    check_at_least(cfg, ("detect_batch_size", "embed_batch_size"))
-    resolve_workers(cfg.workers)
-    cfg.run_form()
-    tta_views(cfg.tta)
+    """Flags that argparse cannot check alone: the shared groups' checks, then this script's own."""
+    check_groups(cfg)
+    check_at_least(cfg, ("detect_batch_size",))
 
 
 def main(argv: Sequence[str] | None = None) -> int:

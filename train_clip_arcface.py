@@ -41,7 +41,18 @@ from torch.nn.parallel import DistributedDataParallel as DDP
 from torch.utils.data import DataLoader
 
 from utils.clip.models import ClipVisual, count_trainable, create_visual, freeze_frozen_batchnorm, is_weights_file, unfreeze_last
-from utils.config import FormConfig, RunConfig, add_config_args, config_from_args, config_to_dict
+from utils.config import (
+    EmbeddingConfig,
+    FineTuneConfig,
+    FormConfig,
+    RunConfig,
+    add_config_args,
+    check_at_least,
+    check_groups,
+    config_from_args,
+    config_to_dict,
+    override,
+)
 from utils.data.augment import train_transform
 from utils.data.image_dataset import ImageDataset
 from utils.data.task import prepare_task
@@ -49,7 +60,7 @@ from utils.device import amp_dtype, resolve_workers
 from utils.embedding.cache import files_key
 from utils.embedding.embed import embed_images
 from utils.embedding.step import embed_task, val_score
-from utils.embedding.views import TTA_GROUPS, PixelScale, tta_views
+from utils.embedding.views import PixelScale, tta_views
 from utils.errors import KitError, run_cli
 from utils.logs import setup_logging
 from utils.runs.model_run import write_embedding_run
@@ -72,8 +83,9 @@ ZERO_SHOT_RUN = "clip_zeroshot"
 # ----------------------------------------------------------------------------
 # defaults = the seed's setup; every field is a --flag (kebab-case); the resolved config goes to meta.json
 @dataclass
-class Config(FormConfig, RunConfig):
-    # --data, --runs, --seed, --val-fraction, --query-domain, --device, --verbose: utils.config.RunConfig
+class Config(EmbeddingConfig, FineTuneConfig, FormConfig, RunConfig):
+    # shared flags (utils/config.py): data, split and device (RunConfig), run form (FormConfig),
+    # the training loop (FineTuneConfig: --epochs, --batch-size, --lr, ...), embedding (EmbeddingConfig: --tta, --workers, ...)
     run_name: str = field(default=DEFAULT_RUN, metadata={"help": f"output folder under --runs ({ZERO_SHOT_RUN} for --zero-shot unless set)"})
     # backbone: any open_clip name (open_clip.list_models()) or a config .json; ViT-B-16 is ~4x cheaper
     model: str = field(default="ViT-L-14", metadata={"help": "open_clip model name or a model config .json file", "metavar": "NAME"})
@@ -90,29 +102,17 @@ class Config(FormConfig, RunConfig):
     sub_centers: int = field(default=3, metadata={"help": "sub-centres per identity (--loss subcenter)", "metavar": "N"})
     # training; --zero-shot or --epochs 0 skip it (frozen tower embeddings: the baseline)
     zero_shot: bool = field(default=False, metadata={"help": "no training: embed with the frozen tower"})
-    epochs: int = field(default=20, metadata={"help": "training epochs (0: zero-shot)"})
-    max_steps: int = field(default=0, metadata={"help": "stop after this many steps in total (0: no limit); for smoke tests"})
-    batch_size: int = field(default=32, metadata={"help": "training batch size per process"})
-    m_per_class: int = field(default=4, metadata={"help": "images per identity in each batch (divides --batch-size)", "metavar": "N"})
-    lr: float = field(default=1e-5, metadata={"help": "peak learning rate of the unfrozen blocks"})
+    epochs: int = override(20, "training epochs (0: zero-shot)")
+    batch_size: int = override(32, "training batch size per process")
+    lr: float = override(1e-5, "peak learning rate of the unfrozen blocks")
     layer_decay: float = field(default=1.0, metadata={"help": "each deeper unfrozen block gets this factor more (1: same lr)"})
     head_lr: float = field(default=1e-3, metadata={"help": "peak learning rate of the projection head"})
     loss_lr: float = field(default=1e-3, metadata={"help": "peak learning rate of the margin loss's class weights"})
-    weight_decay: float = field(default=0.05, metadata={"help": "AdamW weight decay (not on biases, norms, class weights)"})
-    warmup_epochs: float = field(default=1.0, metadata={"help": "linear warm-up length, then cosine decay"})
-    grad_clip: float = field(default=1.0, metadata={"help": "clip the gradient norm to this (0: off)"})
-    aug_strength: float = field(default=1.0, metadata={"help": "scales colour/blur/rotation augmentation; 0 keeps crops and flips"})
-    eval_every: int = field(default=1, metadata={"help": "score validation every N epochs and keep best.pt (0: never)"})
-    patience: int = field(default=5, metadata={"help": "stop after N validations without a better score (0: never)", "metavar": "N"})
-    resume: bool = field(default=False, metadata={"help": "continue from <run>/last.pt"})
-    retrain: bool = field(default=False, metadata={"help": "train again even when last.pt holds a finished run with the same settings and training images"})
-    full_train: bool = field(default=False, metadata={"help": "train on the validation identities too (final test run; uses the last epoch)"})
-    # embedding
-    tta: list[str] = field(default_factory=lambda: ["flip"], metadata={"help": f"test-time view groups added to the identity, of {list(TTA_GROUPS)}; none: identity only"})
-    embed_batch_size: int = field(default=64, metadata={"help": "images per embedding batch"})
-    compile: bool = field(default=False, metadata={"help": "torch.compile the model for the final embedding (compile time first; pays on large galleries and GPUs)"})
-    amp: bool = field(default=True, metadata={"help": "mixed precision on GPU (bf16 where supported); the loss stays float32"})
-    workers: int = field(default=-1, metadata={"help": "DataLoader worker processes (-1: half the usable cores, 1 to 8; 0: main process)"})
+    weight_decay: float = override(0.05, "AdamW weight decay (not on biases, norms, class weights)")
+    patience: int = override(5)
+    amp: bool = override(True, "mixed precision on GPU (bf16 where supported); the loss stays float32")
+
+
 # ----------------------------------------------------------------------------
 
 
@@ -147,17 +147,14 @@ class MarginStep(nn.Module):
 
 
 def check_config(cfg: Config) -> None:
-    """User mistakes that would otherwise fail deep inside torch."""
-    for name in ("batch_size", "embed_dim", "img_size", "embed_batch_size", "workers"):
-        if getattr(cfg, name) < 0:
-            raise KitError(f"--{name.replace('_', '-')} {getattr(cfg, name)}: must be >= 0")
-    if cfg.sub_centers < 1:
-        raise KitError(f"--sub-centers {cfg.sub_centers}: must be >= 1")
+    """User mistakes that would otherwise fail deep inside torch: the shared groups' checks, then this script's own."""
+    check_groups(cfg)
+    check_at_least(cfg, ("img_size",), low=0)
+    check_at_least(cfg, ("embed_dim", "sub_centers"))
     if cfg.layer_decay <= 0 or cfg.layer_decay > 1:
         raise KitError(f"--layer-decay {cfg.layer_decay}: must be in (0, 1]")
-    LoopSettings.from_config(cfg).check()
-    tta_views(cfg.tta)
-    cfg.run_form()
+    if cfg.head_lr < 0 or cfg.loss_lr < 0:
+        raise KitError(f"--head-lr {cfg.head_lr} / --loss-lr {cfg.loss_lr}: must be >= 0 (AdamW refuses negative values)")
 
 
 def param_groups(cfg: Config, backbone: list[list[nn.Parameter]], head: nn.Module, loss: nn.Module) -> list[dict[str, Any]]:

@@ -40,7 +40,17 @@ from rich.table import Table
 from torch import nn
 from torch.utils.data import DataLoader, Dataset
 
-from utils.config import FormConfig, RunConfig, add_config_args, check_at_least, config_from_args, config_to_dict
+from utils.config import (
+    FormConfig,
+    LoopConfig,
+    RunConfig,
+    add_config_args,
+    check_at_least,
+    check_groups,
+    config_from_args,
+    config_to_dict,
+    override,
+)
 from utils.data.task import Task
 from utils.embedding.cache import files_key
 from utils.embedding.embed import cosine_similarity
@@ -64,8 +74,9 @@ log = logging.getLogger("train_face_adapter")
 # ----------------------------------------------------------------------------
 # defaults: every field is a --flag (kebab-case); the resolved config goes to meta.json
 @dataclass
-class Config(FormConfig, RunConfig):
-    # --data, --runs, --seed, --val-fraction, --query-domain, --device, --verbose: utils.config.RunConfig
+class Config(LoopConfig, FormConfig, RunConfig):
+    # shared flags (utils/config.py): data, split and device (RunConfig), run form (FormConfig),
+    # the training loop (LoopConfig: --epochs, --batch-size, --lr, ...)
     source: str = field(default="dlib", metadata={"help": "the face run (infer_facenet.py) under --runs whose embeddings are adapted"})
     run_name: str = field(default="", metadata={"help": "output folder under --runs ('' = <source>_adapted)"})
     # what is learned from the training identities; each candidate is kept only if it wins on validation
@@ -78,18 +89,11 @@ class Config(FormConfig, RunConfig):
     loss: str = field(default="multi-similarity", metadata={"help": "pytorch-metric-learning pair loss", "choices": list(PAIR_LOSSES)})
     pairs: str = field(default="cross", metadata={"help": "cross: only real<->synthetic pairs (what retrieval meets); all: every pair", "choices": ["cross", "all"]})
     # training (the shared loop)
-    epochs: int = field(default=40, metadata={"help": "training epochs"})
-    max_steps: int = field(default=0, metadata={"help": "stop after this many steps in total (0: no limit); for smoke tests"})
-    batch_size: int = field(default=64, metadata={"help": "training batch size (capped at --m-per-class x the training identities)"})
-    m_per_class: int = field(default=4, metadata={"help": "images per identity in each batch (divides --batch-size)", "metavar": "N"})
-    lr: float = field(default=1e-3, metadata={"help": "peak learning rate"})
-    weight_decay: float = field(default=1e-4, metadata={"help": "AdamW weight decay"})
-    warmup_epochs: float = field(default=2.0, metadata={"help": "linear warm-up length, then cosine decay"})
-    grad_clip: float = field(default=1.0, metadata={"help": "clip the gradient norm to this (0: off)"})
-    eval_every: int = field(default=1, metadata={"help": "score validation every N epochs and keep best.pt (0: never)"})
-    patience: int = field(default=10, metadata={"help": "stop after N validations without a better score (0: never)", "metavar": "N"})
-    resume: bool = field(default=False, metadata={"help": "continue from <run>/last.pt"})
-    retrain: bool = field(default=False, metadata={"help": "train again even when last.pt holds a finished run with the same settings and training images"})
+    epochs: int = override(40)
+    batch_size: int = override(64, "training batch size (capped at --m-per-class x the training identities)")
+    weight_decay: float = override(1e-4)
+    warmup_epochs: float = override(2.0)
+    patience: int = override(10)
 # ----------------------------------------------------------------------------
 
 
@@ -100,14 +104,13 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def check_config(cfg: Config) -> None:
-    """Flag mistakes, before any data is read."""
-    check_at_least(cfg, ("batch_size", "m_per_class", "hidden", "finetune_blocks"))
-    if cfg.batch_size % cfg.m_per_class:
-        raise KitError(f"--batch-size {cfg.batch_size} must be a multiple of --m-per-class {cfg.m_per_class}")
+    """Flag mistakes, before any data is read: the shared groups' checks, then this script's own."""
+    check_groups(cfg)
+    check_at_least(cfg, ("hidden", "finetune_blocks"))
     if not 0.0 <= cfg.shrinkage <= 1.0:
         raise KitError(f"--shrinkage {cfg.shrinkage}: between 0 and 1")
-    LoopSettings.from_config(cfg).check()
-    cfg.run_form()
+    if cfg.finetune_lr < 0:
+        raise KitError(f"--finetune-lr {cfg.finetune_lr}: must be >= 0 (AdamW refuses negative values)")
 
 
 def source_settings(cfg: Config) -> SimpleNamespace:

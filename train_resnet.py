@@ -34,7 +34,18 @@ import torch
 from torch import nn
 from torch.utils.data import DataLoader
 
-from utils.config import FormConfig, RunConfig, add_config_args, check_at_least, config_from_args, config_to_dict
+from utils.config import (
+    EmbeddingConfig,
+    FineTuneConfig,
+    FormConfig,
+    RunConfig,
+    add_config_args,
+    check_at_least,
+    check_groups,
+    config_from_args,
+    config_to_dict,
+    override,
+)
 from utils.data.augment import eval_transform, train_transform
 from utils.data.image_dataset import ImageDataset
 from utils.data.task import Task, prepare_task
@@ -43,7 +54,7 @@ from utils.embedding.backbone import create_backbone
 from utils.embedding.cache import files_key
 from utils.embedding.embed import embed_images
 from utils.embedding.step import embed_task, val_score
-from utils.embedding.views import TTA_GROUPS, PixelScale, tta_views
+from utils.embedding.views import PixelScale, tta_views
 from utils.errors import KitError, run_cli
 from utils.logs import setup_logging
 from utils.runs.model_run import write_embedding_run
@@ -62,8 +73,9 @@ LOSSES = ("ce", *PAIR_LOSSES)
 # ----------------------------------------------------------------------------
 # defaults: every field is a --flag (kebab-case); the resolved config goes to meta.json
 @dataclass
-class Config(FormConfig, RunConfig):
-    # --data, --runs, --seed, --val-fraction, --query-domain, --device, --verbose: utils.config.RunConfig
+class Config(EmbeddingConfig, FineTuneConfig, FormConfig, RunConfig):
+    # shared flags (utils/config.py): data, split and device (RunConfig), run form (FormConfig),
+    # the training loop (FineTuneConfig: --epochs, --batch-size, --lr, ...), embedding (EmbeddingConfig: --tta, --workers, ...)
     run_name: str = field(default="resnet", metadata={"help": "output folder name under --runs"})
     # model: any timm name; change for a stronger backbone (convnext_tiny, vit_base_patch16_224, ...)
     model: str = field(default="resnet50", metadata={"help": "timm model name"})
@@ -71,29 +83,17 @@ class Config(FormConfig, RunConfig):
     img_size: int = field(default=224, metadata={"help": "square input side in pixels; lower it on CPU"})
     # loss: ce trains a classifier head; the pair losses train the embedding itself on M-per-class batches
     loss: str = field(default="ce", metadata={"help": "training loss (pair losses: pytorch-metric-learning)", "choices": list(LOSSES)})
-    m_per_class: int = field(default=4, metadata={"help": "pair losses: images per identity in each batch (divides --batch-size)", "metavar": "N"})
+    m_per_class: int = override(4, "pair losses: images per identity in each batch (divides --batch-size)")
     label_smoothing: float = field(default=0.1, metadata={"help": "ce: cross-entropy label smoothing"})
     # training (the shared loop); epochs=0 skips training (pretrained features only)
-    epochs: int = field(default=10, metadata={"help": "training epochs"})
-    max_steps: int = field(default=0, metadata={"help": "stop after this many steps in total (0: no limit); for smoke tests"})
-    batch_size: int = field(default=32, metadata={"help": "training batch size"})
-    lr: float = field(default=3e-4, metadata={"help": "peak learning rate of the backbone"})
+    lr: float = override(3e-4, "peak learning rate of the backbone")
     head_lr_factor: float = field(default=10.0, metadata={"help": "ce: the head's peak learning rate is this times --lr"})
-    weight_decay: float = field(default=0.05, metadata={"help": "AdamW weight decay"})
-    warmup_epochs: float = field(default=1.0, metadata={"help": "linear warm-up length, then cosine decay"})
-    grad_clip: float = field(default=5.0, metadata={"help": "clip the gradient norm to this (0: off)"})
-    aug_strength: float = field(default=1.0, metadata={"help": "scales colour/blur/rotation augmentation; 0 keeps crops and flips"})
-    eval_every: int = field(default=1, metadata={"help": "score validation every N epochs and keep best.pt (0: never)"})
-    patience: int = field(default=0, metadata={"help": "stop after N validations without a better score (0: never)", "metavar": "N"})
-    resume: bool = field(default=False, metadata={"help": "continue from <run>/last.pt"})
-    retrain: bool = field(default=False, metadata={"help": "train again even when last.pt holds a finished run with the same settings and training images"})
-    full_train: bool = field(default=False, metadata={"help": "train on the validation identities too (final test run; uses the last epoch)"})
-    # embedding
-    tta: list[str] = field(default_factory=lambda: ["flip"], metadata={"help": f"test-time view groups added to the identity, of {list(TTA_GROUPS)}; none: identity only"})
-    embed_batch_size: int = field(default=64, metadata={"help": "images per embedding batch"})
-    compile: bool = field(default=False, metadata={"help": "torch.compile the model for the final embedding (compile time first; pays on large galleries and GPUs)"})
-    amp: bool = field(default=True, metadata={"help": "mixed precision on GPU (bf16 where supported)"})
-    workers: int = field(default=-1, metadata={"help": "DataLoader worker processes (-1: half the usable cores, 1 to 8; 0: main process)"})
+    grad_clip: float = override(5.0)
+
+    def uses_m_per_class(self) -> bool:
+        return self.loss != "ce"  # ce batches are shuffled images
+
+
 # ----------------------------------------------------------------------------
 
 
@@ -104,16 +104,11 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def check_config(cfg: Config) -> None:
-    """Flag mistakes, before any data is read."""
+    """Flag mistakes, before any data is read: the shared groups' checks, then this script's own."""
+    check_groups(cfg)
     if not timm.is_model(cfg.model):
         raise KitError(f"--model {cfg.model!r}: not a timm model; list them with timm.list_models('*resnet*')")
-    check_at_least(cfg, ("batch_size", "embed_batch_size", "img_size", "m_per_class"))
-    if cfg.loss != "ce" and cfg.batch_size % cfg.m_per_class:
-        raise KitError(f"--batch-size {cfg.batch_size} must be a multiple of --m-per-class {cfg.m_per_class}")
-    LoopSettings.from_config(cfg).check()
-    tta_views(cfg.tta)
-    resolve_workers(cfg.workers)
-    cfg.run_form()
+    check_at_least(cfg, ("img_size",))
 
 
 class Classifier(nn.Module):

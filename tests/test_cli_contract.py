@@ -11,8 +11,8 @@ import pytest
 
 from tests.conftest import ROOT
 
-SCRIPTS = sorted(p.stem for p in ROOT.glob("*.py") if (p.stem.startswith(("train_", "infer_")) or p.stem in ("ensemble", "submit", "visualize", "preflight")))
-MODULES = ["utils.submission.server", "utils.data.rehearsal_data"]
+SCRIPTS = sorted(p.stem for p in ROOT.glob("*.py") if (p.stem.startswith(("train_", "infer_")) or p.stem in ("ensemble", "submit", "visualize", "preflight", "day")))
+MODULES = ["utils.submission.server", "utils.data.rehearsal_data", "utils.runs.report", "utils.weights.__main__"]
 
 
 def test_the_scripts_are_all_here():
@@ -79,3 +79,100 @@ def test_unknown_options_are_rejected(name, capsys):
         importlib.import_module(name).build_parser().parse_args(["--definitely-not-an-option"])
     assert info.value.code == 2
     assert "unrecognized arguments" in capsys.readouterr().err
+
+
+# ---------------------------------------------------------------------------- every default and every documented command passes the checks
+
+PLACEHOLDERS = {"DATA": "data", "$COMPETITION_URL": "http://127.0.0.1:9/", "URL": "http://127.0.0.1:9/", "HOST:PORT": "127.0.0.1:9"}
+COMMAND = re.compile(r"^\s*(?:(?:\.venv/bin/)?python\s+|torchrun\s+(?:\S+\s+)*?)(\w+)\.py\b(.*)$")
+
+
+def documented_commands() -> list[tuple[str, str, str]]:
+    """``(where, script, arguments)`` of every `python X.py` / `torchrun ... X.py` line of README.md, docs/*.md
+    and the scripts' docstrings (a line ending in a backslash goes on)."""
+    sources = [ROOT / "README.md", *sorted((ROOT / "docs").glob("**/*.md"))]
+    texts = [(p.relative_to(ROOT), p.read_text()) for p in sources]
+    texts += [(f"{name}.py docstring", importlib.import_module(name).__doc__ or "") for name in SCRIPTS]
+    found = []
+    for where, text in texts:
+        lines = text.splitlines()
+        for i, line in enumerate(lines):
+            m = COMMAND.match(line)
+            if not m:
+                continue
+            rest, j = m.group(2), i
+            while rest.rstrip().endswith("\\") and j + 1 < len(lines):
+                j += 1
+                rest = rest.rstrip()[:-1] + " " + lines[j]
+            found.append((f"{where}:{i + 1}", m.group(1), rest))
+    return found
+
+
+def run_config_checks(name: str, argv: list[str]) -> None:
+    """Parse ``argv`` as the script does and run its config checks (nothing is loaded or run)."""
+    import inspect
+
+    from utils.config import config_from_args
+
+    mod = importlib.import_module(name)
+    args = mod.build_parser().parse_args(argv)
+    if not hasattr(mod, "Config"):
+        return
+    cfg = config_from_args(mod.Config, args)
+    check = getattr(mod, "check_config", None)
+    if check is None:
+        return
+    params = list(inspect.signature(check).parameters)
+    if params == ["cfg"]:
+        check(cfg)
+    elif params == ["cfg", "n_models"]:  # ensemble.py: the fusion weights, one per model
+        check(cfg, len(cfg.models) or len(cfg.fusion_weights) or 2)
+
+
+@pytest.mark.parametrize("name", SCRIPTS)
+def test_every_default_passes_the_config_checks(name, tmp_path):
+    """`python X.py --data DIR` (or no flag where the script has no --data): every other flag at its default."""
+    argv = ["--data", str(tmp_path)] if "--data" in _options(name) else []
+    run_config_checks(name, argv)
+
+
+def test_the_documents_show_every_model_script():
+    """The command check below is not vacuous: every model script has documented command lines."""
+    shown = {script for _, script, _ in DOCUMENTED}
+    assert {s for s in SCRIPTS if s.startswith(("train_", "infer_"))} <= shown
+    assert len(DOCUMENTED) >= 30
+
+
+DOCUMENTED = documented_commands()
+
+
+@pytest.mark.parametrize("where,script,rest", DOCUMENTED, ids=[where for where, _, _ in DOCUMENTED])
+def test_documented_commands_pass_the_config_checks(where, script, rest, tmp_path, monkeypatch):
+    """Every command line of the README, docs/ and the docstrings parses and passes its script's checks as written,
+    with DATA and the like substituted (files named on the line that an earlier step writes are made first)."""
+    import shlex
+
+    from utils.errors import KitError
+
+    assert script in SCRIPTS, f"{where}: {script}.py is not a script of the kit"
+    for key, value in PLACEHOLDERS.items():
+        rest = rest.replace(key, value)
+    argv = shlex.split(rest, comments=True)
+    if argv == ["--help"]:  # "python X.py --help" prints the flags and exits 0
+        with pytest.raises(SystemExit) as info:
+            importlib.import_module(script).build_parser().parse_args(argv)
+        assert info.value.code == 0
+        return
+    monkeypatch.chdir(tmp_path)
+    if script == "infer_caption_match" and "--captions" in argv:  # captions.json of an earlier run
+        for f in argv[argv.index("--captions") + 1:]:
+            if f.startswith("--"):
+                break
+            (tmp_path / f).parent.mkdir(parents=True, exist_ok=True)
+            (tmp_path / f).write_text("{}")
+    try:
+        run_config_checks(script, argv)
+    except KitError as err:
+        pytest.fail(f"{where}: python {script}.py{rest}\n  -> error: {err}")
+    except SystemExit as err:
+        pytest.fail(f"{where}: python {script}.py{rest}\n  -> argparse exit {err.code}")

@@ -4,6 +4,15 @@ Each field becomes ``--kebab-case-name`` with its default in the help. Field
 metadata carries ``help`` and, for enums, ``choices``; booleans become
 ``--flag/--no-flag``. The resolved config is what a run writes to meta.json.
 
+Flags that several scripts share are declared once, in a group (a
+:class:`ConfigGroup` dataclass with a ``check()`` of its own fields) that each
+script's ``Config`` mixes in: data and split (:class:`DataConfig`), device
+(:class:`DeviceConfig`), run form (:class:`FormConfig`), the training loop
+(:class:`LoopConfig`, :class:`FineTuneConfig`) and the embedding step
+(:class:`EmbeddingConfig`). A script declares only its own fields, may give a
+shared flag its own default or help with :func:`override`, and its
+``check_config`` calls :func:`check_groups` before its own checks.
+
 Example:
     >>> @dataclass
     ... class Config:
@@ -18,15 +27,21 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import re
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, TypeVar
 
 from utils.data.split import SplitParams
+from utils.device import resolve_workers
+from utils.embedding.views import TTA_GROUPS, tta_views
 from utils.errors import KitError
+from utils.training.loop import LoopSettings
 
 C = TypeVar("C")
+
+_OVERRIDE = "override"  # field metadata key: the field re-sets a group's flag (see override())
 
 
 def _flag(name: str) -> str:
@@ -40,11 +55,43 @@ def check_at_least(cfg: Any, names: tuple[str, ...], low: int = 1) -> None:
             raise KitError(f"{_flag(name)} {getattr(cfg, name)}: at least {low}")
 
 
+def override(default: Any, help_text: str | None = None) -> Any:
+    """A script's own default (and, given ``help_text``, its own help) for a flag a group declares.
+
+    The flag keeps the group's type, metavar, choices and check. Use it as the field's default::
+
+        epochs: int = override(20, "training epochs (0: zero-shot)")
+    """
+    meta = {_OVERRIDE: True, **({"help": help_text} if help_text is not None else {})}
+    if isinstance(default, list):
+        return field(default_factory=lambda: list(default), metadata=meta)
+    return field(default=default, metadata=meta)
+
+
+def field_metadata(cls: type, name: str) -> dict[str, Any]:
+    """The metadata of field ``name`` of ``cls``: the declaring group's, updated by any :func:`override`.
+
+    Raises:
+        TypeError: an override of a field that no base class declares.
+    """
+    meta: dict[str, Any] = {}
+    declared = False
+    for klass in reversed(cls.__mro__):
+        f = vars(klass).get("__dataclass_fields__", {}).get(name)
+        if f is not None:
+            declared = declared or not f.metadata.get(_OVERRIDE)
+            meta.update(f.metadata)
+    if not declared:
+        raise TypeError(f"{cls.__name__}.{name}: override() of a field no group declares; declare it with field()")
+    meta.pop(_OVERRIDE, None)
+    return meta
+
+
 def add_config_args(parser: argparse.ArgumentParser, cls: type) -> None:
     """Add one flag per dataclass field of ``cls`` to ``parser``."""
     hints = typing.get_type_hints(cls)
     for f in dataclasses.fields(cls):
-        meta = dict(f.metadata)
+        meta = field_metadata(cls, f.name)
         default = f.default if f.default is not dataclasses.MISSING else f.default_factory()  # type: ignore[misc]
         kind = hints[f.name]
         helptext = meta.get("help", "")
@@ -92,13 +139,32 @@ def config_to_dict(cfg: Any) -> dict[str, Any]:
     return out
 
 
-@dataclass
-class RunConfig:
-    """Flags every model script shares; the split ones must agree across scripts.
+class ConfigGroup:
+    """Flags declared once and mixed into each script's ``Config``, with the checks of those flags.
 
-    A script's ``Config`` subclasses this, so its own fields follow these.
-    ``runs/split.json`` refuses a run whose split flags differ from the first.
+    A group's ``check()`` looks at its own fields only; :func:`check_groups` runs
+    the check of every group a config mixes in, so no script repeats one.
     """
+
+    def check(self) -> None:
+        """Raise a KitError naming the flag of a value no run can use (this group's fields only)."""
+
+
+def check_groups(cfg: ConfigGroup) -> None:
+    """Run the ``check()`` of every group ``cfg`` mixes in, each once, the most basic first.
+
+    Raises:
+        KitError: from the first group with a value no run can use.
+    """
+    for klass in reversed(type(cfg).__mro__):
+        own = vars(klass).get("check")
+        if own is not None and issubclass(klass, ConfigGroup):
+            own(cfg)
+
+
+@dataclass
+class DataConfig(ConfigGroup):
+    """Where the data and the runs are, and the validation split (the same for every model script)."""
 
     data: Path = field(default=Path("data"), metadata={"help": "competition data folder", "metavar": "DIR"})
     runs: Path = field(default=Path("runs"), metadata={"help": "where runs/<run-name>/ and split.json go", "metavar": "DIR"})
@@ -106,17 +172,41 @@ class RunConfig:
     seed: int = field(default=0, metadata={"help": "seed for the split, init, sampling and augmentation"})
     val_fraction: float = field(default=0.2, metadata={"help": "share of training identities held out for validation"})
     query_domain: str = field(default="real", metadata={"help": "domains.csv value of query images"})
-    # machine
-    device: str = field(default="auto", metadata={"help": "auto, cpu, cuda or cuda:N"})
-    verbose: bool = field(default=False, metadata={"help": "debug logging"})
 
     def split_params(self) -> SplitParams:
         """The validation split these flags ask for."""
         return SplitParams(self.seed, self.val_fraction, self.query_domain)
 
+    def check(self) -> None:
+        if not 0.0 < self.val_fraction < 1.0:
+            raise KitError(f"--val-fraction must be in (0, 1), got {self.val_fraction}")
+        if not self.query_domain:
+            raise KitError("--query-domain '': name the domains.csv value of the query images (default: real)")
+
 
 @dataclass
-class FormConfig:
+class DeviceConfig(ConfigGroup):
+    """The machine: which device runs the model, and how much is logged."""
+
+    device: str = field(default="auto", metadata={"help": "auto, cpu, cuda or cuda:N"})
+    verbose: bool = field(default=False, metadata={"help": "debug logging"})
+
+    def check(self) -> None:
+        if not re.fullmatch(r"auto|cpu|cuda(:\d+)?", self.device):
+            raise KitError(f"--device {self.device!r}: expected auto, cpu, cuda or cuda:N")
+
+
+@dataclass
+class RunConfig(DeviceConfig, DataConfig):
+    """Flags every model script shares; the split ones must agree across scripts.
+
+    A script's ``Config`` subclasses this, so its own fields follow these.
+    ``runs/split.json`` refuses a run whose split flags differ from the first.
+    """
+
+
+@dataclass
+class FormConfig(ConfigGroup):
     """Flags of scripts whose runs can take the top-k form (their matrices are cosines of embeddings)."""
 
     # past this size a run stores embeddings + each query's top-K instead of the matrices (utils/runs/topk_run.py)
@@ -131,3 +221,67 @@ class FormConfig:
         if self.matrix_limit < 1 or self.topk < 10:
             raise KitError(f"--matrix-limit {self.matrix_limit} / --topk {self.topk}: the limit must be positive and K at least 10 (a top-10 needs it)")
         return RunForm(self.matrix_limit, self.topk, self.search_backend)
+
+    def check(self) -> None:
+        self.run_form()
+
+
+@dataclass
+class LoopConfig(ConfigGroup):
+    """Flags of the shared training loop (utils/training/loop.py) and its M-per-class batches.
+
+    A script sets its own defaults with :func:`override` (the group's are the loop's).
+    """
+
+    epochs: int = field(default=10, metadata={"help": "training epochs"})
+    max_steps: int = field(default=0, metadata={"help": "stop after this many steps in total (0: no limit); for smoke tests"})
+    batch_size: int = field(default=32, metadata={"help": "training batch size"})
+    m_per_class: int = field(default=4, metadata={"help": "images per identity in each batch (divides --batch-size)", "metavar": "N"})
+    lr: float = field(default=1e-3, metadata={"help": "peak learning rate"})
+    weight_decay: float = field(default=0.05, metadata={"help": "AdamW weight decay"})
+    warmup_epochs: float = field(default=1.0, metadata={"help": "linear warm-up length, then cosine decay"})
+    grad_clip: float = field(default=1.0, metadata={"help": "clip the gradient norm to this (0: off)"})
+    eval_every: int = field(default=1, metadata={"help": "score validation every N epochs and keep best.pt (0: never)"})
+    patience: int = field(default=0, metadata={"help": "stop after N validations without a better score (0: never)", "metavar": "N"})
+    resume: bool = field(default=False, metadata={"help": "continue from <run>/last.pt"})
+    retrain: bool = field(default=False, metadata={"help": "train again even when last.pt holds a finished run with the same settings and training images"})
+
+    def uses_m_per_class(self) -> bool:
+        """Whether every batch holds --m-per-class images per identity (a script whose loss may not says when)."""
+        return True
+
+    def check(self) -> None:
+        LoopSettings.from_config(self).check()
+        check_at_least(self, ("batch_size", "m_per_class"))
+        if self.lr < 0 or self.weight_decay < 0:
+            raise KitError(f"--lr {self.lr} / --weight-decay {self.weight_decay}: must be >= 0 (AdamW refuses negative values)")
+        if self.uses_m_per_class() and self.batch_size % self.m_per_class:
+            raise KitError(f"--batch-size {self.batch_size} must be a multiple of --m-per-class {self.m_per_class}")
+
+
+@dataclass
+class FineTuneConfig(LoopConfig):
+    """The loop's flags for scripts that fine-tune a backbone on the training images and embed with it."""
+
+    aug_strength: float = field(default=1.0, metadata={"help": "scales colour/blur/rotation augmentation; 0 keeps crops and flips"})
+    full_train: bool = field(default=False, metadata={"help": "train on the validation identities too (final test run; uses the last epoch)"})
+    compile: bool = field(default=False, metadata={"help": "torch.compile the model for the final embedding (compile time first; pays on large galleries and GPUs)"})
+
+    def check(self) -> None:
+        if self.aug_strength < 0:
+            raise KitError(f"--aug-strength {self.aug_strength}: must be >= 0 (0 keeps crops and flips)")
+
+
+@dataclass
+class EmbeddingConfig(ConfigGroup):
+    """Flags of the shared embedding step: views, batch, precision and loader workers."""
+
+    tta: list[str] = field(default_factory=lambda: ["flip"], metadata={"help": f"test-time view groups added to the identity, of {list(TTA_GROUPS)}; none: identity only"})
+    embed_batch_size: int = field(default=64, metadata={"help": "images per embedding batch"})
+    amp: bool = field(default=True, metadata={"help": "mixed precision on GPU (bf16 where supported)"})
+    workers: int = field(default=-1, metadata={"help": "DataLoader worker processes (-1: half the usable cores, 1 to 8; 0: main process)"})
+
+    def check(self) -> None:
+        check_at_least(self, ("embed_batch_size",))
+        resolve_workers(self.workers)
+        tta_views(self.tta)

@@ -34,10 +34,10 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("command", choices=COMMANDS, help="fetch: download the defaults; list/status: show which are present")
     parser.add_argument("--dir", type=Path, default=None, metavar="DIR",
                         help=f"the weights folder (default: ${ENV_DIR}, else weights/ in the repository)")
-    parser.add_argument("--only", nargs="+", default=[], metavar="NAME", help="fetch only these entries (names as list prints them)")
-    parser.add_argument("--redo", action="store_true", help="download again files that are present")
-    parser.add_argument("--verify", action="store_true", help="list: also check each file's sha256 against the manifest")
-    parser.add_argument("--verbose", action="store_true", help="debug logging")
+    parser.add_argument("--only", nargs="+", default=[], metavar="NAME", help="fetch only these entries (names as list prints them) (default: every default entry)")
+    parser.add_argument("--redo", action="store_true", help="download again files that are present (default: False)")
+    parser.add_argument("--verify", action="store_true", help="list: also check each file's sha256 against the manifest (default: False)")
+    parser.add_argument("--verbose", action="store_true", help="debug logging (default: False)")
     return parser
 
 
