@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import logging
 from dataclasses import replace
+from functools import partial
 from pathlib import Path
 from typing import Any, Sequence
 
@@ -32,6 +33,7 @@ from utils.faces.cascade import CascadeParams, FaceCascade, grey3, hue_grey
 from utils.faces.crop import CropParams, Crops, face_crops
 from utils.faces.detect import DetectorParams, FaceDetector
 from utils.faces.embedder import build_embedder
+from utils.faces.views import ViewParams, eye_px, full_view, stage_transform, view_crops, view_tag
 
 log = logging.getLogger(__name__)
 
@@ -74,7 +76,8 @@ def build_detector(cfg: Any, device: torch.device) -> FaceDetector | FaceCascade
         return FaceCascade(CascadeParams(stages=tuple(cfg.detector_stages), stage_rotations=tuple(cfg.detector_rotations),
                                          rotated_stages=tuple(cfg.detector_rotated_stages), mtcnn=mtcnn,
                                          min_face_frac=cfg.min_face_frac,
-                                         fallback="best" if cfg.face_fallback == "best" else "center"), device)
+                                         fallback="best" if cfg.face_fallback == "best" else "center"), device,
+                           warn_share=getattr(cfg, "face_warn_share", 0.0), warn_after=getattr(cfg, "face_warn_after", 64))
     if cfg.detector == "none":
         return None
     raise KitError(f"--detector {cfg.detector!r}: choose mtcnn, cascade or none")
@@ -102,6 +105,10 @@ class FacePipeline:
         self.views = tta_views(cfg.tta)
         self.det_tag = self.detector.params.tag() if self.detector is not None else "no-detector"
         self.faces: dict[str, dict[str, Any]] = {}  # per image set: images, faces found, fallbacks, by stage
+        # gallery views (utils.faces.views); a face run made before they existed has none
+        self.view_params = ViewParams(tuple(getattr(cfg, "gallery_views", ())), tuple(getattr(cfg, "texture_eye_frac", (0.05,))))
+        self.view_params.check()
+        self.image_views: dict[str, dict[str, list[str]]] = {}  # per gallery set: image name -> its views
 
     @property
     def tag(self) -> str:
@@ -144,3 +151,36 @@ class FacePipeline:
         n_fb = sum(f["fallback"] for f in self.faces.values())
         log.info("no face found in %d of %d images (fallback crop used): %s", n_fb, sum(f["images"] for f in self.faces.values()),
                  ", ".join(f"{k} {v['fallback']}/{v['images']}" for k, v in self.faces.items()))
+
+    def embed_views(self, paths: Sequence[Path], names: Sequence[str], desc: str) -> list[np.ndarray]:
+        """Each gallery view's embeddings of ``paths`` (cached per view; the plain embedding where an
+        image has no such view), in :meth:`ViewParams.names` order; records each image's views."""
+        if not self.view_params.views:
+            return []
+        crops = self._stored_crops(paths, desc)
+        plain = self.embed_set(paths, desc)
+        stage_of = [crops.stage_names[s] if s >= 0 else "" for s in crops.stage] if crops.stage is not None else [""] * len(paths)
+        eye = eye_px(self.crop_params.aligner, self.crop_params.size_px, self.crop_params.margin_px)
+        made: dict[str, tuple[np.ndarray, np.ndarray]] = {}
+
+        def build() -> dict[str, tuple[np.ndarray, np.ndarray]]:
+            if not made:
+                made.update(view_crops(crops.pixels, stage_of, self.view_params, eye, colour_transform(self.cfg.face_colour)))
+            return made
+
+        out, used = [], {n: ["plain"] for n in names}
+        for view in self.view_params.names():
+            idx = np.array([i for i, s in enumerate(stage_of) if stage_transform(s, eye) is not None] if view == "detector"
+                           else range(len(paths)), np.int64)
+            key = files_key(paths, f"{self.tag}|{view_tag(view)}")  # one key per view: adding or dropping another view keeps it
+            compute = partial(self._embed_view, build, view, f"{desc} ({view} view)") if len(idx) else partial(np.zeros, (0, plain.shape[1]), np.float32)
+            emb = cached(self.cache_dir / f"emb_{key}.npy", compute, f"{desc} ({view} view)")
+            for i in idx:
+                used[names[i]].append(f"{view}:{stage_of[i]}" if view == "detector" else view)
+            out.append(full_view(plain, emb, idx))
+        self.image_views[desc.replace(" ", "_")] = used
+        return out
+
+    def _embed_view(self, build, view: str, desc: str) -> np.ndarray:
+        return self.embed_pixels(build()[view][0], desc)
+
