@@ -42,6 +42,10 @@ FACE_FIELDS = ("embedder", "weights", "shape_predictor", "detector", "detector_s
                "detect_px", "min_face_px", "thresholds", "face_select", "margin_px", "align_eyes", "tta",
                "detect_batch_size", "embed_batch_size", "amp", "workers")
 
+# face settings added later (gallery views, the early face-count warning): read with their defaults where an
+# older face run's config lacks them (train_face_adapter.py reads the source run's config)
+OPTIONAL_FACE_FIELDS = ("gallery_views", "texture_eye_frac", "face_warn_share", "face_warn_after")
+
 
 FACE_FALLBACKS = ("center", "letterbox", "best")  # best: the cascade's best box below its gates, else center
 # what the embedder sees, per crop (None: unchanged); measured in benchmarks/results/bench_faces_hard_scores.md
@@ -93,6 +97,8 @@ class FacePipeline:
         if cfg.face_fallback not in FACE_FALLBACKS:
             raise KitError(f"--face-fallback {cfg.face_fallback!r}: choose from {list(FACE_FALLBACKS)}")
         colour_transform(cfg.face_colour)  # an unknown --face-colour fails here, before any detection
+        if not 0.0 <= getattr(cfg, "face_warn_share", 0.0) <= 1.0 or getattr(cfg, "face_warn_after", 1) < 1:
+            raise KitError(f"--face-warn-share {cfg.face_warn_share} / --face-warn-after {cfg.face_warn_after}: a share in [0, 1] and at least 1 image")
         if cfg.face_fallback == "best" and cfg.detector != "cascade":
             raise KitError(f"--face-fallback best needs --detector cascade (its boxes below the gates), not {cfg.detector}")
         self.cfg, self.device, self.cache_dir = cfg, device, Path(cache_dir)
