@@ -18,6 +18,10 @@ written as runs/<run-name>/{val,test}_sim.npy + meta.json for the ensemble.
     # other test-time views (flip rot brightness scale: 8 views), or none:
     python infer_facenet.py --data DATA --embedder dlib --tta flip rot brightness scale
     python infer_facenet.py --data DATA --embedder dlib --tta
+    # gallery views (default: the detector stage's transform and a texture low-pass, fused per pair by zmax
+    # unless validation tells another rule apart); the plain view only, or a fixed rule:
+    python infer_facenet.py --data DATA --embedder dlib --gallery-views
+    python infer_facenet.py --data DATA --embedder dlib --view-fusion max --texture-eye-frac 0.05 0.1
     # the floor: FaceNet with random weights
     python infer_facenet.py --data DATA --weights none --run-name facenet_random
 
@@ -62,8 +66,10 @@ from utils.faces.cascade import DEFAULT_ROTATED_STAGES, DEFAULT_ROTATIONS, DEFAU
 from utils.faces.detect import SELECT_METHODS
 from utils.faces.embedder import EMBEDDERS
 from utils.faces.pipeline import FACE_COLOURS, FACE_FALLBACKS, FacePipeline
+from utils.faces.views import FUSIONS, GALLERY_VIEWS, fused_similarities
 from utils.logs import setup_logging
-from utils.runs.model_run import begin_inference_run, write_embedding_run
+from utils.runs.model_run import begin_inference_run, write_embedding_run, write_model_run
+from utils.runs.topk_run import use_topk_form
 
 log = logging.getLogger("infer_facenet")
 
@@ -105,6 +111,12 @@ class Config(EmbeddingConfig, FormConfig, RunConfig):
     # machine
     amp: bool = override(True, "mixed precision on GPU for FaceNet")
     workers: int = override(-1, "DataLoader worker processes for loading and cropping (-1: half the usable cores, 1 to 8; 0: main process)")
+    # gallery views (utils/faces/views.py): reading aids for stylised gallery faces, fused per pair with each query
+    gallery_views: list[str] = field(default_factory=lambda: list(GALLERY_VIEWS), metadata={"help": f"gallery images are also embedded through these views, of {list(GALLERY_VIEWS)} (detector: the transform of the cascade stage that read the face; texture: low-pass at --texture-eye-frac); the flag alone: none", "metavar": "VIEW"})
+    texture_eye_frac: list[float] = field(default_factory=lambda: [0.05], metadata={"help": "texture views: Gaussian sigma as a fraction of the inter-eye distance (one view per value)", "metavar": "FRAC"})
+    view_fusion: str = field(default="auto", metadata={"help": "how a pair's view similarities are fused: auto (validation chooses; zmax where it ties), zmax (closest view, z-scored per query), max, softmax, mean, plain (no views)", "choices": list(FUSIONS)})
+    face_warn_share: float = field(default=0.2, metadata={"help": "warn when fewer than this share of the first --face-warn-after images hold a face (0: never)"})
+    face_warn_after: int = field(default=64, metadata={"help": "images detected before the early face-count warning"})
 # ----------------------------------------------------------------------------
 
 
@@ -118,6 +130,16 @@ def check_config(cfg: Config) -> None:
     """Flags that argparse cannot check alone: the shared groups' checks, then this script's own."""
     check_groups(cfg)
     check_at_least(cfg, ("detect_batch_size",))
+
+
+def use_views(cfg: Config, pipe: FacePipeline, task) -> bool:
+    """Whether the gallery views are embedded and fused: asked for, and the run holds full matrices."""
+    if not pipe.view_params.views or cfg.view_fusion == "plain":
+        return False
+    if use_topk_form(len(task.test_query), len(task.test_gallery), cfg.run_form().max_cells):
+        log.warning("gallery views are fused only in full matrices; this run's top-k form uses the plain view")
+        return False
+    return True
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -135,9 +157,18 @@ def main(argv: Sequence[str] | None = None) -> int:
 
     # crops and embeddings of the four image sets, then the two matrices
     emb = embed_task(task, pipe.embed_set)
+    views = use_views(cfg, pipe, task)
+    view_emb = {w: pipe.embed_views(getattr(task, w), task.names(w), w.replace("_", " ")) for w in ("val_gallery", "test_gallery")} if views else {}
     timings["embed"] = time.time() - t0 - timings["prepare"]
     pipe.log_fallbacks()
-    write_embedding_run(run_dir, run_name, config_to_dict(cfg), task, emb, timings, {"faces": pipe.faces, "tta_views": len(pipe.views)}, form=cfg.run_form())
+    extra = {"faces": pipe.faces, "tta_views": len(pipe.views)}
+    if not views:
+        extra["view_fusion"] = {"rule": "plain", "chosen_by": "no gallery views" if pipe.view_params.views else "--gallery-views (none)"}
+        write_embedding_run(run_dir, run_name, config_to_dict(cfg), task, emb, timings, extra, form=cfg.run_form())
+        return 0
+    sims, extra["view_fusion"] = fused_similarities(task, emb, view_emb, cfg.view_fusion)
+    extra["gallery_views"] = {"names": ["plain", *pipe.view_params.names()], "per_image": pipe.image_views}
+    write_model_run(run_dir, run_name, config_to_dict(cfg), task, sims, timings, extra)
     return 0
 
 

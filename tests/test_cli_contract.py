@@ -40,9 +40,9 @@ def test_script_shape_and_every_option_is_used(name):
 
         via_split |= {f.name for f in dataclasses.fields(FormConfig)}
     if "FacePipeline(cfg," in source:  # the face path reads its settings off the config
-        from utils.faces.pipeline import FACE_FIELDS
+        from utils.faces.pipeline import FACE_FIELDS, OPTIONAL_FACE_FIELDS
 
-        via_split |= set(FACE_FIELDS)
+        via_split |= set(FACE_FIELDS) | set(OPTIONAL_FACE_FIELDS)
     unused = [d for d in dests if d not in via_split and not re.search(rf"\b(cfg|args|config)\.{d}\b", source)]
     assert not unused, f"{name}: options never read: {unused}"
     for action in parser._actions:  # every option with a value says its default in --help

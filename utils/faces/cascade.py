@@ -214,9 +214,11 @@ class _ImageDataset(Dataset):
 class FaceCascade:
     """Detectors tried in order; ``detect`` returns Faces with the stage per image."""
 
-    def __init__(self, params: CascadeParams, device: torch.device):
+    def __init__(self, params: CascadeParams, device: torch.device, warn_share: float = 0.0, warn_after: int = 64):
         params.check()
         self.params = params
+        # early word on a set with few faces: after the first ``warn_after`` images (not part of the cache key)
+        self.warn_share, self.warn_after = warn_share, max(1, warn_after)
         self.device = device
         self._mtcnn: dict[tuple, FaceDetector] = {}
         self._hog = None
@@ -365,8 +367,10 @@ class FaceCascade:
         best = np.zeros(n, np.float32)  # score of the best box below the gates (fallback "best")
         cand_boxes = np.full((n, 4), np.nan, np.float32)
         cand_landmarks = np.full((n, 5, 2), np.nan, np.float32)
-        loader = DataLoader(_ImageDataset(paths), batch_size=CHUNK, shuffle=False, num_workers=workers, collate_fn=list)
-        start = 0
+        first = min(self.warn_after, CHUNK) if self.warn_share > 0 else CHUNK  # a short first chunk: the early count comes early
+        chunks = [list(range(a, min(n, b))) for a, b in chunk_bounds(n, first, CHUNK)]
+        loader = DataLoader(_ImageDataset(paths), batch_sampler=chunks, num_workers=workers, collate_fn=list)
+        start, warned = 0, self.warn_share <= 0
         with ProgressBar(desc, total=n) as bar:
             for items in loader:
                 bad = [e for _, e in items if e]
@@ -397,6 +401,8 @@ class FaceCascade:
                     todo = left
                 start += len(images)
                 bar.advance(len(images))
+                if not warned and start >= min(n, self.warn_after):
+                    warned = self._warn_few_faces(out.stage[:start], desc)
         if self.params.fallback == "best":  # stage stays -1: no detector passed its gates
             use = (out.stage < 0) & np.isfinite(cand_boxes[:, 0])
             out.boxes[use], out.landmarks[use], out.probs[use] = cand_boxes[use], cand_landmarks[use], best[use]
@@ -404,11 +410,27 @@ class FaceCascade:
         log.info("%s: a face in %d of %d images (%s)", desc, int((out.stage >= 0).sum()), n, counts)
         return out
 
+    def _warn_few_faces(self, stage: np.ndarray, desc: str) -> bool:
+        """Warn (once) when fewer than ``warn_share`` of the images detected so far hold a face."""
+        found = int((stage >= 0).sum())
+        if found < self.warn_share * len(stage):
+            log.warning("%s: a face in only %d of the first %d images (below %.0f %%): is this a face data set? "
+                        "A face run on images without faces falls back to the centre square for each and takes minutes",
+                        desc, found, len(stage), 100 * self.warn_share)
+        return True
+
     def stage_counts(self, faces: Faces) -> dict[str, int]:
         """Images per stage that found their face, and ``none`` for the rest."""
         counts = {name: int((faces.stage == s).sum()) for s, name in enumerate(self.params.stages)}
         counts["none"] = int((faces.stage < 0).sum())
         return counts
+
+
+def chunk_bounds(n: int, first: int, size: int) -> list[tuple[int, int]]:
+    """[start, end) of the chunks of ``n`` images: ``first`` images, then ``size`` at a time."""
+    bounds = [(0, min(n, first))] if n else []
+    bounds += [(a, min(n, a + size)) for a in range(first, n, size)]
+    return bounds
 
 
 def letterbox_array(img: np.ndarray, canvas_px: int) -> tuple[np.ndarray, float]:

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import logging
 from dataclasses import replace
+from functools import partial
 from pathlib import Path
 from typing import Any, Sequence
 
@@ -32,6 +33,7 @@ from utils.faces.cascade import CascadeParams, FaceCascade, grey3, hue_grey
 from utils.faces.crop import CropParams, Crops, face_crops
 from utils.faces.detect import DetectorParams, FaceDetector
 from utils.faces.embedder import build_embedder
+from utils.faces.views import ViewParams, eye_px, full_view, stage_transform, view_crops, view_tag
 
 log = logging.getLogger(__name__)
 
@@ -39,6 +41,10 @@ log = logging.getLogger(__name__)
 FACE_FIELDS = ("embedder", "weights", "shape_predictor", "detector", "detector_stages", "detector_rotations", "detector_rotated_stages", "min_face_frac", "face_fallback", "face_colour",
                "detect_px", "min_face_px", "thresholds", "face_select", "margin_px", "align_eyes", "tta",
                "detect_batch_size", "embed_batch_size", "amp", "workers")
+
+# face settings added later (gallery views, the early face-count warning): read with their defaults where an
+# older face run's config lacks them (train_face_adapter.py reads the source run's config)
+OPTIONAL_FACE_FIELDS = ("gallery_views", "texture_eye_frac", "face_warn_share", "face_warn_after")
 
 
 FACE_FALLBACKS = ("center", "letterbox", "best")  # best: the cascade's best box below its gates, else center
@@ -74,7 +80,8 @@ def build_detector(cfg: Any, device: torch.device) -> FaceDetector | FaceCascade
         return FaceCascade(CascadeParams(stages=tuple(cfg.detector_stages), stage_rotations=tuple(cfg.detector_rotations),
                                          rotated_stages=tuple(cfg.detector_rotated_stages), mtcnn=mtcnn,
                                          min_face_frac=cfg.min_face_frac,
-                                         fallback="best" if cfg.face_fallback == "best" else "center"), device)
+                                         fallback="best" if cfg.face_fallback == "best" else "center"), device,
+                           warn_share=getattr(cfg, "face_warn_share", 0.0), warn_after=getattr(cfg, "face_warn_after", 64))
     if cfg.detector == "none":
         return None
     raise KitError(f"--detector {cfg.detector!r}: choose mtcnn, cascade or none")
@@ -90,6 +97,8 @@ class FacePipeline:
         if cfg.face_fallback not in FACE_FALLBACKS:
             raise KitError(f"--face-fallback {cfg.face_fallback!r}: choose from {list(FACE_FALLBACKS)}")
         colour_transform(cfg.face_colour)  # an unknown --face-colour fails here, before any detection
+        if not 0.0 <= getattr(cfg, "face_warn_share", 0.0) <= 1.0 or getattr(cfg, "face_warn_after", 1) < 1:
+            raise KitError(f"--face-warn-share {cfg.face_warn_share} / --face-warn-after {cfg.face_warn_after}: a share in [0, 1] and at least 1 image")
         if cfg.face_fallback == "best" and cfg.detector != "cascade":
             raise KitError(f"--face-fallback best needs --detector cascade (its boxes below the gates), not {cfg.detector}")
         self.cfg, self.device, self.cache_dir = cfg, device, Path(cache_dir)
@@ -102,6 +111,10 @@ class FacePipeline:
         self.views = tta_views(cfg.tta)
         self.det_tag = self.detector.params.tag() if self.detector is not None else "no-detector"
         self.faces: dict[str, dict[str, Any]] = {}  # per image set: images, faces found, fallbacks, by stage
+        # gallery views (utils.faces.views); a face run made before they existed has none
+        self.view_params = ViewParams(tuple(getattr(cfg, "gallery_views", ())), tuple(getattr(cfg, "texture_eye_frac", (0.05,))))
+        self.view_params.check()
+        self.image_views: dict[str, dict[str, list[str]]] = {}  # per gallery set: image name -> its views
 
     @property
     def tag(self) -> str:
@@ -144,3 +157,36 @@ class FacePipeline:
         n_fb = sum(f["fallback"] for f in self.faces.values())
         log.info("no face found in %d of %d images (fallback crop used): %s", n_fb, sum(f["images"] for f in self.faces.values()),
                  ", ".join(f"{k} {v['fallback']}/{v['images']}" for k, v in self.faces.items()))
+
+    def embed_views(self, paths: Sequence[Path], names: Sequence[str], desc: str) -> list[np.ndarray]:
+        """Each gallery view's embeddings of ``paths`` (cached per view; the plain embedding where an
+        image has no such view), in :meth:`ViewParams.names` order; records each image's views."""
+        if not self.view_params.views:
+            return []
+        crops = self._stored_crops(paths, desc)
+        plain = self.embed_set(paths, desc)
+        stage_of = [crops.stage_names[s] if s >= 0 else "" for s in crops.stage] if crops.stage is not None else [""] * len(paths)
+        eye = eye_px(self.crop_params.aligner, self.crop_params.size_px, self.crop_params.margin_px)
+        made: dict[str, tuple[np.ndarray, np.ndarray]] = {}
+
+        def build() -> dict[str, tuple[np.ndarray, np.ndarray]]:
+            if not made:
+                made.update(view_crops(crops.pixels, stage_of, self.view_params, eye, colour_transform(self.cfg.face_colour)))
+            return made
+
+        out, used = [], {n: ["plain"] for n in names}
+        for view in self.view_params.names():
+            idx = np.array([i for i, s in enumerate(stage_of) if stage_transform(s, eye) is not None] if view == "detector"
+                           else range(len(paths)), np.int64)
+            key = files_key(paths, f"{self.tag}|{view_tag(view)}")  # one key per view: adding or dropping another view keeps it
+            compute = partial(self._embed_view, build, view, f"{desc} ({view} view)") if len(idx) else partial(np.zeros, (0, plain.shape[1]), np.float32)
+            emb = cached(self.cache_dir / f"emb_{key}.npy", compute, f"{desc} ({view} view)")
+            for i in idx:
+                used[names[i]].append(f"{view}:{stage_of[i]}" if view == "detector" else view)
+            out.append(full_view(plain, emb, idx))
+        self.image_views[desc.replace(" ", "_")] = used
+        return out
+
+    def _embed_view(self, build, view: str, desc: str) -> np.ndarray:
+        return self.embed_pixels(build()[view][0], desc)
+
