@@ -190,6 +190,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     check_out(out_dir, cfg.runs)
     try:
         left_out = fuse_into(cfg, out_dir, members, t0)
+    except KitError:  # already one line naming the file (utils.atomic's FileSystemError is also an OSError)
+        raise
     except OSError as err:  # read-only folder, no space, file too large: one line naming the path
         path = err.filename or out_dir
         raise KitError(f"{path}: {err.strerror or err}; the ensemble was not written (make the folder writable, free space "

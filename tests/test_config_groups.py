@@ -166,3 +166,14 @@ def test_override_of_a_flag_no_group_declares_is_a_programming_error():
 
     with pytest.raises(TypeError, match="Lonely.nothing: override"):
         field_metadata(Lonely, "nothing")
+
+
+def test_the_submission_client_starts_without_torch():
+    """submit.py parses its flags through utils.config; that must not import torch (seconds at start-up,
+    and torch's own start-up writes files, which fails under a file-size limit before any flag is read)."""
+    import subprocess
+    import sys
+
+    code = "import sys, submit; sys.exit(1 if 'torch' in sys.modules else 0)"
+    proc = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True)
+    assert proc.returncode == 0, proc.stderr or "submit.py imported torch"

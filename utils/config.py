@@ -34,10 +34,8 @@ from pathlib import Path
 from typing import Any, TypeVar
 
 from utils.data.split import SplitParams
-from utils.device import resolve_workers
 from utils.embedding.views import TTA_GROUPS, tta_views
 from utils.errors import KitError
-from utils.training.loop import LoopSettings
 
 C = TypeVar("C")
 
@@ -251,6 +249,8 @@ class LoopConfig(ConfigGroup):
         return True
 
     def check(self) -> None:
+        from utils.training.loop import LoopSettings  # torch: only the training scripts need it
+
         LoopSettings.from_config(self).check()
         check_at_least(self, ("batch_size", "m_per_class"))
         if self.lr < 0 or self.weight_decay < 0:
@@ -283,5 +283,7 @@ class EmbeddingConfig(ConfigGroup):
 
     def check(self) -> None:
         check_at_least(self, ("embed_batch_size",))
+        from utils.device import resolve_workers  # torch: imported only by the scripts that embed, not by submit.py
+
         resolve_workers(self.workers)
         tta_views(self.tta)

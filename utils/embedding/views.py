@@ -24,12 +24,12 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import Sequence
-
-import torch
-import torch.nn.functional as F
+from typing import TYPE_CHECKING, Sequence
 
 from utils.errors import KitError
+
+if TYPE_CHECKING:  # torch is imported where views are rendered: the flag checks (utils.config) stay torch-free
+    import torch
 
 
 @dataclass(frozen=True)
@@ -86,6 +86,8 @@ def tta_views(groups: Sequence[str]) -> list[View]:
 
 def _adjust_gain(out: torch.Tensor, gain: float, scale: PixelScale) -> torch.Tensor:
     """Multiply the underlying [0, 1] pixels by ``gain`` and clamp, in the batch's own units."""
+    import torch
+
     mean = torch.tensor(scale.mean, dtype=out.dtype, device=out.device).view(1, -1, 1, 1)
     std = torch.tensor(scale.std, dtype=out.dtype, device=out.device).view(1, -1, 1, 1)
     lo, hi = (0.0 - mean) / std, (1.0 - mean) / std
@@ -106,6 +108,9 @@ def render_view(batch: torch.Tensor, view: View, out_px: int | None = None, scal
     Returns:
         (B, C, out, out) float, in the batch's units.
     """
+    import torch
+    import torch.nn.functional as F
+
     scale = scale or PixelScale.raw255()
     b, c, h, w = batch.shape
     if view.angle_deg == 0.0 and view.zoom == 1.0:  # no geometry change: a centre crop, mirrored or not
@@ -135,6 +140,9 @@ def render_view(batch: torch.Tensor, view: View, out_px: int | None = None, scal
 
 def blur(batch: torch.Tensor, sigma_px: float) -> torch.Tensor:
     """A separable Gaussian blur of a (B, C, H, W) batch, edges replicated; values stay in range."""
+    import torch
+    import torch.nn.functional as F
+
     radius = max(1, math.ceil(3 * sigma_px))
     x = torch.arange(-radius, radius + 1, dtype=batch.dtype, device=batch.device)
     k = torch.exp(-0.5 * (x / sigma_px) ** 2)
