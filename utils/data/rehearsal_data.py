@@ -159,6 +159,40 @@ def make_identities(n: int, rng: random.Random) -> list[Identity]:
     return out
 
 
+def _write_train(tmp: Path, idents: list, rng: random.Random, size: int, n_real: int, n_synthetic: int) -> list[tuple[str, str]]:
+    """Each training identity's real JPEGs and synthetic PNGs; their (path, domain) rows."""
+    domains = []
+    for ident in idents:
+        for k in range(n_real):
+            rel = f"train/{ident.name}/real_{k}.jpg"
+            atomic_write_bytes(tmp / rel, _encode(_render(ident, "real", rng, size), "JPEG"))
+            domains.append((rel, "real"))
+        for k in range(n_synthetic):
+            rel = f"train/{ident.name}/synth_{k}.png"
+            atomic_write_bytes(tmp / rel, _encode(_render(ident, "synthetic", rng, size), "PNG"))
+            domains.append((rel, "synthetic"))
+    return domains
+
+
+def _write_test(tmp: Path, idents: list, rng: random.Random, size: int, n_queries: int, n_gallery: int,
+                domains: list[tuple[str, str]]) -> dict[str, list[str]]:
+    """Each test identity's gallery PNGs and query JPEGs under random names; the ground truth (rows added to ``domains``)."""
+    truth: dict[str, list[str]] = {}
+    for ident in idents:
+        gallery = []
+        for _ in range(n_gallery):
+            name = f"{rng.getrandbits(40):010x}.png"
+            atomic_write_bytes(tmp / "test/gallery" / name, _encode(_render(ident, "synthetic", rng, size), "PNG"))
+            domains.append((f"test/gallery/{name}", "synthetic"))
+            gallery.append(name)
+        for _ in range(n_queries):
+            name = f"{rng.getrandbits(40):010x}.jpg"
+            atomic_write_bytes(tmp / "test/query" / name, _encode(_render(ident, "real", rng, size), "JPEG"))
+            domains.append((f"test/query/{name}", "real"))
+            truth[name] = sorted(gallery)
+    return truth
+
+
 def generate(
     out: str | Path,
     train_identities: int = 48,
@@ -188,29 +222,8 @@ def generate(
     tmp = out.with_name(out.name + ".partial")
     if tmp.exists():
         shutil.rmtree(tmp)
-    domains = []
-    for ident in idents[:train_identities]:
-        for k in range(real_per_identity):
-            rel = f"train/{ident.name}/real_{k}.jpg"
-            atomic_write_bytes(tmp / rel, _encode(_render(ident, "real", rng, size), "JPEG"))
-            domains.append((rel, "real"))
-        for k in range(synthetic_per_identity):
-            rel = f"train/{ident.name}/synth_{k}.png"
-            atomic_write_bytes(tmp / rel, _encode(_render(ident, "synthetic", rng, size), "PNG"))
-            domains.append((rel, "synthetic"))
-    truth: dict[str, list[str]] = {}
-    for ident in idents[train_identities:]:
-        gallery = []
-        for _ in range(gallery_per_identity):
-            name = f"{rng.getrandbits(40):010x}.png"
-            atomic_write_bytes(tmp / "test/gallery" / name, _encode(_render(ident, "synthetic", rng, size), "PNG"))
-            domains.append((f"test/gallery/{name}", "synthetic"))
-            gallery.append(name)
-        for _ in range(queries_per_identity):
-            name = f"{rng.getrandbits(40):010x}.jpg"
-            atomic_write_bytes(tmp / "test/query" / name, _encode(_render(ident, "real", rng, size), "JPEG"))
-            domains.append((f"test/query/{name}", "real"))
-            truth[name] = sorted(gallery)
+    domains = _write_train(tmp, idents[:train_identities], rng, size, real_per_identity, synthetic_per_identity)
+    truth = _write_test(tmp, idents[train_identities:], rng, size, queries_per_identity, gallery_per_identity, domains)
     with open(tmp / "domains.csv", "w", newline="") as f:
         w = csv.writer(f)
         w.writerow(["path", "domain"])
