@@ -103,3 +103,103 @@ def test_an_fp16_checkpoint_resumes_in_an_fp32_run(tmp_path):
     again = _trainer(tmp_path, None, resume=True)
     assert not again.scaler.is_enabled()
     assert len(again.fit(_batches()).history) == 2
+
+
+# ----------------------------------------------------------------------------- caches keyed by what changes numbers
+
+
+def _images(folder, n=5, size=24):
+    import numpy as np
+    from PIL import Image
+
+    folder.mkdir(parents=True, exist_ok=True)
+    rng = np.random.default_rng(0)
+    out = []
+    for i in range(n):
+        out.append(folder / f"img{i}.png")
+        Image.fromarray(rng.integers(0, 256, (size, size, 3), dtype=np.uint8)).save(out[-1])
+    return out
+
+
+def _cnn(seed=0):
+    torch.manual_seed(seed)
+    layers = [nn.Conv2d(3, 8, 3), nn.BatchNorm2d(8), nn.ReLU(), nn.Conv2d(8, 8, 3), nn.BatchNorm2d(8)]
+    return nn.Sequential(*layers, nn.AdaptiveAvgPool2d(1), nn.Flatten()).eval()
+
+
+def _counting(model):
+    calls = []
+    model.register_forward_hook(lambda *a: calls.append(1))
+    return calls
+
+
+def test_an_fp32_run_never_reads_a_bf16_cache_entry(tmp_path):
+    import numpy as np
+
+    from utils.data.augment import eval_transform
+    from utils.embedding.embed import embed_images
+
+    paths, cpu = _images(tmp_path / "imgs"), torch.device("cpu")
+    model = _cnn()
+    calls = _counting(model)
+    kw = dict(device=cpu, batch_size=8, workers=0, cache_dir=tmp_path / "cache", cache_tag="cnn|default")
+    bf16 = embed_images(model, paths, eval_transform(24), amp=torch.bfloat16, **kw)
+    assert len(calls) == 1 and len(list((tmp_path / "cache").glob("emb_*.npy"))) == 1
+    fp32 = embed_images(model, paths, eval_transform(24), amp=None, **kw)
+    assert len(calls) == 2, "the fp32 run answered from the bf16 entry"
+    assert not np.allclose(bf16, fp32, atol=1e-4) and len(list((tmp_path / "cache").glob("emb_*.npy"))) == 2
+    again = embed_images(model, paths, eval_transform(24), amp=None, **kw)
+    assert len(calls) == 2 and np.array_equal(again, fp32)  # the same precision still hits its own entry
+
+
+def test_cache_keys_differ_by_device_class_and_weights_even_under_one_tag():
+    from utils.embedding.cache import numbers_tag, weights_fingerprint
+
+    a, b = _cnn(0), _cnn(1)  # random init, the same tag in a script ("weights=none")
+    assert numbers_tag(a, None, torch.device("cpu")) != numbers_tag(a, None, torch.device("cuda"))
+    assert numbers_tag(a, torch.bfloat16, torch.device("cuda")) != numbers_tag(a, torch.float16, torch.device("cuda"))
+    assert weights_fingerprint(a) != weights_fingerprint(b) and weights_fingerprint(a) == weights_fingerprint(_cnn(0))
+    before = weights_fingerprint(a)
+    with torch.no_grad():
+        a[0].weight.add_(1.0)  # an optimiser step: the memoised fingerprint must not be served
+    assert weights_fingerprint(a) != before
+    assert numbers_tag(a.forward, None, torch.device("cpu")) == numbers_tag(a, None, torch.device("cpu"))  # bound method: its module
+
+
+# ----------------------------------------------------------------------------- compile once
+
+
+def test_compile_and_batchnorm_folding_happen_once_for_the_four_image_sets(tmp_path, monkeypatch):
+    import torch.fx.experimental.optimization as fx_opt
+
+    from utils.data.augment import eval_transform
+    from utils.embedding.embed import embed_images
+
+    compiles, folds = [], []
+    real_fuse = fx_opt.fuse
+    monkeypatch.setattr(torch, "compile", lambda fn, **kw: compiles.append(kw) or fn)
+    monkeypatch.setattr(fx_opt, "fuse", lambda m, *a, **k: folds.append(1) or real_fuse(m, *a, **k))
+    model, cpu = _cnn(), torch.device("cpu")
+    sets = {s: _images(tmp_path / s, n=3) for s in ("val_query", "val_gallery", "test_query", "test_gallery")}
+    for name, paths in sets.items():
+        embed_images(model, paths, eval_transform(24), device=cpu, batch_size=2, workers=0, channels_last=True,
+                     compile_model=True, cache_dir=tmp_path / "cache", desc=name)
+    assert len(compiles) == 1 and len(folds) == 1
+    with torch.no_grad():
+        model[0].weight.mul_(0.5)  # new weights (a training step, a checkpoint loaded): prepared again
+    embed_images(model, sets["val_query"], eval_transform(24), device=cpu, batch_size=2, workers=0, channels_last=True,
+                 compile_model=True)
+    assert len(compiles) == 2 and len(folds) == 2
+
+
+def test_adding_compile_does_not_retrain_a_finished_run(tmp_path, monkeypatch):
+    def trainer(config):
+        torch.manual_seed(0)
+        model = _Toy()
+        return Trainer(LoopSettings(epochs=1), run_dir=tmp_path, modules={"model": model}, step_module=model,
+                       optimizer=torch.optim.SGD(model.parameters(), lr=0.1), device=torch.device("cpu"), amp=None,
+                       config=config, classes=["a", "b", "c"], data_key="files")
+
+    trainer({"model": "toy", "compile": False}).fit(_batches())
+    again = trainer({"model": "toy", "compile": True, "dist_timeout_min": 5})
+    assert again.trained and again.state.epoch == 1  # reused, not retrained
