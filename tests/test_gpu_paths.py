@@ -11,6 +11,7 @@ import torch
 from torch import nn
 
 from utils.device import amp_dtype, choose_precision, precision_record
+from utils.errors import KitError
 from utils.runs.model_run import run_precision
 from utils.training.loop import LoopSettings, Trainer
 
@@ -203,3 +204,94 @@ def test_adding_compile_does_not_retrain_a_finished_run(tmp_path, monkeypatch):
     trainer({"model": "toy", "compile": False}).fit(_batches())
     again = trainer({"model": "toy", "compile": True, "dist_timeout_min": 5})
     assert again.trained and again.state.epoch == 1  # reused, not retrained
+
+
+# ----------------------------------------------------------------------------- determinism
+
+
+@pytest.fixture
+def restore_determinism():
+    yield
+    from utils.seed import set_determinism
+
+    set_determinism(False, torch.device("cpu"))
+
+
+def test_cpu_determinism_is_unchanged_and_cuda_defaults_to_fast_kernels(restore_determinism):
+    from utils.seed import seed_everything, set_determinism
+
+    seed_everything(0)  # the CPU default: deterministic kernels (warn-only), as always
+    assert torch.are_deterministic_algorithms_enabled() and torch.is_deterministic_algorithms_warn_only_enabled()
+    assert not torch.backends.cudnn.benchmark
+    assert set_determinism(False, torch.device("cuda:0")) == "fast"
+    assert torch.backends.cudnn.benchmark and not torch.are_deterministic_algorithms_enabled()
+
+
+def test_deterministic_is_strict_so_an_op_without_a_deterministic_kernel_is_an_error(restore_determinism, monkeypatch):
+    from utils.seed import CUBLAS_WORKSPACE, seed_everything
+
+    monkeypatch.delenv("CUBLAS_WORKSPACE_CONFIG", raising=False)
+    seed_everything(0, deterministic=True, device=torch.device("cuda"))
+    assert torch.are_deterministic_algorithms_enabled() and not torch.is_deterministic_algorithms_warn_only_enabled()
+    assert not torch.backends.cudnn.benchmark and __import__("os").environ["CUBLAS_WORKSPACE_CONFIG"] == CUBLAS_WORKSPACE
+
+
+def test_the_cli_carries_deterministic_and_the_timeout_on_every_model_script():
+    import train_resnet
+
+    cfg = train_resnet.build_parser().parse_args(["--deterministic", "--dist-timeout-min", "90"])
+    assert cfg.deterministic is True and cfg.dist_timeout_min == 90.0
+    defaults = train_resnet.build_parser().parse_args([])
+    assert defaults.deterministic is False and defaults.dist_timeout_min == 60.0
+
+
+# ----------------------------------------------------------------------------- the DDP timeout
+
+
+def test_the_timeout_reaches_init_process_group(monkeypatch):
+    import datetime
+
+    import torch.distributed as dist
+
+    from utils.training.distributed import init_distributed
+
+    seen = {}
+    monkeypatch.setattr(dist, "init_process_group", lambda **kw: seen.update(kw))
+    monkeypatch.setattr(dist, "is_initialized", lambda: False)
+    for k, v in {"RANK": "0", "LOCAL_RANK": "0", "WORLD_SIZE": "1"}.items():
+        monkeypatch.setenv(k, v)
+    init_distributed("cpu")
+    assert seen == {"backend": "gloo", "timeout": datetime.timedelta(minutes=60)}  # NCCL's own default is 10
+    init_distributed("cpu", 0.5)
+    assert seen["timeout"] == datetime.timedelta(seconds=30)
+    with pytest.raises(KitError, match="--dist-timeout-min 0"):
+        init_distributed("cpu", 0)
+
+
+def _slow_rank_job(folder, timeout_min, wait_s):
+    """2 gloo ranks: rank 0 busy until ``go``; ``go`` is written ``wait_s`` after rank 1 reached the barrier."""
+    import os
+    import subprocess
+    import sys
+    import time
+
+    folder.mkdir()
+    proc = subprocess.Popen([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+                             str(ROOT / "tests" / "helpers" / "slow_rank.py"), str(folder), str(timeout_min)],
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, cwd=ROOT,
+                            env={**os.environ, "OMP_NUM_THREADS": "1"})
+    while not (folder / "rank1_waiting").exists() and proc.poll() is None:
+        time.sleep(0.05)
+    time.sleep(wait_s)  # a lower bound on rank 0's step: longer than the short timeout, far below the long one
+    (folder / "go").touch()
+    out, _ = proc.communicate(timeout=300)
+    return proc.returncode, out
+
+
+def test_a_rank_0_step_longer_than_a_short_timeout_survives_the_raised_one(tmp_path):
+    short_min = 2 / 60  # 2 s
+    rc, out = _slow_rank_job(tmp_path / "short", short_min, wait_s=6)
+    assert rc != 0 and not (tmp_path / "short" / "rank1_done").exists(), out[-2000:]  # the job dies at the barrier
+    rc, out = _slow_rank_job(tmp_path / "raised", 5.0, wait_s=6)
+    assert rc == 0, out[-2000:]
+    assert (tmp_path / "raised" / "rank0_done").exists() and (tmp_path / "raised" / "rank1_done").exists()

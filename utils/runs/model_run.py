@@ -194,6 +194,6 @@ def begin_inference_run(cfg: Any, run_name: str | None = None) -> RunStart:
     run_dir = cfg.runs / (run_name or cfg.run_name)
     invalidate_run(run_dir)  # a killed or failed re-run must not leave the old run looking complete
     device = pick_device(cfg.device)
-    seed_everything(cfg.seed)
+    seed_everything(cfg.seed, cfg.deterministic, device)
     task = prepare_task(cfg.data, cfg.runs, cfg.split_params())
     return RunStart(run_dir, device, task, t0, {"prepare": time.time() - t0})

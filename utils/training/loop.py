@@ -88,7 +88,7 @@ class LoopSettings:
 
 # config keys that do not change what training produces: a finished run that differs only in these is reused
 VOLATILE_KEYS = frozenset({"resume", "retrain", "verbose", "workers", "device", "tta", "embed_batch_size", "data", "runs", "run_name", "amp",
-                           "compile", "dist_timeout_min"})
+                           "compile", "dist_timeout_min", "deterministic"})
 
 
 @dataclass
