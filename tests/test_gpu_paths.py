@@ -295,3 +295,71 @@ def test_a_rank_0_step_longer_than_a_short_timeout_survives_the_raised_one(tmp_p
     rc, out = _slow_rank_job(tmp_path / "raised", 5.0, wait_s=6)
     assert rc == 0, out[-2000:]
     assert (tmp_path / "raised" / "rank0_done").exists() and (tmp_path / "raised" / "rank1_done").exists()
+
+
+# ----------------------------------------------------------------------------- small ones
+
+
+def test_dataloader_workers_are_shared_among_the_ranks_of_a_node(monkeypatch):
+    import utils.device as device
+
+    monkeypatch.setattr(device, "cpu_count", lambda: 32)
+    monkeypatch.delenv("LOCAL_WORLD_SIZE", raising=False)
+    assert device.resolve_workers(-1) == 8
+    monkeypatch.setenv("LOCAL_WORLD_SIZE", "4")
+    assert device.resolve_workers(-1) == 4  # 16 cores for decoding, 4 per rank (was 8 each: 32 processes)
+    monkeypatch.setenv("LOCAL_WORLD_SIZE", "8")
+    assert device.resolve_workers(-1) == 2 and device.resolve_workers(3) == 3
+
+
+def test_topk_beyond_the_gpu_faiss_limit_is_one_line(monkeypatch):
+    import sys
+    import types
+
+    import numpy as np
+
+    import utils.runs.search as search
+
+    built = []
+    fake = types.SimpleNamespace(get_num_gpus=lambda: 1, index_cpu_to_all_gpus=lambda i: i,
+                                 IndexFlatIP=lambda d: built.append(d))
+    monkeypatch.setitem(sys.modules, "faiss", fake)
+    monkeypatch.setattr(search, "has_faiss", True)
+    g = np.eye(3000, 8, dtype=np.float32)
+    with pytest.raises(KitError, match=r"--topk 2049: FAISS on a GPU returns at most 2048.*--search-backend exact"):
+        search.search_topk(g[:2], g, k=2049, backend="faiss")
+    assert built == []  # refused before any index is built
+
+
+def test_the_loss_mask_selects_on_the_device_and_the_loss_is_read_once_per_interval(tmp_path, monkeypatch):
+    import utils.training.loop as loop
+
+    trainer = _trainer(tmp_path, None, epochs=1)
+    x, y = torch.randn(8, 4), torch.randint(0, 3, (8,))
+    ok = torch.tensor([True, False] * 4)
+    monkeypatch.setattr(torch.Tensor, "__getitem__", lambda *a: (_ for _ in ()).throw(AssertionError("boolean indexing on the host")))
+    xs, ys = trainer._to_device(x, y, ok)
+    monkeypatch.undo()
+    assert torch.equal(xs, x[ok]) and torch.equal(ys, y[ok])
+    full, _ = trainer._to_device(x, y, torch.ones(8, dtype=torch.bool))
+    assert full.data_ptr() == x.data_ptr()  # nothing readable dropped: the batch itself, no copy
+    reads = []
+    real = loop.Trainer._check_losses
+    monkeypatch.setattr(loop.Trainer, "_check_losses", staticmethod(lambda p: reads.append(len(p)) or real(p)))
+    monkeypatch.setattr(loop, "LOG_EVERY", 3)
+    batches = _batches(7)
+    trainer.fit(batches)
+    assert reads == [3, 3, 1]  # one host read per 3 steps, and the rest at the epoch's end
+
+
+def test_the_logged_loss_under_ddp_is_the_mean_over_every_rank(tmp_path):
+    import os
+    import subprocess
+    import sys
+
+    proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+                           str(ROOT / "tests" / "helpers" / "ddp_loss_mean.py"), str(tmp_path)],
+                          capture_output=True, text=True, timeout=300, cwd=ROOT, env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    history = torch.load(tmp_path / "last.pt", weights_only=True)["history"]
+    assert [h["loss"] for h in history] == [pytest.approx(1.5)]  # rank 0 alone: 1.0

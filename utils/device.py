@@ -78,8 +78,10 @@ def cpu_count() -> int:
 
 
 def default_workers() -> int:
-    """DataLoader workers for decoding and resizing: half the usable cores (the model needs the rest), 1 to 8."""
-    return max(1, min(8, cpu_count() // 2))
+    """DataLoader workers for decoding and resizing: half the usable cores (the model needs the rest), 1 to 8,
+    shared among the processes torchrun starts on this machine (``LOCAL_WORLD_SIZE``)."""
+    per_node = max(1, int(os.environ.get("LOCAL_WORLD_SIZE", "1")))
+    return max(1, min(8, cpu_count() // 2 // per_node))
 
 
 def resolve_workers(n: int) -> int:
