@@ -363,3 +363,29 @@ def test_the_logged_loss_under_ddp_is_the_mean_over_every_rank(tmp_path):
     assert proc.returncode == 0, proc.stderr[-2000:]
     history = torch.load(tmp_path / "last.pt", weights_only=True)["history"]
     assert [h["loss"] for h in history] == [pytest.approx(1.5)]  # rank 0 alone: 1.0
+
+
+class _PutLoss(_Toy):
+    """A loss whose forward uses ``put_``, which has no deterministic kernel (on the CPU too)."""
+
+    def forward(self, x, y):
+        buf = torch.zeros(4)
+        buf.put_(torch.tensor([0, 0]), torch.tensor([1.0, 2.0]))
+        return super().forward(x, y) + buf.sum() * 0
+
+
+def test_deterministic_training_that_meets_a_nondeterministic_op_is_one_line_naming_it(tmp_path, restore_determinism):
+    from utils.seed import seed_everything
+
+    model = _PutLoss()
+    trainer = Trainer(LoopSettings(epochs=1), run_dir=tmp_path, modules={"model": model}, step_module=model,
+                      optimizer=torch.optim.SGD(model.parameters(), lr=0.1), device=torch.device("cpu"), amp=None,
+                      config={}, classes=["a", "b", "c"])
+    seed_everything(0)  # the default: the op runs (warn-only on the CPU)
+    trainer.fit(_batches(1))
+    seed_everything(0, deterministic=True)
+    trainer = Trainer(LoopSettings(epochs=2, retrain=True), run_dir=tmp_path, modules={"model": model}, step_module=model,
+                      optimizer=torch.optim.SGD(model.parameters(), lr=0.1), device=torch.device("cpu"), amp=None,
+                      config={}, classes=["a", "b", "c"])
+    with pytest.raises(KitError, match=r"^--deterministic: put_ has no deterministic kernel on cpu; drop --deterministic"):
+        trainer.fit(_batches(1))

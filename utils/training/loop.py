@@ -55,6 +55,7 @@ from utils.training.schedule import warmup_cosine
 
 log = logging.getLogger(__name__)
 
+NONDETERMINISTIC = "does not have a deterministic implementation"  # torch's message under use_deterministic_algorithms(True)
 LOG_EVERY = 20  # steps between reading the loss back to the host (progress bar, NaN check); one sync each
 
 
@@ -243,10 +244,17 @@ class Trainer:
         step, total = self.state.step, self.total_steps
         for g, base in zip(self.optimizer.param_groups, self.base_lrs):
             g["lr"] = base * warmup_cosine(step, total, self.warmup_steps)
-        with torch.autocast(self.device.type, dtype=self.amp, enabled=self.amp is not None):
-            loss = self.step_module(x, y)
-        self.optimizer.zero_grad(set_to_none=True)
-        self.scaler.scale(loss).backward()
+        try:
+            with torch.autocast(self.device.type, dtype=self.amp, enabled=self.amp is not None):
+                loss = self.step_module(x, y)
+            self.optimizer.zero_grad(set_to_none=True)
+            self.scaler.scale(loss).backward()
+        except RuntimeError as err:
+            if NONDETERMINISTIC in str(err):  # --deterministic met an op without a deterministic kernel
+                op = str(err).split(NONDETERMINISTIC)[0].strip()
+                raise KitError(f"--deterministic: {op} has no deterministic kernel on {self.device.type}; drop --deterministic "
+                               "(runs then agree to float rounding, docs/gpu.md)") from None
+            raise
         if self.s.grad_clip:
             self.scaler.unscale_(self.optimizer)
             nn.utils.clip_grad_norm_(trainable, self.s.grad_clip)
