@@ -206,7 +206,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     run_dir = cfg.runs / cfg.run_name
     invalidate_run(run_dir)  # a killed or failed re-run must not leave the old run looking complete
     device = pick_device(cfg.device)
-    seed_everything(cfg.seed)
+    seed_everything(cfg.seed, cfg.deterministic, device)
 
     # data and the shared validation split (no training: only its val queries/gallery are used)
     task = prepare_task(cfg.data, cfg.runs, cfg.split_params())

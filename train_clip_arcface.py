@@ -210,7 +210,7 @@ def run_zero_shot(cfg: Config, task, clip: ClipVisual, device, amp, run_dir: Pat
 def main(argv: Sequence[str] | None = None) -> int:
     cfg = config_from_args(Config, build_parser().parse_args(argv))
     check_config(cfg)
-    dist_info, device = init_distributed(cfg.device)
+    dist_info, device = init_distributed(cfg.device, cfg.dist_timeout_min)
     try:
         return train_and_embed(cfg, dist_info, device)
     finally:
@@ -229,7 +229,7 @@ def train_and_embed(cfg: Config, dist_info: DistInfo, device: torch.device) -> i
         invalidate_run(run_dir)  # a killed or failed re-run must not leave the old run looking complete
     amp = amp_dtype(device, cfg.amp)
     views = tta_views(cfg.tta)
-    seed_everything(cfg.seed)
+    seed_everything(cfg.seed, cfg.deterministic, device)
 
     # data and the shared validation split (rank 0 writes runs/split.json first)
     task = prepare_task(cfg.data, cfg.runs, cfg.split_params(), cfg.full_train) if master else None

@@ -169,7 +169,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     device = pick_device(cfg.device)
     amp = amp_dtype(device, cfg.amp)
     views, workers = tta_views(cfg.tta), resolve_workers(cfg.workers)
-    shuffle_gen = seed_everything(cfg.seed)
+    shuffle_gen = seed_everything(cfg.seed, cfg.deterministic, device)
 
     # data and the shared validation split
     task = prepare_task(cfg.data, cfg.runs, cfg.split_params(), cfg.full_train)

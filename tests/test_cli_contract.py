@@ -30,7 +30,9 @@ def test_script_shape_and_every_option_is_used(name):
     dests = [a.dest for a in parser._actions if not isinstance(a, argparse._HelpAction)]
     via_split = {"seed", "val_fraction", "query_domain"} if "cfg.split_params()" in source else set()
     if "begin_inference_run(cfg" in source:  # the shared opening reads the run, data, split and device flags
-        via_split |= {"seed", "val_fraction", "query_domain", "data", "runs", "device", "run_name"}
+        via_split |= {"seed", "val_fraction", "query_domain", "data", "runs", "device", "run_name", "deterministic"}
+    if "(RunConfig)" in source or ", RunConfig)" in source:  # a RunConfig flag for torchrun: read where a script joins the group
+        via_split |= {"dist_timeout_min"} if "init_distributed(" not in source else set()
     if "LoopSettings.from_config(cfg)" in source:  # the shared loop reads its own flags off the config
         from utils.training.loop import LoopSettings
 

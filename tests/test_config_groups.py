@@ -37,7 +37,7 @@ GROUPS = [c for c in vars(kit_config).values() if isinstance(c, type) and issubc
 # for each group: flags whose value no run can use, each of which that group's check must refuse
 BAD_VALUES = {
     DataConfig: [["--val-fraction", "0"], ["--val-fraction", "1.5"], ["--query-domain", ""]],
-    DeviceConfig: [["--device", "gpu"], ["--device", "cuda:x"]],
+    DeviceConfig: [["--device", "gpu"], ["--device", "cuda:x"], ["--dist-timeout-min", "0"], ["--dist-timeout-min", "-5"]],
     FormConfig: [["--topk", "5"], ["--matrix-limit", "0"]],
     LoopConfig: [["--batch-size", "0"], ["--m-per-class", "0"], ["--epochs", "-1"], ["--max-steps", "-1"], ["--eval-every", "-1"],
                  ["--patience", "-1"], ["--warmup-epochs", "-1"], ["--grad-clip", "-1"], ["--lr", "-1"], ["--weight-decay", "-1"]],

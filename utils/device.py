@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+from typing import Any
 
 import torch
 
@@ -24,11 +25,48 @@ def pick_device(name: str = "auto") -> torch.device:
     raise KitError(f"--device {name!r}: expected auto, cpu, cuda or cuda:N")
 
 
-def amp_dtype(device: torch.device, enabled: bool = True) -> torch.dtype | None:
-    """bf16 where the GPU has it, else fp16 on GPU; None (full precision) on CPU."""
-    if not enabled or device.type != "cuda":
+# (major, minor) compute capability from which a card has bf16 in hardware (Ampere: A100, A10, RTX 30xx, and later);
+# exactly what torch.cuda.is_bf16_supported(including_emulation=False) checks on the CUDA >= 11 builds torch 2 ships
+NATIVE_BF16_CAPABILITY = (8, 0)
+PRECISION_NAMES = {torch.bfloat16: "bf16", torch.float16: "fp16", None: "fp32"}
+
+
+def choose_precision(capability: tuple[int, int] | None, enabled: bool = True) -> torch.dtype | None:
+    """The autocast dtype for a card: the one place the kit chooses precision.
+
+    Args:
+        capability: the CUDA card's compute capability, e.g. (7, 5) for a T4,
+            (7, 0) V100, (8, 0) A100, (9, 0) H100; None for the CPU.
+        enabled: False for ``--no-amp``.
+
+    Returns:
+        bf16 where the card has it natively, fp16 (trained with a GradScaler)
+        on older cards, None (fp32) on the CPU or with ``--no-amp``. Emulated
+        bf16 on a T4/V100 misses the tensor cores, so it is never chosen.
+    """
+    if not enabled or capability is None:
         return None
-    return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+    return torch.bfloat16 if tuple(capability) >= NATIVE_BF16_CAPABILITY else torch.float16
+
+
+def card_capability(device: torch.device) -> tuple[int, int] | None:
+    """The compute capability of ``device``'s card; None on the CPU."""
+    if device.type != "cuda":
+        return None
+    return tuple(torch.cuda.get_device_capability(device))  # type: ignore[return-value]
+
+
+def amp_dtype(device: torch.device, enabled: bool = True) -> torch.dtype | None:
+    """:func:`choose_precision` for ``device``'s card (None, i.e. fp32, on CPU or with ``--no-amp``)."""
+    return choose_precision(card_capability(device), enabled)
+
+
+def precision_record(device: torch.device, enabled: bool = True) -> dict[str, Any]:
+    """What meta.json records of the precision and the card: ``{"precision": "bf16", "device": {...}}``."""
+    cap = card_capability(device)
+    card = {"type": device.type, "name": torch.cuda.get_device_name(device) if cap else "cpu",
+            "capability": f"{cap[0]}.{cap[1]}" if cap else None}
+    return {"precision": PRECISION_NAMES[choose_precision(cap, enabled)], "device": card}
 
 
 def cpu_count() -> int:
@@ -40,8 +78,10 @@ def cpu_count() -> int:
 
 
 def default_workers() -> int:
-    """DataLoader workers for decoding and resizing: half the usable cores (the model needs the rest), 1 to 8."""
-    return max(1, min(8, cpu_count() // 2))
+    """DataLoader workers for decoding and resizing: half the usable cores (the model needs the rest), 1 to 8,
+    shared among the processes torchrun starts on this machine (``LOCAL_WORLD_SIZE``)."""
+    per_node = max(1, int(os.environ.get("LOCAL_WORLD_SIZE", "1")))
+    return max(1, min(8, cpu_count() // 2 // per_node))
 
 
 def resolve_workers(n: int) -> int:

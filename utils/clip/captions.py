@@ -29,6 +29,7 @@ import torch
 from utils.atomic import atomic_write_json
 from utils.data.images import load_image
 from utils.deps import require
+from utils.device import amp_dtype
 from utils.errors import KitError
 from utils.progress import ProgressBar
 from utils.weights import resolve_hf_source
@@ -129,9 +130,7 @@ class Captioner:
             config = AutoConfig.from_pretrained(source)
             cls = _model_class(config.model_type)
             self.processor = AutoProcessor.from_pretrained(source)
-            dtype = torch.float32
-            if device.type == "cuda" and params.amp:
-                dtype = torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+            dtype = amp_dtype(device, params.amp) or torch.float32
             self.model = cls.from_pretrained(source, dtype=dtype).to(device).eval()
         except (OSError, ValueError) as err:
             first = (str(err).strip().splitlines() or [type(err).__name__])[0][:200]

@@ -15,12 +15,15 @@ from __future__ import annotations
 
 import hashlib
 import io
+import itertools
 import logging
+import weakref
 import zipfile
 from pathlib import Path
-from typing import Callable, Sequence, TypeVar, Union
+from typing import Any, Callable, Sequence, TypeVar, Union
 
 import numpy as np
+import torch
 
 from utils.atomic import atomic_write_bytes
 from utils.errors import KitError
@@ -38,6 +41,57 @@ def files_key(paths: Sequence[Path], extra: str) -> str:
         st = Path(p).stat()
         h.update(f"{p}|{st.st_size}|{st.st_mtime_ns}\n".encode())
     return h.hexdigest()[:20]
+
+
+def model_of(forward: Callable[..., Any]) -> torch.nn.Module | None:
+    """The module behind a forward: the module itself, the one a bound method belongs to (``model.encode_image``),
+    or a wrapper's ``model`` attribute (the face embedders); None for anything else."""
+    for candidate in (forward, getattr(forward, "__self__", None), getattr(forward, "model", None)):
+        if isinstance(candidate, torch.nn.Module):
+            return candidate
+    return None
+
+
+def weights_version(model: torch.nn.Module) -> tuple | None:
+    """Changes whenever a parameter or buffer of ``model`` is replaced or changed in place (an optimiser step,
+    ``load_state_dict``, BatchNorm statistics); None when it cannot be read (tensors made under inference mode)."""
+    tensors = list(itertools.chain(model.parameters(), model.buffers()))
+    try:
+        return tuple(id(t) for t in tensors), sum(t._version for t in tensors), model.training
+    except RuntimeError:
+        return None
+
+
+_FINGERPRINTS: "weakref.WeakKeyDictionary[torch.nn.Module, tuple[tuple, str]]" = weakref.WeakKeyDictionary()
+
+
+def weights_fingerprint(model: torch.nn.Module) -> str:
+    """A sha256 (16 hex digits) of every tensor of ``model``'s state_dict: names, dtypes, shapes and bytes.
+
+    Computed once per model and weights version (:func:`weights_version`), so the four image sets of a run
+    hash the weights once. Correct for random-init models too (their bytes are hashed, not a tag).
+    """
+    version = weights_version(model)
+    memo = _FINGERPRINTS.get(model)
+    if memo is not None and version is not None and memo[0] == version:
+        return memo[1]
+    h = hashlib.sha256()
+    for name, t in model.state_dict().items():
+        t = t.detach().cpu().contiguous().reshape(-1)
+        h.update(f"{name}|{t.dtype}|{tuple(t.shape)}\n".encode())
+        h.update(t.view(torch.uint8).numpy().tobytes() if t.numel() else b"")
+    digest = h.hexdigest()[:16]
+    if version is not None:
+        _FINGERPRINTS[model] = (version, digest)
+    return digest
+
+
+def numbers_tag(forward: Callable[..., Any], amp: torch.dtype | None, device: torch.device) -> str:
+    """What changes an embedding's numbers beyond the files and the settings: the autocast dtype (or fp32), the
+    device class (cpu/cuda) and the weights' fingerprint (``weights=?`` when ``forward`` is no module's)."""
+    model = model_of(forward)
+    weights = weights_fingerprint(model) if model is not None else "?"
+    return f"amp={str(amp).removeprefix('torch.') if amp is not None else 'fp32'}|dev={device.type}|weights={weights}"
 
 
 def _finite(value: Arrays, keys: Sequence[str] | None = None) -> bool:

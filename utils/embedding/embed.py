@@ -12,6 +12,7 @@ face path's crops). Both cache through :mod:`utils.embedding.cache` and, under
 from __future__ import annotations
 
 import logging
+import weakref
 from pathlib import Path
 from typing import Callable, Iterable, Iterator, Sequence
 
@@ -21,7 +22,7 @@ import torch.distributed as dist
 from torch.utils.data import DataLoader
 
 from utils.data.image_dataset import ImageDataset, Transform
-from utils.embedding.cache import cached, files_key
+from utils.embedding.cache import cached, files_key, model_of, numbers_tag, weights_version
 from utils.embedding.views import PixelScale, View, render_view
 from utils.errors import KitError
 from utils.progress import ProgressBar
@@ -126,6 +127,35 @@ def fold_batchnorm(module: torch.nn.Module) -> torch.nn.Module:
         return module
 
 
+_PREPARED: "weakref.WeakKeyDictionary[torch.nn.Module, dict[tuple, tuple[tuple, Forward]]]" = weakref.WeakKeyDictionary()
+
+
+def prepared_forward(forward: Forward, channels_last: bool = False, compile_model: bool = False) -> Forward:
+    """``forward`` ready for inference: a CNN module folded (:func:`fold_batchnorm`) and channels-last,
+    then ``torch.compile``-d, each once per process for a model and its weights' version.
+
+    The four image sets of a run (and validation between epochs while the weights do not change) reuse
+    one folded copy and one compiled graph; a step of the optimiser or a checkpoint loaded into the
+    model makes a new one (the folded copy holds the weights it was made from).
+    """
+    if not channels_last and not compile_model:
+        return forward
+    model = model_of(forward)
+    version = weights_version(model) if model is not None else None
+    key = (getattr(forward, "__name__", "__call__"), channels_last, compile_model)
+    memo = _PREPARED.get(model, {}) if model is not None else {}
+    if version is not None and key in memo and memo[key][0] == version:
+        return memo[key][1]
+    out = forward
+    if channels_last and isinstance(out, torch.nn.Module):
+        out = fold_batchnorm(out).to(memory_format=torch.channels_last)
+    if compile_model:
+        out = torch.compile(out, dynamic=True)
+    if version is not None:
+        _PREPARED.setdefault(model, {})[key] = (version, out)
+    return out
+
+
 def _shard(n: int, info: DistInfo | None) -> slice:
     """This rank's contiguous share of ``n`` items (everything without DDP)."""
     if info is None or not info.ddp:
@@ -188,12 +218,10 @@ def embed_images(
         KitError: an image cannot be read (query and gallery need every one).
     """
     paths = [Path(p) for p in paths]
-    cache = Path(cache_dir) / f"emb_{files_key(paths, f'{cache_tag}|{views!r}')}.npy" if cache_dir is not None else None
-
-    if channels_last and isinstance(forward, torch.nn.Module):
-        forward = fold_batchnorm(forward).to(memory_format=torch.channels_last)
-    if compile_model:
-        forward = torch.compile(forward, dynamic=True)
+    cache = None
+    if cache_dir is not None:
+        cache = Path(cache_dir) / f"emb_{files_key(paths, f'{cache_tag}|{views!r}|{numbers_tag(forward, amp, device)}')}.npy"
+    forward = prepared_forward(forward, channels_last, compile_model)
 
     def compute() -> np.ndarray:
         mine = paths[_shard(len(paths), dist_info)]

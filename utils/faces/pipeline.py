@@ -25,7 +25,7 @@ import numpy as np
 import torch
 
 from utils.device import amp_dtype, resolve_workers
-from utils.embedding.cache import cached, files_key
+from utils.embedding.cache import cached, files_key, numbers_tag
 from utils.embedding.embed import embed_arrays
 from utils.embedding.views import View, tta_views
 from utils.errors import KitError
@@ -119,7 +119,8 @@ class FacePipeline:
     @property
     def tag(self) -> str:
         """Identifies the embeddings: detector, crop geometry, colour, embedder weights, views."""
-        return "|".join([self.det_tag, self.crop_params.tag(), f"colour={self.cfg.face_colour}", self.embedder.tag, repr(self.views)])
+        return "|".join([self.det_tag, self.crop_params.tag(), f"colour={self.cfg.face_colour}", self.embedder.tag, repr(self.views),
+                         numbers_tag(self.embedder, amp_dtype(self.device, self.cfg.amp), self.device)])
 
     def crops(self, paths: Sequence[Path], desc: str) -> Crops:
         """Detected, aligned context crops of ``paths`` (cached), in the run's ``face_colour``;

@@ -19,8 +19,9 @@ from rich.table import Table
 
 from utils import __version__
 from utils.data.task import Task, prepare_task
-from utils.device import pick_device
+from utils.device import pick_device, precision_record
 from utils.embedding.step import similarities
+from utils.errors import KitError
 from utils.logs import console
 from utils.runs.metrics import competition_score, evaluate, relevance_matrix
 from utils.runs.run_lock import release_run_lock
@@ -101,9 +102,21 @@ def run_meta(model: str, config: dict[str, Any], task: Task, timings: dict[str, 
         "full_train": task.full_train,
         "split": {"seed": task.split.params.seed, "val_fraction": task.split.params.val_fraction},
         "timings_s": {k: round(v, 2) for k, v in timings.items()},
+        **run_precision(config),
         "metrics": metrics,
         **(extra or {}),
     }
+
+
+def run_precision(config: dict[str, Any]) -> dict[str, Any]:
+    """``precision`` (bf16, fp16 or fp32) and ``device`` (type, card name, compute capability) of a run,
+    chosen from its ``--device`` and ``--amp`` flags by the same function the script used
+    (:func:`utils.device.choose_precision`); a script without ``--amp`` runs in fp32."""
+    try:
+        device = pick_device(str(config.get("device", "auto")))
+    except KitError:  # a config written elsewhere (e.g. fused from runs made on a GPU box): no card to read here
+        return {}
+    return precision_record(device, bool(config.get("amp", False)))
 
 
 @dataclass
@@ -181,6 +194,6 @@ def begin_inference_run(cfg: Any, run_name: str | None = None) -> RunStart:
     run_dir = cfg.runs / (run_name or cfg.run_name)
     invalidate_run(run_dir)  # a killed or failed re-run must not leave the old run looking complete
     device = pick_device(cfg.device)
-    seed_everything(cfg.seed)
+    seed_everything(cfg.seed, cfg.deterministic, device)
     task = prepare_task(cfg.data, cfg.runs, cfg.split_params())
     return RunStart(run_dir, device, task, t0, {"prepare": time.time() - t0})

@@ -44,6 +44,7 @@ DEFAULT_BUDGET_BYTES = 256 * 2**20
 _BYTES_PER_CELL = 4 + 1 + 8 + 1
 _DEFAULT_CHUNK_COLS = 16384
 _SEED_COLS = 1024  # columns whose dense top-k seeds each query chunk's running threshold
+FAISS_GPU_MAX_K = 2048  # a GPU FAISS index's largest k (its k-selection kernels); the CPU index has no such bound
 FAISS_INSTALL = "pip install faiss-cpu==1.15.1"
 
 has_faiss = importlib.util.find_spec("faiss") is not None
@@ -199,8 +200,12 @@ def _import_faiss():
 
 def _faiss_search(q, g, k, chunk_rows, progress):
     faiss = _import_faiss()
+    on_gpu = faiss.get_num_gpus() > 0 and hasattr(faiss, "index_cpu_to_all_gpus")
+    if on_gpu and k > FAISS_GPU_MAX_K:
+        raise KitError(f"--topk {k}: FAISS on a GPU returns at most {FAISS_GPU_MAX_K} neighbours per query; "
+                       f"lower --topk or use --search-backend exact")
     index = faiss.IndexFlatIP(q.shape[1])
-    if faiss.get_num_gpus() > 0 and hasattr(faiss, "index_cpu_to_all_gpus"):
+    if on_gpu:
         index = faiss.index_cpu_to_all_gpus(index)
         log.info("FAISS on %d GPU(s)", faiss.get_num_gpus())
     index.add(g)

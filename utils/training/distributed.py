@@ -13,6 +13,7 @@ from __future__ import annotations
 import logging
 import os
 from dataclasses import dataclass
+from datetime import timedelta
 from typing import Any
 
 import torch
@@ -22,6 +23,8 @@ from utils.device import pick_device
 from utils.errors import KitError
 
 log = logging.getLogger(__name__)
+
+DEFAULT_TIMEOUT_MIN = 60.0  # --dist-timeout-min
 
 
 @dataclass
@@ -38,12 +41,20 @@ class DistInfo:
         return self.rank == 0
 
 
-def init_distributed(device_name: str = "auto") -> tuple[DistInfo, torch.device]:
+def init_distributed(device_name: str = "auto", timeout_min: float = DEFAULT_TIMEOUT_MIN) -> tuple[DistInfo, torch.device]:
     """Join the process group when launched by torchrun; pick this process's device.
 
+    Args:
+        device_name: ``--device``.
+        timeout_min: ``--dist-timeout-min``: how long a collective waits for a slow rank before the
+            job is killed (NCCL's own default is 10 minutes, shorter than rank 0 reading a large
+            dataset alone on a first run, or validating and writing checkpoints each epoch).
+
     Raises:
-        KitError: more processes than GPUs on this node with a CUDA device.
+        KitError: more processes than GPUs on this node with a CUDA device; a timeout that is not positive.
     """
+    if timeout_min <= 0:
+        raise KitError(f"--dist-timeout-min {timeout_min}: must be positive (minutes)")
     if int(os.environ.get("RANK", -1)) == -1:
         return DistInfo(), pick_device(device_name)
     info = DistInfo(True, int(os.environ["RANK"]), int(os.environ.get("LOCAL_RANK", 0)), int(os.environ["WORLD_SIZE"]))
@@ -56,7 +67,7 @@ def init_distributed(device_name: str = "auto") -> tuple[DistInfo, torch.device]
     else:
         device = torch.device("cpu")
     if not dist.is_initialized():
-        dist.init_process_group(backend="nccl" if use_cuda else "gloo")
+        dist.init_process_group(backend="nccl" if use_cuda else "gloo", timeout=timedelta(minutes=timeout_min))
     log.info("DDP rank %d/%d on %s", info.rank, info.world_size, device)
     return info, device
 

@@ -40,10 +40,12 @@ from typing import Any, Callable, Iterable, Sequence
 
 import numpy as np
 import torch
+import torch.distributed as dist
 from torch import nn
 
 from utils.atomic import remove_stale_temps
 from utils.data.image_dataset import log_unreadable
+from utils.device import PRECISION_NAMES
 from utils.errors import KitError
 from utils.progress import ProgressBar, QuietBar
 from utils.runs.run_lock import acquire_run_lock
@@ -52,6 +54,9 @@ from utils.training.distributed import DistInfo, broadcast
 from utils.training.schedule import warmup_cosine
 
 log = logging.getLogger(__name__)
+
+NONDETERMINISTIC = "does not have a deterministic implementation"  # torch's message under use_deterministic_algorithms(True)
+LOG_EVERY = 20  # steps between reading the loss back to the host (progress bar, NaN check); one sync each
 
 
 @dataclass
@@ -83,7 +88,8 @@ class LoopSettings:
 
 
 # config keys that do not change what training produces: a finished run that differs only in these is reused
-VOLATILE_KEYS = frozenset({"resume", "retrain", "verbose", "workers", "device", "tta", "embed_batch_size", "data", "runs", "run_name", "amp"})
+VOLATILE_KEYS = frozenset({"resume", "retrain", "verbose", "workers", "device", "tta", "embed_batch_size", "data", "runs", "run_name", "amp",
+                           "compile", "dist_timeout_min", "deterministic"})
 
 
 @dataclass
@@ -162,7 +168,7 @@ class Trainer:
         st = self.state
         return dict(
             **{k: m.state_dict() for k, m in self.modules.items()},
-            optimizer=self.optimizer.state_dict(), scaler=self.scaler.state_dict(),
+            optimizer=self.optimizer.state_dict(), scaler=self.scaler.state_dict(), precision=PRECISION_NAMES[self.amp],
             epoch=st.epoch - 1, step=st.step, best_score=st.best_score, bad_evals=st.bad_evals,
             history=st.history, config=self.config, classes=self.classes, data_key=self.data_key, finished=finished,
         )
@@ -180,10 +186,20 @@ class Trainer:
         for key, module in self.modules.items():
             module.load_state_dict(ckpt[key])
         self.optimizer.load_state_dict(ckpt["optimizer"])
-        self.scaler.load_state_dict(ckpt["scaler"])
+        self._load_scaler(ckpt, path)
         self.state = LoopState(ckpt["epoch"] + 1, ckpt["step"], ckpt["best_score"], ckpt["bad_evals"], list(ckpt["history"]))
         self.trained = True
         log.info("resumed from %s after epoch %d", path, ckpt["epoch"] + 1)
+
+    def _load_scaler(self, ckpt: dict[str, Any], path: Path) -> None:
+        """The loss scale of ``last.pt``; a checkpoint from another precision (bf16, fp32: no scale) gives an fp16
+        run a fresh scaler, and an fp16 checkpoint's scale is dropped by a run that needs none."""
+        saved = ckpt["scaler"] or {}
+        if self.scaler.is_enabled() and saved:
+            self.scaler.load_state_dict(saved)
+        elif self.scaler.is_enabled() or saved:
+            log.info("%s: written in %s, resumed in %s: the loss scale starts afresh", path,
+                     ckpt.get("precision", "fp16" if saved else "bf16/fp32"), PRECISION_NAMES[self.amp])
 
     def _finished_run(self) -> dict[str, Any] | None:
         """``last.pt`` when it holds a finished run of this config on these training files, else None."""
@@ -223,26 +239,55 @@ class Trainer:
         return ckpt
 
     # -- the loop --------------------------------------------------------------------------------
-    def _train_step(self, x: torch.Tensor, y: torch.Tensor, trainable: list[nn.Parameter]) -> float:
+    def _train_step(self, x: torch.Tensor, y: torch.Tensor, trainable: list[nn.Parameter]) -> torch.Tensor:
+        """One optimiser step; returns the loss detached, on the device (no host sync here)."""
         step, total = self.state.step, self.total_steps
         for g, base in zip(self.optimizer.param_groups, self.base_lrs):
             g["lr"] = base * warmup_cosine(step, total, self.warmup_steps)
-        with torch.autocast(self.device.type, dtype=self.amp, enabled=self.amp is not None):
-            loss = self.step_module(x, y)
-        if not torch.isfinite(loss):
-            raise KitError(f"loss is {loss.item()} at step {step}; lower --lr or the loss scale, or use --no-amp")
-        self.optimizer.zero_grad(set_to_none=True)
-        self.scaler.scale(loss).backward()
+        try:
+            with torch.autocast(self.device.type, dtype=self.amp, enabled=self.amp is not None):
+                loss = self.step_module(x, y)
+            self.optimizer.zero_grad(set_to_none=True)
+            self.scaler.scale(loss).backward()
+        except RuntimeError as err:
+            if NONDETERMINISTIC in str(err):  # --deterministic met an op without a deterministic kernel
+                op = str(err).split(NONDETERMINISTIC)[0].strip()
+                raise KitError(f"--deterministic: {op} has no deterministic kernel on {self.device.type}; drop --deterministic "
+                               "(runs then agree to float rounding, docs/gpu.md)") from None
+            raise
         if self.s.grad_clip:
             self.scaler.unscale_(self.optimizer)
             nn.utils.clip_grad_norm_(trainable, self.s.grad_clip)
         self.scaler.step(self.optimizer)
         self.scaler.update()
         self.state.step += 1
-        return loss.item()
+        return loss.detach()
 
-    def _epoch(self, loader: Iterable, epoch: int, trainable: list[nn.Parameter], skipped: set[str]) -> list[float]:
+    def _to_device(self, x: torch.Tensor, y: torch.Tensor, ok: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """The readable rows of a (pinned) batch on the device: copied whole, then selected there, so the
+        host copy stays pinned and the transfer asynchronous (boolean indexing would make an unpinned copy)."""
+        x, y = x.to(self.device, non_blocking=True), y.to(self.device, non_blocking=True)
+        if bool(ok.all()):
+            return x, y
+        idx = ok.nonzero().squeeze(1).to(self.device, non_blocking=True)
+        return x.index_select(0, idx), y.index_select(0, idx)
+
+    @staticmethod
+    def _check_losses(pending: list[tuple[int, torch.Tensor]]) -> list[float]:
+        """The pending steps' losses on the host (one sync); a non-finite one stops with one line naming its step."""
+        if not pending:
+            return []
+        values = torch.stack([torch.as_tensor(v, dtype=torch.float32).reshape(()) for _, v in pending]).cpu().tolist()
+        for (step, _), value in zip(pending, values):
+            if not np.isfinite(value):
+                raise KitError(f"loss is {value} at step {step}; lower --lr or the loss scale, or use --no-amp")
+        pending.clear()
+        return values
+
+    def _epoch(self, loader: Iterable, epoch: int, trainable: list[nn.Parameter], skipped: set[str]) -> float:
+        """One epoch; returns its mean loss over every rank (NaN when no step ran)."""
         losses: list[float] = []
+        pending: list[tuple[int, torch.Tensor]] = []  # losses not yet read back: one host sync per LOG_EVERY steps
         n = min(self.steps_per_epoch, self.total_steps - self.state.step)
         bar = ProgressBar(f"epoch {epoch + 1}/{self.s.epochs}", n) if self.dist.master else QuietBar()
         with bar:
@@ -252,15 +297,27 @@ class Trainer:
                 log_unreadable(ok, err, skipped)
                 if int(ok.sum()) < self.min_batch and not self.dist.ddp:  # under DDP every rank must step
                     continue
-                x, y = x[ok].to(self.device, non_blocking=True), y[ok].to(self.device, non_blocking=True)
-                losses.append(self._train_step(x, y, trainable))
-                bar.advance(info=f"loss {np.mean(losses[-20:]):.3f}")
-        return losses
+                pending.append((self.state.step, self._train_step(*self._to_device(x, y, ok), trainable)))
+                bar.advance()
+                if len(pending) >= LOG_EVERY:
+                    losses += self._check_losses(pending)
+                    bar.advance(0, info=f"loss {np.mean(losses[-LOG_EVERY:]):.3f}")
+            losses += self._check_losses(pending)
+        return self._global_mean(losses)
 
-    def _after_epoch(self, epoch: int, losses: list[float]) -> bool:
+    def _global_mean(self, losses: list[float]) -> float:
+        """The mean loss of this epoch over every rank's steps (under DDP: all_reduce of sum and count)."""
+        total = torch.tensor([float(np.sum(losses)), float(len(losses))], dtype=torch.float64)
+        if self.dist.ddp:
+            total = total.to(self.device)
+            dist.all_reduce(total)
+            total = total.cpu()
+        return float(total[0] / total[1]) if total[1] > 0 else float("nan")
+
+    def _after_epoch(self, epoch: int, loss: float) -> bool:
         """Rank 0: validation, checkpoints, early stopping. Returns whether to stop."""
         st, s = self.state, self.s
-        record: dict[str, float] = {"epoch": epoch + 1, "loss": float(np.mean(losses)) if losses else float("nan")}
+        record: dict[str, float] = {"epoch": epoch + 1, "loss": loss}
         if self.evaluate is not None and s.eval_every and ((epoch + 1) % s.eval_every == 0 or epoch + 1 == s.epochs):
             record["val_score"] = float(self.evaluate())
         st.history.append(record)
@@ -303,8 +360,8 @@ class Trainer:
             self.step_module.train()
             if on_epoch is not None:
                 on_epoch(epoch)
-            losses = self._epoch(loader, epoch, trainable, skipped)
-            stop = self._after_epoch(epoch, losses) if self.dist.master else False
+            loss = self._epoch(loader, epoch, trainable, skipped)
+            stop = self._after_epoch(epoch, loss) if self.dist.master else False
             if broadcast(self.dist, stop):
                 break
         return self.state
