@@ -19,7 +19,7 @@ from utils.errors import resume_command
 ROOT = Path(__file__).resolve().parent.parent
 TINY = ["--model", "test_resnet", "--weights", "none", "--img-size", "32", "--batch-size", "16", "--workers", "0",
         "--tta", "flip", "--eval-every", "0", "--epochs", "100000"]
-COMMAND = re.compile(r"to go on from the last saved epoch: (.*)  \(if none was saved yet, run it without --resume\)$")
+COMMAND = re.compile(r"to go on from the last saved epoch: (.*)  \(with none saved yet, it starts from the beginning\)$")
 
 
 def _start(cmd: list[str]) -> subprocess.Popen:

@@ -218,6 +218,21 @@ def test_resume_equals_a_straight_run_and_checks_the_config(tmp_path):
                 config={"model": "other"}, classes=["a", "b", "c"], resume_keys=("model",))
 
 
+def test_resume_before_any_epoch_was_saved_starts_from_the_beginning(tmp_path, caplog):
+    """Ctrl-C before the first last.pt: the printed --resume command still runs, and trains like a straight run."""
+    straight, m1 = _trainer(tmp_path / "s", scores=[1.0, 2.0, 3.0])
+    straight.fit(_loader())
+    (tmp_path / "r").mkdir()
+    torch.save({"model": {}}, tmp_path / "r" / "best.pt")  # an earlier run's best never stands for this one
+    with caplog.at_level("WARNING"):
+        again, m2 = _trainer(tmp_path / "r", scores=[1.0, 2.0, 3.0], resume=True)
+    assert "no last.pt to resume from" in caplog.text
+    assert not (tmp_path / "r" / "best.pt").exists()
+    state = again.fit(_loader())
+    assert state.history == straight.state.history
+    assert torch.equal(m2.net.weight, m1.net.weight)
+
+
 def test_a_nan_loss_stops_with_one_line(tmp_path):
     trainer, model = _trainer(tmp_path)
     with torch.no_grad():

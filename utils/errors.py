@@ -114,7 +114,7 @@ def resume_command(main: Callable, argv: Sequence[str] | None = None) -> str:
     takes_resume = build_parser is not None and "--resume" in build_parser()._option_string_actions
     if takes_resume:
         cmd = shlex.join([*head, *args, *([] if "--resume" in args else ["--resume"])])
-        return f"to go on from the last saved epoch: {cmd}  (if none was saved yet, run it without --resume)"
+        return f"to go on from the last saved epoch: {cmd}  (with none saved yet, it starts from the beginning)"
     return f"to go on, run it again (finished steps are cached, so they are cheap): {shlex.join([*head, *args])}"
 
 

@@ -155,7 +155,10 @@ class Trainer:
             acquire_run_lock(self.run_dir)  # one writer per run folder; released when the run is written or at exit
         for stale in remove_stale_temps(self.run_dir) if self.dist.master else []:
             log.info("removed %s, left by a killed checkpoint write", stale.name)
-        if settings.resume:
+        if settings.resume and not (self.run_dir / "last.pt").is_file():
+            # interrupted before the first epoch was saved: the printed --resume command still works
+            log.warning("%s: no last.pt to resume from (none was saved yet); training starts from the beginning", self.run_dir)
+        if settings.resume and (self.run_dir / "last.pt").is_file():
             self._resume()
         elif (done := None if settings.retrain else self._finished_run()) is not None:
             self._reuse(done)
