@@ -122,3 +122,26 @@ def test_boxes_are_drawn_around_the_detected_face_of_a_real_photo(rehearsal_data
     assert f"query: {query.name}" in page and "face: " in page
     assert len(list((out / "boxes" / "test").glob("*.png"))) == len(list((rehearsal_data / "test" / "query").iterdir())) + len(
         list((rehearsal_data / "test" / "gallery").iterdir()))
+
+
+def test_gap_of_a_topk_run_reads_its_embeddings_and_draws_at_most_gap_points(rehearsal_data_session, tmp_path):
+    from utils.data.layout import load_layout
+    from utils.runs.topk_run import l2_normalise, write_topk_run
+
+    layout = load_layout(rehearsal_data_session)
+    ids = sorted(layout.train)[:4]
+    val_q = [layout.rel(layout.train[i][0]) for i in ids]
+    val_g = [layout.rel(p) for i in ids for p in layout.train[i][1:]]
+    rng = np.random.default_rng(0)
+    q = rng.normal(size=(len(val_q), 8)).astype(np.float32)
+    g = (q[[ids.index(identity_of(n)) for n in val_g]] + 0.8 * rng.normal(size=(len(val_g), 8))).astype(np.float32)
+    test_q, test_g = [p.name for p in layout.query], [p.name for p in layout.gallery]
+    tq, tg = (rng.normal(size=(len(n), 8)).astype(np.float32) for n in (test_q, test_g))
+    run = write_topk_run(tmp_path / "runs" / "topk", {"val": (q, g, val_q, val_g), "test": (tq, tg, test_q, test_g)},
+                         {"model": "topk", "config": {"data": str(rehearsal_data_session)}}, k=3)
+    assert visualize.main(["--run", str(run), "--gap", "--gap-points", "5"]) == 0
+    png = run / "visual" / "gap_pca.png"
+    assert f"map of {len(val_q) + 5 + 5 + 5} embeddings" in Image.open(png).text["Title"]  # 4 val queries, 5 of each other set
+    qn, gn = l2_normalise(q).astype(np.float64), l2_normalise(g).astype(np.float64)
+    rel = np.array([[identity_of(a) == identity_of(b) for b in val_g] for a in val_q])
+    assert title_means(png)["val"] == pytest.approx(((qn @ gn.T)[rel].mean(), (qn @ gn.T)[~rel].mean()), abs=6e-4)

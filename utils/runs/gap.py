@@ -118,11 +118,10 @@ def right_pairs(query_names: Sequence[str], gallery_names: Sequence[str], truth:
 def pair_means(query: np.ndarray, gallery: np.ndarray, pairs: tuple[np.ndarray, np.ndarray]) -> tuple[float, float]:
     """Mean cosine of the right pairs and of all other pairs, exactly, without the full matrix
     (the sum over all pairs is ``sum(q) . sum(g)``); NaN where a group is empty."""
-    q, g = query.astype(np.float64), gallery.astype(np.float64)
     rows, cols = pairs
-    right_sum = float(np.einsum("ij,ij->", q[rows], g[cols])) if len(rows) else 0.0
-    total = float(q.sum(0) @ g.sum(0))
-    n_wrong = len(q) * len(g) - len(rows)
+    right_sum = float(np.einsum("ij,ij->", query[rows].astype(np.float64), gallery[cols].astype(np.float64))) if len(rows) else 0.0
+    total = float(query.sum(0, dtype=np.float64) @ gallery.sum(0, dtype=np.float64))  # no float64 copy of a large gallery
+    n_wrong = len(query) * len(gallery) - len(rows)
     right = right_sum / len(rows) if len(rows) else float("nan")
     wrong = (total - right_sum) / n_wrong if n_wrong else float("nan")
     return right, wrong
