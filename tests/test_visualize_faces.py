@@ -70,6 +70,10 @@ def test_gap_map_of_a_face_run_and_of_its_adapted_run(rehearsal_data, tmp_path):
             want = numpy_means(run, split, gt)
             assert got[split] == pytest.approx(want, abs=6e-4), (name, split)
             assert want[0] > want[1]  # the face embedder separates identities across the domains
+    # --boxes on the adapted run: the face settings of its source (--detector none: every image a fallback)
+    assert visualize.main(["--run", str(runs / "dlib_adapted"), "--boxes", "--split", "val", "--queries", "2", "--device", "cpu"]) == 0
+    assert len(list((runs / "dlib_adapted" / "visual" / "boxes" / "val").glob("*.png"))) == 4
+    assert (runs / "dlib_adapted" / "visual" / "boxes" / "val.html").read_text().count("no face (fallback crop)") == 4
     # t-SNE with a fixed random_state: the same command, the same PNG
     argv = ["--run", str(runs / "dlib"), "--gap", "--gap-method", "tsne", "--split", "val", "--out", str(tmp_path / "a")]
     assert visualize.main(argv) == 0
