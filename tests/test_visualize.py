@@ -130,3 +130,40 @@ def test_names_with_a_newline_are_drawn_on_one_line(rehearsal_data, tmp_path):
     assert [is_red(frame_colour(img, p)) for p in (1, 2)] == [True, True]
     assert is_green(frame_colour(img, 3))  # its right answer (the renamed gallery image): rank 3 in handmade_run
     assert "odd\nquery_" in (run / "visual" / "test.html").read_text()
+
+
+def test_a_caption_run_draws_each_results_caption_under_it_and_lists_it_on_the_page(rehearsal_data_session, tmp_path):
+    import json
+
+    from PIL import ImageDraw, ImageFont
+
+    from utils.runs.visual import wrap_text
+
+    run, val_q, _ = handmade_run(rehearsal_data_session, tmp_path / "runs")
+    meta = json.loads((run / "meta.json").read_text())
+    gallery = meta["splits"]["val"]["gallery_names"]
+    long = "a watercolour painting of a person with <b>curly</b> hair " * 6
+    (run / "gallery_captions.json").write_text(json.dumps({"val": {g: long for g in gallery}, "test": {}}))
+    argv = ["--run", str(run), "--split", "val", "--k", str(K), "--thumb-px", str(THUMB_PX), "--queries", "1"]
+    assert visualize.main([*argv, "--caption-lines", "2"]) == 0
+    img = np.asarray(Image.open(next((run / "visual" / "val").glob("*.png"))).convert("L"))
+    layout = PanelLayout(k=K, thumb_px=THUMB_PX, text_lines=2)
+    assert img.shape == (layout.size[1], layout.size[0]) == (2 * 8 + THUMB_PX + 12 + 34 + 2 * 12, layout.size[0])
+    _, _, right, bottom = layout.tile_box(1)
+    caption_band = img[bottom + 33 : bottom + 33 + 24, right - layout.tile_px : right]
+    query_band = img[bottom + 33 :, layout.tile_box(0)[0] : layout.tile_box(0)[2]]
+    assert (caption_band < 100).sum() > 50 and (query_band < 100).sum() == 0  # text under a result, none under the query
+    page = (run / "visual" / "val.html").read_text()
+    assert page.count("&lt;b&gt;curly&lt;/b&gt;") == 6 * K and "<b>curly" not in page  # every result's caption in full, escaped
+    # the wrapping: at most the lines asked for, each within the tile, the cut marked
+    draw, font = ImageDraw.Draw(Image.new("RGB", (10, 10))), ImageFont.load_default()
+    lines = wrap_text(draw, long, font, layout.tile_px, 2)
+    assert len(lines) == 2 and lines[-1].endswith("...") and all(draw.textlength(t, font=font) <= layout.tile_px for t in lines)
+    assert wrap_text(draw, "short words", font, layout.tile_px, 3) == ["short words"]
+    assert all(draw.textlength(t, font=font) <= 40 for t in wrap_text(draw, "x" * 200, font, 40, 3))
+    # --caption-lines 0: the panel without captions
+    assert visualize.main([*argv, "--caption-lines", "0"]) == 0
+    assert Image.open(next((run / "visual" / "val").glob("*.png"))).size == PanelLayout(k=K, thumb_px=THUMB_PX).size
+    (run / "gallery_captions.json").write_text(json.dumps({"val": ["not", "a", "mapping"]}))
+    with pytest.raises(KitError, match="gallery_captions.json: expected"):
+        visualize.main(argv)

@@ -23,6 +23,7 @@ from utils.device import pick_device, precision_record
 from utils.embedding.step import similarities
 from utils.errors import KitError
 from utils.logs import console
+from utils.runs.gap import META_KEY, save_run_embeddings
 from utils.runs.metrics import competition_score, evaluate, relevance_matrix
 from utils.runs.run_lock import release_run_lock
 from utils.runs.similarity_io import SimMatrix, invalidate_run, save_run
@@ -153,7 +154,8 @@ def write_embedding_run(
     """
     form = form or RunForm()
     if not use_topk_form(len(emb["test_query"]), len(emb["test_gallery"]), form.max_cells):
-        return write_model_run(run_dir, model, config, task, similarities(emb), timings, extra)
+        kept = {META_KEY: save_run_embeddings(run_dir, emb)}  # for visualize.py --gap (utils/runs/gap.py)
+        return write_model_run(run_dir, model, config, task, similarities(emb), timings, {**(extra or {}), **kept})
     run_dir = Path(run_dir)
     log.info("%d x %d test cells exceed --matrix-limit %d: writing the top-k form (K=%d, %s search)",
              len(emb["test_query"]), len(emb["test_gallery"]), form.max_cells, form.k, form.backend)

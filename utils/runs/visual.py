@@ -4,7 +4,9 @@ Every tile has the same size whatever the images' sizes (the image is fitted
 into a ``thumb_px`` square on grey), so a panel's pixel size depends only on
 ``k`` and ``thumb_px`` (:func:`panel_size`). Frames: blue for the query, green
 for a right answer, red for a wrong one, grey where the split has no ground
-truth. Under each tile: the rank and similarity, then the image's name.
+truth. Under each tile: the rank and similarity, then the image's name, then
+(``text_lines`` > 0, e.g. a caption run's gallery captions) the tile's text wrapped
+on up to ``text_lines`` lines, the last cut with "..." when it does not fit.
 
 Example:
     >>> layout = PanelLayout(k=10, thumb_px=128)
@@ -16,8 +18,10 @@ from __future__ import annotations
 
 import html
 import io
+import math
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Sequence
 
 from PIL import Image, ImageDraw, ImageFont, ImageOps
 
@@ -43,6 +47,8 @@ class PanelLayout:
     gap_px: int = 8  # between tiles
     query_gap_px: int = 24  # extra space between the query and its results
     label_px: int = 34  # two lines of text under each tile
+    text_lines: int = 0  # lines of wrapped text (a caption) under those two
+    text_line_px: int = 12
 
     @property
     def tile_px(self) -> int:
@@ -53,7 +59,7 @@ class PanelLayout:
     def size(self) -> tuple[int, int]:
         """(width, height) of the panel in pixels."""
         width = 2 * self.margin_px + (self.k + 1) * self.tile_px + self.k * self.gap_px + self.query_gap_px
-        height = 2 * self.margin_px + self.tile_px + self.label_px
+        height = 2 * self.margin_px + self.tile_px + self.label_px + self.text_lines * self.text_line_px
         return width, height
 
     def tile_box(self, position: int) -> tuple[int, int, int, int]:
@@ -73,6 +79,7 @@ class Tile:
     name: str
     caption: str  # first line, e.g. "#3  0.812"
     correct: bool | None  # None: no ground truth for this split
+    text: str = ""  # wrapped under the name when the layout has text_lines
 
 
 def thumbnail(img: Image.Image, side_px: int) -> Image.Image:
@@ -93,6 +100,37 @@ def _fit_text(draw: ImageDraw.ImageDraw, text: str, font, width_px: int) -> str:
     while text and draw.textlength("..." + text, font=font) > width_px:
         text = text[1:]
     return "..." + text
+
+
+def wrap_text(draw: ImageDraw.ImageDraw, text: str, font, width_px: int, max_lines: int) -> list[str]:
+    """``text`` (:func:`printable`) wrapped at spaces into lines of at most ``width_px``; a word wider than
+    a line is cut; past ``max_lines`` the last line ends with "..." (it still fits)."""
+    words = printable(text).split()
+    lines: list[str] = []
+    line = ""
+    while words and len(lines) < max_lines:
+        word = words[0]
+        candidate = f"{line} {word}" if line else word
+        if draw.textlength(candidate, font=font) <= width_px:
+            line, words = candidate, words[1:]
+        elif line:
+            lines.append(line)
+            line = ""
+        else:  # one word wider than the line: as many characters as fit
+            cut = 1
+            while cut < len(word) and draw.textlength(word[: cut + 1], font=font) <= width_px:
+                cut += 1
+            lines.append(word[:cut])
+            words = [word[cut:], *words[1:]] if word[cut:] else words[1:]
+    if line and len(lines) < max_lines:
+        lines.append(line)
+        line = ""
+    if (words or line) and lines:
+        last = lines[-1]
+        while last and draw.textlength(last + "...", font=font) > width_px:
+            last = last[:-1]
+        lines[-1] = last + "..."
+    return lines
 
 
 def frame_rgb(correct: bool | None) -> tuple[int, int, int]:
@@ -116,6 +154,8 @@ def draw_panel(query: Tile, results: list[Tile], layout: PanelLayout) -> Image.I
         panel.paste(thumbnail(tile.image, layout.thumb_px), (left + layout.frame_px, top + layout.frame_px))
         for line, text in enumerate((tile.caption, tile.name)):
             draw.text((left, bottom + 3 + 15 * line), _fit_text(draw, text, font, layout.tile_px), fill=TEXT_RGB, font=font)
+        for line, text in enumerate(wrap_text(draw, tile.text, font, layout.tile_px, layout.text_lines) if layout.text_lines else []):
+            draw.text((left, bottom + 3 + 30 + layout.text_line_px * line), text, fill=TEXT_RGB, font=font)
     return panel
 
 
@@ -133,13 +173,15 @@ class PageRow:
     png: str  # path relative to the page
     query: str
     note: str  # e.g. "first right answer at rank 3"
+    details: tuple[str, ...] = ()  # listed under the panel, e.g. "#1 name: caption"
 
 
 def write_page(path: str | Path, title: str, intro: str, rows: list[PageRow]) -> Path:
     """An HTML page listing every panel PNG, with the query name and a note each."""
     items = "".join(
         f'<div class="q"><p><b>{html.escape(r.query)}</b> - {html.escape(r.note)}</p>'
-        f'<a href="{html.escape(r.png)}"><img src="{html.escape(r.png)}" alt="{html.escape(r.query)}"></a></div>'
+        f'<a href="{html.escape(r.png)}"><img src="{html.escape(r.png)}" alt="{html.escape(r.query)}"></a>'
+        + (f'<ol>{"".join(f"<li>{html.escape(d)}</li>" for d in r.details)}</ol>' if r.details else "") + "</div>"
         for r in rows
     )
     page = (
@@ -148,3 +190,26 @@ def write_page(path: str | Path, title: str, intro: str, rows: list[PageRow]) ->
         f"</style><h1>{html.escape(title)}</h1><p>{html.escape(intro)}</p>{items}"
     )
     return atomic_write_bytes(path, page.encode())
+
+
+BOX_RGB = (255, 0, 255)  # a detected face box: magenta, rare in photos and in the styles of the gallery
+BOX_WIDTH_PX = 3
+BOX_LABEL_PX = 18
+
+
+def draw_face_box(img: Image.Image, box: Sequence[float] | None, label: str, max_side_px: int) -> Image.Image:
+    """``img`` (scaled so its longer side is at most ``max_side_px``) with ``box`` (x0, y0, x1, y1 in the
+    image's own pixels; None or NaN: no face) outlined in :data:`BOX_RGB`, and ``label`` on a band below."""
+    img = img.convert("RGB")
+    scale = min(1.0, max_side_px / max(img.size))
+    if scale < 1.0:
+        img = img.resize((max(1, round(img.width * scale)), max(1, round(img.height * scale))), Image.Resampling.BILINEAR)
+    canvas = Image.new("RGB", (img.width, img.height + BOX_LABEL_PX), BACKGROUND_RGB)
+    canvas.paste(img, (0, 0))
+    draw = ImageDraw.Draw(canvas)
+    if box is not None and all(math.isfinite(v) for v in box):
+        x0, y0, x1, y1 = (v * scale for v in box)
+        draw.rectangle((round(x0), round(y0), round(x1), round(y1)), outline=BOX_RGB, width=BOX_WIDTH_PX)
+    font = ImageFont.load_default()
+    draw.text((2, img.height + 3), _fit_text(draw, label, font, img.width - 4), fill=TEXT_RGB, font=font)
+    return canvas
