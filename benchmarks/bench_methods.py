@@ -181,7 +181,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--results", type=Path, default=ROOT / "benchmarks/results/bench_methods.md", metavar="MD", help="markdown tables (default: %(default)s)")
     p.add_argument("--pairs", nargs="+", default=list(PAIRS), choices=PAIRS, metavar="QUERY:GALLERY", help="ordered domain pairs, e.g. photo:sketch (default: all 12)")
     p.add_argument("--methods", nargs="+", default=DEFAULT_METHODS, choices=[m.key for m in METHODS], help="methods to run (default: %(default)s)")
-    p.add_argument("--per-class", type=int, default=20, metavar="N", help="test queries and gallery images per class; the rest train (default: %(default)s)")
+    p.add_argument("--per-class", type=int, default=30, metavar="N", help="test queries and gallery images per class (30 x 7 classes: P@200 fits); the rest train (default: %(default)s)")
     p.add_argument("--clip-model", default="", metavar="NAME", help="open_clip name ('' = the benchmark's small random ViT) (default: '')")
     p.add_argument("--clip-weights", default="none", metavar="TAG|PATH", help="open_clip weights: tag, none or file (default: %(default)s)")
     p.add_argument("--clip-file-tag", default="openai", metavar="TAG", help="the open_clip tag a --clip-weights file is a copy of (default: %(default)s)")
