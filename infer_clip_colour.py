@@ -23,8 +23,12 @@ sets with the frozen image tower (its own preprocessing, flip TTA; cached)
 -> colour distances (``--distance chi2|emd|bhattacharyya``) for each query's
 ``--colour-top-m`` best gallery images by cosine (the others get no bonus) ->
 ``alpha`` x ``threshold`` searched on the validation split by the competition
-score (thresholds: quantiles of the validation distances) -> the chosen term
-applied to val and test -> matrices + meta.json (the choice and the grid).
+score (thresholds: quantiles of the validation distances; a choice on the
+grid's edge widens it once; a warning when it stays there or when several
+options tie at the top validation score) -> the chosen term applied to val
+and test -> matrices + meta.json (the choice, the grid, the warnings, and the
+mean cosine of correct and of incorrect pairs per split: Tudo Bein's check of
+the domain gap, also logged).
 The object crop is a plain-background heuristic, not segmentation: background
 removal or an open-vocabulary detector would need weights that cannot be
 fetched offline here.
@@ -44,7 +48,7 @@ import torch
 from rich.table import Table
 
 from utils.atomic import atomic_save_npy
-from utils.clip.colour_term import ColourTerm, apply_colour_term, search_colour_term, threshold_grid
+from utils.clip.colour_term import ColourTerm, apply_colour_term, search_with_checks
 from utils.clip.hf_clip import HF_PREFIX, create_hf_visual
 from utils.clip.models import create_visual, is_weights_file
 from utils.config import EmbeddingConfig, RunConfig, add_config_args, check_groups, config_from_args, config_to_dict, override
@@ -58,7 +62,7 @@ from utils.embedding.step import SETS, embed_task, similarities
 from utils.embedding.views import PixelScale, tta_views
 from utils.errors import KitError, run_cli
 from utils.logs import console, setup_logging
-from utils.runs.metrics import evaluate, relevance_matrix
+from utils.runs.metrics import evaluate, mean_cosine_by_relevance, relevance_matrix
 from utils.runs.model_run import begin_inference_run, write_model_run
 from utils.runs.topk import topk
 from utils.weights import fingerprint
@@ -81,7 +85,7 @@ class Config(EmbeddingConfig, RunConfig):
     object_tolerance: int = field(default=30, metadata={"help": "--crop-object border: 0..255 difference from the border colour that counts as object"})
     colour: str = field(default="hsv", metadata={"help": "colour descriptor of each image", "choices": list(DESCRIPTORS)})
     distance: str = field(default="bhattacharyya", metadata={"help": "distance between two descriptors", "choices": list(DISTANCES)})
-    colour_top_m: int = field(default=100, metadata={"help": "colour distances for each query's best M gallery images by cosine (0: all; emd is slow on all)", "metavar": "M"})
+    colour_top_m: int = field(default=100, metadata={"help": "candidates of the colour bonus: each query's best M gallery images by cosine get a colour distance, the rest no bonus (0: all; emd is slow on all)", "metavar": "M"})
     alphas: list[float] = field(default_factory=lambda: [0.0, 0.02, 0.05, 0.1, 0.2, 0.3], metadata={"help": "bonus weights searched on validation (one value: fixed)", "metavar": "A"})
     threshold_quantiles: list[float] = field(default_factory=lambda: [0.05, 0.1, 0.2, 0.3, 0.5], metadata={"help": "thresholds searched, as quantiles of the validation distances", "metavar": "Q"})
     # embedding
@@ -160,6 +164,20 @@ def report(task: Task, cosine: dict[str, np.ndarray], fused: dict[str, np.ndarra
     return out
 
 
+def domain_gap(task: Task, cosine: dict[str, np.ndarray]) -> dict[str, dict[str, float]]:
+    """Mean cosine of correct and of incorrect pairs per split with a ground truth (logged)."""
+    out = {}
+    for split in ("val", "test"):
+        relevant = task.relevant(split)
+        if relevant is None:
+            continue
+        rel = relevance_matrix(task.names(f"{split}_query"), task.names(f"{split}_gallery"), relevant)
+        out[split] = mean_cosine_by_relevance(cosine[split], rel)
+        log.info("%s: mean cosine of correct pairs %.4f, of incorrect pairs %.4f (gap %.4f)", split,
+                 out[split]["correct"], out[split]["incorrect"], out[split]["gap"])
+    return out
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     cfg = config_from_args(Config, build_parser().parse_args(argv))
     setup_logging(cfg.verbose)
@@ -192,18 +210,18 @@ def main(argv: Sequence[str] | None = None) -> int:
     desc = descriptors(inputs, cfg, run_dir / "cache")
     dist = {split: distances(cosine[split], desc[f"{split}_query"], desc[f"{split}_gallery"], cfg) for split in ("val", "test")}
     rel_val = relevance_matrix(task.names("val_query"), task.names("val_gallery"), task.relevant("val"))
-    thresholds = threshold_grid(dist["val"], cfg.threshold_quantiles)
-    best, grid = search_colour_term(cosine["val"], dist["val"], rel_val, cfg.alphas, thresholds)
+    best, grid, warnings = search_with_checks(cosine["val"], dist["val"], rel_val, cfg.alphas, cfg.threshold_quantiles)
     fused = {split: apply_colour_term(cosine[split], dist[split], best.alpha, best.threshold) for split in ("val", "test")}
     timings["colour"] = time.time() - t1
     effect = report(task, cosine, fused, best)
     extra = {
         "colour_term": {
             "alpha": best.alpha, "threshold": best.threshold, "colour": cfg.colour, "distance": cfg.distance,
-            "top_m": cfg.colour_top_m, "effect": effect,
+            "top_m": cfg.colour_top_m, "effect": effect, "warnings": warnings,
             "grid": [{"alpha": c.alpha, "threshold": c.threshold, "val_score": c.val_score, "val_map": c.val_map} for c in grid],
         },
         "embedding_dim": int(emb["val_query"].shape[1]),
+        "mean_cosine": domain_gap(task, cosine),
     }
     if cfg.crop_object != "none":
         extra["object_crop"] = {w: {"images": len(c.paths), "whole_image": c.n_whole} for w, c in crops.items()}

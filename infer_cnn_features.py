@@ -6,20 +6,31 @@ written as runs/<run-name>/{val,test}_sim.npy + meta.json for the ensemble.
     # the painting project's two set-ups: VGG16 / ResNet-50 truncated before the classifier
     python infer_cnn_features.py --data DATA --model vgg16 --pool flatten --img-size 224 --run-name vgg16
     python infer_cnn_features.py --data DATA --model resnet50 --stage 3 --pool gem --run-name resnet50_s3
-    # its "facial similarity" mode: the box covering every face MTCNN finds (or the face path's one face)
+    # its "facial similarity" mode: the box covering every face MTCNN finds (or the face path's one face),
+    # only where the face cascade's gates keep a face (box side, MTCNN probability)
     python infer_cnn_features.py --data DATA --face-crop all --run-name cnn_faces
-    python infer_cnn_features.py --data DATA --face-crop one --face-select largest
+    python infer_cnn_features.py --data DATA --face-crop one --face-select largest --min-face-frac 0.2
+    # PSY222's other distance: the matrix is minus the Euclidean distance (higher = more similar)
+    python infer_cnn_features.py --data DATA --metric euclidean --run-name cnn_euclidean
     # offline: weights from a local file; or random weights (the floor)
     python infer_cnn_features.py --data DATA --weights /path/to/resnet50.safetensors
     python infer_cnn_features.py --data DATA --weights none --run-name cnn_random
 
 Stages: read data and the shared validation split -> (--face-crop) detect
 every face with MTCNN, crop each image to the box covering all of them
-(``all``) or to the one face the face path would pick (``one``); an image
-without a face stays whole and is counted in meta.json; crops are cached in
+(``all``) or to the one face the face path would pick (``one``), but only
+where the face cascade (utils.faces.cascade, its MTCNN stage, upright) keeps a
+face through its gates: a box side of at least --min-face-frac of the image's
+shorter side and an MTCNN probability of at least --min-face-prob; an image
+without a kept face stays whole and is counted in meta.json (with the images
+whose detections the gates refused); boxes, gates and crops are cached in
 runs/face_cache/ -> a frozen timm backbone, pruned after ``--stage``, its
 feature map pooled (``--pool avg|max|gem|flatten``) -> L2-normalised
-embeddings (flip TTA), cached -> cosine similarity matrices. Printed beside
+embeddings (flip TTA), cached -> similarity matrices (``--metric cosine``, or
+``euclidean``: minus the Euclidean distance of the L2-normalised embeddings,
+sqrt(2 - 2 cos), which ranks as cosine does and changes only the matrix's
+scale; PSY222's Euclidean on raw features would need un-normalised embeddings,
+which the shared embedding step does not give). Printed beside
 the usual metrics, and recorded in meta.json: the mean RMSE and SSIM between
 each query and its top-``--pixel-k`` retrieved images (the painting
 project's evaluation; grey, ``--pixel-px`` squares; on the images the model saw).
@@ -52,11 +63,13 @@ from utils.config import (
 from utils.data.augment import eval_transform
 from utils.device import amp_dtype, is_cnn, resolve_workers
 from utils.embedding.backbone import create_backbone, weights_id
+from utils.embedding.cache import cached, files_key
 from utils.embedding.embed import embed_images
 from utils.embedding.stage_features import POOLS, StageFeatures
 from utils.embedding.step import SETS, embed_task, similarities
 from utils.embedding.views import PixelScale, tta_views
 from utils.errors import KitError, run_cli
+from utils.faces.cascade import CascadeParams, FaceCascade
 from utils.faces.detect import SELECT_METHODS, DetectorParams, FaceDetector
 from utils.faces.face_box import FACE_BOX_MODES, face_box_crops
 from utils.logs import console, setup_logging
@@ -64,6 +77,8 @@ from utils.runs.model_run import begin_inference_run, write_model_run
 from utils.runs.pixel_agreement import grey_squares, topk_agreement
 
 log = logging.getLogger("infer_cnn_features")
+
+METRICS = ("cosine", "euclidean")
 
 # ----------------------------------------------------------------------------
 # defaults: every field is a --flag (kebab-case); the resolved config goes to meta.json
@@ -88,6 +103,10 @@ class Config(EmbeddingConfig, RunConfig):
     pixel_px: int = field(default=64, metadata={"help": "side of the grey squares RMSE and SSIM compare"})
     # embedding
     embed_batch_size: int = override(64, "batch size for embedding")
+    # the face cascade's gates for --face-crop, and the distance
+    min_face_frac: float = field(default=0.15, metadata={"help": "--face-crop: a face's box side must be at least this share of the image's shorter side (the cascade's gate)"})
+    min_face_prob: float = field(default=0.9, metadata={"help": "--face-crop: MTCNN's probability a face must reach (the cascade's gate)"})
+    metric: str = field(default="cosine", metadata={"help": "similarity: cosine, or euclidean (minus the distance; higher = more similar)", "choices": list(METRICS)})
 # ----------------------------------------------------------------------------
 
 
@@ -107,6 +126,39 @@ def check_config(cfg: Config) -> None:
         raise KitError(f"--pixel-k {cfg.pixel_k}: 0 or more")
     if cfg.pixel_px < 7:
         raise KitError(f"--pixel-px {cfg.pixel_px}: SSIM needs at least 7 pixels")
+    gate_params(cfg).check()
+
+
+def gate_params(cfg: Config) -> CascadeParams:
+    """The face cascade reduced to its upright MTCNN stage (the detector of the crops) with its gates."""
+    return CascadeParams(stages=("mtcnn",), mtcnn=DetectorParams(canvas_px=cfg.detect_px, select=cfg.face_select),
+                         stage_rotations=(), min_face_frac=cfg.min_face_frac, min_prob=cfg.min_face_prob)
+
+
+def face_gates(cfg: Config, paths: list[Path], device: torch.device, desc: str) -> np.ndarray:
+    """(n,) bool: the face cascade keeps a face in the image (cached in runs/face_cache/)."""
+    params = gate_params(cfg)
+
+    def detect() -> np.ndarray:
+        faces = FaceCascade(params, device).detect(paths, workers=resolve_workers(cfg.workers), desc=f"{desc}: face gates")
+        return (faces.stage >= 0).astype(np.int8)
+
+    return cached(cfg.runs / "face_cache" / f"face_gates_{files_key(paths, params.tag())}.npy", detect, f"{desc}: face gates").astype(bool)
+
+
+def gated_face_crops(cfg: Config, paths: list[Path], detector: FaceDetector, device: torch.device, desc: str) -> tuple[list[Path], dict[str, int]]:
+    """Each image's face crop where the cascade's gates keep a face, else the image itself; and the counts."""
+    crops = face_box_crops(paths, detector, cfg.face_crop, cfg.face_margin, cfg.runs / "face_cache",
+                           batch_size=cfg.detect_batch_size, desc=desc)
+    keep = face_gates(cfg, paths, device, desc)
+    out = [c if k else p for p, c, k in zip(paths, crops.paths, keep)]
+    cropped = sum(c != p for p, c in zip(paths, out))
+    refused = sum(c != p and not k for p, c, k in zip(paths, crops.paths, keep))
+    counts = {"images": len(paths), "faces_found": cropped, "whole_image": len(paths) - cropped,
+              "refused_by_gates": refused, "faces_total": int(crops.n_faces[keep].sum())}
+    if refused:
+        log.info("%s: the gates refused the detections of %d images (kept whole)", desc, refused)
+    return out, counts
 
 
 def weights_tag(cfg: Config) -> str:
@@ -124,12 +176,23 @@ def model_inputs(cfg: Config, task, device: torch.device) -> tuple[dict[str, lis
     detector = FaceDetector(DetectorParams(canvas_px=cfg.detect_px, select=cfg.face_select), device)
     faces = {}
     for which in SETS:
-        crops = face_box_crops(inputs[which], detector, cfg.face_crop, cfg.face_margin, cfg.runs / "face_cache",
-                               batch_size=cfg.detect_batch_size, desc=which.replace("_", " "))
-        inputs[which] = crops.paths
-        n = len(crops.paths)
-        faces[which] = {"images": n, "faces_found": n - crops.n_whole, "whole_image": crops.n_whole, "faces_total": int(crops.n_faces.sum())}
+        inputs[which], faces[which] = gated_face_crops(cfg, inputs[which], detector, device, which.replace("_", " "))
     return inputs, faces
+
+
+def similarity(emb: dict[str, np.ndarray], metric: str) -> dict[str, np.ndarray]:
+    """Query x gallery matrices per split, higher = more similar: cosine, or minus the Euclidean distance.
+
+    Raises:
+        KitError: an unknown metric.
+    """
+    sims = similarities(emb)
+    if metric == "cosine":
+        return sims
+    elif metric == "euclidean":  # unit vectors: |a - b|^2 = 2 - 2 cos
+        return {split: (-np.sqrt(np.clip(2.0 - 2.0 * s, 0.0, None))).astype(np.float32) for split, s in sims.items()}
+    else:
+        raise KitError(f"--metric {metric!r}: choose one of {list(METRICS)}")
 
 
 def pixel_agreement(cfg: Config, inputs: dict[str, list[Path]], sims: dict[str, np.ndarray]) -> dict[str, dict[str, float]]:
@@ -178,7 +241,7 @@ def main(argv: Sequence[str] | None = None) -> int:
                             stack_views=True, channels_last=channels_last, cache_dir=run_dir / "cache", cache_tag=tag)
 
     emb = embed_task(task, embed_set)
-    sims = similarities(emb)
+    sims = similarity(emb, cfg.metric)
     timings["embed"] = time.time() - t0 - timings["prepare"] - timings["faces"]
     if faces:
         n_whole = sum(f["whole_image"] for f in faces.values())

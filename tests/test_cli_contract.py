@@ -166,12 +166,13 @@ def test_documented_commands_pass_the_config_checks(where, script, rest, tmp_pat
         assert info.value.code == 0
         return
     monkeypatch.chdir(tmp_path)
-    if script == "infer_caption_match" and "--captions" in argv:  # captions.json of an earlier run
-        for f in argv[argv.index("--captions") + 1:]:
-            if f.startswith("--"):
-                break
-            (tmp_path / f).parent.mkdir(parents=True, exist_ok=True)
-            (tmp_path / f).write_text("{}")
+    for flag in ("--captions", "--test-labels"):  # captions.json of an earlier run; the user's gallery labels
+        if script == "infer_caption_match" and flag in argv:
+            for f in argv[argv.index(flag) + 1:]:
+                if f.startswith("--"):
+                    break
+                (tmp_path / f).parent.mkdir(parents=True, exist_ok=True)
+                (tmp_path / f).write_text("{}")
     try:
         run_config_checks(script, argv)
     except KitError as err:

@@ -7,6 +7,7 @@ import csv
 import json
 import os
 import shutil
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
@@ -20,6 +21,7 @@ import submit
 from tests.test_submit import server
 from utils.clip.captions import Captioner, CaptionParams, caption_images, read_cache
 from utils.clip.text import create_clip, encode_texts
+from utils.embedding.views import View
 from utils.errors import KitError
 from utils.runs.similarity_io import load_run
 
@@ -271,49 +273,164 @@ def words_dataset(src: Path, dst: Path) -> Path:
     return dst
 
 
-def test_label_captions_mode(rehearsal_data, tiny_clip, tmp_path):
-    common = ["--model", tiny_clip, "--weights", "none", "--captions-from", "labels", "--workers", "0",
-              "--label-template", "a photo of a {}"]
+def test_label_captions_modes(rehearsal_data, tiny_clip, tmp_path):
+    """true-labels (the paper's ablation: true classes, test ones from --test-labels) and clip-labels --closed-set
+    (CLIP's nearest class name) are two runs with two names; the old spelling is refused with a hint."""
+    common = ["--model", tiny_clip, "--weights", "none", "--workers", "0", "--label-template", "a photo of a {}"]
     with pytest.raises(KitError, match="not words"):  # rehearsal identities are id000, id001, ...
-        script.main(["--data", str(rehearsal_data), "--runs", str(tmp_path / "r1"), *common, "--closed-set"])
+        script.main(["--data", str(rehearsal_data), "--runs", str(tmp_path / "r1"), *common, "--captions-from", "clip-labels", "--closed-set"])
     data = words_dataset(rehearsal_data, tmp_path / "words")
+    runs = ["--data", str(data), "--runs", str(tmp_path / "r2")]
+    for old in (["--captions-from", "labels"], ["--captions-from=labels"]):
+        with pytest.raises(KitError, match="renamed; use true-labels .* or clip-labels --closed-set"):
+            script.main([*runs, *common, *old, "--closed-set"])
     with pytest.raises(KitError, match="pass --closed-set"):
-        script.main(["--data", str(data), "--runs", str(tmp_path / "r2"), *common])
-    assert script.main(["--data", str(data), "--runs", str(tmp_path / "r2"), *common, "--closed-set"]) == 0
-    captions = json.loads((tmp_path / "r2" / "caption_match" / "gallery_captions.json").read_text())
+        script.main([*runs, *common, "--captions-from", "clip-labels"])
+    with pytest.raises(KitError, match="pass --test-labels FILE"):
+        script.main([*runs, *common, "--captions-from", "true-labels"])
+
+    # true labels: validation from the identity folders, test from a file naming each test gallery image's class
+    truth = json.loads((data / "test" / "ground_truth.json").read_text())
+    gallery = sorted(p.name for p in (data / "test" / "gallery").iterdir())
+    group = {g: f"class{chr(97 + i)}" for i, gs in enumerate(sorted(truth.values())) for g in gs}  # classa, classb, ...
+    labels = {g: group.get(g, "other") for g in gallery}
+    (tmp_path / "labels.json").write_text(json.dumps(dict(list(labels.items())[:-1])))
+    with pytest.raises(KitError, match="no label for 1 test gallery images"):
+        script.main([*runs, *common, "--captions-from", "true-labels", "--test-labels", str(tmp_path / "labels.json")])
+    (tmp_path / "labels.json").write_text(json.dumps(labels))
+    assert script.main([*runs, *common, "--run-name", "true", "--captions-from", "true-labels", "--test-labels", str(tmp_path / "labels.json")]) == 0
+    captions = json.loads((tmp_path / "r2" / "true" / "gallery_captions.json").read_text())
     for name, text in captions["val"].items():
         assert text == f"a photo of a {name.split('/')[1]}"
-    run = load_run(tmp_path / "r2" / "caption_match")
+    assert captions["test"] == {g: f"a photo of a {c}" for g, c in labels.items()}
+    run = load_run(tmp_path / "r2" / "true")
     # every validation gallery image of one identity has the same caption, so their columns are equal
     val = run.splits["val"]
     ids = [n.split("/")[1] for n in val.gallery_names]
     same = [j for j, i in enumerate(ids) if i == ids[0]]
     assert len(same) > 1 and np.allclose(val.sim[:, same[0]], val.sim[:, same[1]])
-    assert set(captions["test"].values()) <= {f"a photo of a {n}" for n in ("alpha", "bravo", "charlie", "delta", "echo",
-                                              "foxtrot", "golf", "hotel", "india", "juliet", "kilo", "lima", "mike",
-                                              "november", "oscar", "papa")}
+    assert run.meta["captions"]["source"] == "true-labels"
+
+    # CLIP's labels: every gallery image (validation too) gets the nearest class name
+    assert script.main([*runs, *common, "--run-name", "clip", "--captions-from", "clip-labels", "--closed-set"]) == 0
+    captions = json.loads((tmp_path / "r2" / "clip" / "gallery_captions.json").read_text())
+    names = {f"a photo of a {n}" for n in ("alpha", "bravo", "charlie", "delta", "echo", "foxtrot", "golf", "hotel", "india",
+                                           "juliet", "kilo", "lima", "mike", "november", "oscar", "papa", "quebec", "romeo")}
+    assert set(captions["val"].values()) <= names and set(captions["test"].values()) <= names
+    assert load_run(tmp_path / "r2" / "clip").meta["captions"]["source"] == "clip-labels"
+
+
+@pytest.fixture
+def tiny_vit_h14(tmp_path):
+    """A tiny model registered under the paper's name ViT-H-14 (open_clip.add_model_config); the real config is
+    put back afterwards."""
+    import open_clip
+    from open_clip import factory
+
+    saved = factory._MODEL_CONFIGS.get("ViT-H-14")
+    (tmp_path / "cfg").mkdir()
+    (tmp_path / "cfg" / "ViT-H-14.json").write_text(json.dumps(TINY_CLIP))
+    open_clip.add_model_config(tmp_path / "cfg" / "ViT-H-14.json")
+    try:
+        torch.manual_seed(0)
+        weights = tmp_path / "vit-h-14-laion2b.pt"
+        torch.save(open_clip.create_model("ViT-H-14").state_dict(), weights)
+        yield weights
+    finally:
+        factory._MODEL_CONFIGS["ViT-H-14"] = saved
+
+
+def test_paper_preset_builds_the_papers_models_without_tta(rehearsal_data, tiny_blip, tiny_vit_h14, tmp_path, monkeypatch):
+    """--preset paper: CLIP ViT-H-14 (both towers) read as laion2b_s32b_b79k, captions by Salesforce/blip2-opt-2.7b,
+    the identity view only. Tiny stand-ins take the real names' place: a tiny config registered as ViT-H-14,
+    the tiny BLIP captioner answering for the BLIP-2 hub name."""
+    built, captioners, views = [], [], []
+    real_create = script.create_clip
+
+    def spy_create(model, weights, file_tag, img_size):
+        clip = real_create(model, weights, file_tag, img_size)
+        built.append((model, weights, file_tag, clip))
+        return clip
+
+    def stand_in(params, device):
+        captioners.append(params.captioner)
+        return Captioner(replace(params, captioner=str(tiny_blip)), device)
+
+    real_caption, real_embed = script.caption_images, script.embed_images
+    monkeypatch.setattr(script, "create_clip", spy_create)
+    monkeypatch.setattr(script, "caption_images", lambda *a, **k: real_caption(*a, **k, captioner_factory=stand_in))
+    monkeypatch.setattr(script, "embed_images", lambda *a, **k: views.append(k["views"]) or real_embed(*a, **k))
+    runs = tmp_path / "runs"
+    assert script.main(["--data", str(rehearsal_data), "--runs", str(runs), "--preset", "paper", "--weights", str(tiny_vit_h14),
+                        "--workers", "0", "--max-new-tokens", "4", "--num-beams", "1"]) == 0
+    [(model, weights, file_tag, clip)] = built
+    assert (model, weights, file_tag, clip.name) == ("ViT-H-14", str(tiny_vit_h14), "laion2b_s32b_b79k", "ViT-H-14")
+    assert clip.model.visual is not None and clip.model.transformer is not None  # image and text towers, one model
+    assert set(captioners) == {"Salesforce/blip2-opt-2.7b"}
+    assert views and all(len(v) == 1 and v[0] == View() for v in views)  # the identity view only: no TTA
+    cfg = load_run(runs / "caption_match").meta["config"]
+    assert (cfg["preset"], cfg["model"], cfg["captioner"], cfg["tta"]) == ("paper", "ViT-H-14", "Salesforce/blip2-opt-2.7b", [])
+    assert json.loads((runs / "caption_match" / "captions.json").read_text())["captions"].keys() == {
+        CaptionParams("Salesforce/blip2-opt-2.7b", 4, 1).tag()}
+
+
+def test_paper_preset_fills_in_and_refuses_contradictions(tmp_path):
+    paper = script.apply_preset(script.Config(preset="paper"))
+    assert (paper.model, paper.weights, paper.file_tag, paper.captioner, paper.tta) == (
+        "ViT-H-14", "laion2b_s32b_b79k", "laion2b_s32b_b79k", "Salesforce/blip2-opt-2.7b", [])
+    assert script.apply_preset(script.Config()) == script.Config()  # kit: ViT-L-14 openai, flip TTA
+    assert (script.Config().model, script.Config().weights, script.Config().tta) == ("ViT-L-14", "openai", ["flip"])
+    for bad, flag in ((dict(model="ViT-B-32"), "--model"), (dict(tta=["rot"]), "--tta"),
+                      (dict(captioner="Salesforce/blip-image-captioning-base"), "--captioner"),
+                      (dict(weights="laion400m_e32"), "--weights")):
+        with pytest.raises(KitError, match=f"--preset paper.*{flag}"):
+            script.apply_preset(script.Config(preset="paper", **bad))
 
 
 def test_pacs_benchmark_runs_and_writes_its_table(tmp_path):
-    """benchmarks/bench_methods.py on a PACS-shaped folder of generated images (4 classes, photo and sketch)."""
+    """benchmarks/bench_methods.py on a PACS-shaped folder of generated images (4 classes, photo and sketch):
+    Table I's layout (a block per metric, pairs as columns, a mean), P@50 where the gallery allows, and `tied`
+    with a warning for a matrix whose rows depend on tie order."""
     from benchmarks import bench_methods
 
     rng = np.random.default_rng(0)
     for domain in ("photo", "sketch"):
         for c, cls in enumerate(("dog", "horse", "house", "person")):
             (tmp_path / "pacs" / domain / cls).mkdir(parents=True)
-            for i in range(5):
+            for i in range(16):
                 pixels = np.full((24, 24, 3), 60 * c, np.uint8) + rng.integers(0, 30, (24, 24, 3), dtype=np.uint8)
                 Image.fromarray(pixels).save(tmp_path / "pacs" / domain / cls / f"{i}.jpg")
     results = tmp_path / "table.md"
     assert bench_methods.main(["--pacs", str(tmp_path / "pacs"), "--out", str(tmp_path / "out"), "--results", str(results),
-                               "--pairs", "sketch", "--methods", "clip_img2img", "caption_labels", "--per-class", "3",
-                               "--threads", "1"]) == 0
-    truth = json.loads((tmp_path / "out" / "sketch" / "data" / "test" / "ground_truth.json").read_text())
-    assert len(truth) == 12 and all(len(g) == 3 for g in truth.values())  # a gallery of 12: a top-10 needs 10
+                               "--pairs", "photo:sketch", "sketch:photo", "--methods", "clip_img2img", "caption_true_labels",
+                               "--per-class", "13", "--threads", "1"]) == 0
+    pair = tmp_path / "out" / "photo-sketch"
+    truth = json.loads((pair / "data" / "test" / "ground_truth.json").read_text())
+    assert len(truth) == 52 and all(len(g) == 13 for g in truth.values())
+    labels = json.loads((pair / "data" / "test" / "gallery_labels.json").read_text())
+    assert len(labels) == 52 and set(labels.values()) == {"dog", "horse", "house", "person"}
     table = results.read_text()
-    assert "| photo->sketch P@1 | photo->sketch P@5 | photo->sketch P@15 | photo->sketch mAP@All |" in table
-    for row in ("chance (random scores", "CLIP image-to-image, zero-shot | random", "class-label captions (ablation) | random"):
+    assert table.startswith("# PACS") and "- Date: " in table and "- Commit: " in table and "GFLOP/s" in table
+    assert "- Command: `.venv/bin/python benchmarks/bench_methods.py --pacs" in table
+    for block in ("## P@1", "## P@5", "## P@15", "## mAP@All", "## P@50", "## competition score"):
+        assert f"{block}\n\n| method | weights | P->S | S->P | mean |" in table
+    assert "## P@100" not in table  # a gallery of 52
+    for row in ("chance (random scores", "CLIP image-to-image, zero-shot | random", "true class labels (the paper's ablation) | random"):
         assert row in table
-    sim = np.load(tmp_path / "out" / "sketch" / "runs" / "caption_labels" / "test_sim.npy")
-    assert sim.shape == (12, 12)
+    sim = np.load(pair / "runs" / "caption_true_labels" / "test_sim.npy")
+    assert sim.shape == (52, 52)
+
+
+def test_tie_order_check():
+    """A figure that depends on the order of tied scores is found (constant rows, a tie across the cut);
+    ties within one relevance, or behind the cut, are harmless."""
+    from benchmarks.bench_methods import tie_dependent
+
+    rel = np.array([[1, 1, 0, 0], [0, 0, 1, 1]], bool)
+    constant = np.full((2, 4), 0.5, np.float32)
+    assert tie_dependent(constant, rel, 1) == 2 and tie_dependent(constant, rel, None) == 2
+    by_class = np.array([[0.9, 0.9, 0.1, 0.1], [0.2, 0.2, 0.7, 0.7]], np.float32)  # true labels: ties within a class
+    assert tie_dependent(by_class, rel, 1) == 0 and tie_dependent(by_class, rel, None) == 0
+    across = np.array([[0.9, 0.5, 0.5, 0.1], [0.1, 0.2, 0.9, 0.8]], np.float32)  # row 0: rel and non-rel tied at ranks 2-3
+    assert tie_dependent(across, rel, 1) == 0 and tie_dependent(across, rel, 2) == 1 and tie_dependent(across, rel, 3) == 0
+    assert tie_dependent(across, rel, None) == 1

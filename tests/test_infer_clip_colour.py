@@ -5,6 +5,7 @@ end to end on generated data up to a real server, with open_clip and (if install
 from __future__ import annotations
 
 import json
+import logging
 
 import cv2
 import numpy as np
@@ -17,11 +18,12 @@ import infer_clip_colour as script
 import submit
 from tests.test_submit import server
 from tests.test_train_clip_arcface import TINY_VIT
-from utils.clip.colour_term import apply_colour_term, search_colour_term, threshold_grid
+from utils.clip.colour_term import apply_colour_term, search_colour_term, search_with_checks, threshold_grid
 from utils.data.colour import DESCRIPTORS, DISTANCES, colour_descriptors, colour_distances, emd
 from utils.data.object_crop import object_box
 from utils.deps import has_transformers
 from utils.errors import KitError
+from utils.runs.metrics import mean_cosine_by_relevance
 from utils.runs.similarity_io import load_run
 
 
@@ -108,6 +110,53 @@ def test_colour_term_search_finds_the_bonus_that_fixes_rank_one():
     assert min(t.val_score for t in table) < 1000.0  # alpha 0 keeps the wrong rank 1
 
 
+def test_colour_search_warns_on_saturated_validation(caplog):
+    """Cosine alone already ranks every right answer first: every option scores 1000 and the data cannot choose."""
+    cosine = np.array([[0.9, 0.2, 0.1], [0.1, 0.9, 0.3]], dtype=np.float32)
+    dist = np.array([[0.1, 0.5, 0.9], [0.8, 0.2, 0.4]], dtype=np.float32)
+    rel = np.eye(2, 3, dtype=bool)
+    with caplog.at_level(logging.WARNING, logger="utils.clip.colour_term"):
+        best, table, warnings = search_with_checks(cosine, dist, rel, [0.0, 0.05, 0.1], [0.3, 1.0])
+    assert all(c.val_score == 1000.0 for c in table) and best.alpha == 0.0
+    assert len(warnings) == 1 and "validation cannot separate" in warnings[0]
+    assert f"{len(table)} of {len(table)}" in warnings[0]
+    assert warnings[0] in caplog.text
+    # a validation that does separate the options (alpha 0.05 inside the grid, the largest threshold) says nothing
+    cosine = np.array([[0.32, 0.84, 0.31, 0.67, 0.30], [0.83, 0.78, 0.81, 0.51, 0.43], [0.43, 0.70, 0.75, 0.79, 0.76]], np.float32)
+    dist = np.array([[0.52, 0.37, 0.68, 0.68, 0.86], [0.85, 0.13, 0.44, 0.52, 0.46], [0.48, 0.92, 0.25, 0.79, 0.17]], np.float32)
+    rel = np.array([[1, 1, 0, 0, 0], [0, 0, 1, 1, 0], [0, 0, 0, 0, 1]], bool)
+    chosen, table, quiet = search_with_checks(cosine, dist, rel, [0.0, 0.05, 0.1, 0.2, 0.4], [0.3, 0.6, 1.0])
+    assert (chosen.alpha, chosen.val_score) == (0.05, 1000.0) and quiet == []
+    assert sorted({c.alpha for c in table}) == [0.0, 0.05, 0.1, 0.2, 0.4]  # not widened
+
+
+def test_colour_search_widens_its_grid_once_then_warns_at_the_edge(caplog):
+    # threshold 0.9 (quantile 1.0): query 0 needs alpha > 0.034, query 1 alpha > 0.09; 0.04 (the grid's edge)
+    # fixes query 0 only; the widened grid (0.08, 0.16) fixes both with its largest value, again its edge
+    cosine = np.array([[0.80, 0.70, 0.83], [0.60, 0.70, 0.77]], dtype=np.float32)
+    dist = np.array([[0.1, 0.9, 0.9], [0.9, 0.2, 0.9]], dtype=np.float32)
+    rel = np.eye(2, 3, dtype=bool)
+    before, first, _ = search_with_checks(cosine, dist, rel, [0.0, 0.02, 0.04], [1.0])
+    alphas = sorted({c.alpha for c in first})
+    assert alphas == [0.0, 0.02, 0.04, 0.08, 0.16]
+    assert before.alpha == 0.16 and before.val_score == 1000.0
+    with caplog.at_level(logging.WARNING, logger="utils.clip.colour_term"):
+        _, _, warnings = search_with_checks(cosine, dist, rel, [0.0, 0.02, 0.04], [1.0])
+    assert any("edge of its grid" in w for w in warnings) and "edge of its grid" in caplog.text
+    # inside the grid: no widening, no edge warning
+    inside, table, warnings = search_with_checks(cosine, dist, rel, [0.0, 0.2, 0.4], [1.0])
+    assert inside.alpha == 0.2 and sorted({c.alpha for c in table}) == [0.0, 0.2, 0.4]
+    assert not any("edge" in w for w in warnings)
+
+
+def test_mean_cosine_of_correct_and_incorrect_pairs():
+    sim = np.array([[0.9, 0.1, 0.3], [0.2, 0.8, 0.4]], dtype=np.float32)
+    rel = np.eye(2, 3, dtype=bool)
+    gap = mean_cosine_by_relevance(sim, rel)
+    assert np.isclose(gap["correct"], 0.85) and np.isclose(gap["incorrect"], (0.1 + 0.3 + 0.2 + 0.4) / 4)
+    assert np.isclose(gap["gap"], 0.85 - 0.25)
+
+
 # ----------------------------------------------------------------------------
 # the script, end to end on generated data, into ensemble.py and submit.py
 
@@ -140,6 +189,10 @@ def test_script_end_to_end_then_ensemble_and_submit(rehearsal_data_session, tmp_
         assert ((bonus > 1e-6).sum(axis=1) <= 5).all()
     assert run.meta["metrics"]["val"]["score"] >= cosine.meta["metrics"]["val"]["score"]
     assert term["effect"]["val"]["score_cosine"] == cosine.meta["metrics"]["val"]["score"]
+    assert isinstance(term["warnings"], list)
+    for split in ("val", "test"):  # Tudo Bein's check, on the cosine before the colour term
+        gap = run.meta["mean_cosine"][split]
+        assert -1 <= gap["incorrect"] <= 1 and np.isclose(gap["gap"], gap["correct"] - gap["incorrect"])
 
     assert ensemble.main(["--runs", str(runs), "--models", "clip_colour", "--data", data, "--bootstrap", "10"]) == 0
     with server(rehearsal_data_session) as url:

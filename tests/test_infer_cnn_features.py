@@ -6,6 +6,7 @@ from __future__ import annotations
 import copy
 import json
 import shutil
+from dataclasses import replace
 
 import numpy as np
 import pytest
@@ -53,6 +54,41 @@ def test_all_faces_box_covers_both_faces_one_face_only_one(tmp_path):
     assert w_all > 2 * a.width and w_one < 1.2 * a.width  # both faces, or one
     cached = face_box_crops(paths, det, "all", 0.1, tmp_path / "cache")  # boxes and crops reused
     assert cached.paths == every.paths
+
+
+def test_face_crop_gates_refuse_a_face_free_photo(tmp_path):
+    """A real PACS guitar photo: MTCNN alone finds a small "face" in it, which --face-crop used to crop; the face
+    cascade's gates (box side, MTCNN probability) refuse it, so it stays whole, while a real ORL face keeps its crop."""
+    guitar = shared_data("pacs_mini") / "photo" / "guitar" / "n03272010_6737.jpg"
+    face = shared_data("orl_faces") / "s1" / "1.pgm"
+    paths = [tmp_path / "guitar.jpg", tmp_path / "face.png"]
+    shutil.copyfile(guitar, paths[0])
+    Image.open(face).convert("RGB").save(paths[1])
+    cpu = torch.device("cpu")
+    det = FaceDetector(DetectorParams(), cpu)
+    ungated = face_box_crops(paths, det, "all", 0.2, tmp_path / "ungated")
+    assert ungated.n_faces[0] >= 1 and ungated.paths[0] != paths[0]  # the crop taken before the gates
+    cfg = script.Config(runs=tmp_path / "runs", face_crop="all", workers=0)
+    out, counts = script.gated_face_crops(cfg, paths, det, cpu, "test")
+    assert out[0] == paths[0] and out[1] != paths[1]
+    assert counts == {"images": 2, "faces_found": 1, "whole_image": 1, "refused_by_gates": 1, "faces_total": 1}
+    # the gates decide, not the detector: with both set to 0 the guitar is cropped again
+    loose, counts = script.gated_face_crops(replace(cfg, min_face_frac=0.0, min_face_prob=0.0), paths, det, cpu, "test")
+    assert loose[0] != paths[0] and counts["refused_by_gates"] == 0
+
+
+def test_euclidean_metric_is_minus_the_distance():
+    rng = np.random.default_rng(0)
+    unit = lambda x: x / np.linalg.norm(x, axis=1, keepdims=True)  # noqa: E731
+    emb = {k: unit(rng.normal(size=(n, 8))).astype(np.float32) for k, n in
+           (("val_query", 3), ("val_gallery", 5), ("test_query", 4), ("test_gallery", 6))}
+    cos, euc = script.similarity(emb, "cosine"), script.similarity(emb, "euclidean")
+    for split, q, g in (("val", "val_query", "val_gallery"), ("test", "test_query", "test_gallery")):
+        dist = np.linalg.norm(emb[q][:, None] - emb[g][None], axis=2)
+        assert euc[split].dtype == np.float32 and np.allclose(euc[split], -dist, atol=1e-5)  # higher = more similar
+        assert np.array_equal(np.argsort(-euc[split], axis=1), np.argsort(-cos[split], axis=1))
+    with pytest.raises(KitError, match="--metric 'manhattan'"):
+        script.similarity(emb, "manhattan")
 
 
 def test_pixel_agreement_prefers_the_same_picture(tmp_path):

@@ -82,3 +82,14 @@ def evaluate(sim: np.ndarray, rel: np.ndarray) -> dict[str, float]:
     for k in (1, 5, 10):
         out[f"p@{k}"] = precision_at_k(sim, rel, k)
     return out
+
+
+def mean_cosine_by_relevance(sim: np.ndarray, rel: np.ndarray) -> dict[str, float]:
+    """Mean similarity of correct (relevant) and of incorrect query-gallery pairs, and their gap.
+
+    Tudo Bein's quickest check of a domain gap: a small gap means the model barely tells a right
+    match from a wrong one across the domains. NaN for a side with no pair.
+    """
+    correct = float(sim[rel].mean()) if rel.any() else float("nan")
+    incorrect = float(sim[~rel].mean()) if (~rel).any() else float("nan")
+    return {"correct": correct, "incorrect": incorrect, "gap": correct - incorrect}
