@@ -12,7 +12,7 @@ import pytest
 import torch
 from PIL import Image
 
-from tests.conftest import ROOT
+from tests.helpers.paths import ROOT
 from utils.data.augment import IMAGENET_MEAN, IMAGENET_STD, eval_transform
 from utils.deps import require
 from utils.embedding.cache import cached, files_key

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import infer_facenet
 from benchmarks.bench_faces import build_dataset
-from tests.conftest import shared_data
+from tests.helpers.paths import shared_data
 from utils.runs.similarity_io import load_run
 
 

@@ -19,8 +19,8 @@ import pytest
 
 import ensemble
 import submit
-from tests.conftest import ROOT
-from tests.test_ensemble import write_runs
+from tests.helpers.paths import ROOT
+from tests.helpers.runs import write_runs
 from utils.checklist import BLOCK, OK, Checklist
 from utils.errors import KitError
 from utils.runs.model_run import begin_inference_run
@@ -200,10 +200,10 @@ def test_model_scripts_and_the_training_loop_are_refused_while_another_process_w
         cfg = type("Cfg", (), {"runs": runs, "run_name": "a", "device": "cpu", "seed": 0})()
         with pytest.raises(KitError, match=f"in use by pid {holder.pid}"):
             begin_inference_run(cfg)
-        from tests.test_training_loop import _trainer
+        from tests.helpers.toy_training import toy_trainer
 
         with pytest.raises(KitError, match=f"in use by pid {holder.pid}"):
-            _trainer(runs / "a")
+            toy_trainer(runs / "a")
         assert not (runs / "a" / "last.pt").exists()
     finally:
         go.touch()

@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.conftest import ROOT
+from tests.helpers.paths import ROOT
 from tests.helpers.serving import serving
 from utils.data.layout import load_layout
 from utils.submission.server import CompetitionServer

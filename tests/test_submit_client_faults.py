@@ -13,9 +13,9 @@ import pytest
 
 import preflight
 import submit
-from tests.conftest import ROOT
-from tests.test_ledger_faults import local_server
-from tests.test_submit import make_run
+from tests.helpers.paths import ROOT
+from tests.helpers.runs import make_run
+from tests.helpers.serving import local_server
 from utils.checklist import BLOCK, Checklist
 from utils.errors import KitError
 from utils.submission import client, ledger

@@ -17,9 +17,9 @@ from pathlib import Path
 import pytest
 
 import submit
-from tests.conftest import ROOT
-from tests.helpers.serving import serving
-from tests.test_submit import make_run, server
+from tests.helpers.paths import ROOT
+from tests.helpers.runs import make_run
+from tests.helpers.serving import competition_server, serving
 from utils.atomic import atomic_write_json
 from utils.errors import KitError
 from utils.submission import ledger
@@ -247,7 +247,7 @@ def test_ledger_history_and_resend_by_number(rehearsal_data_session, run_dir, tm
     assert submit.main(["--run", str(run_dir), "--group", "t", "--out", str(out), "--dry-run"]) == 0
     with open(out / ledger.LEDGER_NAME, "ab") as f:
         f.write(b'{"torn line, as a kill mid-write would leave\n')
-    with server(rehearsal_data_session) as url:
+    with competition_server(rehearsal_data_session) as url:
         assert submit.main(["--resend", "1", "--url", url, "--out", str(out)]) == 0
     entries = ledger.read(out)
     assert [(e.number, e.record["outcome"], e.record["score"]) for e in entries] == [(1, "dry-run", None), (3, "submitted", 1000.0)]
@@ -268,7 +268,7 @@ def test_ledger_history_and_resend_by_number(rehearsal_data_session, run_dir, tm
 def test_outputs_get_the_umask_mode_not_0600(umask, mode, rehearsal_data_session, run_dir, tmp_path):
     old = os.umask(umask)
     try:
-        with server(rehearsal_data_session) as url:
+        with competition_server(rehearsal_data_session) as url:
             assert submit_to(url, run_dir, tmp_path / "s") == 0
         written = atomic_write_json(tmp_path / "runs" / "split.json", {"a": 1})
     finally:

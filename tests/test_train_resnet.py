@@ -12,7 +12,7 @@ import timm
 import torch
 
 import train_resnet
-from tests.conftest import ROOT
+from tests.helpers.paths import ROOT
 from utils.embedding.backbone import create_backbone
 from utils.errors import KitError
 from utils.runs.similarity_io import load_run
