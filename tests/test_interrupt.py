@@ -14,6 +14,7 @@ from pathlib import Path
 import pytest
 
 import visualize
+from tests.helpers.processes import lines_until
 from utils.errors import resume_command
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -31,18 +32,6 @@ def _start(cmd: list[str]) -> subprocess.Popen:
                             preexec_fn=default_sigint, env=env)
 
 
-def _read_until(proc: subprocess.Popen, *needles: str) -> list[str]:
-    """stderr lines up to the one holding the last of ``needles``, in order (the markers the script already logs)."""
-    seen, todo = [], list(needles)
-    while todo:
-        line = proc.stderr.readline()
-        assert line, f"process ended before {todo[0]!r}: {''.join(seen)}"
-        seen.append(line)
-        if todo[0] in line:
-            todo.pop(0)
-    return seen
-
-
 def _interrupt(proc: subprocess.Popen, signum: int) -> tuple[int, str]:
     proc.send_signal(signum)
     _, rest = proc.communicate(timeout=300)
@@ -53,7 +42,7 @@ def test_ctrl_c_then_sigterm_print_the_command_that_resumes(rehearsal_data_sessi
     args = ["train_resnet.py", "--data", str(rehearsal_data_session), "--runs", str(tmp_path / "runs"), *TINY]
     proc = _start([sys.executable, *args])
     try:
-        _read_until(proc, "epoch 1:", "epoch 2:")  # epoch 1's last.pt is saved before epoch 2 starts
+        lines_until(proc, "epoch 1:", "epoch 2:")  # epoch 1's last.pt is saved before epoch 2 starts
         code, line = _interrupt(proc, signal.SIGINT)
     finally:
         proc.kill()
@@ -64,7 +53,7 @@ def test_ctrl_c_then_sigterm_print_the_command_that_resumes(rehearsal_data_sessi
 
     resumed = _start(cmd)  # exactly as printed
     try:
-        seen = _read_until(resumed, "resumed from", "epoch")
+        seen = lines_until(resumed, "resumed from", "epoch")
         code, line = _interrupt(resumed, signal.SIGTERM)
     finally:
         resumed.kill()
