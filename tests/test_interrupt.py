@@ -38,6 +38,7 @@ def _interrupt(proc: subprocess.Popen, signum: int) -> tuple[int, str]:
     return proc.returncode, rest.strip().splitlines()[-1]
 
 
+@pytest.mark.slow
 def test_ctrl_c_then_sigterm_print_the_command_that_resumes(rehearsal_data_session, tmp_path):
     args = ["train_resnet.py", "--data", str(rehearsal_data_session), "--runs", str(tmp_path / "runs"), *TINY]
     proc = _start([sys.executable, *args])

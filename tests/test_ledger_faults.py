@@ -38,6 +38,7 @@ def history(out: Path, capsys) -> str:
     return " ".join(capsys.readouterr().out.split())  # rich may wrap a cell; compare words
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGKILL], ids=["SIGINT", "SIGKILL"])
 def test_a_signal_while_the_server_holds_the_reply_leaves_an_unknown_attempt(sig, run_dir, tmp_path, capsys):
     out = tmp_path / "s"

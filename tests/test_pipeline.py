@@ -7,6 +7,7 @@ from __future__ import annotations
 import json
 
 import numpy as np
+import pytest
 
 import ensemble
 import infer_facenet
@@ -18,6 +19,7 @@ from tests.helpers.tiny_models import TINY_VIT
 from utils.runs.similarity_io import align_runs, load_run
 
 
+@pytest.mark.slow
 def test_every_script_in_order_then_submit(rehearsal_data_session, tmp_path, capsys):
     data, runs = str(rehearsal_data_session), tmp_path / "runs"
     common = ["--data", data, "--runs", str(runs)]

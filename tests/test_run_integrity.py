@@ -78,6 +78,7 @@ def kill_once_training(argv: list[str], log: Path) -> None:
     assert proc.returncode == -signal.SIGKILL, log.read_text()[-2000:]
 
 
+@pytest.mark.slow
 def test_killed_rerun_is_left_out_and_cannot_be_submitted(rehearsal_data_session, tmp_path, caplog):
     data, runs = rehearsal_data_session, tmp_path / "runs"
     complete_run(data, runs / "resnet", seed=0)  # the earlier, complete run of the same model

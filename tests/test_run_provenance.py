@@ -176,6 +176,7 @@ sys.exit(ensemble.main(sys.argv[1:]))
 """
 
 
+@pytest.mark.slow
 def test_a_second_ensemble_writer_stops_with_one_line_naming_the_holder(tmp_path):
     runs, _ = write_runs(tmp_path)
     holder = start_holder(HOLD_ENSEMBLE, "--runs", str(runs), *FAST)
@@ -192,6 +193,7 @@ def test_a_second_ensemble_writer_stops_with_one_line_naming_the_holder(tmp_path
     load_run(runs / "ensemble")
 
 
+@pytest.mark.slow
 def test_model_scripts_and_the_training_loop_are_refused_while_another_process_writes_the_run(tmp_path):
     runs, data = write_runs(tmp_path)
     holder = start_holder(HOLD, str(runs / "a"))
@@ -232,6 +234,7 @@ def test_the_lock_of_a_killed_writer_is_taken_over(tmp_path):
 
 
 # ------------------------------------------------------------------ point 8: mixed run forms
+@pytest.mark.slow
 def test_a_matrix_run_and_a_topk_run_are_refused_in_one_line_not_dropped(tmp_path):
     runs = topk_runs(tmp_path, models=("p",))
     write_runs(tmp_path, models=(("a", 1.5),))
@@ -245,6 +248,7 @@ def test_a_matrix_run_and_a_topk_run_are_refused_in_one_line_not_dropped(tmp_pat
 
 
 # ------------------------------------------------------------------ point 9: --out and fused runs
+@pytest.mark.slow
 def test_out_may_not_name_a_member_or_a_model_run(tmp_path):
     runs, _ = write_runs(tmp_path, models=(("a", 1.5), ("b", 1.0), ("c", 0.5)))
     before = {f: sha(runs / "a" / f) for f in ("meta.json", "test_sim.npy")}
@@ -317,6 +321,7 @@ os.kill(os.getpid(), 9)      # ...and is killed
 """
 
 
+@pytest.mark.slow
 def test_an_ensemble_is_not_replaced_without_a_member_that_is_now_incomplete(tmp_path):
     runs, _ = write_runs(tmp_path)
     assert ensemble.main(["--runs", str(runs), *FAST]) == 0
@@ -353,6 +358,7 @@ def _limit_file_size() -> None:
     resource.setrlimit(resource.RLIMIT_FSIZE, (2048, 2048))
 
 
+@pytest.mark.slow
 def test_ensemble_under_a_file_size_limit_is_one_line(tmp_path):
     runs, _ = write_runs(tmp_path, n_id=30)  # matrices of 60 x 60 float32: 14 kB each
     proc = script("ensemble.py", "--runs", str(runs), "--no-plot", *FAST, preexec_fn=_limit_file_size)
@@ -361,6 +367,7 @@ def test_ensemble_under_a_file_size_limit_is_one_line(tmp_path):
     assert not (runs / "ensemble" / "meta.json").exists() and not list((runs / "ensemble").glob(".*.tmp"))
 
 
+@pytest.mark.slow
 def test_a_run_still_being_written_is_named_with_its_writer_when_left_out(tmp_path):
     runs, _ = write_runs(tmp_path, models=(("a", 1.5), ("b", 1.0), ("c", 0.5)))
     holder = start_holder(HOLD, str(runs / "c"))

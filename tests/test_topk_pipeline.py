@@ -22,6 +22,7 @@ RESNET = ["--model", "test_resnet", "--weights", "none", "--img-size", "32", "--
 DLIB = ["--embedder", "dlib", "--detector", "none", "--tta", "--workers", "0"]
 
 
+@pytest.mark.slow
 def test_model_runs_past_the_limit_fuse_and_submit_in_the_topk_form(rehearsal_data_session, tmp_path, capsys):
     data = str(rehearsal_data_session)
     matrix, topk = tmp_path / "matrix", tmp_path / "topk"

@@ -44,6 +44,7 @@ def meta(run_dir: Path) -> dict:
     return json.loads((run_dir / "meta.json").read_text())
 
 
+@pytest.mark.slow
 def test_fine_tune_lowers_loss_and_beats_zero_shot(rehearsal_data, tmp_path, configs):
     runs = tmp_path / "runs"
     common = ["--data", str(rehearsal_data), "--runs", str(runs), "--model", configs["tiny-vit"], *TRAIN]
