@@ -14,7 +14,7 @@ from pathlib import Path
 import pytest
 
 import visualize
-from tests.helpers.processes import lines_until
+from tests.helpers.processes import default_sigint, lines_until
 from utils.errors import resume_command
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -24,9 +24,6 @@ COMMAND = re.compile(r"to go on from the last saved epoch: (.*)  \(if none was s
 
 
 def _start(cmd: list[str]) -> subprocess.Popen:
-    def default_sigint():  # a non-interactive parent may ignore SIGINT; a terminal's Ctrl-C does not
-        signal.signal(signal.SIGINT, signal.SIG_DFL)
-
     env = {**os.environ, "PYTHONDONTWRITEBYTECODE": "1", "COLUMNS": "400"}
     return subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
                             preexec_fn=default_sigint, env=env)

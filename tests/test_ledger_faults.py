@@ -17,6 +17,7 @@ import pytest
 
 import submit
 from tests.helpers.paths import ROOT
+from tests.helpers.processes import default_sigint
 from tests.helpers.runs import make_run
 from tests.helpers.serving import HOLD_S, local_server
 from utils.errors import KitError
@@ -44,7 +45,7 @@ def test_a_signal_while_the_server_holds_the_reply_leaves_an_unknown_attempt(sig
     out = tmp_path / "s"
     with local_server(hold=True) as (srv, url):
         proc = subprocess.Popen([sys.executable, "submit.py", *submit_args(run_dir, url, out)], cwd=ROOT,
-                                stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+                                stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, preexec_fn=default_sigint)
         try:
             assert srv.got_body.wait(HOLD_S), "the server never got the body"
             proc.send_signal(sig)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import signal
 import subprocess
 import threading
 from typing import IO
@@ -34,3 +35,10 @@ def lines_until(proc: subprocess.Popen, *needles: str, stream: IO[str] | None = 
     finally:
         watchdog.cancel()
     return seen
+
+
+def default_sigint() -> None:
+    """``preexec_fn`` for a child that must take a real SIGINT as Ctrl-C: a parent started in the background
+    (``cmd &``, nohup, some CI runners) ignores SIGINT, the child inherits that, and Python then never raises
+    KeyboardInterrupt; a terminal's Ctrl-C reaches a foreground process with the default action."""
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
