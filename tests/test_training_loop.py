@@ -201,7 +201,7 @@ def test_a_finished_run_with_the_same_settings_is_reused_not_retrained(tmp_path)
     first, m1 = toy_trainer(tmp_path, scores=[1.0, 3.0, 2.0], data_key="files-A")
     first.fit(toy_loader())
     assert torch.load(tmp_path / "last.pt", weights_only=True)["finished"] is True
-    again, m2 = toy_trainer(tmp_path, scores=[], data_key="files-A")
+    again, m2 = toy_trainer(tmp_path, scores=[1.0, 3.0, 2.0], data_key="files-A")
     state = again.fit(toy_loader())
     assert m2.steps == 0, "a finished run with the same settings should have been reused"
     assert state.history == first.state.history and again.final_checkpoint() == tmp_path / "best.pt"
