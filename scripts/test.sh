@@ -6,4 +6,4 @@ cd "$(dirname "$0")/.."
 bash scripts/setup.sh
 export HF_HUB_OFFLINE=1 TIMM_OFFLINE=1 PYTHONDONTWRITEBYTECODE=1
 .venv/bin/python -m ruff check .
-.venv/bin/python -m pytest -q "$@"
+.venv/bin/python -m pytest -q -m "" "$@"  # -m "": the slow tests too (plain pytest skips them)

@@ -8,13 +8,12 @@ from pathlib import Path
 
 import pytest
 
+from tests.helpers.paths import ROOT, SHARED_DATA, shared_data  # noqa: F401 - re-exported for tests not yet moved
+
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TIMM_OFFLINE", "1")
 os.environ.setdefault("TORCH_HOME", "/nonexistent-torch-home")
 os.environ.setdefault("KIT_WEIGHTS_DIR", "/nonexistent-kit-weights")  # a fetched weights/ folder must not change what tests load
-
-ROOT = Path(__file__).resolve().parent.parent
-SHARED_DATA = ROOT.parent / "shared" / "data"
 
 
 @pytest.fixture(scope="session")
@@ -34,13 +33,6 @@ def rehearsal_data(rehearsal_data_session, tmp_path) -> Path:
     shutil.copytree(rehearsal_data_session, dst)
     return dst
 
-
-def shared_data(name: str) -> Path:
-    """``../shared/data/<name>``, or skip the test when this machine lacks it."""
-    path = SHARED_DATA / name
-    if not path.is_dir():
-        pytest.skip(f"{path} not present (real data is only on development machines)")
-    return path
 
 
 @pytest.fixture(scope="module")

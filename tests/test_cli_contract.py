@@ -9,7 +9,7 @@ import re
 
 import pytest
 
-from tests.conftest import ROOT
+from tests.helpers.paths import ROOT
 
 SCRIPTS = sorted(p.stem for p in ROOT.glob("*.py") if (p.stem.startswith(("train_", "infer_")) or p.stem in ("ensemble", "submit", "visualize", "preflight", "day")))
 MODULES = ["utils.submission.server", "utils.data.rehearsal_data", "utils.runs.report", "utils.weights.__main__"]

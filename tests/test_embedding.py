@@ -12,7 +12,7 @@ import pytest
 import torch
 from PIL import Image
 
-from tests.conftest import ROOT
+from tests.helpers.paths import ROOT
 from utils.data.augment import IMAGENET_MEAN, IMAGENET_STD, eval_transform
 from utils.deps import require
 from utils.embedding.cache import cached, files_key
@@ -183,6 +183,7 @@ def test_a_missing_optional_package_is_one_line_with_the_install_command():
     require("numpy", "anything")
 
 
+@pytest.mark.slow
 def test_embedding_sharded_under_torchrun_equals_one_process(tmp_path):
     paths = _images(tmp_path / "imgs", n=7)
     single = embed_images(_cnn(), paths, eval_transform(24), device=CPU, views=tta_views(["flip"]), batch_size=3, workers=0)
@@ -216,6 +217,7 @@ def test_worker_count_is_chosen_for_the_machine():
     assert not is_cnn(torch.nn.Linear(3, 3))
 
 
+@pytest.mark.slow
 def test_compiled_model_gives_the_same_embeddings(tmp_path):
     paths = _images(tmp_path / "imgs", n=5)
     plain = embed_images(_cnn(), paths, eval_transform(24), device=CPU, batch_size=2, workers=0)

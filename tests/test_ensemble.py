@@ -10,6 +10,7 @@ import numpy as np
 import pytest
 
 import ensemble
+from tests.helpers.runs import write_runs
 from utils.ensemble.fusion import fuse, transform, weighted_sum
 from utils.ensemble.plan import Option, Scorer, warn_if_saturated
 from utils.ensemble.rerank import (
@@ -24,7 +25,7 @@ from utils.ensemble.rerank import (
 )
 from utils.ensemble.weight_search import CandidateScorer, loop_first_hit, points_from_rank, search_weights, simplex_grid
 from utils.errors import KitError
-from utils.runs.metrics import relevance_matrix, topk_scores
+from utils.runs.metrics import topk_scores
 from utils.runs.similarity_io import SimMatrix, load_run, save_run
 
 
@@ -267,27 +268,6 @@ def test_rerank_without_steps_is_the_identity_and_steps_run_in_a_fixed_order():
 
 
 # ---------------------------------------------------------------- main() on run folders
-def write_runs(root, n_id=12, models=(("a", 1.5), ("b", 1.0)), seed=0):
-    """Run folders as model scripts write them: val names train/<identity>/<img>, test basenames."""
-    rng = np.random.default_rng(seed)
-    vq = [f"train/id{i:02d}/real_{k}.jpg" for i in range(n_id) for k in range(2)]
-    vg = [f"train/id{i:02d}/synth_{k}.png" for i in range(n_id) for k in range(2)]
-    tq = [f"q{i:03d}.jpg" for i in range(2 * n_id)]
-    tg = [f"g{i:03d}.png" for i in range(2 * n_id)]
-    truth = {q: [tg[2 * (j // 2)], tg[2 * (j // 2) + 1]] for j, q in enumerate(tq)}
-    val_rel = np.repeat(np.repeat(np.eye(n_id, dtype=bool), 2, axis=0), 2, axis=1)
-    test_rel = relevance_matrix(tq, tg, truth)
-    for name, strength in models:
-        sims = {}
-        for split, (q, g, rel) in {"val": (vq, vg, val_rel), "test": (tq, tg, test_rel)}.items():
-            sims[split] = SimMatrix((strength * rel + rng.standard_normal(rel.shape)).astype(np.float32), q, g)
-        save_run(root / "runs" / name, sims, {"model": name})
-    data = root / "data"
-    (data / "test").mkdir(parents=True)
-    (data / "test" / "ground_truth.json").write_text(json.dumps(truth))
-    return root / "runs", data
-
-
 def test_main_end_to_end_two_runs(tmp_path):
     runs, data = write_runs(tmp_path)
     assert ensemble.main(["--runs", str(runs), "--data", str(data), "--bootstrap", "20"]) == 0

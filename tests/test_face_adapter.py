@@ -66,6 +66,7 @@ def test_a_candidate_replaces_the_source_only_when_it_wins_on_validation():
     assert scores["source"]["score"] < 1000 and chosen == "whiten" and scores["whiten"]["score"] == 1000 and scores["adapter"]["score"] < scores["source"]["score"]
 
 
+@pytest.mark.slow
 def test_adapter_run_end_to_end_on_a_dlib_face_run(rehearsal_data, tmp_path):
     runs = tmp_path / "runs"
     common = ["--data", str(rehearsal_data), "--runs", str(runs)]
@@ -104,6 +105,7 @@ def test_cosines_of_adapted_embeddings_stay_cosines():
     assert np.allclose(np.diag(sim), 1, atol=1e-5) and sim.dtype == np.float32 and not a.training
 
 
+@pytest.mark.slow
 def test_finetune_trains_only_facenets_last_blocks_and_refuses_dlib(rehearsal_data, tmp_path):
     from facenet_pytorch import InceptionResnetV1
 

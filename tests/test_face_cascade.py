@@ -59,7 +59,12 @@ def check_face(faces, i: int, angle_deg: float, stage: str) -> None:
     assert np.isfinite(faces.landmarks[i]).all() and faces.probs[i] > 0
 
 
-@pytest.mark.parametrize("stage", STAGES)
+def slow_for(*slow: str) -> list:
+    """STAGES as parameters, those named marked slow (over 10 s on a loaded 2-core machine)."""
+    return [pytest.param(s, marks=pytest.mark.slow) if s in slow else s for s in STAGES]
+
+
+@pytest.mark.parametrize("stage", slow_for("mmod"))
 def test_each_stage_finds_the_sketched_face_and_nothing_in_a_blank_image(images, stage):
     cascade = FaceCascade(CascadeParams(stages=(stage,)), CPU)
     face = images["negative15" if stage == "mtcnn_invert" else "sketch15"]  # the inverting stage sees the sketch
@@ -72,7 +77,7 @@ def test_each_stage_finds_the_sketched_face_and_nothing_in_a_blank_image(images,
 ROTATIONS = (-15.0, 15.0, -30.0, 30.0)
 
 
-@pytest.mark.parametrize("stage", STAGES)
+@pytest.mark.parametrize("stage", slow_for("mmod", "mtcnn_sketch"))
 def test_each_stage_finds_the_sketch_rolled_30_degrees(images, stage):
     """hog, mmod and rotate as they are; every MTCNN stage with its rotation search (--detector-rotations)."""
     params = CascadeParams(stages=(stage,), stage_rotations=() if stage in ("hog", "mmod", "rotate") else ROTATIONS, rotated_stages=MTCNN_STAGES)
@@ -126,6 +131,7 @@ def test_plain_mtcnn_misses_the_30_degree_sketch_and_the_cascade_recovers_it(ima
     check_face(faces, 0, ANGLE_DEG, "rotate")
 
 
+@pytest.mark.slow
 def test_later_stages_run_only_on_what_earlier_ones_missed(images):
     cascade = FaceCascade(CascadeParams(stages=("mtcnn", "hog", "rotate")), CPU)
     faces = cascade.detect([images["sketch15"], images["blank"], images["sketch15"]], workers=0)
@@ -134,6 +140,7 @@ def test_later_stages_run_only_on_what_earlier_ones_missed(images):
     assert cascade.stage_counts(faces) == {"mtcnn": 2, "hog": 0, "rotate": 0, "none": 1}
 
 
+@pytest.mark.slow
 def test_the_size_gate_rejects_small_boxes(images):
     cascade = FaceCascade(CascadeParams(stages=("mtcnn",), min_face_frac=0.6), CPU)  # a face is ~1/4 of this image
     assert not cascade.detect([images["sketch15"]], workers=0).found[0]
@@ -175,6 +182,7 @@ def test_bad_settings_are_one_clear_line(bad, match):
     assert "\n" not in str(err.value)
 
 
+@pytest.mark.slow
 def test_the_crop_cache_records_the_stage_per_image(images, tmp_path):
     from utils.faces.crop import CropParams, face_crops
 
@@ -188,6 +196,7 @@ def test_the_crop_cache_records_the_stage_per_image(images, tmp_path):
     assert cascade.tried == {"mtcnn": 3, "rotate": 2}  # the second call came from the cache
 
 
+@pytest.mark.slow
 def test_infer_facenet_cascade_writes_counts_per_stage(rehearsal_data, tmp_path):
     import json
 

@@ -15,7 +15,7 @@ import pytest
 
 import preflight
 import visualize
-from tests.test_visualize import handmade_run
+from tests.helpers.runs import handmade_run
 from utils.atomic import atomic_write_bytes
 from utils.checklist import BLOCK, OK, Checklist
 from utils.errors import FILESYSTEM_ERRORS, KitError, run_cli

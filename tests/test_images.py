@@ -14,7 +14,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from tests.conftest import ROOT
+from tests.helpers.paths import ROOT
 from utils.data import images
 from utils.data.images import ImageError, check_images, list_images, load_image, scan_folder
 from utils.errors import KitError

@@ -18,7 +18,7 @@ from PIL import Image
 import ensemble
 import infer_caption_match as script
 import submit
-from tests.test_submit import server
+from tests.helpers.serving import competition_server
 from utils.clip.captions import Captioner, CaptionParams, caption_images, read_cache
 from utils.clip.text import create_clip, encode_texts
 from utils.embedding.views import View
@@ -248,7 +248,7 @@ def test_end_to_end_into_ensemble_and_submit(rehearsal_data, tiny_blip, tiny_cli
     assert np.array_equal(np.load(runs / "caption_match" / "test_sim.npy"), first)
 
     assert ensemble.main(["--runs", str(runs), "--data", str(rehearsal_data), "--bootstrap", "10"]) == 0
-    with server(rehearsal_data) as url:
+    with competition_server(rehearsal_data) as url:
         assert submit.main(["--run", str(runs / "ensemble"), "--url", url, "--group", "captions",
                             "--out", str(tmp_path / "subs"), "--data", str(rehearsal_data)]) == 0
     reply = json.loads(next((tmp_path / "subs").glob("*.response.json")).read_text())

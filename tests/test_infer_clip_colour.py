@@ -16,8 +16,8 @@ from PIL import Image
 import ensemble
 import infer_clip_colour as script
 import submit
-from tests.test_submit import server
-from tests.test_train_clip_arcface import TINY_VIT
+from tests.helpers.serving import competition_server
+from tests.helpers.tiny_models import TINY_VIT
 from utils.clip.colour_term import apply_colour_term, search_colour_term, search_with_checks, threshold_grid
 from utils.data.colour import DESCRIPTORS, DISTANCES, colour_descriptors, colour_distances, emd
 from utils.data.object_crop import object_box
@@ -195,7 +195,7 @@ def test_script_end_to_end_then_ensemble_and_submit(rehearsal_data_session, tmp_
         assert -1 <= gap["incorrect"] <= 1 and np.isclose(gap["gap"], gap["correct"] - gap["incorrect"])
 
     assert ensemble.main(["--runs", str(runs), "--models", "clip_colour", "--data", data, "--bootstrap", "10"]) == 0
-    with server(rehearsal_data_session) as url:
+    with competition_server(rehearsal_data_session) as url:
         assert submit.main(["--run", str(runs / "ensemble"), "--url", url, "--group", "colour",
                             "--out", str(tmp_path / "subs"), "--data", data]) == 0
     reply = json.loads(next((tmp_path / "subs").glob("*.response.json")).read_text())

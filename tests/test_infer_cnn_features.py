@@ -17,8 +17,8 @@ from PIL import Image
 import ensemble
 import infer_cnn_features as script
 import submit
-from tests.conftest import shared_data
-from tests.test_submit import server
+from tests.helpers.paths import shared_data
+from tests.helpers.serving import competition_server
 from utils.embedding.stage_features import POOLS, StageFeatures
 from utils.errors import KitError
 from utils.faces.detect import DetectorParams, FaceDetector
@@ -140,7 +140,7 @@ def test_script_end_to_end_then_ensemble_and_submit(rehearsal_data_session, tmp_
 
     assert ensemble.main(["--runs", str(runs), "--data", data, "--bootstrap", "10"]) == 0
     fused = load_run(runs / "ensemble")
-    with server(rehearsal_data_session) as url:
+    with competition_server(rehearsal_data_session) as url:
         assert submit.main(["--run", str(runs / "ensemble"), "--url", url, "--group", "cnn",
                             "--out", str(tmp_path / "subs"), "--data", data]) == 0
     reply = json.loads(next((tmp_path / "subs").glob("*.response.json")).read_text())

@@ -77,6 +77,7 @@ def test_eye_alignment_levels_the_eyes(images, detector):
     assert abs(eyes[0, 1] - eyes[1, 1]) < 1.0  # ... and level in the crop
 
 
+@pytest.mark.slow
 def test_no_face_falls_back_to_the_centre_square_counted_and_normalised_like_faces(images, detector, tmp_path):
     params = CropParams()  # FaceNet geometry: 160 px seen, 200 px stored
     paths = [images["astronaut"], images["blank"], images["gradient"]]
@@ -184,6 +185,7 @@ def test_main_rejects_hub_weights_offline_in_one_line(rehearsal_data, tmp_path, 
 SMALL = ["--detector", "mtcnn", "--detect-px", "64", "--workers", "0", "--embed-batch-size", "32"]
 
 
+@pytest.mark.slow
 def test_main_end_to_end_on_rehearsal_data_writes_a_valid_run(rehearsal_data, tmp_path, monkeypatch):
     runs = tmp_path / "runs"
     argv = ["--data", str(rehearsal_data), "--runs", str(runs), "--embedder", "facenet", "--weights", "none", *SMALL, "--tta"]
@@ -217,6 +219,7 @@ def test_main_end_to_end_on_rehearsal_data_writes_a_valid_run(rehearsal_data, tm
     assert np.array_equal(np.load(runs / "facenet_again" / "test_sim.npy"), before)
 
 
+@pytest.mark.slow
 def test_main_applies_tta_to_query_and_gallery_alike(rehearsal_data, tmp_path):
     runs = tmp_path / "runs"
     assert infer_facenet.main(["--data", str(rehearsal_data), "--runs", str(runs), "--embedder", "dlib", *SMALL, "--tta", "flip", "--gallery-views"]) == 0

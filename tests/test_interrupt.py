@@ -14,6 +14,7 @@ from pathlib import Path
 import pytest
 
 import visualize
+from tests.helpers.processes import default_sigint, lines_until
 from utils.errors import resume_command
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -23,24 +24,9 @@ COMMAND = re.compile(r"to go on from the last saved epoch: (.*)  \(with none sav
 
 
 def _start(cmd: list[str]) -> subprocess.Popen:
-    def default_sigint():  # a non-interactive parent may ignore SIGINT; a terminal's Ctrl-C does not
-        signal.signal(signal.SIGINT, signal.SIG_DFL)
-
     env = {**os.environ, "PYTHONDONTWRITEBYTECODE": "1", "COLUMNS": "400"}
     return subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
                             preexec_fn=default_sigint, env=env)
-
-
-def _read_until(proc: subprocess.Popen, *needles: str) -> list[str]:
-    """stderr lines up to the one holding the last of ``needles``, in order (the markers the script already logs)."""
-    seen, todo = [], list(needles)
-    while todo:
-        line = proc.stderr.readline()
-        assert line, f"process ended before {todo[0]!r}: {''.join(seen)}"
-        seen.append(line)
-        if todo[0] in line:
-            todo.pop(0)
-    return seen
 
 
 def _interrupt(proc: subprocess.Popen, signum: int) -> tuple[int, str]:
@@ -49,11 +35,12 @@ def _interrupt(proc: subprocess.Popen, signum: int) -> tuple[int, str]:
     return proc.returncode, rest.strip().splitlines()[-1]
 
 
+@pytest.mark.slow
 def test_ctrl_c_then_sigterm_print_the_command_that_resumes(rehearsal_data_session, tmp_path):
     args = ["train_resnet.py", "--data", str(rehearsal_data_session), "--runs", str(tmp_path / "runs"), *TINY]
     proc = _start([sys.executable, *args])
     try:
-        _read_until(proc, "epoch 1:", "epoch 2:")  # epoch 1's last.pt is saved before epoch 2 starts
+        lines_until(proc, "epoch 1:", "epoch 2:")  # epoch 1's last.pt is saved before epoch 2 starts
         code, line = _interrupt(proc, signal.SIGINT)
     finally:
         proc.kill()
@@ -64,7 +51,7 @@ def test_ctrl_c_then_sigterm_print_the_command_that_resumes(rehearsal_data_sessi
 
     resumed = _start(cmd)  # exactly as printed
     try:
-        seen = _read_until(resumed, "resumed from", "epoch")
+        seen = lines_until(resumed, "resumed from", "epoch")
         code, line = _interrupt(resumed, signal.SIGTERM)
     finally:
         resumed.kill()

@@ -10,7 +10,7 @@ import shutil
 import pytest
 
 import submit
-from tests.test_submit import make_run
+from tests.helpers.runs import make_run
 from utils.data.layout import load_layout
 from utils.data.rehearsal_data import generate
 from utils.errors import KitError

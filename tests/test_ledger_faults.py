@@ -12,63 +12,17 @@ import resource
 import signal
 import subprocess
 import sys
-import threading
-from contextlib import contextmanager
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 
 import pytest
 
 import submit
-from tests.conftest import ROOT
-from tests.helpers.serving import serving
-from tests.test_submit import make_run
+from tests.helpers.paths import ROOT
+from tests.helpers.processes import default_sigint
+from tests.helpers.runs import make_run
+from tests.helpers.serving import HOLD_S, local_server
 from utils.errors import KitError
 from utils.submission import ledger
-
-HOLD_S = 60  # a held reply is released by the test; this only bounds a broken test
-
-
-class Handler(BaseHTTPRequestHandler):
-    """Reads the body, signals ``got_body``, then holds the reply (``hold``) or answers ``reply``."""
-
-    server: "Server"
-
-    def do_POST(self) -> None:  # noqa: N802 - http.server's naming
-        self.server.bodies.append(self.rfile.read(int(self.headers.get("Content-Length", 0))))
-        self.server.got_body.set()
-        if self.server.hold:
-            self.server.release.wait(HOLD_S)
-        data = self.server.reply
-        try:
-            self.send_response(200)
-            self.send_header("Content-Type", "application/json")
-            self.send_header("Content-Length", str(len(data)))
-            self.end_headers()
-            self.wfile.write(data)
-        except OSError:
-            pass  # the client is gone (killed)
-
-    def log_message(self, format: str, *args) -> None:
-        pass
-
-
-class Server(ThreadingHTTPServer):
-    daemon_threads = True
-
-    def __init__(self, reply: bytes = b'{"accuracy": 1000.0}', hold: bool = False):
-        self.reply, self.hold, self.bodies = reply, hold, []
-        self.got_body, self.release = threading.Event(), threading.Event()
-        super().__init__(("127.0.0.1", 0), Handler)
-
-
-@contextmanager
-def local_server(**kwargs):
-    with serving(Server(**kwargs), join_s=5) as srv:
-        try:
-            yield srv, f"http://127.0.0.1:{srv.server_address[1]}/"
-        finally:
-            srv.release.set()
 
 
 @pytest.fixture
@@ -86,12 +40,13 @@ def history(out: Path, capsys) -> str:
     return " ".join(capsys.readouterr().out.split())  # rich may wrap a cell; compare words
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGKILL], ids=["SIGINT", "SIGKILL"])
 def test_a_signal_while_the_server_holds_the_reply_leaves_an_unknown_attempt(sig, run_dir, tmp_path, capsys):
     out = tmp_path / "s"
     with local_server(hold=True) as (srv, url):
         proc = subprocess.Popen([sys.executable, "submit.py", *submit_args(run_dir, url, out)], cwd=ROOT,
-                                stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+                                stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, preexec_fn=default_sigint)
         try:
             assert srv.got_body.wait(HOLD_S), "the server never got the body"
             proc.send_signal(sig)

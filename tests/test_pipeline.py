@@ -7,17 +7,19 @@ from __future__ import annotations
 import json
 
 import numpy as np
+import pytest
 
 import ensemble
 import infer_facenet
 import submit
 import train_clip_arcface
 import train_resnet
-from tests.test_submit import server
-from tests.test_train_clip_arcface import TINY_VIT
+from tests.helpers.serving import competition_server
+from tests.helpers.tiny_models import TINY_VIT
 from utils.runs.similarity_io import align_runs, load_run
 
 
+@pytest.mark.slow
 def test_every_script_in_order_then_submit(rehearsal_data_session, tmp_path, capsys):
     data, runs = str(rehearsal_data_session), tmp_path / "runs"
     common = ["--data", data, "--runs", str(runs)]
@@ -37,7 +39,7 @@ def test_every_script_in_order_then_submit(rehearsal_data_session, tmp_path, cap
     assert sorted(fused.meta["choice"]["models"]) == ["clip_arcface", "dlib", "resnet"]
     assert np.isclose(sum(fused.meta["plan"]["weights"]), 1.0)
 
-    with server(rehearsal_data_session) as url:
+    with competition_server(rehearsal_data_session) as url:
         code = submit.main(["--run", str(runs / "ensemble"), "--url", url, "--group", "smoke",
                             "--out", str(tmp_path / "subs"), "--data", data])
     assert code == 0

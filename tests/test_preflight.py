@@ -136,7 +136,7 @@ def test_weight_files_are_told_from_tags():
 def test_server_that_answers_and_one_that_does_not(rehearsal_data_session, capsys):
     with local_server(rehearsal_data_session) as server:
         cl = Checklist()
-        check_server(cl, server.url, "team", timeout_s=5)
+        check_server(cl, server.url, "team", timeout_s=60)
         assert _items(cl)[("server", "answers")][0] == OK and "HTTP 200" in _items(cl)[("server", "answers")][1]
         assert preflight.main(["--data", str(rehearsal_data_session), "--url", server.url, "--group", "team"]) == 0
         assert server.received == []  # a GET only: nothing was submitted

@@ -3,12 +3,15 @@ same people (the face benchmark's set). Skips where ../shared/data is absent."""
 
 from __future__ import annotations
 
+import pytest
+
 import infer_facenet
 from benchmarks.bench_faces import build_dataset
-from tests.conftest import shared_data
+from tests.helpers.paths import shared_data
 from utils.runs.similarity_io import load_run
 
 
+@pytest.mark.slow
 def test_aligned_dlib_matches_real_photos_to_restyled_ones(tmp_path):
     shared_data("orl_faces")
     data = build_dataset(tmp_path / "faces")

@@ -8,14 +8,14 @@ import os
 import signal
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import numpy as np
 import pytest
 
 import ensemble
-from tests.conftest import ROOT
+from tests.helpers.paths import ROOT
+from tests.helpers.processes import lines_until
 from utils.data.layout import load_layout
 from utils.errors import KitError
 from utils.runs.similarity_io import SimMatrix, invalidate_run, load_run, save_run
@@ -36,25 +36,49 @@ def complete_run(data: Path, run_dir: Path, seed: int, query_names: list[str] | 
     }, {"model": run_dir.name})
 
 
-def kill_once_training(cmd: list[str], marker: Path, deadline_s: float = 180) -> None:
-    """Start ``cmd``, SIGKILL it as soon as ``marker`` exists (a checkpoint: training has begun)."""
-    proc = subprocess.Popen(cmd, cwd=ROOT, env=ENV, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
-    try:
-        end = time.monotonic() + deadline_s
-        while not marker.exists():
-            if proc.poll() is not None:
-                pytest.fail(f"the run ended (rc {proc.returncode}) before training began: {proc.stderr.read()[-2000:]}")
-            if time.monotonic() > end:
-                pytest.fail(f"{marker} did not appear within {deadline_s} s")
-            time.sleep(0.05)
-        proc.send_signal(signal.SIGKILL)
-    finally:
-        if proc.poll() is None:
-            proc.kill()
-        proc.wait(timeout=30)
-    assert proc.returncode == -signal.SIGKILL
+# train_resnet.py as a model script runs, except that once epoch 1's checkpoints are saved (as epoch 2 begins) it
+# says so on stdout and waits, holding the run folder as a training run does, until it is killed: the kill always
+# lands mid-run, however slow or fast the machine. Its one seam is the Trainer's public on_epoch callback.
+HELD_AFTER_EPOCH_1 = """
+import os, sys
+import train_resnet
+from utils.training.loop import Trainer
+
+fit = Trainer.fit
 
 
+def fit_then_hold(self, loader, on_epoch=None):
+    def hold(epoch):
+        if epoch == 1:
+            print("epoch 1 saved", flush=True)
+            sys.stdin.read()  # returns only when the test is gone; never goes on training
+            os._exit(3)
+        if on_epoch is not None:
+            on_epoch(epoch)
+    return fit(self, loader, hold)
+
+
+Trainer.fit = fit_then_hold
+sys.exit(train_resnet.main(sys.argv[1:]))
+"""
+
+
+def kill_once_training(argv: list[str], log: Path) -> None:
+    """Run ``train_resnet.py argv``; SIGKILL it once it has saved epoch 1's checkpoint (training has begun)."""
+    with open(log, "w") as err:
+        proc = subprocess.Popen([sys.executable, "-c", HELD_AFTER_EPOCH_1, *argv], cwd=ROOT, env=ENV, stdin=subprocess.PIPE,
+                                stdout=subprocess.PIPE, stderr=err, text=True)
+        try:
+            lines_until(proc, "epoch 1 saved", stream=proc.stdout)
+            proc.send_signal(signal.SIGKILL)
+        finally:
+            if proc.poll() is None:
+                proc.kill()
+            proc.wait(timeout=60)
+    assert proc.returncode == -signal.SIGKILL, log.read_text()[-2000:]
+
+
+@pytest.mark.slow
 def test_killed_rerun_is_left_out_and_cannot_be_submitted(rehearsal_data_session, tmp_path, caplog):
     data, runs = rehearsal_data_session, tmp_path / "runs"
     complete_run(data, runs / "resnet", seed=0)  # the earlier, complete run of the same model
@@ -62,9 +86,9 @@ def test_killed_rerun_is_left_out_and_cannot_be_submitted(rehearsal_data_session
     before = load_run(runs / "resnet")
     assert not (runs / "resnet" / "last.pt").exists()
 
-    kill_once_training([sys.executable, "train_resnet.py", "--data", str(data), "--runs", str(runs),
-                        "--model", "resnet18", "--weights", "none", "--img-size", "32", "--epochs", "3",
-                        "--batch-size", "16", "--workers", "0"], runs / "resnet" / "last.pt")
+    kill_once_training(["--data", str(data), "--runs", str(runs), "--model", "resnet18", "--weights", "none",
+                        "--img-size", "32", "--epochs", "3", "--batch-size", "16", "--workers", "0"], tmp_path / "train.log")
+    assert (runs / "resnet" / "last.pt").is_file()  # killed with training under way
     # the old matrices are still on disk beside the new checkpoint ...
     assert np.array_equal(np.load(runs / "resnet" / "test_sim.npy"), before.splits["test"].sim)
 

@@ -19,8 +19,9 @@ import pytest
 
 import ensemble
 import submit
-from tests.conftest import ROOT
-from tests.test_ensemble import write_runs
+from tests.helpers.paths import ROOT
+from tests.helpers.processes import lines_until
+from tests.helpers.runs import write_runs
 from utils.checklist import BLOCK, OK, Checklist
 from utils.errors import KitError
 from utils.runs.model_run import begin_inference_run
@@ -50,14 +51,28 @@ def sha(path: Path) -> str:
     return hashlib.sha256(path.read_bytes()).hexdigest()
 
 
-def wait_for(marker: Path, proc: subprocess.Popen, deadline_s: float = 120) -> None:
-    """Until ``marker`` exists; fail if ``proc`` ends first."""
-    end = time.monotonic() + deadline_s
-    while not marker.exists():
-        if proc.poll() is not None:
-            pytest.fail(f"the holder ended (rc {proc.returncode}) before {marker.name}: {proc.stderr.read()[-2000:]}")
-        assert time.monotonic() < end, f"{marker} did not appear"
-        time.sleep(0.02)
+def start_holder(code: str, *args: str) -> subprocess.Popen:
+    """``python -c code args`` as a writer that says "held" on stdout once it holds what it holds, then waits
+    for a line on stdin (:func:`let_go`); returns after the "held" line, however slow the machine."""
+    holder = subprocess.Popen([sys.executable, "-c", code, *args], cwd=ROOT, env=ENV, stdin=subprocess.PIPE,
+                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        lines_until(holder, "held", stream=holder.stdout)
+    except BaseException:
+        holder.kill()
+        holder.communicate()
+        raise
+    return holder
+
+
+def let_go(holder: subprocess.Popen) -> tuple[int, str]:
+    """Tell a holder to go on (or, if it is already dead, collect it); its exit code and stderr."""
+    if holder.poll() is None and not holder.stdin.closed:
+        _, err = holder.communicate("go\n", timeout=300)
+    else:
+        holder.kill()
+        _, err = holder.communicate()
+    return holder.returncode, err
 
 
 def rerun(run_dir: Path, seed: int) -> None:
@@ -141,58 +156,48 @@ def test_a_topk_ensemble_records_its_members_and_refuses_a_changed_one(tmp_path)
 
 # ------------------------------------------------------------------ point 6: one writer per run folder
 HOLD = """
-import sys, time, pathlib
+import sys, pathlib
 from utils.runs.similarity_io import invalidate_run
-run_dir, held, go = map(pathlib.Path, sys.argv[1:4])
-invalidate_run(run_dir)  # what every model script calls as it begins writing its run folder
-held.touch()
-while not go.exists():
-    time.sleep(0.02)
+invalidate_run(pathlib.Path(sys.argv[1]))  # what every model script calls as it begins writing its run folder
+print("held", flush=True)
+sys.stdin.readline()  # "go", or the test is gone
 """
 
 HOLD_ENSEMBLE = """
-import sys, time, pathlib
+import sys
 import ensemble
-held, go = pathlib.Path(sys.argv[1]), pathlib.Path(sys.argv[2])
 real_save = ensemble.save_run
 def save_when_told(*args, **kw):
-    held.touch()
-    while not go.exists():
-        time.sleep(0.02)
+    print("held", flush=True)
+    sys.stdin.readline()  # "go", or the test is gone
     return real_save(*args, **kw)
 ensemble.save_run = save_when_told
-sys.exit(ensemble.main(sys.argv[3:]))
+sys.exit(ensemble.main(sys.argv[1:]))
 """
 
 
+@pytest.mark.slow
 def test_a_second_ensemble_writer_stops_with_one_line_naming_the_holder(tmp_path):
     runs, _ = write_runs(tmp_path)
-    held, go = tmp_path / "held", tmp_path / "go"
-    holder = subprocess.Popen([sys.executable, "-c", HOLD_ENSEMBLE, str(held), str(go), "--runs", str(runs), *FAST],
-                              cwd=ROOT, env=ENV, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    holder = start_holder(HOLD_ENSEMBLE, "--runs", str(runs), *FAST)
     try:
-        wait_for(held, holder)
         line = one_error_line(script("ensemble.py", "--runs", str(runs), *FAST))
         assert f"{runs / 'ensemble'}: in use by pid {holder.pid} on " in line and "-c" in line
         lock = json.loads((runs / "ensemble" / LOCK_NAME).read_text())
         assert lock["pid"] == holder.pid and lock["host"] and lock["command"]
-        go.touch()
-        assert holder.wait(timeout=120) == 0, holder.stderr.read()[-2000:]
+        code, err = let_go(holder)
+        assert code == 0, err[-2000:]
     finally:
-        go.touch()
-        if holder.poll() is None:
-            holder.kill()
+        let_go(holder)
     assert not (runs / "ensemble" / LOCK_NAME).exists()  # released once written
     load_run(runs / "ensemble")
 
 
+@pytest.mark.slow
 def test_model_scripts_and_the_training_loop_are_refused_while_another_process_writes_the_run(tmp_path):
     runs, data = write_runs(tmp_path)
-    held, go = tmp_path / "held", tmp_path / "go"
-    holder = subprocess.Popen([sys.executable, "-c", HOLD, str(runs / "a"), str(held), str(go)],
-                              cwd=ROOT, env=ENV, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    holder = start_holder(HOLD, str(runs / "a"))
     try:
-        wait_for(held, holder)
         # a real model script, second writer of runs/a
         line = one_error_line(script("train_resnet.py", "--data", str(data), "--runs", str(runs), "--run-name", "a", "--workers", "0"))
         assert f"in use by pid {holder.pid}" in line
@@ -200,30 +205,27 @@ def test_model_scripts_and_the_training_loop_are_refused_while_another_process_w
         cfg = type("Cfg", (), {"runs": runs, "run_name": "a", "device": "cpu", "seed": 0})()
         with pytest.raises(KitError, match=f"in use by pid {holder.pid}"):
             begin_inference_run(cfg)
-        from tests.test_training_loop import _trainer
+        from tests.helpers.toy_training import toy_trainer
 
         with pytest.raises(KitError, match=f"in use by pid {holder.pid}"):
-            _trainer(runs / "a")
+            toy_trainer(runs / "a")
         assert not (runs / "a" / "last.pt").exists()
     finally:
-        go.touch()
-        holder.wait(timeout=60)
+        let_go(holder)
     assert not (runs / "a" / LOCK_NAME).exists()  # the holder exited: atexit released it
 
 
 def test_the_lock_of_a_killed_writer_is_taken_over(tmp_path):
-    run_dir, held = tmp_path / "runs" / "a", tmp_path / "held"
-    holder = subprocess.Popen([sys.executable, "-c", HOLD, str(run_dir), str(held), str(tmp_path / "never")],
-                              cwd=ROOT, env=ENV, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    run_dir = tmp_path / "runs" / "a"
+    holder = start_holder(HOLD, str(run_dir))
     try:
-        wait_for(held, holder)
         with pytest.raises(KitError, match=f"in use by pid {holder.pid}"):
             acquire_run_lock(run_dir)
         holder.send_signal(signal.SIGKILL)
-        holder.wait(timeout=30)
+        holder.wait(timeout=60)
     finally:
-        if holder.poll() is None:
-            holder.kill()
+        let_go(holder)
+    assert holder.returncode == -signal.SIGKILL
     assert json.loads((run_dir / LOCK_NAME).read_text())["pid"] == holder.pid  # left behind by the killed process
     assert acquire_run_lock(run_dir) is True
     assert json.loads((run_dir / LOCK_NAME).read_text())["pid"] == os.getpid()
@@ -232,6 +234,7 @@ def test_the_lock_of_a_killed_writer_is_taken_over(tmp_path):
 
 
 # ------------------------------------------------------------------ point 8: mixed run forms
+@pytest.mark.slow
 def test_a_matrix_run_and_a_topk_run_are_refused_in_one_line_not_dropped(tmp_path):
     runs = topk_runs(tmp_path, models=("p",))
     write_runs(tmp_path, models=(("a", 1.5),))
@@ -245,6 +248,7 @@ def test_a_matrix_run_and_a_topk_run_are_refused_in_one_line_not_dropped(tmp_pat
 
 
 # ------------------------------------------------------------------ point 9: --out and fused runs
+@pytest.mark.slow
 def test_out_may_not_name_a_member_or_a_model_run(tmp_path):
     runs, _ = write_runs(tmp_path, models=(("a", 1.5), ("b", 1.0), ("c", 0.5)))
     before = {f: sha(runs / "a" / f) for f in ("meta.json", "test_sim.npy")}
@@ -317,6 +321,7 @@ os.kill(os.getpid(), 9)      # ...and is killed
 """
 
 
+@pytest.mark.slow
 def test_an_ensemble_is_not_replaced_without_a_member_that_is_now_incomplete(tmp_path):
     runs, _ = write_runs(tmp_path)
     assert ensemble.main(["--runs", str(runs), *FAST]) == 0
@@ -353,6 +358,7 @@ def _limit_file_size() -> None:
     resource.setrlimit(resource.RLIMIT_FSIZE, (2048, 2048))
 
 
+@pytest.mark.slow
 def test_ensemble_under_a_file_size_limit_is_one_line(tmp_path):
     runs, _ = write_runs(tmp_path, n_id=30)  # matrices of 60 x 60 float32: 14 kB each
     proc = script("ensemble.py", "--runs", str(runs), "--no-plot", *FAST, preexec_fn=_limit_file_size)
@@ -361,13 +367,11 @@ def test_ensemble_under_a_file_size_limit_is_one_line(tmp_path):
     assert not (runs / "ensemble" / "meta.json").exists() and not list((runs / "ensemble").glob(".*.tmp"))
 
 
+@pytest.mark.slow
 def test_a_run_still_being_written_is_named_with_its_writer_when_left_out(tmp_path):
     runs, _ = write_runs(tmp_path, models=(("a", 1.5), ("b", 1.0), ("c", 0.5)))
-    held, go = tmp_path / "held", tmp_path / "go"
-    holder = subprocess.Popen([sys.executable, "-c", HOLD, str(runs / "c"), str(held), str(go)],
-                              cwd=ROOT, env=ENV, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    holder = start_holder(HOLD, str(runs / "c"))
     try:
-        wait_for(held, holder)
         proc = script("ensemble.py", "--runs", str(runs), *FAST)
         assert proc.returncode == 0, proc.stderr[-2000:]
         assert proc.stdout.strip().splitlines()[-1].startswith(f"left out: c (still being written by pid {holder.pid} on ")
@@ -375,8 +379,7 @@ def test_a_run_still_being_written_is_named_with_its_writer_when_left_out(tmp_pa
         check_runs(cl, runs, None)
         assert _items(cl)[("runs", "c")][1].startswith(f"being written by pid {holder.pid}")
     finally:
-        go.touch()
-        holder.wait(timeout=60)
+        let_go(holder)
 
 
 def test_out_may_not_hold_the_runs_folder(tmp_path):

@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.conftest import ROOT
+from tests.helpers.paths import ROOT
 from tests.helpers.serving import serving
 from utils.data.layout import load_layout
 from utils.submission.server import CompetitionServer
@@ -20,15 +20,15 @@ from utils.submission.server import CompetitionServer
 
 @contextmanager
 def running(data: Path, **kwargs):
-    """The server in a thread of this process, 1 s read timeout and a 1 MiB cap unless told."""
-    kwargs = {"read_timeout_s": 1.0, "max_body_mb": 1, **kwargs}
+    """The server in a thread of this process, 10 s read timeout (a loaded machine may pause a sender) and a 1 MiB cap unless told."""
+    kwargs = {"read_timeout_s": 10.0, "max_body_mb": 1, **kwargs}
     with serving(CompetitionServer(data, **kwargs), join_s=5) as srv:
         yield srv
 
 
 def exchange(srv: CompetitionServer, head: bytes, body: bytes = b"", keep_open: bool = True) -> tuple[int, dict]:
     """Send raw bytes, read the answer until the server closes; (status, JSON answer)."""
-    with socket.create_connection(srv.server_address[:2], timeout=10) as sock:
+    with socket.create_connection(srv.server_address[:2], timeout=120) as sock:  # only bounds a server that never answers
         sock.sendall(head + body)
         if not keep_open:
             sock.shutdown(socket.SHUT_WR)
@@ -89,7 +89,7 @@ def test_every_malformed_body_gets_400_with_its_reason_and_the_server_keeps_serv
 
 
 def test_bad_content_lengths_get_an_answer_not_a_hang(rehearsal_data_session):
-    with running(rehearsal_data_session) as srv:
+    with running(rehearsal_data_session, read_timeout_s=1.0) as srv:  # each request here goes out in one send
         code, answer = post_bytes(srv, b"{}", length="abc")
         assert code == 400 and "'abc' is not a number" in answer["error"]
         code, answer = post_bytes(srv, b"{}", length="-5")

@@ -3,52 +3,16 @@
 from __future__ import annotations
 
 import json
-import subprocess
-import sys
-from contextlib import contextmanager
-from pathlib import Path
 
-import numpy as np
 import pytest
 import requests
 
 import submit
-from tests.conftest import ROOT
-from utils.data.layout import load_layout
+from tests.helpers.runs import make_run
+from tests.helpers.serving import competition_server
 from utils.errors import KitError
-from utils.runs.similarity_io import SimMatrix, save_run
 from utils.submission.client import NotSubmitted, post
 from utils.submission.lists import make_body, top_lists, validate_lists
-
-
-@contextmanager
-def server(data: Path, *extra: str):
-    """The competition server in a subprocess on a free port; yields its URL."""
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "utils.submission.server", "--data", str(data), *extra],
-        cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-    )
-    try:
-        line = proc.stdout.readline()
-        assert line.startswith("serving on http://127.0.0.1:"), line
-        yield line.split()[-1]
-    finally:
-        proc.terminate()
-        proc.wait(timeout=10)
-
-
-def make_run(data: Path, runs: Path, perfect: bool = True) -> Path:
-    """A run whose test matrix puts each query's right answer first (or a random one)."""
-    layout = load_layout(data)
-    q = [p.name for p in layout.query]
-    g = [p.name for p in layout.gallery]
-    sim = np.random.default_rng(0).uniform(0, 0.5, (len(q), len(g))).astype(np.float32)
-    if perfect:
-        for i, name in enumerate(q):
-            for right in layout.ground_truth[name]:
-                sim[i, g.index(right)] = 1.0
-    m = SimMatrix(sim, q, g)
-    return save_run(runs / "model", {"val": m, "test": m}, {"model": "model"})
 
 
 @pytest.fixture
@@ -57,7 +21,7 @@ def run_dir(rehearsal_data_session, tmp_path):
 
 
 def test_submission_scores_and_is_saved_first(rehearsal_data_session, run_dir, tmp_path, capsys):
-    with server(rehearsal_data_session) as url:
+    with competition_server(rehearsal_data_session) as url:
         code = submit.main(["--run", str(run_dir), "--url", url, "--group", "team", "--out", str(tmp_path / "subs"),
                             "--data", str(rehearsal_data_session), "--preview", "3"])
     assert code == 0
@@ -77,7 +41,7 @@ def test_list_form_gets_the_same_score(rehearsal_data_session, tmp_path):
     from utils.runs.similarity_io import load_run
 
     lists = top_lists(load_run(run).splits["test"])
-    with server(rehearsal_data_session) as url:
+    with competition_server(rehearsal_data_session) as url:
         a = post(url, make_body(lists, "t", "dict"))
         b = post(url, make_body(lists, "t", "list"))
     assert a == b and 0 <= a["accuracy"] < 1000
@@ -87,7 +51,7 @@ def test_malformed_body_gets_400_and_is_not_retried(rehearsal_data_session, monk
     import utils.submission.client as client
 
     waits = []
-    with server(rehearsal_data_session) as url:
+    with competition_server(rehearsal_data_session) as url:
         body = {"groupname": "t", "images": {"only-one.jpg": ["a"] * 10}}
         reply = requests.post(url, json=body, timeout=5)
         assert reply.status_code == 400 and "queries missing" in reply.json()["error"]
@@ -99,7 +63,7 @@ def test_malformed_body_gets_400_and_is_not_retried(rehearsal_data_session, monk
 
 
 def test_500_twice_then_success(rehearsal_data_session, run_dir, tmp_path, caplog):
-    with server(rehearsal_data_session, "--fail-first", "2") as url:
+    with competition_server(rehearsal_data_session, "--fail-first", "2") as url:
         code = submit.main(["--run", str(run_dir), "--url", url, "--group", "t", "--out", str(tmp_path / "s"),
                             "--retries", "3", "--backoff-s", "0.05"])
     assert code == 0
@@ -118,7 +82,7 @@ def test_server_down_keeps_body_and_says_not_submitted(run_dir, tmp_path, caplog
 def test_resend_posts_the_saved_body(rehearsal_data_session, run_dir, tmp_path, capsys):
     submit.main(["--run", str(run_dir), "--group", "t", "--out", str(tmp_path / "s"), "--dry-run"])
     saved = next((tmp_path / "s").glob("*.json"))
-    with server(rehearsal_data_session) as url:
+    with competition_server(rehearsal_data_session) as url:
         assert submit.main(["--resend", str(saved), "--url", url, "--out", str(tmp_path / "s")]) == 0
     assert "score: 1000.0" in capsys.readouterr().out
 

@@ -13,9 +13,9 @@ import pytest
 
 import preflight
 import submit
-from tests.conftest import ROOT
-from tests.test_ledger_faults import local_server
-from tests.test_submit import make_run
+from tests.helpers.paths import ROOT
+from tests.helpers.runs import make_run
+from tests.helpers.serving import local_server
 from utils.checklist import BLOCK, Checklist
 from utils.errors import KitError
 from utils.submission import client, ledger
@@ -149,10 +149,11 @@ def test_a_huge_retry_count_stops_at_the_deadline_with_capped_waits(run_dir, tmp
     real_sleep = time.sleep
     monkeypatch.setattr(client.time, "sleep", lambda s: (waits.append(s), real_sleep(s)))
     code = send(run_dir, "http://127.0.0.1:9/", tmp_path / "s", "--retries", "100000000000", "--backoff-s", "0.05",
-                "--max-backoff-s", "0.2", "--deadline-s", "1.5", "--timeout-s", "1")
+                "--max-backoff-s", "0.2", "--deadline-s", "4", "--timeout-s", "1")
     assert code == submit.NOT_SUBMITTED
+    # the three first waits fit in the deadline however slow each refused attempt is here (0.35 s of 4)
     assert waits and max(waits) <= 0.2 and waits[:3] == [0.05, 0.1, 0.2]
-    assert "--deadline-s 1.5 reached" in caplog.text
+    assert "--deadline-s 4 reached" in caplog.text
     assert ledger.read(tmp_path / "s")[0].outcome == "not-submitted"
 
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import os
+import select
 import socket
 import stat
 import subprocess
@@ -17,14 +18,16 @@ from pathlib import Path
 import pytest
 
 import submit
-from tests.conftest import ROOT
-from tests.helpers.serving import serving
-from tests.test_submit import make_run, server
+from tests.helpers.paths import ROOT
+from tests.helpers.runs import make_run
+from tests.helpers.serving import competition_server, serving
 from utils.atomic import atomic_write_json
 from utils.errors import KitError
 from utils.submission import ledger
 
 STALL_S = 20  # a stalled handler gives up after this, so a test never hangs longer
+TRICKLE_GAP_S = 0.05  # between the trickled bytes: far inside any per-read timeout, so only a whole-reply deadline ends it
+TRICKLE_REPLY = b'{"accuracy": 1000.0}' + b" " * int(STALL_S / TRICKLE_GAP_S)  # a valid answer, STALL_S long when trickled
 
 
 class Misbehaving(BaseHTTPRequestHandler):
@@ -59,8 +62,8 @@ class Misbehaving(BaseHTTPRequestHandler):
         self.server.release.wait(STALL_S)
         self.reply(200, b'{"accuracy": 1000.0}')
 
-    def mode_trickle(self) -> None:  # a valid answer, one byte every half second
-        data = b'{"accuracy": 1000.0, "pad": "xxxxxxxxxxxxxxxxxxxx"}'
+    def mode_trickle(self) -> None:  # a valid answer, one byte at a time until it is done or the client hangs up
+        data = TRICKLE_REPLY
         self.send_response(200)
         self.send_header("Content-Length", str(len(data)))
         self.end_headers()
@@ -69,10 +72,17 @@ class Misbehaving(BaseHTTPRequestHandler):
                 self.wfile.write(data[i : i + 1])
                 self.wfile.flush()
             except OSError:
-                return
+                return self.client_left()
             self.server.bytes_sent += 1
-            if self.server.release.wait(0.5):
+            if self.server.release.is_set():
                 return
+            if select.select([self.connection], [], [], TRICKLE_GAP_S)[0]:  # the client sends nothing more: readable = gone
+                return self.client_left()
+
+    def client_left(self) -> None:
+        """Record how much of the reply had been sent when the client hung up, and signal it."""
+        self.server.left_after = self.server.bytes_sent
+        self.server.hung_up.set()
 
     def mode_hangup(self) -> None:  # got the body, closes the connection without a word
         self.close_connection = True
@@ -86,8 +96,8 @@ class FaultServer(ThreadingHTTPServer):
     daemon_threads = True
 
     def __init__(self, mode: str):
-        self.mode, self.posts, self.gets, self.bytes_sent = mode, [], [], 0
-        self.lock, self.release = threading.Lock(), threading.Event()
+        self.mode, self.posts, self.gets, self.bytes_sent, self.left_after = mode, [], [], 0, None
+        self.lock, self.release, self.hung_up = threading.Lock(), threading.Event(), threading.Event()
         super().__init__(("127.0.0.1", 0), Misbehaving)
 
 
@@ -144,7 +154,7 @@ def test_after_a_read_timeout_the_body_is_not_posted_again(run_dir, tmp_path, ca
 
 def test_a_hang_up_after_the_body_is_not_posted_again(run_dir, tmp_path, caplog):
     with fault_server("hangup") as (srv, url):
-        code = submit_to(url, run_dir, tmp_path / "s", "--timeout-s", "5")
+        code = submit_to(url, run_dir, tmp_path / "s", "--timeout-s", "60")  # the hang-up ends it, never the timeout
     assert code == submit.NOT_SUBMITTED and len(srv.posts) == 1
     assert "may have received it" in caplog.text
 
@@ -152,10 +162,10 @@ def test_a_hang_up_after_the_body_is_not_posted_again(run_dir, tmp_path, caplog)
 def test_timeout_bounds_the_whole_reply_not_each_byte(run_dir, tmp_path, caplog):
     with fault_server("trickle") as (srv, url):
         code = submit_to(url, run_dir, tmp_path / "s", "--timeout-s", "1")
-        sent = srv.bytes_sent
+        assert srv.hung_up.wait(STALL_S), f"the client read on: {srv.bytes_sent} of {len(TRICKLE_REPLY)} bytes sent"
     assert code == submit.NOT_SUBMITTED  # a reply still arriving at the deadline is not a confirmation
     assert "did not finish within --timeout-s 1" in caplog.text
-    assert sent < 10  # the client left long before the 49-byte reply was done
+    assert srv.left_after < len(TRICKLE_REPLY)  # the server saw the client hang up before its reply was done
 
 
 def test_refused_connections_are_retried_then_reported(run_dir, tmp_path, caplog):
@@ -247,7 +257,7 @@ def test_ledger_history_and_resend_by_number(rehearsal_data_session, run_dir, tm
     assert submit.main(["--run", str(run_dir), "--group", "t", "--out", str(out), "--dry-run"]) == 0
     with open(out / ledger.LEDGER_NAME, "ab") as f:
         f.write(b'{"torn line, as a kill mid-write would leave\n')
-    with server(rehearsal_data_session) as url:
+    with competition_server(rehearsal_data_session) as url:
         assert submit.main(["--resend", "1", "--url", url, "--out", str(out)]) == 0
     entries = ledger.read(out)
     assert [(e.number, e.record["outcome"], e.record["score"]) for e in entries] == [(1, "dry-run", None), (3, "submitted", 1000.0)]
@@ -268,7 +278,7 @@ def test_ledger_history_and_resend_by_number(rehearsal_data_session, run_dir, tm
 def test_outputs_get_the_umask_mode_not_0600(umask, mode, rehearsal_data_session, run_dir, tmp_path):
     old = os.umask(umask)
     try:
-        with server(rehearsal_data_session) as url:
+        with competition_server(rehearsal_data_session) as url:
             assert submit_to(url, run_dir, tmp_path / "s") == 0
         written = atomic_write_json(tmp_path / "runs" / "split.json", {"a": 1})
     finally:

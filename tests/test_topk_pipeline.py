@@ -12,7 +12,7 @@ import ensemble
 import infer_facenet
 import submit
 import train_resnet
-from tests.test_submit import server
+from tests.helpers.serving import competition_server
 from utils.errors import KitError
 from utils.runs.similarity_io import load_run
 from utils.runs.topk_run import is_topk_run, load_topk_split, topk_lists
@@ -22,6 +22,7 @@ RESNET = ["--model", "test_resnet", "--weights", "none", "--img-size", "32", "--
 DLIB = ["--embedder", "dlib", "--detector", "none", "--tta", "--workers", "0"]
 
 
+@pytest.mark.slow
 def test_model_runs_past_the_limit_fuse_and_submit_in_the_topk_form(rehearsal_data_session, tmp_path, capsys):
     data = str(rehearsal_data_session)
     matrix, topk = tmp_path / "matrix", tmp_path / "topk"
@@ -45,7 +46,7 @@ def test_model_runs_past_the_limit_fuse_and_submit_in_the_topk_form(rehearsal_da
     with pytest.raises(KitError, match="re-ranking needs full matrices"):
         ensemble.main(["--runs", str(topk), "--qe"])
 
-    with server(rehearsal_data_session) as url:
+    with competition_server(rehearsal_data_session) as url:
         assert submit.main(["--run", str(fused), "--url", url, "--group", "topk", "--out", str(tmp_path / "subs"), "--data", data]) == 0
     reply = json.loads(next((tmp_path / "subs").glob("*.response.json")).read_text())
     assert 0 <= reply["accuracy"] <= 1000

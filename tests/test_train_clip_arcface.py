@@ -15,22 +15,13 @@ import torch
 from torch import nn
 
 import train_clip_arcface as script
+from tests.helpers.tiny_models import TINY_RN, TINY_VIT
 from utils.clip.models import create_visual, unfreeze_last
 from utils.errors import KitError
 from utils.training.class_sampler import MPerClassShardSampler
 from utils.training.projection_head import ProjectionHead
 
 ROOT = Path(__file__).resolve().parent.parent
-TINY_VIT = {
-    "embed_dim": 32,
-    "vision_cfg": {"image_size": 32, "layers": 2, "width": 64, "patch_size": 8, "head_width": 32},
-    "text_cfg": {"context_length": 16, "vocab_size": 64, "width": 32, "heads": 2, "layers": 1},
-}
-TINY_RN = {
-    "embed_dim": 32,
-    "vision_cfg": {"image_size": 32, "layers": [1, 1, 1, 1], "width": 8, "patch_size": None},
-    "text_cfg": {"context_length": 16, "vocab_size": 64, "width": 32, "heads": 2, "layers": 1},
-}
 # what the tiny model learns with in a few seconds (the seed's s=64, m=28.6 deg needs far more steps)
 TRAIN = ["--weights", "none", "--workers", "0", "--tta", "--embed-dim", "64", "--batch-size", "16",
          "--unfreeze", "-1", "--lr", "1e-3", "--scale", "16", "--margin-deg", "15", "--patience", "0"]
@@ -53,6 +44,7 @@ def meta(run_dir: Path) -> dict:
     return json.loads((run_dir / "meta.json").read_text())
 
 
+@pytest.mark.slow
 def test_fine_tune_lowers_loss_and_beats_zero_shot(rehearsal_data, tmp_path, configs):
     runs = tmp_path / "runs"
     common = ["--data", str(rehearsal_data), "--runs", str(runs), "--model", configs["tiny-vit"], *TRAIN]

@@ -12,7 +12,7 @@ import timm
 import torch
 
 import train_resnet
-from tests.conftest import ROOT
+from tests.helpers.paths import ROOT
 from utils.embedding.backbone import create_backbone
 from utils.errors import KitError
 from utils.runs.similarity_io import load_run
@@ -26,6 +26,7 @@ def _run(data, runs, *extra):
     return load_run(runs / "resnet")
 
 
+@pytest.mark.slow
 def test_writes_a_valid_run_and_same_command_gives_same_npy(rehearsal_data_session, tmp_path):
     a = _run(rehearsal_data_session, tmp_path / "a", "--epochs", "2", "--max-steps", "8")
     b = _run(rehearsal_data_session, tmp_path / "b", "--epochs", "2", "--max-steps", "8")
@@ -42,12 +43,14 @@ def test_writes_a_valid_run_and_same_command_gives_same_npy(rehearsal_data_sessi
     assert (tmp_path / "a" / "split.json").is_file()
 
 
+@pytest.mark.slow
 def test_loss_falls(rehearsal_data_session, tmp_path):
     run = _run(rehearsal_data_session, tmp_path, "--epochs", "4", "--eval-every", "0", "--aug-strength", "0")
     losses = [h["loss"] for h in run.meta["history"]]
     assert losses[-1] < losses[0] * 0.9
 
 
+@pytest.mark.slow
 def test_resume_continues_exactly(rehearsal_data_session, tmp_path):
     straight = _run(rehearsal_data_session, tmp_path / "s", "--epochs", "2", "--eval-every", "0")
     _run(rehearsal_data_session, tmp_path / "r", "--epochs", "1", "--eval-every", "0")
@@ -60,6 +63,7 @@ def test_resume_continues_exactly(rehearsal_data_session, tmp_path):
     assert np.array_equal(resumed.splits["test"].sim, straight.splits["test"].sim)
 
 
+@pytest.mark.slow
 def test_broken_training_image_is_skipped(rehearsal_data, tmp_path, caplog):
     bad = sorted((rehearsal_data / "train" / "id003").iterdir())[0]
     bad.write_bytes(bad.read_bytes()[:100])
@@ -101,6 +105,7 @@ def test_hub_weights_offline_say_the_fix(monkeypatch):
         create_backbone("test_resnet", "default")
 
 
+@pytest.mark.slow
 def test_cli_user_errors_are_one_line_without_traceback(rehearsal_data, tmp_path):
     bad = sorted((rehearsal_data / "test" / "gallery").iterdir())[3]
     bad.write_bytes(b"")
@@ -124,6 +129,7 @@ def test_unknown_flag_is_rejected():
     assert json.dumps(train_resnet.build_parser().parse_args([]).tta) == '["flip"]'
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("loss", ["multi-similarity", "contrastive", "triplet"])
 def test_pair_losses_train_the_embedding_on_m_per_class_batches(rehearsal_data_session, tmp_path, loss):
     flags = ["--loss", loss, "--m-per-class", "4", "--eval-every", "0", "--aug-strength", "0"]

@@ -9,8 +9,8 @@ import pytest
 import torch
 import torch.nn.functional as F
 from PIL import Image
-from torch import nn
 
+from tests.helpers.toy_training import Toy, toy_loader, toy_trainer
 from utils.data.augment import eval_transform, train_transform
 from utils.errors import KitError
 from utils.training.loop import LoopSettings, Trainer
@@ -121,43 +121,9 @@ def test_aug_strength_zero_keeps_colours_and_eval_is_resize_plus_normalise():
 # ----------------------------------------------------------------------------- the loop
 
 
-class _Toy(nn.Module):
-    """A linear classifier; ``forward(x, y)`` is the loss, as the loop expects."""
-
-    def __init__(self):
-        super().__init__()
-        self.net = nn.Linear(4, 3)
-
-    def forward(self, x, y):
-        return F.cross_entropy(self.net(x), y)
-
-
-def _loader(n_batches: int = 4, seed: int = 0):
-    g = torch.Generator().manual_seed(seed)
-    batches = []
-    for _ in range(n_batches):
-        y = torch.randint(0, 3, (8,), generator=g)
-        x = F.one_hot(y, 4).float() * 3 + 0.1 * torch.randn(8, 4, generator=g)
-        batches.append((x, y, torch.ones(8, dtype=torch.bool), [""] * 8))
-    return batches
-
-
-def _trainer(tmp_path, scores=None, data_key="", config=None, **settings) -> tuple[Trainer, _Toy]:
-    torch.manual_seed(0)
-    model = _Toy()
-    it = iter(scores) if scores is not None else None
-    trainer = Trainer(
-        LoopSettings(**{"epochs": 3, "warmup_epochs": 0.5, **settings}), run_dir=tmp_path, modules={"model": model},
-        step_module=model, optimizer=torch.optim.SGD(model.parameters(), lr=0.5), device=torch.device("cpu"), amp=None,
-        config=config or {"model": "toy", "lr": 0.5}, classes=["a", "b", "c"], resume_keys=("model",),
-        evaluate=(lambda: next(it)) if it is not None else None, data_key=data_key,
-    )
-    return trainer, model
-
-
 def test_loop_trains_and_saves_the_full_state(tmp_path):
-    trainer, model = _trainer(tmp_path, scores=[100.0, 300.0, 200.0])
-    state = trainer.fit(_loader())
+    trainer, model = toy_trainer(tmp_path, scores=[100.0, 300.0, 200.0])
+    state = trainer.fit(toy_loader())
     assert [h["epoch"] for h in state.history] == [1, 2, 3]
     assert state.history[-1]["loss"] < state.history[0]["loss"]
     ckpt = torch.load(tmp_path / "last.pt", weights_only=True)
@@ -170,48 +136,48 @@ def test_loop_trains_and_saves_the_full_state(tmp_path):
 
 def test_a_stale_best_pt_from_an_earlier_run_is_never_used(tmp_path):
     torch.save({"model": {"net.weight": torch.zeros(3, 4), "net.bias": torch.zeros(3)}}, tmp_path / "best.pt")
-    trainer, _ = _trainer(tmp_path, scores=None)  # no validation in this run
-    trainer.fit(_loader())
+    trainer, _ = toy_trainer(tmp_path, scores=None)  # no validation in this run
+    trainer.fit(toy_loader())
     assert not (tmp_path / "best.pt").exists()
     assert trainer.final_checkpoint() == tmp_path / "last.pt"
 
 
 def test_full_train_embeds_with_last_and_never_stops_early(tmp_path):
-    trainer, _ = _trainer(tmp_path, scores=[300.0, 200.0, 100.0], full_train=True, patience=1)
-    state = trainer.fit(_loader())
+    trainer, _ = toy_trainer(tmp_path, scores=[300.0, 200.0, 100.0], full_train=True, patience=1)
+    state = trainer.fit(toy_loader())
     assert len(state.history) == 3
     assert trainer.final_checkpoint() == tmp_path / "last.pt"
 
 
 def test_early_stopping_after_patience_evaluations_without_improvement(tmp_path):
-    trainer, _ = _trainer(tmp_path, scores=[300.0, 200.0, 100.0, 50.0], epochs=4, patience=2)
-    state = trainer.fit(_loader())
+    trainer, _ = toy_trainer(tmp_path, scores=[300.0, 200.0, 100.0, 50.0], epochs=4, patience=2)
+    state = trainer.fit(toy_loader())
     assert [h["val_score"] for h in state.history] == [300.0, 200.0, 100.0]
 
 
 def test_no_training_means_no_checkpoint_to_embed_with(tmp_path):
-    trainer, _ = _trainer(tmp_path, epochs=0)
-    trainer.fit(_loader())
+    trainer, _ = toy_trainer(tmp_path, epochs=0)
+    trainer.fit(toy_loader())
     assert trainer.final_checkpoint() is None
 
 
 def test_resume_equals_a_straight_run_and_checks_the_config(tmp_path):
-    straight, m1 = _trainer(tmp_path / "s", scores=[1.0, 2.0, 3.0])
-    straight.fit(_loader())
+    straight, m1 = toy_trainer(tmp_path / "s", scores=[1.0, 2.0, 3.0])
+    straight.fit(toy_loader())
 
     def killed(epoch: int) -> None:  # the process dies as epoch 2 starts, after epoch 1's checkpoints
         if epoch == 1:
             raise RuntimeError("killed")
 
-    first, _ = _trainer(tmp_path / "r", scores=[1.0, 2.0, 3.0])
+    first, _ = toy_trainer(tmp_path / "r", scores=[1.0, 2.0, 3.0])
     with pytest.raises(RuntimeError, match="killed"):
-        first.fit(_loader(), on_epoch=killed)
-    again, m2 = _trainer(tmp_path / "r", scores=[2.0, 3.0], resume=True)
-    state = again.fit(_loader())
+        first.fit(toy_loader(), on_epoch=killed)
+    again, m2 = toy_trainer(tmp_path / "r", scores=[2.0, 3.0], resume=True)
+    state = again.fit(toy_loader())
     assert [h["epoch"] for h in state.history] == [1, 2, 3]  # the history survives the resume
     assert state.history == straight.state.history
     assert torch.equal(m2.net.weight, m1.net.weight) and torch.equal(m2.net.bias, m1.net.bias)
-    model = _Toy()
+    model = Toy()
     with pytest.raises(KitError, match="made with other --model"):
         Trainer(LoopSettings(resume=True), run_dir=tmp_path / "r", modules={"model": model}, step_module=model,
                 optimizer=torch.optim.SGD(model.parameters(), lr=0.1), device=torch.device("cpu"), amp=None,
@@ -220,25 +186,25 @@ def test_resume_equals_a_straight_run_and_checks_the_config(tmp_path):
 
 def test_resume_before_any_epoch_was_saved_starts_from_the_beginning(tmp_path, caplog):
     """Ctrl-C before the first last.pt: the printed --resume command still runs, and trains like a straight run."""
-    straight, m1 = _trainer(tmp_path / "s", scores=[1.0, 2.0, 3.0])
-    straight.fit(_loader())
+    straight, m1 = toy_trainer(tmp_path / "s", scores=[1.0, 2.0, 3.0])
+    straight.fit(toy_loader())
     (tmp_path / "r").mkdir()
     torch.save({"model": {}}, tmp_path / "r" / "best.pt")  # an earlier run's best never stands for this one
     with caplog.at_level("WARNING"):
-        again, m2 = _trainer(tmp_path / "r", scores=[1.0, 2.0, 3.0], resume=True)
+        again, m2 = toy_trainer(tmp_path / "r", scores=[1.0, 2.0, 3.0], resume=True)
     assert "no last.pt to resume from" in caplog.text
     assert not (tmp_path / "r" / "best.pt").exists()
-    state = again.fit(_loader())
+    state = again.fit(toy_loader())
     assert state.history == straight.state.history
     assert torch.equal(m2.net.weight, m1.net.weight)
 
 
 def test_a_nan_loss_stops_with_one_line(tmp_path):
-    trainer, model = _trainer(tmp_path)
+    trainer, model = toy_trainer(tmp_path)
     with torch.no_grad():
         model.net.weight.fill_(float("nan"))
     with pytest.raises(KitError, match="loss is nan at step 0"):
-        trainer.fit(_loader())
+        trainer.fit(toy_loader())
 
 
 def test_negative_loop_settings_name_the_flag():
@@ -246,28 +212,20 @@ def test_negative_loop_settings_name_the_flag():
         LoopSettings(max_steps=-1).check()
 
 
-def _must_not_train(*args, **kwargs):
-    raise AssertionError("a finished run with the same settings should have been reused")
-
-
-def test_a_finished_run_with_the_same_settings_is_reused_not_retrained(tmp_path, monkeypatch):
-    first, m1 = _trainer(tmp_path, scores=[1.0, 3.0, 2.0], data_key="files-A")
-    first.fit(_loader())
+def test_a_finished_run_with_the_same_settings_is_reused_not_retrained(tmp_path):
+    first, m1 = toy_trainer(tmp_path, scores=[1.0, 3.0, 2.0], data_key="files-A")
+    first.fit(toy_loader())
     assert torch.load(tmp_path / "last.pt", weights_only=True)["finished"] is True
-    again, _ = _trainer(tmp_path, scores=[], data_key="files-A")
-    monkeypatch.setattr(again, "_train_step", _must_not_train)
-    state = again.fit(_loader())
+    again, m2 = toy_trainer(tmp_path, scores=[1.0, 3.0, 2.0], data_key="files-A")
+    state = again.fit(toy_loader())
+    assert m2.steps == 0, "a finished run with the same settings should have been reused"
     assert state.history == first.state.history and again.final_checkpoint() == tmp_path / "best.pt"
-    monkeypatch.undo()
     # other training files, --retrain, or other settings: train again
     for kwargs in ({"data_key": "files-B"}, {"data_key": "files-A", "retrain": True},
                    {"data_key": "files-A", "config": {"model": "toy", "lr": 0.1}}):
-        other, _ = _trainer(tmp_path, scores=[1.0, 1.0, 1.0], **kwargs)
-        steps = []
-        monkeypatch.setattr(other, "_train_step", lambda *a, _s=steps: _s.append(1) or 0.0)
-        other.fit(_loader())
-        assert steps, kwargs
-        monkeypatch.undo()
+        other, model = toy_trainer(tmp_path, scores=[1.0, 1.0, 1.0], **kwargs)
+        other.fit(toy_loader())
+        assert model.steps, kwargs
 
 
 def test_a_killed_run_is_never_reused(tmp_path):
@@ -275,12 +233,12 @@ def test_a_killed_run_is_never_reused(tmp_path):
         if epoch == 1:
             raise RuntimeError("killed")
 
-    first, _ = _trainer(tmp_path, scores=[1.0, 2.0, 3.0], data_key="files-A")
+    first, _ = toy_trainer(tmp_path, scores=[1.0, 2.0, 3.0], data_key="files-A")
     with pytest.raises(RuntimeError):
-        first.fit(_loader(), on_epoch=killed)
+        first.fit(toy_loader(), on_epoch=killed)
     assert torch.load(tmp_path / "last.pt", weights_only=True)["finished"] is False
-    again, _ = _trainer(tmp_path, scores=[1.0, 2.0, 3.0], data_key="files-A")
-    assert len(again.fit(_loader()).history) == 3
+    again, _ = toy_trainer(tmp_path, scores=[1.0, 2.0, 3.0], data_key="files-A")
+    assert len(again.fit(toy_loader()).history) == 3
 
 
 def test_a_temp_file_left_by_a_killed_checkpoint_write_is_removed(tmp_path):
@@ -292,5 +250,5 @@ def test_a_temp_file_left_by_a_killed_checkpoint_write_is_removed(tmp_path):
     os.utime(stale, (1, 1))  # long ago
     fresh = tmp_path / ".best.pt.def456.tmp"
     fresh.write_bytes(b"y")  # a writer still at work
-    trainer, _ = _trainer(tmp_path, epochs=0)
+    trainer, _ = toy_trainer(tmp_path, epochs=0)
     assert not stale.exists() and fresh.exists()

@@ -8,41 +8,12 @@ import pytest
 from PIL import Image
 
 import visualize
-from utils.data.layout import load_layout
+from tests.helpers.runs import handmade_run
 from utils.errors import KitError
-from utils.runs.similarity_io import SimMatrix, save_run
 from utils.runs.visual import PanelLayout
 
 THUMB_PX = 48
 K = 5
-
-
-def handmade_run(data, runs):
-    """val: query train/A/x against A's and B's images, A's second image at rank 2, B's first at rank 1;
-    test: each query's right answer at rank 3 behind two wrong ones."""
-    layout = load_layout(data)
-    ids = sorted(layout.train)[:3]
-    imgs = {i: [layout.rel(p) for p in layout.train[i]] for i in ids}
-    val_q = [imgs[ids[0]][0], imgs[ids[1]][0]]
-    val_g = imgs[ids[0]][1:] + imgs[ids[1]][1:] + imgs[ids[2]]
-    val = np.zeros((len(val_q), len(val_g)), dtype=np.float32)
-    a_right = val_g.index(imgs[ids[0]][1])
-    b_wrong = val_g.index(imgs[ids[1]][1])
-    val[0, b_wrong], val[0, a_right] = 0.9, 0.8  # query 0: wrong at rank 1, right at rank 2
-    val[1, val_g.index(imgs[ids[1]][1])] = 0.9  # query 1: right at rank 1
-
-    q = [p.name for p in layout.query]
-    g = [p.name for p in layout.gallery]
-    test = np.random.default_rng(0).uniform(0, 0.5, (len(q), len(g))).astype(np.float32)
-    for i, name in enumerate(q):
-        right = [g.index(r) for r in layout.ground_truth[name]]
-        test[i, right] = 0.0
-        test[i, right[0]] = 0.9
-        wrong = [j for j in range(len(g)) if j not in right][:2]
-        test[i, wrong] = [0.99, 0.95]
-    run = save_run(runs / "handmade", {"val": SimMatrix(val, val_q, val_g), "test": SimMatrix(test, q, g)},
-                   {"model": "handmade", "config": {"data": str(data)}})
-    return run, val_q, q
 
 
 def frame_colour(png: Image.Image, position: int) -> np.ndarray:

@@ -87,7 +87,7 @@ def test_gap_map_of_a_face_run_and_of_its_adapted_run(rehearsal_data, tmp_path):
 
 
 def test_gap_of_a_run_made_from_matrices_says_it_keeps_no_embeddings(rehearsal_data_session, tmp_path):
-    from tests.test_visualize import handmade_run
+    from tests.helpers.runs import handmade_run
 
     run, _, _ = handmade_run(rehearsal_data_session, tmp_path / "runs")
     with pytest.raises(KitError, match="keeps no val embeddings"):
