@@ -43,9 +43,9 @@ from utils.atomic import atomic_write_json
 from utils.config import add_config_args, config_from_args
 from utils.errors import KitError, run_cli
 from utils.logs import console, setup_logging
+from utils.runs import ledger
 from utils.runs.report import write_report
 from utils.runs.run_checks import WEIGHT_SUFFIXES
-from utils.submission import ledger
 from utils.weights.resolve import FETCH_HINT, resolve_weights
 
 try:  # Python 3.11+; on 3.10 the tomli package reads the same TOML

@@ -22,7 +22,7 @@ from tests.helpers.processes import default_sigint
 from tests.helpers.runs import make_run
 from tests.helpers.serving import HOLD_S, local_server
 from utils.errors import KitError
-from utils.submission import ledger
+from utils.runs import ledger
 
 
 @pytest.fixture

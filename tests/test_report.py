@@ -15,9 +15,8 @@ import pytest
 import day
 from tests.conftest import ROOT
 from tests.helpers.serving import serving
-from utils.runs import report
+from utils.runs import ledger, report
 from utils.runs.similarity_io import SimMatrix, load_run, save_run
-from utils.submission import ledger
 from utils.submission.server import CompetitionServer
 
 RECIPE = """

@@ -18,7 +18,8 @@ from tests.helpers.runs import make_run
 from tests.helpers.serving import local_server
 from utils.checklist import BLOCK, Checklist
 from utils.errors import KitError
-from utils.submission import client, ledger
+from utils.runs import ledger
+from utils.submission import client
 from utils.submission.server_check import check_server
 
 

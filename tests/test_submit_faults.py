@@ -23,7 +23,7 @@ from tests.helpers.runs import make_run
 from tests.helpers.serving import competition_server, serving
 from utils.atomic import atomic_write_json
 from utils.errors import KitError
-from utils.submission import ledger
+from utils.runs import ledger
 
 STALL_S = 20  # a stalled handler gives up after this, so a test never hangs longer
 TRICKLE_GAP_S = 0.05  # between the trickled bytes: far inside any per-read timeout, so only a whole-reply deadline ends it

@@ -15,8 +15,9 @@ from tests.helpers.runs import make_run
 from tests.helpers.serving import local_server
 from utils.data.layout import load_layout
 from utils.errors import KitError
+from utils.runs import ledger
 from utils.runs.topk_run import make_topk_split, save_topk_run
-from utils.submission import ledger, stages
+from utils.submission import stages
 
 
 @pytest.fixture

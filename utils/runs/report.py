@@ -29,7 +29,7 @@ from typing import Any, Sequence
 
 from utils.atomic import atomic_write_bytes
 from utils.errors import KitError, run_cli
-from utils.submission import ledger
+from utils.runs import ledger
 
 log = logging.getLogger(__name__)
 

@@ -48,6 +48,7 @@ from urllib3.exceptions import HTTPError as Urllib3Error
 from urllib3.exceptions import MaxRetryError, NewConnectionError
 
 from utils.errors import KitError
+from utils.redact import redact_url, shown_for_error
 
 log = logging.getLogger(__name__)
 
@@ -58,7 +59,6 @@ MAY_HAVE_ARRIVED = "the server may have received it; check the leaderboard befor
 
 _UNSAFE = re.compile(r"[\s\x00-\x1f\x7f]")  # whitespace or control characters: never part of a URL we send
 _LABEL = re.compile(r"^[A-Za-z0-9_]([A-Za-z0-9_-]*[A-Za-z0-9_])?$")
-HIDDEN = "***"
 PORT_PROBLEM = "the port is not a number from 1 to 65535"
 
 
@@ -127,35 +127,6 @@ def check_url(url: str, source: str = "--url") -> str:
     if problem == PORT_PROBLEM:
         raise KitError(f"{source} {shown!r}: {problem}, e.g. http://127.0.0.1:8000/")
     raise KitError(f"{source} {shown!r}: {problem}; expected http://HOST:PORT/PATH, e.g. http://127.0.0.1:8000/")
-
-
-def shown_for_error(url: str) -> str:
-    """``url`` as typed (so a stray character stays visible) with the user info and query values hidden."""
-    text = re.sub(r"^([^/?#]*//)?[^/?#]*@", lambda m: (m.group(1) or "") + f"{HIDDEN}@", url, count=1)
-    if "?" in text:
-        head, query = text.split("?", 1)
-        keys = [pair.split("=", 1)[0] for pair in query.split("#", 1)[0].split("&") if pair]
-        text = head + "?" + "&".join(f"{key}={HIDDEN}" for key in keys)
-    return text
-
-
-def redact_url(url: str) -> str:
-    """``url`` with its user info and query values hidden and its fragment dropped.
-
-    ``http://user:pw@host:8000/s?token=abc&team=x`` -> ``http://***@host:8000/s?token=***&team=***``.
-
-    Raises:
-        ValueError: ``url`` does not parse (call :func:`check_url` first).
-    """
-    parts = urlsplit(url)
-    netloc = parts.netloc
-    if "@" in netloc:
-        netloc = f"{HIDDEN}@" + netloc.rsplit("@", 1)[1]
-    text = f"{parts.scheme}://{netloc}{parts.path}" if parts.scheme else netloc + parts.path
-    if parts.query:
-        keys = [pair.split("=", 1)[0] for pair in parts.query.split("&") if pair]
-        text += "?" + "&".join(f"{key}={HIDDEN}" for key in keys)
-    return text
 
 
 class NotSubmitted(KitError):

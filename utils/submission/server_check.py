@@ -7,7 +7,8 @@ import time
 import requests
 
 from utils.checklist import Checklist
-from utils.submission.client import redact_url, shown_for_error, url_problem
+from utils.redact import redact_url, shown_for_error
+from utils.submission.client import url_problem
 
 
 def check_server(cl: Checklist, url: str, group: str, timeout_s: float = 5.0) -> None:

@@ -4,7 +4,7 @@ Each stage raises a KitError (exit 2) for bad input, a file it cannot write
 included (:func:`writing`); :func:`send` returns the exit code: 0
 submitted (a score confirmed), 3 not submitted or not confirmed (the body stays
 on disk). Every attempt, dry runs included, goes to the ledger
-(utils.submission.ledger), written ahead of the POST.
+(utils.runs.ledger), written ahead of the POST.
 """
 
 from __future__ import annotations
@@ -24,10 +24,11 @@ from utils.atomic import atomic_write_json
 from utils.data.layout import load_layout
 from utils.errors import KitError
 from utils.logs import console
+from utils.redact import redact_url
+from utils.runs import ledger
 from utils.runs.similarity_io import load_run
 from utils.runs.topk_run import is_topk_run, load_topk_split, topk_lists
-from utils.submission import ledger
-from utils.submission.client import NotSubmitted, check_url, confirmed_score, post, redact_url
+from utils.submission.client import NotSubmitted, check_url, confirmed_score, post
 from utils.submission.lists import make_body, parse_body, save_body, top_lists, validate_lists
 from utils.submission.preview import write_preview
 

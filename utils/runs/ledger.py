@@ -36,7 +36,7 @@ from rich.markup import escape
 from rich.table import Table
 
 from utils.errors import KitError
-from utils.submission.client import redact_url
+from utils.redact import redact_url
 
 log = logging.getLogger(__name__)
 
