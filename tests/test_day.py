@@ -6,7 +6,6 @@ import os
 import signal
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import numpy as np
@@ -14,6 +13,7 @@ import pytest
 
 import day
 from tests.conftest import ROOT
+from tests.helpers.processes import lines_until
 from utils.errors import KitError
 
 TINY = """
@@ -106,6 +106,34 @@ def test_day_runs_then_reuses_then_redoes_only_a_deleted_run(rehearsal_data_sess
     assert "b                started  (redone: its output is missing or incomplete)" in (runs / "day.log").read_text()
 
 
+# day.py as run on the day, except that model b, once its epoch 1 is saved (as epoch 2 begins), says so on stdout and
+# waits there: the SIGTERM always lands mid-run, however slow or fast the machine (the Trainer's public on_epoch seam).
+DAY_HELD_IN_B = """
+import os, sys
+import day
+from utils.errors import run_cli
+from utils.training.loop import Trainer
+
+fit = Trainer.fit
+
+
+def fit_held_in_b(self, loader, on_epoch=None):
+    def hold(epoch):
+        if epoch == 1 and self.run_dir.name == "b":
+            print("b: epoch 1 saved", flush=True)
+            sys.stdin.read()  # the SIGTERM handler raises here; returns only when the test is gone
+            os._exit(3)
+        if on_epoch is not None:
+            on_epoch(epoch)
+    return fit(self, loader, hold)
+
+
+Trainer.fit = fit_held_in_b
+sys.argv[0] = "day.py"
+run_cli(day.main)  # as day.py's __main__ guard does: SIGTERM -> one line, exit 130
+"""
+
+
 @pytest.mark.slow
 def test_sigterm_in_a_model_run_then_resume_gives_the_same_ensemble(rehearsal_data_session, tmp_path, one_torch_thread):
     clean, killed = tmp_path / "clean", tmp_path / "killed"
@@ -115,15 +143,12 @@ def test_sigterm_in_a_model_run_then_resume_gives_the_same_ensemble(rehearsal_da
 
     argv = day_argv(rehearsal_data_session, killed, recipe(killed, epochs_b=6))
     env = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1", "TIMM_OFFLINE": "1"}
-    proc = subprocess.Popen([sys.executable, str(ROOT / "day.py"), *argv], cwd=ROOT, env=env,
-                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
-    marker = killed / "runs" / "b" / "last.pt"  # b's first epoch is saved: it is in the middle of its training
-    deadline = time.monotonic() + 300
-    while not marker.exists() and proc.poll() is None and time.monotonic() < deadline:
-        time.sleep(0.02)  # polling for the marker, not waiting for an amount of time
-    assert marker.exists(), proc.stderr.read() if proc.poll() is not None else "timed out waiting for b/last.pt"
+    proc = subprocess.Popen([sys.executable, "-c", DAY_HELD_IN_B, *argv], cwd=ROOT, env=env, stdin=subprocess.PIPE,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    lines_until(proc, "b: epoch 1 saved", stream=proc.stdout)  # b is in the middle of its training, and stays there
+    assert (killed / "runs" / "b" / "last.pt").exists()
     proc.send_signal(signal.SIGTERM)
-    _, err = proc.communicate(timeout=120)
+    _, err = proc.communicate(timeout=600)
     assert proc.returncode == 130, err[-2000:]
     log = (killed / "runs" / "day.log").read_text()
     assert "interrupted (SIGTERM)" in log and last_day(killed / "runs") == {"preflight": "ran", "a": "ran"}
