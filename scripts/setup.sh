@@ -6,11 +6,11 @@ cd "$(dirname "$0")/.."
 PY=${PYTHON:-python3}
 [ -x .venv/bin/python ] || "$PY" -m venv .venv
 stamp=.venv/.requirements.sha
-want=$(cat requirements.txt requirements-dev.txt scripts/setup.sh | sha256sum | cut -d' ' -f1)
+want=$(cat requirements.txt requirements-nodeps.txt requirements-dev.txt scripts/setup.sh | sha256sum | cut -d' ' -f1)
 if [ "$(cat "$stamp" 2>/dev/null)" != "$want" ]; then
   .venv/bin/python -m pip install -q --upgrade pip
   .venv/bin/python -m pip install -q -r requirements.txt -r requirements-dev.txt
-  # facenet-pytorch pins torch<2.3 and numpy<2; its code runs fine on the pinned set.
-  .venv/bin/python -m pip install -q --no-deps facenet-pytorch==2.6.0
+  # requirements-nodeps.txt: facenet-pytorch pins torch<2.3 and numpy<2; its code runs fine on the pinned set.
+  .venv/bin/python -m pip install -q --no-deps -r requirements-nodeps.txt
   echo "$want" > "$stamp"
 fi
