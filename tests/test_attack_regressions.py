@@ -168,3 +168,14 @@ def test_a_worker_count_far_beyond_the_cores_is_refused(tmp_path):
     with pytest.raises(KitError, match="--workers"):
         run_config_checks("train_resnet", ["--data", str(tmp_path), "--workers", "100000"])
 
+
+
+# --- python -m utils.weights: a manifest edited by hand ------------------------------------------------
+
+@pytest.mark.xfail(strict=True, reason="ATTACK.md A11: a manifest entry that is not a table is an AttributeError traceback")
+def test_a_hand_edited_manifest_entry_is_one_line(tmp_path):
+    from utils.weights.__main__ import main as weights_main
+
+    (tmp_path / "manifest.json").write_text(json.dumps({"version": 1, "entries": {"facenet/vggface2": 5}}))
+    with pytest.raises(KitError, match="manifest.json"):
+        weights_main(["status", "--dir", str(tmp_path), "--verify"])
