@@ -146,6 +146,9 @@ def load_recipe(path: Path, only: list[str]) -> Recipe:
         raise KitError(f"{path}: not valid TOML ({err})") from None
     if unknown := sorted(set(raw) - set(RECIPE_SECTIONS)):
         raise KitError(f"{path}: unknown section(s) {unknown}; known: {list(RECIPE_SECTIONS)}")
+    if not_tables := [k for k, v in raw.items() if not isinstance(v, dict)]:
+        raise KitError(f"{path}: {not_tables[0]} = {raw[not_tables[0]]!r} must be a table ([{not_tables[0]}] or "
+                       f"[{not_tables[0]}.NAME] headers with key = value lines under them)")
     models, adapters = _steps(path, raw, "models", MODEL_SCRIPTS), _steps(path, raw, "adapters", ADAPTER_SCRIPTS)
     names = [s.name for s in models + adapters]
     if len(set(names)) != len(names) or "ensemble" in names:

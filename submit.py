@@ -47,6 +47,7 @@ from utils.submission.stages import (
     NOT_SUBMITTED,
     body_from_run,
     body_to_resend,
+    check_not_sent,
     check_resend,
     record_dry_run,
     resolve_target,
@@ -77,7 +78,7 @@ class Config:
     backoff_s: float = field(default=1.0, metadata={"help": "first wait between attempts; doubles each time"})
     max_backoff_s: float = field(default=30.0, metadata={"help": "longest single wait between attempts"})
     deadline_s: float = field(default=300.0, metadata={"help": "seconds the whole submission may take, retries included"})
-    force: bool = field(default=False, metadata={"help": "--resend a body the ledger records as (maybe) counted already"})
+    force: bool = field(default=False, metadata={"help": "send a body the ledger records as (maybe) counted already: a --resend, or the same run to the same server again"})
     verbose: bool = field(default=False, metadata={"help": "debug logging"})
 
 
@@ -99,6 +100,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         check_resend(body, body_path, group, cfg.out, force=cfg.force or cfg.dry_run)
     else:
         body, body_path = body_from_run(cfg.run, cfg.data, group, cfg.format, cfg.out, cfg.preview)
+        check_not_sent(body_path, cfg.out, force=cfg.force or cfg.dry_run, url=url)  # the same run, sent twice
     if cfg.dry_run:
         return record_dry_run(body_path, url, body["groupname"], cfg.out)
     return send(body, body_path, url, cfg.out, cfg.timeout_s, cfg.retries, cfg.backoff_s, cfg.max_backoff_s, cfg.deadline_s)

@@ -1,6 +1,5 @@
-"""Defects found by the third attack (ATTACK.md). Each test states the wanted behaviour and is a strict
-xfail until the kit is fixed: when a fix lands, the test passes, the xfail turns into a failure, and the
-marker must be removed."""
+"""Defects found by the third attack (ATTACK.md), each now a regression test of the fix: the test states the
+wanted behaviour and failed on the code the attack ran against."""
 
 from __future__ import annotations
 
@@ -21,8 +20,8 @@ from tests.test_submit import make_run
 from utils.checklist import OK, Checklist
 from utils.data.layout import load_layout
 from utils.errors import KitError
+from utils.runs import ledger
 from utils.runs.run_checks import check_runs
-from utils.submission import ledger
 
 
 @pytest.fixture
@@ -45,8 +44,6 @@ NOT_A_SCORE = {
 }
 
 
-@pytest.mark.xfail(strict=True, reason="ATTACK.md A1/A2/A3: only the key 'error' is looked at, the range is not checked, "
-                                       "and json.loads keeps the last of duplicate keys")
 @pytest.mark.parametrize("what", list(NOT_A_SCORE))
 def test_a_reply_that_is_not_a_plausible_score_is_not_confirmed(what, run_dir, tmp_path):
     out = tmp_path / "s"
@@ -84,7 +81,6 @@ def accepted_server():
         thread.join(5)
 
 
-@pytest.mark.xfail(strict=True, reason="ATTACK.md A4: HTTP 202 Accepted (queued, not scored) is reported as 'score: 0.0', exit 0")
 def test_a_202_accepted_reply_is_not_a_confirmed_score(run_dir, tmp_path):
     out = tmp_path / "s"
     with accepted_server() as url:
@@ -93,8 +89,6 @@ def test_a_202_accepted_reply_is_not_a_confirmed_score(run_dir, tmp_path):
     assert ledger.read(out)[0].outcome == "not-confirmed"
 
 
-@pytest.mark.xfail(strict=True, reason="ATTACK.md A5: a fresh submit of a body identical to one already scored goes out "
-                                       "without --force, while --resend of the same body asks for it")
 def test_submitting_the_same_body_again_asks_for_force(run_dir, tmp_path):
     out = tmp_path / "s"
     with local_server() as (srv, url):
@@ -139,7 +133,6 @@ def test_a_run_made_from_other_data_is_not_called_ok(rehearsal_data, tmp_path):
 
 # --- day.py: recipe types ---------------------------------------------------------------------------
 
-@pytest.mark.xfail(strict=True, reason="ATTACK.md A7: `models = 5` (or any non-table section) is an AttributeError/TypeError traceback")
 @pytest.mark.parametrize("text", ["models = 5\n", 'models = "resnet"\n', "ensemble = 5\n"])
 def test_a_recipe_section_that_is_not_a_table_is_one_line(text, tmp_path):
     recipe = tmp_path / "r.toml"
@@ -150,20 +143,17 @@ def test_a_recipe_section_that_is_not_a_table_is_one_line(text, tmp_path):
 
 # --- model scripts: flags at a boundary ---------------------------------------------------------------
 
-@pytest.mark.xfail(strict=True, reason="ATTACK.md A8: --run-name ../escape is accepted; the run folder is made outside --runs")
 @pytest.mark.parametrize("name", ["../escape", "a/b", "."])
 def test_a_run_name_that_leaves_the_runs_folder_is_refused(name, tmp_path):
     with pytest.raises(KitError, match="--run-name"):
         run_config_checks("train_resnet", ["--data", str(tmp_path), "--run-name", name])
 
 
-@pytest.mark.xfail(strict=True, reason="ATTACK.md A9: --batch-size 1 passes the checks, then BatchNorm raises a ValueError traceback")
 def test_batch_size_one_is_refused_before_training(tmp_path):
     with pytest.raises(KitError, match="--batch-size"):
         run_config_checks("train_resnet", ["--data", str(tmp_path), "--batch-size", "1"])
 
 
-@pytest.mark.xfail(strict=True, reason="ATTACK.md A10: --workers 100000 is accepted and the DataLoader forks hundreds of processes")
 def test_a_worker_count_far_beyond_the_cores_is_refused(tmp_path):
     with pytest.raises(KitError, match="--workers"):
         run_config_checks("train_resnet", ["--data", str(tmp_path), "--workers", "100000"])
@@ -172,7 +162,6 @@ def test_a_worker_count_far_beyond_the_cores_is_refused(tmp_path):
 
 # --- python -m utils.weights: a manifest edited by hand ------------------------------------------------
 
-@pytest.mark.xfail(strict=True, reason="ATTACK.md A11: a manifest entry that is not a table is an AttributeError traceback")
 def test_a_hand_edited_manifest_entry_is_one_line(tmp_path):
     from utils.weights.__main__ import main as weights_main
 

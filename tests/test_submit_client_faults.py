@@ -93,7 +93,7 @@ def test_credentials_in_the_url_are_never_recorded_or_shown(run_dir, tmp_path, c
         port = srv.server_address[1]
         assert send(run_dir, secret_url(port), out, "--verbose") == 0
     closed = secret_url(port)  # the server is gone: refused, retried, reported
-    assert send(run_dir, closed, out, "--retries", "1", "--backoff-s", "0") == submit.NOT_SUBMITTED
+    assert send(run_dir, closed, out, "--retries", "1", "--backoff-s", "0", "--force") == submit.NOT_SUBMITTED  # the same body again: --force
     assert submit.main(["--history", "--out", str(out)]) == 0
     printed = capsys.readouterr()
     everything = printed.out + printed.err + caplog.text + (out / ledger.LEDGER_NAME).read_text()

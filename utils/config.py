@@ -158,6 +158,20 @@ def check_groups(cfg: ConfigGroup) -> None:
         own = vars(klass).get("check")
         if own is not None and issubclass(klass, ConfigGroup):
             own(cfg)
+    if isinstance(getattr(cfg, "run_name", None), str):  # every script's own field, one rule
+        check_run_name(cfg.run_name)
+
+
+def check_run_name(name: str) -> None:
+    """``--run-name`` names one folder inside ``--runs``: no path separators, not '.', '..' or hidden ('': the script's default).
+
+    Raises:
+        KitError: a name that would leave the runs folder or hide the run.
+    """
+    if name == "":
+        return
+    if "/" in name or "\\" in name or name.startswith(".") or name != name.strip() or "\0" in name:
+        raise KitError(f"--run-name {name!r}: one folder name inside --runs (no '/', no leading '.', no surrounding spaces)")
 
 
 @dataclass
@@ -258,6 +272,8 @@ class LoopConfig(ConfigGroup):
 
         LoopSettings.from_config(self).check()
         check_at_least(self, ("batch_size", "m_per_class"))
+        if self.batch_size < 2:  # BatchNorm (the backbones, the projection head) cannot train on one image
+            raise KitError(f"--batch-size {self.batch_size}: at least 2 (BatchNorm needs two images per batch)")
         if self.lr < 0 or self.weight_decay < 0:
             raise KitError(f"--lr {self.lr} / --weight-decay {self.weight_decay}: must be >= 0 (AdamW refuses negative values)")
         if self.uses_m_per_class() and self.batch_size % self.m_per_class:

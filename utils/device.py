@@ -88,10 +88,15 @@ def resolve_workers(n: int) -> int:
     """``--workers``: -1 means :func:`default_workers`; 0 decodes in the main process.
 
     Raises:
-        KitError: below -1.
+        KitError: below -1, or far beyond the machine's cores (each worker is a process holding a copy of
+            the dataset: thousands would exhaust the machine before the first image).
     """
     if n < -1:
         raise KitError(f"--workers {n}: use -1 (chosen for this machine), 0 (main process) or a count")
+    most = max(8, 4 * cpu_count())
+    if n > most:
+        raise KitError(f"--workers {n}: more than 4 per usable core ({cpu_count()} here); use -1 (chosen for this machine) "
+                       f"or at most {most}")
     return default_workers() if n == -1 else n
 
 

@@ -50,6 +50,10 @@ from urllib3.exceptions import MaxRetryError, NewConnectionError
 from utils.errors import KitError
 from utils.redact import redact_url, shown_for_error
 
+SCORED_STATUSES = (200, 201)  # a score counts only in these; 202 Accepted means queued, not scored
+MAX_SCORE = 1000.0  # 600 x Top-1 + 300 x Top-5 + 100 x Top-10
+FAILED_WORDS = frozenset({"error", "failed", "failure", "fail", "rejected", "invalid"})
+
 log = logging.getLogger(__name__)
 
 GRACE_S = 0.5  # the caller's extra wait, so that the worker's own timeouts report first
@@ -248,10 +252,41 @@ def _judge(url: str, answer: _Answer) -> dict[str, Any]:
     if code >= 400:
         raise NotSubmitted(f"HTTP {code} from {shown}: {text}", outcome="rejected")
     try:
-        reply = json.loads(answer.text)
+        reply = json.loads(answer.text, object_pairs_hook=_no_duplicate_keys)
+    except _DuplicateKey as dup:
+        raise NotSubmitted(f"{shown} answered HTTP {code} with the key {dup} twice, so no score is confirmed: {text[:200]!r}; "
+                           f"{MAY_HAVE_ARRIVED}", maybe_received=True, answer=text) from None
     except ValueError:
         raise NotSubmitted(f"{shown} answered HTTP {code} but not JSON: {text[:200]!r}", maybe_received=True) from None
-    return reply if isinstance(reply, dict) else {"reply": reply}
+    reply = reply if isinstance(reply, dict) else {"reply": reply}
+    if code not in SCORED_STATUSES:  # 202 Accepted and the like: taken, maybe queued, not scored
+        raise NotSubmitted(f"{shown} answered HTTP {code}, not 200: the body may be queued but no score is confirmed; "
+                           f"reply: {json.dumps(reply, default=str)[:300]}; {MAY_HAVE_ARRIVED}", maybe_received=True, answer=reply)
+    return reply
+
+
+class _DuplicateKey(ValueError):
+    """A JSON object names one key twice: which of its values counts is anyone's guess."""
+
+
+def _no_duplicate_keys(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
+    keys = [k for k, _ in pairs]
+    for k in keys:
+        if keys.count(k) > 1:
+            raise _DuplicateKey(repr(k))
+    return dict(pairs)
+
+
+def _failure_flag(reply: dict[str, Any]) -> str:
+    """A failure the reply reports in a key other than ``error`` (``status: error``, ``success: false``...), else ''."""
+    for key in ("status", "result", "state"):
+        value = reply.get(key)
+        if isinstance(value, str) and value.strip().lower() in FAILED_WORDS:
+            return f"{key} {value!r}"
+    for key in ("success", "ok", "accepted"):
+        if reply.get(key) is False:
+            return f"{key} false"
+    return ""
 
 
 def _shown_location(url: str, location: str) -> str:
@@ -270,13 +305,16 @@ def confirmed_score(url: str, reply: dict[str, Any]) -> float:
 
     Raises:
         NotSubmitted: (``not-confirmed``, the reply kept as the answer) when the reply holds an
-            ``error``, or no ``accuracy`` that is a finite number.
+            ``error`` or another failure flag (``status: error``, ``success: false``), or no
+            ``accuracy`` that is a finite number from 0 to 1000.
     """
     shown = redact_url(url)
     acc = reply.get("accuracy")
     problem, value = "", math.nan
     if reply.get("error") not in (None, "", False):
         problem = f"an error ({str(reply['error'])[:200]})"
+    elif failed := _failure_flag(reply):
+        problem = f"a failure ({failed})"
     elif acc is None:
         problem = "no numeric 'accuracy'"
     elif isinstance(acc, bool) or not isinstance(acc, (int, float, str)):
@@ -288,6 +326,8 @@ def confirmed_score(url: str, reply: dict[str, Any]) -> float:
             problem = f"an 'accuracy' that is not a number ({str(acc)[:40]!r})"
         if not problem and not math.isfinite(value):
             problem = f"'accuracy' {str(acc)[:40]} (not a finite number)"
+        elif not problem and not 0.0 <= value <= MAX_SCORE:
+            problem = f"'accuracy' {value:g}, outside the score's range 0 to {MAX_SCORE:g}"
     if problem:
         raise NotSubmitted(f"{shown} answered with {problem}, so no score is confirmed; reply: "
                            f"{json.dumps(reply, default=str)[:300]}; {MAY_HAVE_ARRIVED}",

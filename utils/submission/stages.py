@@ -162,9 +162,21 @@ def check_resend(body: dict[str, Any], body_path: Path, group: str, out: Path, f
         raise KitError(f"{body_path}: --group (or COMPETITION_GROUP) {group!r} differs from the body's groupname "
                        f"{body.get('groupname')!r}; a resend sends the body as it is: drop --group, or build a new body "
                        f"with submit.py --run RUN --group {group}")
+    check_not_sent(body_path, out, force)
+
+
+def check_not_sent(body_path: Path, out: Path, force: bool, url: str = "") -> None:
+    """A body the ledger records as (maybe) counted goes again only with ``force``: by any URL for a resend,
+    to the same server (``url``) for a body built again from the same run.
+
+    Raises:
+        KitError: the ledger holds the same body as submitted, not confirmed or unknown.
+    """
     if force:
         return
     earlier = ledger.sent_before(out, ledger.body_sha256(body_path))
+    if url:
+        earlier = [e for e in earlier if e.record.get("url") == redact_url(url)]
     if earlier:
         e = earlier[-1]
         score = e.record.get("score")

@@ -50,7 +50,19 @@ def read_manifest(root: Path) -> dict[str, Any]:
         raise KitError(f"{path}: not a readable weights manifest ({err}); delete it and run python -m utils.weights fetch") from None
     if not isinstance(data, dict) or data.get("version") != MANIFEST_VERSION or not isinstance(data.get("entries"), dict):
         raise KitError(f"{path}: not a weights manifest of this kit (needs version {MANIFEST_VERSION} and 'entries')")
+    for name, record in data["entries"].items():
+        if not _record_ok(record):
+            raise KitError(f"{path}: entry {name!r} is not a record of this kit (needs 'path' and 'files', each file with "
+                           f"'path', 'size' and 'sha256'); delete the entry or run python -m utils.weights fetch --redo")
     return data["entries"]
+
+
+def _record_ok(record: Any) -> bool:
+    """A manifest record as fetch writes it: ``path`` and a list of files, each with its path, size and sha256."""
+    if not isinstance(record, dict) or not isinstance(record.get("path"), str) or not isinstance(record.get("files"), list):
+        return False
+    return all(isinstance(f, dict) and isinstance(f.get("path"), str) and isinstance(f.get("size"), int)
+               and not isinstance(f.get("size"), bool) and isinstance(f.get("sha256"), str) for f in record["files"])
 
 
 def write_entry(root: Path, name: str, record: dict[str, Any]) -> None:
