@@ -13,7 +13,8 @@ from torch import nn
 
 from utils import __version__
 from utils.errors import KitError
-from utils.training.checkpoint import file_sha, load_checkpoint, load_into, load_weights_file, save_checkpoint
+from utils.training.checkpoint import file_sha, load_checkpoint, save_checkpoint
+from utils.weights.state import load_into, load_weights_file
 
 
 def small_net() -> nn.Module:
