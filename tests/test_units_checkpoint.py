@@ -95,9 +95,9 @@ def test_load_into_non_strict_refuses_another_architecture_and_logs_partial_fits
         load_into(net, {"backbone.conv.weight": torch.zeros(1)}, tmp_path / "w.pt", strict=False)
     partial = {k: v for k, v in small_net().state_dict().items() if k.startswith("0.")}  # 2 of 4 tensors
     partial["extra.bias"] = torch.zeros(2)
-    with caplog.at_level(logging.INFO, logger="utils.training.checkpoint"):
+    with caplog.at_level(logging.INFO, logger="utils.weights.state"):
         load_into(net, partial, tmp_path / "w.pt", strict=False)
-    assert "loaded with 2 missing and 1 unexpected keys" in caplog.text
+    assert "2 of 4 tensors loaded, 2 missing, 1 unexpected" in caplog.text
 
 
 def test_file_sha_is_the_first_16_hex_digits_of_sha256_across_read_chunks(tmp_path):
