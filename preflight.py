@@ -42,6 +42,7 @@ class Config:
     url: str = field(default="", metadata={"help": "server URL to GET (default: $COMPETITION_URL; none: not checked)"})
     group: str = field(default="", metadata={"help": "team name (default: $COMPETITION_GROUP)", "metavar": "NAME"})
     timeout_s: float = field(default=5.0, metadata={"help": "seconds the server may take to answer the GET"})
+    check_runs: bool = field(default=True, metadata={"help": "check every run folder under --runs (day.py turns it off: it redoes stale runs itself)"})
     verbose: bool = field(default=False, metadata={"help": "debug logging"})
 
 
@@ -58,7 +59,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         raise KitError(f"--timeout-s {cfg.timeout_s}: must be > 0")
     cl = Checklist()
     layout = check_data(cl, cfg.data, cfg.runs)
-    check_runs(cl, cfg.runs, layout)
+    if cfg.check_runs:
+        check_runs(cl, cfg.runs, layout)
     check_weights(cl)
     check_accelerator(cl)
     check_output_folders(cl, cfg.runs, cfg.submissions, matrix_shapes(layout, cfg.runs))
