@@ -295,8 +295,8 @@ def test_label_captions_mode(rehearsal_data, tiny_clip, tmp_path):
 
 
 def test_pacs_benchmark_runs_and_writes_its_table(tmp_path):
-    """benchmarks/bench_methods.py on a PACS-shaped folder of generated images (4 classes, photo and sketch)."""
-    from benchmarks import bench_methods
+    """benchmarks/methods/bench_methods.py on a PACS-shaped folder of generated images (4 classes, photo and sketch)."""
+    from benchmarks.methods import bench_methods
 
     rng = np.random.default_rng(0)
     for domain in ("photo", "sketch"):

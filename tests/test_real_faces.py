@@ -4,7 +4,7 @@ same people (the face benchmark's set). Skips where ../shared/data is absent."""
 from __future__ import annotations
 
 import infer_facenet
-from benchmarks.bench_faces import build_dataset
+from benchmarks.faces.bench_faces import build_dataset
 from tests.conftest import shared_data
 from utils.runs.similarity_io import load_run
 

@@ -1,10 +1,10 @@
 """The scale target end to end: two models' top-k runs at N x N, ensemble.py over them, submit.py on the result.
 
     # the issue's target: 200,000 queries x 200,000 gallery images, 512-d, top-10 (about an hour on 2 shared cores)
-    .venv/bin/python benchmarks/bench_scale.py
+    .venv/bin/python benchmarks/scale/bench_scale.py
     # quick checks of the same path
-    .venv/bin/python benchmarks/bench_scale.py --size 5000 --out benchmarks/out/bench_scale_5k.md
-    .venv/bin/python benchmarks/bench_scale.py --size 20000 --out benchmarks/out/bench_scale_20k.md
+    .venv/bin/python benchmarks/scale/bench_scale.py --size 5000 --out benchmarks/out/bench_scale_5k.md
+    .venv/bin/python benchmarks/scale/bench_scale.py --size 20000 --out benchmarks/out/bench_scale_20k.md
 
 Targets (issue "scale and speed"): 200,000 x 200,000 top-10 at 512-d under 8 GiB peak memory; through
 submit.py from one run in under 20 minutes, and through ensemble.py fusing two runs in under 45 minutes,
@@ -58,13 +58,10 @@ from typing import Sequence
 import numpy as np
 from rich.table import Table
 
-ROOT = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(ROOT))
-
-from utils.atomic import atomic_write_bytes  # noqa: E402
-from utils.errors import KitError, run_cli  # noqa: E402
-from utils.logs import console, setup_logging  # noqa: E402
-from utils.runs.metrics import competition_score  # noqa: E402
+from benchmarks.common import ROOT, child_env, write_results
+from utils.errors import KitError, run_cli
+from utils.logs import console, setup_logging
+from utils.runs.metrics import competition_score
 
 GIB = 2**30
 BLOCK = 8192  # rows generated per seeded block (the data do not depend on the size they are cut from)
@@ -211,7 +208,7 @@ def measure(stage: str, argv: list[str], work: Path) -> dict:
     result = work / f"{stage}.json"
     cmd = [sys.executable, __file__, *argv, "--stage", stage, "--dir", str(work), "--result", str(result)]
     t0 = time.perf_counter()
-    proc = subprocess.Popen(cmd)
+    proc = subprocess.Popen(cmd, env=child_env())
     _, status, usage = os.wait4(proc.pid, 0)
     wall = time.perf_counter() - t0
     code = os.waitstatus_to_exitcode(status)
@@ -390,7 +387,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     ]
     for line in check_lines:
         console.print(line)
-    cmd = ".venv/bin/python benchmarks/bench_scale.py " + " ".join(argv)
+    cmd = ".venv/bin/python benchmarks/scale/bench_scale.py " + " ".join(argv)
     mem = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / GIB
     text = "\n".join([
         "# Scale benchmark: two top-k runs -> ensemble.py -> submit.py\n",
@@ -408,7 +405,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         "## Targets\n", *tmd, "",
         "## Checks\n", *check_lines, "",
     ])
-    atomic_write_bytes(args.out, text.encode())
+    write_results(args.out, text)
     console.print(f"wrote {args.out}")
     return 0 if ok else 1
 

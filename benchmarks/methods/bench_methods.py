@@ -1,9 +1,9 @@
 """Every retrieval method that runs offline, on PACS, per query->gallery domain pair, in the
 layout of the caption-matching paper's Table I (rows: methods; columns: domain pairs).
 
-    .venv/bin/python benchmarks/bench_methods.py                  # 2-6 min on 2 shared CPU cores
-    .venv/bin/python benchmarks/bench_methods.py --methods clip_img2img caption_labels
-    .venv/bin/python benchmarks/bench_methods.py --pairs sketch --per-class 10   # a quick look
+    .venv/bin/python benchmarks/methods/bench_methods.py                  # 2-6 min on 2 shared CPU cores
+    .venv/bin/python benchmarks/methods/bench_methods.py --methods clip_img2img caption_labels
+    .venv/bin/python benchmarks/methods/bench_methods.py --pairs sketch --per-class 10   # a quick look
 
 For each gallery domain (art_painting, cartoon, sketch) it builds a
 competition-layout dataset from /work/shared/data/pacs_mini under
@@ -45,19 +45,17 @@ import numpy as np
 import torch
 from rich.table import Table
 
-ROOT = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(ROOT))
-
-import infer_caption_match  # noqa: E402
-import infer_clip_colour  # noqa: E402
-import infer_cnn_features  # noqa: E402
-import train_clip_arcface  # noqa: E402
-import train_resnet  # noqa: E402
-from utils.atomic import atomic_write_bytes, atomic_write_json  # noqa: E402
-from utils.errors import KitError, run_cli  # noqa: E402
-from utils.logs import console, setup_logging  # noqa: E402
-from utils.runs.metrics import average_precision, precision_at_k, relevance_matrix, topk_scores  # noqa: E402
-from utils.runs.similarity_io import load_run  # noqa: E402
+import infer_caption_match
+import infer_clip_colour
+import infer_cnn_features
+import train_clip_arcface
+import train_resnet
+from benchmarks.common import ROOT, write_results
+from utils.atomic import atomic_write_json
+from utils.errors import KitError, run_cli
+from utils.logs import console, setup_logging
+from utils.runs.metrics import average_precision, precision_at_k, relevance_matrix, topk_scores
+from utils.runs.similarity_io import load_run
 
 QUERY_DOMAIN = "photo"
 GALLERY_DOMAINS = ("art_painting", "cartoon", "sketch")
@@ -312,7 +310,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             rows[m.label]["metrics"][domain] = score_run(runs / m.key, data)
     for table in results_tables(rows, args.pairs):
         console.print(table)
-    command = " ".join([".venv/bin/python benchmarks/bench_methods.py", *(sys.argv[1:] if argv is None else argv)])
+    command = " ".join([".venv/bin/python benchmarks/methods/bench_methods.py", *(sys.argv[1:] if argv is None else argv)])
     notes = [
         f"Data: {args.pacs.name}, {n_classes} classes; per pair {args.per_class} photos per class as test queries against "
         f"{args.per_class} images per class of the gallery domain ({n_classes * args.per_class} x {n_classes * args.per_class}); "
@@ -327,7 +325,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         "No BLIP captioner weights are offline, so there is no generated-caption row; dlib faces do not apply to PACS (no faces).",
         f"CPU, {args.threads} torch threads, on a machine shared with other jobs; total {time.time() - t0:.0f} s.",
     ]
-    atomic_write_bytes(args.results, markdown(rows, args.pairs, command, notes).encode())
+    write_results(args.results, markdown(rows, args.pairs, command, notes))
     console.print(f"wrote {args.results}")
     return 0
 

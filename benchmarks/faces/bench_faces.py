@@ -1,7 +1,7 @@
 """Benchmark of the face path (infer_facenet.py) on a cross-domain set made from real faces.
 
-    HF_HUB_OFFLINE=1 .venv/bin/python benchmarks/bench_faces.py
-    HF_HUB_OFFLINE=1 .venv/bin/python benchmarks/bench_faces.py --facenet-weights /path/to/20180402-114759-vggface2.pt
+    HF_HUB_OFFLINE=1 .venv/bin/python benchmarks/faces/bench_faces.py
+    HF_HUB_OFFLINE=1 .venv/bin/python benchmarks/faces/bench_faces.py --facenet-weights /path/to/20180402-114759-vggface2.pt
 
 Builds benchmarks/out/faces/data from ../shared/data/orl_faces in the
 competition layout: 40 people x 10 grey photos (upscaled 2x); for each person
@@ -30,7 +30,6 @@ import argparse
 import json
 import random
 import shutil
-import sys
 import time
 from pathlib import Path
 from typing import Sequence
@@ -40,20 +39,17 @@ import numpy as np
 import torch
 from rich.table import Table
 
-ROOT = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(ROOT))
-
-import ensemble  # noqa: E402
-import infer_facenet  # noqa: E402
-from benchmarks.face_data import orl_people, write_orl_layout  # noqa: E402
-from utils.atomic import atomic_write_bytes  # noqa: E402
-from utils.embedding.embed import embed_arrays  # noqa: E402
-from utils.embedding.views import tta_views  # noqa: E402
-from utils.errors import KitError, run_cli  # noqa: E402
-from utils.faces.crop import CropParams, face_crops  # noqa: E402
-from utils.faces.detect import DetectorParams, FaceDetector  # noqa: E402
-from utils.faces.embedder import build_embedder  # noqa: E402
-from utils.logs import console, setup_logging  # noqa: E402
+import ensemble
+import infer_facenet
+from benchmarks.common import ROOT, write_results
+from benchmarks.faces.face_data import orl_people, write_orl_layout
+from utils.embedding.embed import embed_arrays
+from utils.embedding.views import tta_views
+from utils.errors import KitError, run_cli
+from utils.faces.crop import CropParams, face_crops
+from utils.faces.detect import DetectorParams, FaceDetector
+from utils.faces.embedder import build_embedder
+from utils.logs import console, setup_logging
 
 OUT = ROOT / "benchmarks" / "out" / "faces"
 RESULT = ROOT / "benchmarks" / "results" / "faces.md"
@@ -242,8 +238,8 @@ def main(argv: Sequence[str] | None = None) -> int:
            "brightness x0.8/x1.2, zoom x1.1/x0.9 on query and gallery; *FaceNet*: InceptionResnetV1, MTCNN box + 20 px margin, eyes levelled; "
            "*ensemble.py*: per-query z-scores, (1-w) dlib TTA + w FaceNet, w searched on the validation split (bootstrap mean). "
            "*no face*: images where MTCNN found none (centre-square fallback), of all val+test images. Detection timings include image loading.",
-           "", "Command: `HF_HUB_OFFLINE=1 .venv/bin/python benchmarks/bench_faces.py" + (f" --facenet-weights {args.facenet_weights}`" if args.facenet_weights != "none" else "`"), ""]
-    atomic_write_bytes(RESULT, "\n".join(md).encode())
+           "", "Command: `HF_HUB_OFFLINE=1 .venv/bin/python benchmarks/faces/bench_faces.py" + (f" --facenet-weights {args.facenet_weights}`" if args.facenet_weights != "none" else "`"), ""]
+    write_results(RESULT, "\n".join(md))
     console.print(f"written {RESULT.relative_to(ROOT)}; runs in {runs.relative_to(ROOT)}")
     return 0
 
