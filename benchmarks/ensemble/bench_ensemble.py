@@ -2,7 +2,7 @@
 fusions and every re-ranking option, on validation and test of real runs; plus the time to
 score 10,000 weight candidates (3 models, 1,500 x 1,500), vectorised against a per-candidate loop.
 
-    # real runs of this project (rehearsal data: make them first, see benchmarks/results/ensemble.md)
+    # real runs of this project (rehearsal data: bash benchmarks/ensemble/make_ensemble_runs.sh makes them)
     .venv/bin/python benchmarks/ensemble/bench_ensemble.py \\
         --runs benchmarks/out/ens/runs --data benchmarks/out/ens/data \\
         --runs benchmarks/out/faces/runs --data benchmarks/out/faces/data
@@ -15,7 +15,8 @@ score 10,000 weight candidates (3 models, 1,500 x 1,500), vectorised against a p
 Each --runs gets the --data at the same position (its test/ground_truth.json
 gives the test scores; the choice never sees them). The options are scored
 exactly as ``ensemble.py --auto`` scores them; the chosen one is starred.
-Writes the tables to benchmarks/results/ensemble.md (--memory: ensemble_memory.md; or --out).
+Writes the tables to benchmarks/results/ensemble.md (--no-quality: ensemble_timing.md; --memory:
+ensemble_memory.md; or --out).
 """
 
 from __future__ import annotations
@@ -51,7 +52,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--runs", type=Path, action="append", default=[], metavar="DIR", help="a runs folder (repeatable)")
     p.add_argument("--data", type=Path, action="append", default=[], metavar="DIR", help="its data folder (repeatable, same order)")
     p.add_argument("--out", type=Path, default=None, metavar="MD",
-                   help="markdown output (default: benchmarks/results/ensemble.md, with --memory ensemble_memory.md)")
+                   help="markdown output (default: benchmarks/results/ensemble.md; --no-quality: ensemble_timing.md; --memory: ensemble_memory.md)")
     p.add_argument("--quality", action=argparse.BooleanOptionalAction, default=True, help="score the options on the runs (default: on)")
     p.add_argument("--timing", action=argparse.BooleanOptionalAction, default=True, help="time the weight scoring (default: on)")
     p.add_argument("--candidates", type=int, default=10_000, metavar="N", help="weight candidates for the timing (default: %(default)s)")
@@ -253,7 +254,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         table, text = timing(args)
         console.print(table)
         md += ["## Weight-search timing\n", text]
-    out = args.out or ROOT / "benchmarks/results/ensemble.md"
+    out = args.out or ROOT / "benchmarks/results" / ("ensemble.md" if args.quality else "ensemble_timing.md")
     write_results(out, "\n".join(md))
     console.print(f"wrote {out}")
     return 0
