@@ -100,3 +100,13 @@ def test_a_benchmark_runs_as_a_module_before_the_kit_is_installed(tmp_path):
     rows = [line for line in out.read_text().splitlines() if line.startswith(("| 300", "| 200"))]
     assert len(rows) == 2, out.read_text()
     assert all(float(row.split(" | ")[3]) >= 0 for row in rows), rows  # a wall time, not a worker's "exit 1"
+
+
+def test_the_benchmarks_read_the_shared_data_the_tests_read():
+    """The data folder beside the checkout (../shared/data), wherever the benchmark's file sits in benchmarks/."""
+    from benchmarks.faces import face_data
+    from benchmarks.methods import bench_methods
+    from tests.conftest import SHARED_DATA
+
+    assert face_data.SHARED == SHARED_DATA
+    assert bench_methods.build_parser().get_default("pacs") == SHARED_DATA / "pacs_mini"

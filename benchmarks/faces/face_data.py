@@ -30,11 +30,12 @@ from typing import Callable
 import numpy as np
 from PIL import Image
 
+from benchmarks.common import ROOT
 from benchmarks.faces.face_styles import STYLES, styled
 from utils.atomic import atomic_write_bytes
 from utils.errors import KitError
 
-SHARED = Path(__file__).resolve().parent.parent.parent / "shared" / "data"
+SHARED = ROOT.parent / "shared" / "data"
 ORL = SHARED / "orl_faces"
 PACS = SHARED / "pacs_mini"
 N_QUERY_PER_PERSON = 3
