@@ -22,7 +22,7 @@ neighbouring weights, wins) -> re-rank
 weights.json (the plan and every scored option), simplex.png (2-3 models).
 One model and no re-ranking: its matrices are copied unchanged.
 Memory: each member's matrices once (as aligned), the fused results, and row chunks; the
-search and the fusion never hold a transformed copy per model (benchmarks/bench_ensemble.py --memory).
+search and the fusion never hold a transformed copy per model (benchmarks/ensemble/bench_ensemble.py --memory).
 Members: every complete run under --runs (or --models), never a fused run (an
 ensemble output: "fused": true in its meta.json), all of one form (full matrices
 or top-k; a mix is refused in one line). --out may not be a member or any

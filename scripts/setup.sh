@@ -12,5 +12,6 @@ if [ "$(cat "$stamp" 2>/dev/null)" != "$want" ]; then
   .venv/bin/python -m pip install -q -r requirements.txt -r requirements-dev.txt
   # requirements-nodeps.txt: facenet-pytorch pins torch<2.3 and numpy<2; its code runs fine on the pinned set.
   .venv/bin/python -m pip install -q --no-deps -r requirements-nodeps.txt
+  .venv/bin/python -m pip install -q --no-deps -e .  # the kit itself: utils/ and benchmarks/ import from anywhere
   echo "$want" > "$stamp"
 fi

@@ -11,6 +11,7 @@ from __future__ import annotations
 import argparse
 import importlib
 import importlib.util
+import os
 import re
 import subprocess
 import sys
@@ -78,7 +79,9 @@ def options_of(target: str) -> frozenset[str]:
             mod = importlib.import_module(module + ".__main__")
         return frozenset(_options(mod.build_parser()))
     argv = [sys.executable, *target.split(), "--help"] if target.startswith("-m ") else [sys.executable, target, "--help"]
-    proc = subprocess.run(argv, cwd=ROOT, capture_output=True, text=True, timeout=300)
+    # the checkout under test first: the venv's editable install may point at another checkout
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    proc = subprocess.run(argv, cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, f"{target} --help failed: {proc.stderr[-500:]}"
     return frozenset(FLAG.findall(proc.stdout))
 

@@ -6,7 +6,7 @@ from __future__ import annotations
 import pytest
 
 import infer_facenet
-from benchmarks.bench_faces import build_dataset
+from benchmarks.faces.bench_faces import build_dataset
 from tests.helpers.paths import shared_data
 from utils.runs.similarity_io import load_run
 

@@ -136,7 +136,7 @@ def test_faiss_equals_exact_on_random_unit_vectors():
 
 def test_benchmark_runs_each_method_in_its_own_process(tmp_path):
     """bench_topk.py end to end at a tiny size: rows for each method, the subset marked, lists agreeing."""
-    from benchmarks import bench_topk
+    from benchmarks.scale import bench_topk
 
     out = tmp_path / "bench.md"
     code = bench_topk.main(["--sizes", "400", "--methods", "exact", "argsort", "--dim", "16", "--subset-from", "400",

@@ -31,7 +31,7 @@ from utils.training.distributed import DistInfo
 log = logging.getLogger(__name__)
 
 Forward = Callable[[torch.Tensor], torch.Tensor]
-CPU_CNN_SLICE = 8  # images per forward call of a CNN on the CPU (benchmarks/bench_embed.py)
+CPU_CNN_SLICE = 8  # images per forward call of a CNN on the CPU (benchmarks/embedding/bench_embed.py)
 
 
 def l2_normalize(x: np.ndarray) -> np.ndarray:
@@ -113,7 +113,7 @@ def fold_batchnorm(module: torch.nn.Module) -> torch.nn.Module:
     compiling), or cannot be traced (data-dependent control flow).
 
     Folding saves the BatchNorm's pass over each activation map: ResNet-50 on 2 CPU
-    cores embeds about 1.3x faster (benchmarks/bench_embed.py). Outputs equal the
+    cores embeds about 1.3x faster (benchmarks/embedding/bench_embed.py). Outputs equal the
     unfolded module's up to float rounding.
     """
     if module.training or hasattr(module, "_orig_mod") or not any(isinstance(m, torch.nn.modules.batchnorm._BatchNorm) for m in module.modules()):

@@ -1,7 +1,7 @@
 """Embedding throughput of the kit's path against simple loops and the machine's FLOP-bound limit.
 
-    HF_HUB_OFFLINE=1 .venv/bin/python benchmarks/bench_embed.py                 # ResNet-50 at 224 px, 64 images
-    HF_HUB_OFFLINE=1 .venv/bin/python benchmarks/bench_embed.py --images 128 --models resnet50 clip faces
+    HF_HUB_OFFLINE=1 .venv/bin/python benchmarks/embedding/bench_embed.py                 # ResNet-50 at 224 px, 64 images
+    HF_HUB_OFFLINE=1 .venv/bin/python benchmarks/embedding/bench_embed.py --images 128 --models resnet50 clip faces
 
 For each model: images/second through
 - the kit's path (``utils.embedding.embed.embed_images``: DataLoader workers decode and
@@ -25,19 +25,15 @@ from pathlib import Path
 import numpy as np
 import torch
 from PIL import Image
+from rich.table import Table
 
-ROOT = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(ROOT))
-
-from rich.table import Table  # noqa: E402
-
-from utils.atomic import atomic_write_bytes  # noqa: E402
-from utils.data.augment import eval_transform  # noqa: E402
-from utils.data.images import load_image  # noqa: E402
-from utils.device import default_workers  # noqa: E402
-from utils.embedding.embed import embed_arrays, embed_images, fold_batchnorm  # noqa: E402
-from utils.embedding.views import tta_views  # noqa: E402
-from utils.logs import console  # noqa: E402
+from benchmarks.common import ROOT, write_results
+from utils.data.augment import eval_transform
+from utils.data.images import load_image
+from utils.device import default_workers
+from utils.embedding.embed import embed_arrays, embed_images, fold_batchnorm
+from utils.embedding.views import tta_views
+from utils.logs import console
 
 CPU = torch.device("cpu")
 
@@ -191,8 +187,7 @@ def main() -> int:
         table.add_row(*cells)
         md.append("| " + " | ".join(cells) + " |")
     console.print(table)
-    cmd = "HF_HUB_OFFLINE=1 .venv/bin/python benchmarks/bench_embed.py " + " ".join(sys.argv[1:])
-    atomic_write_bytes(args.out, (f"`{cmd.strip()}`\n\n" + "\n".join(md) + "\n").encode())
+    write_results(args.out, "\n".join(md))
     console.print(f"wrote {args.out}")
     return 0
 

@@ -1,9 +1,9 @@
 """Top-10 from embeddings at scale: the kit's chunked exact search, FAISS, scikit-learn and a full argsort.
 
     # the default: 1,500 / 20,000 / 50,000 / 200,000 queries x gallery, 512-d (about 7 minutes on 2 idle cores)
-    .venv/bin/python benchmarks/bench_topk.py
+    .venv/bin/python benchmarks/scale/bench_topk.py
     # one size, one method, every query searched (no extrapolation)
-    .venv/bin/python benchmarks/bench_topk.py --sizes 200000 --methods exact --query-subset 0
+    .venv/bin/python benchmarks/scale/bench_topk.py --sizes 200000 --methods exact --query-subset 0
 
 Data: random unit vectors (seeded), as many queries as gallery images. Each
 (size, method) runs in its own process; the time is from the embeddings in
@@ -38,13 +38,10 @@ from typing import Sequence
 import numpy as np
 from rich.table import Table
 
-ROOT = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(ROOT))
-
-from utils.atomic import atomic_write_bytes  # noqa: E402
-from utils.errors import KitError, run_cli  # noqa: E402
-from utils.logs import console  # noqa: E402
-from utils.runs.search import has_faiss, search_topk  # noqa: E402
+from benchmarks.common import ROOT, child_env, write_results
+from utils.errors import KitError, run_cli
+from utils.logs import console
+from utils.runs.search import has_faiss, search_topk
 
 METHODS = ("exact", "faiss", "sklearn", "argsort")
 LABELS = {
@@ -152,7 +149,7 @@ def measure(method: str, n: int, n_searched: int, args, tmp: Path) -> dict:
     result = tmp / f"{method}_{n}.json"
     cmd = [sys.executable, __file__, "--worker", method, str(n), str(n_searched), "--dim", str(args.dim),
            "--k", str(args.k), "--seed", str(args.seed), "--fuse-candidates", str(args.fuse_candidates), "--result", str(result)]
-    proc = subprocess.Popen(cmd)
+    proc = subprocess.Popen(cmd, env=child_env())
     _, status, usage = os.wait4(proc.pid, 0)
     proc.returncode = os.waitstatus_to_exitcode(status)
     if proc.returncode != 0:
@@ -208,14 +205,14 @@ def main(argv: Sequence[str] | None = None) -> int:
             table.add_row(*row)
             md.append("| " + " | ".join(row) + " |")
     console.print(table)
-    cmd = "python benchmarks/bench_topk.py " + " ".join(argv if argv is not None else sys.argv[1:])
+    cmd = "python benchmarks/scale/bench_topk.py " + " ".join(argv if argv is not None else sys.argv[1:])
     load = os.getloadavg()[0]
     text = (f"# Top-{args.k} search benchmark\n\n`{cmd.strip()}` ({time.time() - t_start:.0f} s in all, "
             f"{os.cpu_count()} CPU cores, shared machine, load average {load:.1f} at the end)\n\n"
             "CPU time is the process's own (all its threads): on a busy shared machine it is the steadier figure; "
             f"divided by the {os.cpu_count()} cores it estimates the wall time on an idle machine.\n\n"
             + "\n".join(md) + "\n")
-    atomic_write_bytes(args.out, text.encode())
+    write_results(args.out, text)
     console.print(f"wrote {args.out}")
     return 0
 

@@ -1,7 +1,7 @@
 """Benchmark of the face path (infer_facenet.py) on a cross-domain set made from real faces.
 
-    HF_HUB_OFFLINE=1 .venv/bin/python benchmarks/bench_faces.py
-    HF_HUB_OFFLINE=1 .venv/bin/python benchmarks/bench_faces.py --facenet-weights /path/to/20180402-114759-vggface2.pt
+    HF_HUB_OFFLINE=1 .venv/bin/python benchmarks/faces/bench_faces.py
+    HF_HUB_OFFLINE=1 .venv/bin/python benchmarks/faces/bench_faces.py --facenet-weights /path/to/20180402-114759-vggface2.pt
 
 Builds benchmarks/out/faces/data from ../shared/data/orl_faces in the
 competition layout: 40 people x 10 grey photos (upscaled 2x); for each person
@@ -30,7 +30,6 @@ import argparse
 import json
 import random
 import shutil
-import sys
 import time
 from pathlib import Path
 from typing import Sequence
@@ -40,20 +39,17 @@ import numpy as np
 import torch
 from rich.table import Table
 
-ROOT = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(ROOT))
-
-import ensemble  # noqa: E402
-import infer_facenet  # noqa: E402
-from benchmarks.face_data import orl_people, write_orl_layout  # noqa: E402
-from utils.atomic import atomic_write_bytes  # noqa: E402
-from utils.embedding.embed import embed_arrays  # noqa: E402
-from utils.embedding.views import tta_views  # noqa: E402
-from utils.errors import KitError, run_cli  # noqa: E402
-from utils.faces.crop import CropParams, face_crops  # noqa: E402
-from utils.faces.detect import DetectorParams, FaceDetector  # noqa: E402
-from utils.faces.embedder import build_embedder  # noqa: E402
-from utils.logs import console, setup_logging  # noqa: E402
+import ensemble
+import infer_facenet
+from benchmarks.common import ROOT, write_results
+from benchmarks.faces.face_data import orl_people, write_orl_layout
+from utils.embedding.embed import embed_arrays
+from utils.embedding.views import tta_views
+from utils.errors import KitError, run_cli
+from utils.faces.crop import CropParams, face_crops
+from utils.faces.detect import DetectorParams, FaceDetector
+from utils.faces.embedder import build_embedder
+from utils.logs import console, setup_logging
 
 OUT = ROOT / "benchmarks" / "out" / "faces"
 RESULT = ROOT / "benchmarks" / "results" / "faces.md"
@@ -180,6 +176,42 @@ def run_model(data: Path, runs: Path, name: str, args: list[str]) -> dict:
     return meta
 
 
+def tables(data: Path, args, rows: dict, faces: dict, seconds: dict, speed_rows: list) -> list[str]:
+    """Print the score and throughput tables; return them as the results file's markdown lines."""
+    n_q = len(json.loads((data / "test" / "ground_truth.json").read_text()))
+    n_g = len(list((data / "test" / "gallery").iterdir()))
+    title = f"Face path on ORL cross-domain ({n_q} photo queries x {n_g} stylised gallery, 24 test people)"
+    table = Table(title=title)
+    for col in ("model", "test score", "top1", "top5", "top10", "mAP@All", "val score", "no face", "time s"):
+        table.add_column(col, justify="left" if col == "model" else "right")
+    md = [f"## {title}", "", "| model | test score | top1 | top5 | top10 | mAP@All | val score | no face | time s |", "|---|---|---|---|---|---|---|---|---|"]
+    for label, m in rows.items():
+        nf = f"{faces[label][0]}/{faces[label][1]}" if label in faces else "-"
+        sec = f"{seconds[label]:.0f}" if label in seconds else "-"
+        val = f"{m['val_score']:.2f}" if "val_score" in m else "-"
+        cells = [label, f"{m['score']:.2f}", f"{m['top1']:.3f}", f"{m['top5']:.3f}", f"{m['top10']:.3f}", f"{m['map_all']:.3f}", val, nf, sec]
+        table.add_row(*cells)
+        md.append("| " + " | ".join(cells) + " |")
+    speed_table = Table(title="Throughput on the same images (CPU, 2 threads), images/s")
+    for col in ("stage", "batched", "one at a time", "speed-up"):
+        speed_table.add_column(col, justify="left" if col == "stage" else "right")
+    md += ["", f"### Throughput on the same {args.speed_images} gallery images (CPU, 2 threads, shared machine: best of 3 interleaved runs), images/s", "",
+           "| stage | batched | one at a time | speed-up |", "|---|---|---|---|"]
+    for stage, batched, single in speed_rows:
+        cells = [stage, f"{batched:.1f}", f"{single:.1f}", f"{batched / single:.2f}x"]
+        speed_table.add_row(*cells)
+        md.append("| " + " | ".join(cells) + " |")
+    console.print(table)
+    console.print(speed_table)
+    md += ["", "Rows: *dlib centre square*: no detection, the centre square of each image, no TTA (the plain reference); "
+           "*dlib aligned (MTCNN)*: MTCNN box -> dlib 5-point landmarks -> dlib chip; *default recipe*: infer_facenet.py's defaults; *TTA x8*: identity, flip, rotation +-8 deg, "
+           "brightness x0.8/x1.2, zoom x1.1/x0.9 on query and gallery; *FaceNet*: InceptionResnetV1, MTCNN box + 20 px margin, eyes levelled; "
+           "*ensemble.py*: per-query z-scores, (1-w) dlib TTA + w FaceNet, w searched on the validation split (bootstrap mean). "
+           "*no face*: images where MTCNN found none (centre-square fallback), of all val+test images. Detection timings include image loading.",
+           "", "Command: `HF_HUB_OFFLINE=1 .venv/bin/python benchmarks/faces/bench_faces.py" + (f" --facenet-weights {args.facenet_weights}`" if args.facenet_weights != "none" else "`"), ""]
+    return md
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--facenet-weights", default="none", metavar="PATH", help="FaceNet weights: none (the floor), vggface2 or a state dict file (default: %(default)s)")
@@ -212,38 +244,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     rows[fusion_label] = fused
     speed_rows = speed(data, args.facenet_weights, args.speed_images)
 
-    n_q = len(json.loads((data / "test" / "ground_truth.json").read_text()))
-    n_g = len(list((data / "test" / "gallery").iterdir()))
-    title = f"Face path on ORL cross-domain ({n_q} photo queries x {n_g} stylised gallery, 24 test people)"
-    table = Table(title=title)
-    for col in ("model", "test score", "top1", "top5", "top10", "mAP@All", "val score", "no face", "time s"):
-        table.add_column(col, justify="left" if col == "model" else "right")
-    md = [f"## {title}", "", "| model | test score | top1 | top5 | top10 | mAP@All | val score | no face | time s |", "|---|---|---|---|---|---|---|---|---|"]
-    for label, m in rows.items():
-        nf = f"{faces[label][0]}/{faces[label][1]}" if label in faces else "-"
-        sec = f"{seconds[label]:.0f}" if label in seconds else "-"
-        val = f"{m['val_score']:.2f}" if "val_score" in m else "-"
-        cells = [label, f"{m['score']:.2f}", f"{m['top1']:.3f}", f"{m['top5']:.3f}", f"{m['top10']:.3f}", f"{m['map_all']:.3f}", val, nf, sec]
-        table.add_row(*cells)
-        md.append("| " + " | ".join(cells) + " |")
-    speed_table = Table(title="Throughput on the same images (CPU, 2 threads), images/s")
-    for col in ("stage", "batched", "one at a time", "speed-up"):
-        speed_table.add_column(col, justify="left" if col == "stage" else "right")
-    md += ["", f"### Throughput on the same {args.speed_images} gallery images (CPU, 2 threads, shared machine: best of 3 interleaved runs), images/s", "",
-           "| stage | batched | one at a time | speed-up |", "|---|---|---|---|"]
-    for stage, batched, single in speed_rows:
-        cells = [stage, f"{batched:.1f}", f"{single:.1f}", f"{batched / single:.2f}x"]
-        speed_table.add_row(*cells)
-        md.append("| " + " | ".join(cells) + " |")
-    console.print(table)
-    console.print(speed_table)
-    md += ["", "Rows: *dlib centre square*: no detection, the centre square of each image, no TTA (the plain reference); "
-           "*dlib aligned (MTCNN)*: MTCNN box -> dlib 5-point landmarks -> dlib chip; *default recipe*: infer_facenet.py's defaults; *TTA x8*: identity, flip, rotation +-8 deg, "
-           "brightness x0.8/x1.2, zoom x1.1/x0.9 on query and gallery; *FaceNet*: InceptionResnetV1, MTCNN box + 20 px margin, eyes levelled; "
-           "*ensemble.py*: per-query z-scores, (1-w) dlib TTA + w FaceNet, w searched on the validation split (bootstrap mean). "
-           "*no face*: images where MTCNN found none (centre-square fallback), of all val+test images. Detection timings include image loading.",
-           "", "Command: `HF_HUB_OFFLINE=1 .venv/bin/python benchmarks/bench_faces.py" + (f" --facenet-weights {args.facenet_weights}`" if args.facenet_weights != "none" else "`"), ""]
-    atomic_write_bytes(RESULT, "\n".join(md).encode())
+    md = tables(data, args, rows, faces, seconds, speed_rows)
+    write_results(RESULT, "\n".join(md))
     console.print(f"written {RESULT.relative_to(ROOT)}; runs in {runs.relative_to(ROOT)}")
     return 0
 

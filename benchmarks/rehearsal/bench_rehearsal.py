@@ -1,8 +1,8 @@
 """The whole rehearsal, first run (cold: data generated, model trained, everything embedded) vs a
 second run on the same folder (warm: every cache answers).
 
-    .venv/bin/python benchmarks/bench_rehearsal.py              # 2 cold/warm pairs in fresh folders
-    .venv/bin/python benchmarks/bench_rehearsal.py --pairs 3
+    .venv/bin/python benchmarks/rehearsal/bench_rehearsal.py              # 2 cold/warm pairs in fresh folders
+    .venv/bin/python benchmarks/rehearsal/bench_rehearsal.py --pairs 3
 
 Each pair runs `bash scripts/rehearsal.sh` twice into a new REHEARSAL_DIR and checks that the
 two runs submitted the same score. Prints a rich table (wall seconds per run, warm/cold ratio,
@@ -21,13 +21,10 @@ import tempfile
 import time
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(ROOT))
+from rich.table import Table
 
-from rich.table import Table  # noqa: E402
-
-from utils.atomic import atomic_write_bytes  # noqa: E402
-from utils.logs import console  # noqa: E402
+from benchmarks.common import ROOT, write_results
+from utils.logs import console
 
 
 def run_once(folder: Path) -> tuple[float, str]:
@@ -67,7 +64,7 @@ def main() -> int:
     table.add_row("median", "", "", f"{med:.2f}x", "")
     md.append(f"| median | | | {med:.2f}x | |")
     console.print(table)
-    atomic_write_bytes(args.out, ("`.venv/bin/python benchmarks/bench_rehearsal.py " + " ".join(sys.argv[1:]) + "`\n\n" + "\n".join(md) + "\n").encode())
+    write_results(args.out, "\n".join(md))
     console.print(f"wrote {args.out}")
     return 0
 

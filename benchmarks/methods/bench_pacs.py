@@ -1,7 +1,7 @@
 """Benchmark of train_clip_arcface.py on PACS: photos as queries, sketches/cartoons/paintings as gallery.
 
-    .venv/bin/python benchmarks/bench_pacs.py                      # ~10 min on 2 CPU cores
-    .venv/bin/python benchmarks/bench_pacs.py --epochs 3 --no-resnet  # a quick look
+    .venv/bin/python benchmarks/methods/bench_pacs.py                      # ~10 min on 2 CPU cores
+    .venv/bin/python benchmarks/methods/bench_pacs.py --epochs 3 --no-resnet  # a quick look
 
 Builds a competition-layout dataset from /work/shared/data/pacs_mini (7 classes
 x 4 domains x 40 images) under benchmarks/out/pacs/data: the classes play the
@@ -36,14 +36,12 @@ from typing import Sequence
 import torch
 from rich.table import Table
 
-ROOT = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(ROOT))
-
-import train_clip_arcface  # noqa: E402
-import train_resnet  # noqa: E402
-from utils.atomic import atomic_write_bytes, atomic_write_json  # noqa: E402
-from utils.errors import KitError, run_cli  # noqa: E402
-from utils.logs import console, setup_logging  # noqa: E402
+import train_clip_arcface
+import train_resnet
+from benchmarks.common import ROOT, write_results
+from utils.atomic import atomic_write_json
+from utils.errors import KitError, run_cli
+from utils.logs import console, setup_logging
 
 DOMAINS = ("photo", "art_painting", "cartoon", "sketch")
 QUERY_DOMAIN = "photo"
@@ -158,7 +156,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         names.append("resnet18")
     rows = {n: metrics_row(runs / n) for n in names}
     console.print(results_table(rows))
-    command = " ".join([".venv/bin/python benchmarks/bench_pacs.py", *(sys.argv[1:] if argv is None else argv)])
+    command = " ".join([".venv/bin/python benchmarks/methods/bench_pacs.py", *(sys.argv[1:] if argv is None else argv)])
     notes = [
         f"Data: {args.pacs.name}, {args.test_classes} held-out test classes (query = their photos, gallery = their other "
         f"3 domains); the other classes train, {args.val_fraction:.0%} of them held out for validation "
@@ -168,7 +166,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         "all blocks unfrozen, M-per-class batches of 24 (8 per class); embeddings with flip TTA.",
         "Scores are class-level retrieval over few classes, so Top-10 is nearly always hit; mAP@All separates the models.",
     ]
-    atomic_write_bytes(args.results, markdown(rows, command, notes).encode())
+    write_results(args.results, markdown(rows, command, notes))
     console.print(f"wrote {args.results}")
     return 0
 

@@ -1,11 +1,11 @@
 """The hard face benchmark set, from ORL faces in the competition layout.
 
-    from benchmarks.face_data import build_hard_dataset
+    from benchmarks.faces.face_data import build_hard_dataset
     data = build_hard_dataset(Path("benchmarks/out/faces_hard/data"))
 
 40 people x 10 grey ORL photos (upscaled 2x to 184x224). Per person 3 photos
 stay photos (queries; domain ``real``); the other 7 are posed, degraded and
-restyled (:mod:`benchmarks.face_styles`: pencil, stylise, colour_map, cartoon,
+restyled (:mod:`benchmarks.faces.face_styles`: pencil, stylise, colour_map, cartoon,
 oil, in turn; domain ``synthetic``: the gallery). ``n_train`` people are
 training identities (``train/<id>/...`` with real and synthetic images and
 ``domains.csv``), the rest are test identities (``test/query``,
@@ -30,11 +30,12 @@ from typing import Callable
 import numpy as np
 from PIL import Image
 
-from benchmarks.face_styles import STYLES, styled
+from benchmarks.common import ROOT
+from benchmarks.faces.face_styles import STYLES, styled
 from utils.atomic import atomic_write_bytes
 from utils.errors import KitError
 
-SHARED = Path(__file__).resolve().parent.parent.parent / "shared" / "data"
+SHARED = ROOT.parent / "shared" / "data"
 ORL = SHARED / "orl_faces"
 PACS = SHARED / "pacs_mini"
 N_QUERY_PER_PERSON = 3

@@ -2,9 +2,9 @@
 the layout of the caption-matching paper's Table I (a block per metric; rows: methods; columns:
 the 12 pairs and their mean).
 
-    nice -n 10 .venv/bin/python benchmarks/bench_methods.py       # all 12 pairs, ~15 min on 2 shared CPU cores
-    .venv/bin/python benchmarks/bench_methods.py --methods clip_img2img caption_true_labels
-    .venv/bin/python benchmarks/bench_methods.py --pairs photo:sketch --per-class 10   # a quick look
+    nice -n 10 .venv/bin/python benchmarks/methods/bench_methods.py       # all 12 pairs, ~15 min on 2 shared CPU cores
+    .venv/bin/python benchmarks/methods/bench_methods.py --methods clip_img2img caption_true_labels
+    .venv/bin/python benchmarks/methods/bench_methods.py --pairs photo:sketch --per-class 10   # a quick look
 
 For each pair (query domain, gallery domain) it builds a competition-layout
 dataset from /work/shared/data/pacs_mini under
@@ -36,14 +36,9 @@ from __future__ import annotations
 
 import argparse
 import csv
-import datetime
 import hashlib
 import json
-import os
-import platform
 import shutil
-import subprocess
-import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -53,19 +48,17 @@ import numpy as np
 import torch
 from rich.table import Table
 
-ROOT = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(ROOT))
-
-import infer_caption_match  # noqa: E402
-import infer_clip_colour  # noqa: E402
-import infer_cnn_features  # noqa: E402
-import train_clip_arcface  # noqa: E402
-import train_resnet  # noqa: E402
-from utils.atomic import atomic_write_bytes, atomic_write_json  # noqa: E402
-from utils.errors import KitError, run_cli  # noqa: E402
-from utils.logs import console, setup_logging  # noqa: E402
-from utils.runs.metrics import average_precision, precision_at_k, relevance_matrix, topk_scores  # noqa: E402
-from utils.runs.similarity_io import load_run  # noqa: E402
+import infer_caption_match
+import infer_clip_colour
+import infer_cnn_features
+import train_clip_arcface
+import train_resnet
+from benchmarks.common import ROOT, write_results
+from utils.atomic import atomic_write_json
+from utils.errors import KitError, run_cli
+from utils.logs import console, setup_logging
+from utils.runs.metrics import average_precision, precision_at_k, relevance_matrix, topk_scores
+from utils.runs.similarity_io import load_run
 
 DOMAINS = ("photo", "art_painting", "cartoon", "sketch")
 SHORT = {"photo": "P", "art_painting": "A", "cartoon": "C", "sketch": "S"}
@@ -347,24 +340,6 @@ def n_queries(row: dict, pair: str) -> int:
     return int(row["metrics"][pair]["queries"])
 
 
-def machine_header(command: str, threads: int) -> list[str]:
-    """Date, commit, machine (cores and a measured fp32 matmul rate) and the command, for the results file."""
-    commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, capture_output=True, text=True).stdout.strip()
-    dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=ROOT, capture_output=True, text=True).stdout.strip()
-    a, b = torch.randn(1024, 1024), torch.randn(1024, 1024)
-    best = float("inf")
-    for _ in range(5):
-        t = time.perf_counter()
-        torch.mm(a, b)
-        best = min(best, time.perf_counter() - t)
-    gflops = 2 * 1024**3 / best / 1e9
-    return [f"- Date: {datetime.datetime.now(datetime.timezone.utc):%Y-%m-%d %H:%M} UTC",
-            f"- Commit: {commit or 'not recorded'}{' (with uncommitted changes)' if dirty else ''}",
-            f"- Machine: {os.cpu_count()} CPU cores ({platform.processor() or platform.machine()}), torch {threads} threads; "
-            f"fp32 matmul 1024x1024 measured at {gflops:.1f} GFLOP/s (best of 5, shared machine)",
-            f"- Command: `{command}`"]
-
-
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     setup_logging()
@@ -372,8 +347,6 @@ def main(argv: Sequence[str] | None = None) -> int:
     if not args.pacs.is_dir():
         raise KitError(f"--pacs {args.pacs}: not found; the benchmark needs ../shared/data/pacs_mini")
     t0 = time.time()
-    command = " ".join([".venv/bin/python benchmarks/bench_methods.py", *(sys.argv[1:] if argv is None else argv)])
-    header = machine_header(command, args.threads)
     clip_model = args.clip_model
     if not clip_model:
         clip_model = str(args.out / "configs" / "bench-clip.json")
@@ -399,7 +372,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             rows[m.label]["metrics"][pair], rows[m.label]["ties"][pair] = score_run(ctx.runs / m.key, data)
     for table in results_tables(rows, args.pairs):
         console.print(table)
-    atomic_write_bytes(args.results, markdown(rows, args.pairs, header, notes(args, time.time() - t0)).encode())
+    write_results(args.results, markdown(rows, args.pairs, [], notes(args, time.time() - t0)), None if argv is None else [__file__, *argv])
     console.print(f"wrote {args.results}")
     return 0
 

@@ -1,12 +1,12 @@
 """The hard face benchmark over several draws: how much of a score is the draw of the test people.
 
-    HF_HUB_OFFLINE=1 .venv/bin/python benchmarks/bench_faces_seeds.py                 # seeds 0 1 2 3 4
-    HF_HUB_OFFLINE=1 .venv/bin/python benchmarks/bench_faces_seeds.py --seeds 0 1 2
+    HF_HUB_OFFLINE=1 .venv/bin/python benchmarks/faces/bench_faces_seeds.py                 # seeds 0 1 2 3 4
+    HF_HUB_OFFLINE=1 .venv/bin/python benchmarks/faces/bench_faces_seeds.py --seeds 0 1 2
 
 bench_faces_hard.py measures one draw (seed 0): 20 test people, 60 queries, so
 one query moving in or out of first place moves the score by 10. Here each seed
 draws its own split of the 40 ORL people into 20 training and 20 test people and
-its own poses, degradations and styles (benchmarks/face_data.py), then runs:
+its own poses, degradations and styles (benchmarks/faces/face_data.py), then runs:
 - ``infer_facenet.py --embedder dlib --tta`` (the cascade, no TTA),
 - ``infer_facenet.py --embedder dlib`` (the default face recipe),
 - ``train_face_adapter.py --source <default run>`` (validation's choice),
@@ -25,7 +25,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import sys
 from pathlib import Path
 from typing import Sequence
 
@@ -33,22 +32,19 @@ import numpy as np
 import torch
 from rich.table import Table
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
-
-import ensemble  # noqa: E402
-import train_face_adapter  # noqa: E402
-from benchmarks.bench_faces_hard import md_table, run_face  # noqa: E402
-from benchmarks.face_data import build_hard_dataset, face_free_images  # noqa: E402
-from benchmarks.face_styles import STYLES  # noqa: E402
-from utils.atomic import atomic_write_bytes  # noqa: E402
-from utils.ensemble.plan import val_relevance  # noqa: E402
-from utils.ensemble.rerank import STEPS, RerankParams, rerank  # noqa: E402
-from utils.errors import KitError, run_cli  # noqa: E402
-from utils.faces.cascade import CascadeParams, FaceCascade  # noqa: E402
-from utils.logs import console, setup_logging  # noqa: E402
-from utils.runs.metrics import evaluate, relevance_matrix  # noqa: E402
-from utils.runs.similarity_io import load_run  # noqa: E402
+import ensemble
+import train_face_adapter
+from benchmarks.common import ROOT, write_results
+from benchmarks.faces.bench_faces_hard import md_table, run_face
+from benchmarks.faces.face_data import build_hard_dataset, face_free_images
+from benchmarks.faces.face_styles import STYLES
+from utils.ensemble.plan import val_relevance
+from utils.ensemble.rerank import STEPS, RerankParams, rerank
+from utils.errors import KitError, run_cli
+from utils.faces.cascade import CascadeParams, FaceCascade
+from utils.logs import console, setup_logging
+from utils.runs.metrics import evaluate, relevance_matrix
+from utils.runs.similarity_io import load_run
 
 OUT = ROOT / "benchmarks" / "out" / "faces_seeds"
 RESULT = ROOT / "benchmarks" / "results" / "bench_faces_seeds.md"
@@ -141,9 +137,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     if args.detection:
         table, lines = detection(args.seeds)
         console.print(table)
-        lines += ["Command: `HF_HUB_OFFLINE=1 .venv/bin/python benchmarks/bench_faces_seeds.py --detection --seeds "
+        lines += ["Command: `HF_HUB_OFFLINE=1 .venv/bin/python benchmarks/faces/bench_faces_seeds.py --detection --seeds "
                   + " ".join(map(str, args.seeds)) + "`", ""]
-        atomic_write_bytes(RESULT.with_name("bench_faces_seeds_detection.md"), "\n".join(lines).encode())
+        write_results(RESULT.with_name("bench_faces_seeds_detection.md"), "\n".join(lines))
         console.print(f"written {RESULT.with_name('bench_faces_seeds_detection.md').relative_to(ROOT)}")
         return 0
     results = {s: one_seed(s) for s in args.seeds}
@@ -169,8 +165,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     for table, lines in tables:
         console.print(table)
         md += lines
-    md += ["Command: `HF_HUB_OFFLINE=1 .venv/bin/python benchmarks/bench_faces_seeds.py --seeds " + " ".join(map(str, seeds)) + "`", ""]
-    atomic_write_bytes(RESULT, "\n".join(md).encode())
+    md += ["Command: `HF_HUB_OFFLINE=1 .venv/bin/python benchmarks/faces/bench_faces_seeds.py --seeds " + " ".join(map(str, seeds)) + "`", ""]
+    write_results(RESULT, "\n".join(md))
     console.print(f"written {RESULT.relative_to(ROOT)}")
     return 0
 

@@ -1,7 +1,7 @@
 """Which cascade stages should search rotated copies: faces gained against false faces.
 
-    HF_HUB_OFFLINE=1 .venv/bin/python benchmarks/bench_faces_rotations.py                  # seeds 0 to 14
-    HF_HUB_OFFLINE=1 .venv/bin/python benchmarks/bench_faces_rotations.py --seeds 0 1 2
+    HF_HUB_OFFLINE=1 .venv/bin/python benchmarks/faces/bench_faces_rotations.py                  # seeds 0 to 14
+    HF_HUB_OFFLINE=1 .venv/bin/python benchmarks/faces/bench_faces_rotations.py --seeds 0 1 2
 
 The upright default cascade (``--detector-rotations`` given alone) runs on each draw's 280
 synthetic images (bench_faces_seeds.py's data) and on the 240 face-free PACS images. On the
@@ -17,23 +17,19 @@ from __future__ import annotations
 
 import argparse
 import json
-import sys
 from pathlib import Path
 from typing import Sequence
 
 import numpy as np
 import torch
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
-
-from benchmarks.bench_faces_hard import md_table  # noqa: E402
-from benchmarks.bench_faces_seeds import seed_data  # noqa: E402
-from benchmarks.face_data import face_free_images  # noqa: E402
-from utils.atomic import atomic_write_bytes  # noqa: E402
-from utils.data.images import load_image  # noqa: E402
-from utils.errors import run_cli  # noqa: E402
-from utils.faces.cascade import (  # noqa: E402
+from benchmarks.common import ROOT, write_results
+from benchmarks.faces.bench_faces_hard import md_table
+from benchmarks.faces.bench_faces_seeds import seed_data
+from benchmarks.faces.face_data import face_free_images
+from utils.data.images import load_image
+from utils.errors import run_cli
+from utils.faces.cascade import (
     DEFAULT_ROTATED_STAGES,
     DEFAULT_ROTATIONS,
     DEFAULT_STAGES,
@@ -41,7 +37,7 @@ from utils.faces.cascade import (  # noqa: E402
     CascadeParams,
     FaceCascade,
 )
-from utils.logs import console, setup_logging  # noqa: E402
+from utils.logs import console, setup_logging
 
 RESULT = ROOT / "benchmarks" / "results" / "bench_faces_rotations.md"
 ANGLES = (-15.0, 15.0, -30.0, 30.0, -45.0, 45.0)
@@ -94,9 +90,9 @@ def main(argv: Sequence[str] | None = None) -> int:
                             ["stages that search rotated copies", "angles", "faces added per draw", "faces found (all draws)",
                              "false faces"], rows)
     console.print(table)
-    lines += ["Command: `HF_HUB_OFFLINE=1 .venv/bin/python benchmarks/bench_faces_rotations.py --seeds "
+    lines += ["Command: `HF_HUB_OFFLINE=1 .venv/bin/python benchmarks/faces/bench_faces_rotations.py --seeds "
               + " ".join(map(str, args.seeds)) + "`", ""]
-    atomic_write_bytes(RESULT, "\n".join(lines).encode())
+    write_results(RESULT, "\n".join(lines))
     console.print(f"written {RESULT.relative_to(ROOT)}")
     return 0
 

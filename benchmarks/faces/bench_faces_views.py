@@ -1,9 +1,9 @@
 """Gallery views on the hard face benchmark: which views, which fusion rule, per style, their time, and leave-one-style-out.
 
-    HF_HUB_OFFLINE=1 nice -n 10 .venv/bin/python benchmarks/bench_faces_views.py            # seed 0
-    HF_HUB_OFFLINE=1 nice -n 10 .venv/bin/python benchmarks/bench_faces_views.py --seed 1
+    HF_HUB_OFFLINE=1 nice -n 10 .venv/bin/python benchmarks/faces/bench_faces_views.py            # seed 0
+    HF_HUB_OFFLINE=1 nice -n 10 .venv/bin/python benchmarks/faces/bench_faces_views.py --seed 1
 
-On one draw of the hard set (benchmarks/face_data.py; seed 0 is bench_faces_hard.py's):
+On one draw of the hard set (benchmarks/faces/face_data.py; seed 0 is bench_faces_hard.py's):
 1. time: ``infer_facenet.py --embedder dlib`` with ``--gallery-views`` (none: the recipe without
    views) and with the default views, each from an empty face cache: seconds per image of the run;
 2. views x rules: every combination of no view / the detector's view / texture views at each
@@ -20,7 +20,6 @@ from __future__ import annotations
 import argparse
 import json
 import shutil
-import sys
 import time
 from itertools import product
 from pathlib import Path
@@ -29,22 +28,19 @@ from typing import Sequence
 import numpy as np
 import torch
 
-ROOT = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(ROOT))
-
-import infer_facenet  # noqa: E402
-from benchmarks.bench_faces_hard import md_table  # noqa: E402
-from benchmarks.face_data import build_hard_dataset  # noqa: E402
-from benchmarks.face_styles import STYLES  # noqa: E402
-from utils.atomic import atomic_write_bytes  # noqa: E402
-from utils.config import config_from_args  # noqa: E402
-from utils.data.task import prepare_task  # noqa: E402
-from utils.embedding.step import embed_task  # noqa: E402
-from utils.errors import run_cli  # noqa: E402
-from utils.faces.pipeline import FacePipeline  # noqa: E402
-from utils.faces.views import FUSION_RULES, fuse  # noqa: E402
-from utils.logs import console, setup_logging  # noqa: E402
-from utils.runs.metrics import evaluate, relevance_matrix  # noqa: E402
+import infer_facenet
+from benchmarks.common import ROOT, write_results
+from benchmarks.faces.bench_faces_hard import md_table
+from benchmarks.faces.face_data import build_hard_dataset
+from benchmarks.faces.face_styles import STYLES
+from utils.config import config_from_args
+from utils.data.task import prepare_task
+from utils.embedding.step import embed_task
+from utils.errors import run_cli
+from utils.faces.pipeline import FacePipeline
+from utils.faces.views import FUSION_RULES, fuse
+from utils.logs import console, setup_logging
+from utils.runs.metrics import evaluate, relevance_matrix
 
 OUT = ROOT / "benchmarks" / "out" / "faces_views"
 RESULT = ROOT / "benchmarks" / "results" / "bench_faces_views.md"
@@ -141,9 +137,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     for table, lines in tables:
         console.print(table)
         md += lines
-    md += [f"Command: `HF_HUB_OFFLINE=1 nice -n 10 .venv/bin/python benchmarks/bench_faces_views.py --seed {args.seed}`; "
+    md += [f"Command: `HF_HUB_OFFLINE=1 nice -n 10 .venv/bin/python benchmarks/faces/bench_faces_views.py --seed {args.seed}`; "
            "shared 2-core CPU: times compare within one run only.", ""]
-    atomic_write_bytes(RESULT, "\n".join(md).encode())
+    write_results(RESULT, "\n".join(md))
     console.print(f"written {RESULT.relative_to(ROOT)}")
     return 0
 

@@ -1,10 +1,10 @@
 """Hard face benchmark: detection cascade per style, false faces, and the face runs' scores.
 
-    HF_HUB_OFFLINE=1 .venv/bin/python benchmarks/bench_faces_hard.py
-    HF_HUB_OFFLINE=1 .venv/bin/python benchmarks/bench_faces_hard.py --skip-scores   # detection tables only
-    HF_HUB_OFFLINE=1 .venv/bin/python benchmarks/bench_faces_hard.py --skip-detection   # scores, adapter, TTA
+    HF_HUB_OFFLINE=1 .venv/bin/python benchmarks/faces/bench_faces_hard.py
+    HF_HUB_OFFLINE=1 .venv/bin/python benchmarks/faces/bench_faces_hard.py --skip-scores   # detection tables only
+    HF_HUB_OFFLINE=1 .venv/bin/python benchmarks/faces/bench_faces_hard.py --skip-detection   # scores, adapter, TTA
 
-Builds benchmarks/out/faces_hard/data (benchmarks/face_data.py: 20 training + 20
+Builds benchmarks/out/faces_hard/data (benchmarks/faces/face_data.py: 20 training + 20
 test ORL people; gallery posed +-25 deg, downsampled 2-4x, JPEG, and one of five
 styles). Then:
 1. detection: a cascade of every stage (the default stages first, in their
@@ -33,7 +33,6 @@ from __future__ import annotations
 import argparse
 import json
 import shutil
-import sys
 import time
 from pathlib import Path
 from typing import Sequence
@@ -42,20 +41,17 @@ import numpy as np
 import torch
 from rich.table import Table
 
-ROOT = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(ROOT))
-
-import ensemble  # noqa: E402
-import infer_facenet  # noqa: E402
-import train_face_adapter  # noqa: E402
-from benchmarks.face_data import build_hard_dataset, face_free_images  # noqa: E402
-from benchmarks.face_styles import STYLES  # noqa: E402
-from utils.atomic import atomic_write_bytes  # noqa: E402
-from utils.errors import run_cli  # noqa: E402
-from utils.faces.cascade import DEFAULT_STAGES, STAGES, CascadeParams, FaceCascade  # noqa: E402
-from utils.logs import console, setup_logging  # noqa: E402
-from utils.runs.metrics import evaluate, relevance_matrix  # noqa: E402
-from utils.runs.similarity_io import load_run  # noqa: E402
+import ensemble
+import infer_facenet
+import train_face_adapter
+from benchmarks.common import ROOT, write_results
+from benchmarks.faces.face_data import build_hard_dataset, face_free_images
+from benchmarks.faces.face_styles import STYLES
+from utils.errors import run_cli
+from utils.faces.cascade import DEFAULT_STAGES, STAGES, CascadeParams, FaceCascade
+from utils.logs import console, setup_logging
+from utils.runs.metrics import evaluate, relevance_matrix
+from utils.runs.similarity_io import load_run
 
 OUT = ROOT / "benchmarks" / "out" / "faces_hard"
 RESULT = ROOT / "benchmarks" / "results" / "bench_faces_hard.md"
@@ -199,10 +195,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     for table, lines in tables:
         console.print(table)
         md += lines
-    md += [f"Default cascade stages: {', '.join(DEFAULT_STAGES)}. Command: `HF_HUB_OFFLINE=1 .venv/bin/python benchmarks/bench_faces_hard.py"
+    md += [f"Default cascade stages: {', '.join(DEFAULT_STAGES)}. Command: `HF_HUB_OFFLINE=1 .venv/bin/python benchmarks/faces/bench_faces_hard.py"
            + (" --skip-scores" if args.skip_scores else "") + (" --skip-detection" if args.skip_detection else "") + "`", ""]
     result = RESULT.with_name("bench_faces_hard_scores.md") if args.skip_detection else RESULT
-    atomic_write_bytes(result, "\n".join(md).encode())
+    write_results(result, "\n".join(md))
     console.print(f"written {result.relative_to(ROOT)}")
     return 0
 

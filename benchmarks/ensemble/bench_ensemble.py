@@ -2,20 +2,21 @@
 fusions and every re-ranking option, on validation and test of real runs; plus the time to
 score 10,000 weight candidates (3 models, 1,500 x 1,500), vectorised against a per-candidate loop.
 
-    # real runs of this project (rehearsal data: make them first, see benchmarks/results/ensemble.md)
-    .venv/bin/python benchmarks/bench_ensemble.py \\
+    # real runs of this project (rehearsal data: bash benchmarks/ensemble/make_ensemble_runs.sh makes them)
+    .venv/bin/python benchmarks/ensemble/bench_ensemble.py \\
         --runs benchmarks/out/ens/runs --data benchmarks/out/ens/data \\
         --runs benchmarks/out/faces/runs --data benchmarks/out/faces/data
     # timing only
-    .venv/bin/python benchmarks/bench_ensemble.py --no-quality
+    .venv/bin/python benchmarks/ensemble/bench_ensemble.py --no-quality
     # peak memory of the weight search and of applying the plan, 3 models at 5,000 x 5,000,
     # this tree against the code of an earlier commit (--before), each in its own process
-    .venv/bin/python benchmarks/bench_ensemble.py --memory --memory-size 5000 --before dde7b30
+    .venv/bin/python benchmarks/ensemble/bench_ensemble.py --memory --memory-size 5000 --before dde7b30
 
 Each --runs gets the --data at the same position (its test/ground_truth.json
 gives the test scores; the choice never sees them). The options are scored
 exactly as ``ensemble.py --auto`` scores them; the chosen one is starred.
-Writes the tables to benchmarks/results/ensemble.md (--memory: ensemble_memory.md; or --out).
+Writes the tables to benchmarks/results/ensemble.md (--no-quality: ensemble_timing.md; --memory:
+ensemble_memory.md; or --out).
 """
 
 from __future__ import annotations
@@ -33,20 +34,17 @@ from typing import Sequence
 import numpy as np
 from rich.table import Table
 
-ROOT = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(ROOT))
-
-from utils.atomic import atomic_write_bytes  # noqa: E402
-from utils.data.layout import read_ground_truth  # noqa: E402
-from utils.ensemble.fusion import FUSIONS, transform  # noqa: E402
-from utils.ensemble.plan import Scorer, choose_plan, val_identities, val_relevance  # noqa: E402
-from utils.ensemble.report import options_markdown, options_table  # noqa: E402
-from utils.ensemble.rerank import RerankParams  # noqa: E402
-from utils.ensemble.weight_search import CandidateScorer, loop_first_hit  # noqa: E402
-from utils.errors import KitError, run_cli  # noqa: E402
-from utils.logs import console, setup_logging  # noqa: E402
-from utils.runs.metrics import relevance_matrix  # noqa: E402
-from utils.runs.similarity_io import align_runs, load_run  # noqa: E402
+from benchmarks.common import ROOT, write_results
+from utils.data.layout import read_ground_truth
+from utils.ensemble.fusion import FUSIONS, transform
+from utils.ensemble.plan import Scorer, choose_plan, val_identities, val_relevance
+from utils.ensemble.report import options_markdown, options_table
+from utils.ensemble.rerank import RerankParams
+from utils.ensemble.weight_search import CandidateScorer, loop_first_hit
+from utils.errors import KitError, run_cli
+from utils.logs import console, setup_logging
+from utils.runs.metrics import relevance_matrix
+from utils.runs.similarity_io import align_runs, load_run
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -54,7 +52,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--runs", type=Path, action="append", default=[], metavar="DIR", help="a runs folder (repeatable)")
     p.add_argument("--data", type=Path, action="append", default=[], metavar="DIR", help="its data folder (repeatable, same order)")
     p.add_argument("--out", type=Path, default=None, metavar="MD",
-                   help="markdown output (default: benchmarks/results/ensemble.md, with --memory ensemble_memory.md)")
+                   help="markdown output (default: benchmarks/results/ensemble.md; --no-quality: ensemble_timing.md; --memory: ensemble_memory.md)")
     p.add_argument("--quality", action=argparse.BooleanOptionalAction, default=True, help="score the options on the runs (default: on)")
     p.add_argument("--timing", action=argparse.BooleanOptionalAction, default=True, help="time the weight scoring (default: on)")
     p.add_argument("--candidates", type=int, default=10_000, metavar="N", help="weight candidates for the timing (default: %(default)s)")
@@ -234,15 +232,15 @@ def main(argv: Sequence[str] | None = None) -> int:
     setup_logging(False)
     if args.data and len(args.data) != len(args.runs):
         raise KitError(f"--data: give one per --runs ({len(args.runs)}), in the same order")
-    md = ["# Ensemble benchmark\n", f"Command: `.venv/bin/python benchmarks/bench_ensemble.py {' '.join(argv or sys.argv[1:])}`\n",
+    md = ["# Ensemble benchmark\n", f"Command: `.venv/bin/python benchmarks/ensemble/bench_ensemble.py {' '.join(argv or sys.argv[1:])}`\n",
           f"Validation: bootstrap mean ± std over resamples of the validation {args.bootstrap_by}s, and the plain score; "
           "test: plain score with the rehearsal ground truth (never used to choose). `*` = what `ensemble.py --auto` picks.\n"]
     if args.memory:
         out = args.out or ROOT / "benchmarks/results/ensemble_memory.md"
         table, text = memory(args)
         console.print(table)
-        md = ["# Ensemble memory benchmark\n", f"Command: `.venv/bin/python benchmarks/bench_ensemble.py {' '.join(argv or sys.argv[1:])}`\n", text]
-        atomic_write_bytes(out, "\n".join(md).encode())
+        md = ["# Ensemble memory benchmark\n", f"Command: `.venv/bin/python benchmarks/ensemble/bench_ensemble.py {' '.join(argv or sys.argv[1:])}`\n", text]
+        write_results(out, "\n".join(md))
         console.print(text)
         console.print(f"wrote {out}")
         return 0
@@ -256,8 +254,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         table, text = timing(args)
         console.print(table)
         md += ["## Weight-search timing\n", text]
-    out = args.out or ROOT / "benchmarks/results/ensemble.md"
-    atomic_write_bytes(out, "\n".join(md).encode())
+    out = args.out or ROOT / "benchmarks/results" / ("ensemble.md" if args.quality else "ensemble_timing.md")
+    write_results(out, "\n".join(md))
     console.print(f"wrote {out}")
     return 0
 

@@ -2,9 +2,9 @@
 
     # validate_lists on 50k queries x 10 names over a 50k gallery (and the old quadratic
     # version up to 10k queries, for the ratio), then a whole dry run on a 20k x 20k run:
-    .venv/bin/python benchmarks/bench_submit.py
+    .venv/bin/python benchmarks/scale/bench_submit.py
     # smaller and quicker (no 1.6 GB matrix on disk):
-    .venv/bin/python benchmarks/bench_submit.py --dry-run-size 5000 --old-max 5000
+    .venv/bin/python benchmarks/scale/bench_submit.py --dry-run-size 5000 --old-max 5000
 
 The dry run writes a random float32 run folder (size x size, 1.6 GB at 20k) under
 --work, times ``submit.main([... "--dry-run"])`` end to end, and each stage inside
@@ -28,15 +28,12 @@ from typing import Sequence
 import numpy as np
 from rich.table import Table
 
-ROOT = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(ROOT))
-
-import submit  # noqa: E402
-from utils.atomic import atomic_write_bytes  # noqa: E402
-from utils.errors import KitError, run_cli  # noqa: E402
-from utils.logs import console, setup_logging  # noqa: E402
-from utils.submission import stages  # noqa: E402
-from utils.submission.lists import validate_lists  # noqa: E402
+import submit
+from benchmarks.common import ROOT, write_results
+from utils.errors import KitError, run_cli
+from utils.logs import console, setup_logging
+from utils.submission import stages
+from utils.submission.lists import validate_lists
 
 
 def quadratic_validate(lists: dict[str, list[str]], query_names: list[str], gallery_names: list[str], k: int = 10) -> None:
@@ -165,7 +162,7 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     setup_logging(False)
-    md = ["# submit.py benchmark\n", f"Command: `.venv/bin/python benchmarks/bench_submit.py {' '.join(argv or sys.argv[1:])}`\n",
+    md = ["# submit.py benchmark\n", f"Command: `.venv/bin/python benchmarks/scale/bench_submit.py {' '.join(argv or sys.argv[1:])}`\n",
           "Shared machine (2 CPU cores, about 8 agents at once): absolute seconds are noisy, ratios within one run less so.\n"]
     table, rows = time_validation(args.sizes, args.gallery, args.old_max)
     console.print(table)
@@ -177,7 +174,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             shutil.rmtree(args.work, ignore_errors=True)
         console.print(table)
         md += [f"## {table.title}\n", *rows, ""]
-    atomic_write_bytes(args.out, "\n".join(md).encode())
+    write_results(args.out, "\n".join(md))
     console.print(f"wrote {args.out}")
     return 0
 

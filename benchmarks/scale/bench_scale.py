@@ -1,10 +1,10 @@
 """The scale target end to end: two models' top-k runs at N x N, ensemble.py over them, submit.py on the result.
 
     # the issue's target: 200,000 queries x 200,000 gallery images, 512-d, top-10 (about an hour on 2 shared cores)
-    .venv/bin/python benchmarks/bench_scale.py
+    .venv/bin/python benchmarks/scale/bench_scale.py
     # quick checks of the same path
-    .venv/bin/python benchmarks/bench_scale.py --size 5000 --out benchmarks/out/bench_scale_5k.md
-    .venv/bin/python benchmarks/bench_scale.py --size 20000 --out benchmarks/out/bench_scale_20k.md
+    .venv/bin/python benchmarks/scale/bench_scale.py --size 5000 --out benchmarks/out/bench_scale_5k.md
+    .venv/bin/python benchmarks/scale/bench_scale.py --size 20000 --out benchmarks/out/bench_scale_20k.md
 
 Targets (issue "scale and speed"): 200,000 x 200,000 top-10 at 512-d under 8 GiB peak memory; through
 submit.py from one run in under 20 minutes, and through ensemble.py fusing two runs in under 45 minutes,
@@ -58,13 +58,10 @@ from typing import Sequence
 import numpy as np
 from rich.table import Table
 
-ROOT = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(ROOT))
-
-from utils.atomic import atomic_write_bytes  # noqa: E402
-from utils.errors import KitError, run_cli  # noqa: E402
-from utils.logs import console, setup_logging  # noqa: E402
-from utils.runs.metrics import competition_score  # noqa: E402
+from benchmarks.common import ROOT, child_env, write_results
+from utils.errors import KitError, run_cli
+from utils.logs import console, setup_logging
+from utils.runs.metrics import competition_score
 
 GIB = 2**30
 BLOCK = 8192  # rows generated per seeded block (the data do not depend on the size they are cut from)
@@ -211,7 +208,7 @@ def measure(stage: str, argv: list[str], work: Path) -> dict:
     result = work / f"{stage}.json"
     cmd = [sys.executable, __file__, *argv, "--stage", stage, "--dir", str(work), "--result", str(result)]
     t0 = time.perf_counter()
-    proc = subprocess.Popen(cmd)
+    proc = subprocess.Popen(cmd, env=child_env())
     _, status, usage = os.wait4(proc.pid, 0)
     wall = time.perf_counter() - t0
     code = os.waitstatus_to_exitcode(status)
@@ -299,50 +296,47 @@ def folder_bytes(path: Path) -> int:
     return sum(p.stat().st_size for p in path.rglob("*") if p.is_file())
 
 
-def main(argv: Sequence[str] | None = None) -> int:
-    argv = list(sys.argv[1:] if argv is None else argv)
-    args = build_parser().parse_args(argv)
-    if args.stage:
-        return run_stage(args)
-    setup_logging(False)
-    if args.size < 10 or args.val_queries < 1 or args.val_gallery < max(10, args.val_queries) or args.topk < 10:
-        raise KitError("--size >= 10, --val-gallery >= max(10, --val-queries) and --topk >= 10 are needed")
-    load_start = os.getloadavg()
-    args.work.mkdir(parents=True, exist_ok=True)
-    work = Path(tempfile.mkdtemp(prefix=f"scale_{args.size}_", dir=args.work))
-    t_start = time.time()
+def measure_all(args, argv: list[str], work: Path) -> tuple[dict, dict, dict, dict]:
+    """Every stage in its own process, then the brute-force check: (results, disk bytes, check, scores)."""
     results: dict[str, dict] = {}
-    try:
-        for stage in STAGES:
-            console.print(f"[bold]{stage}[/bold] ({args.size:,} x {args.size:,}, {args.dim}-d) ...")
-            results[stage] = measure(stage, argv, work)
-            r = results[stage]
-            console.print(f"{stage}: {r['seconds']:.1f} s wall, {r['cpu_seconds']:.1f} s CPU, peak RSS {r['peak_rss'] / GIB:.2f} GiB")
-        disk = {name: folder_bytes(work / "runs" / name) for name in ("model_a", "model_b", "ensemble")}
-        console.print("checking against brute force ...")
-        check = brute_force_check(args, work)
-        scores = {"model A": body_score(work / "subs_submit_a"), "ensemble": body_score(work / "subs_submit_ensemble")}
-        scores["model B"] = results["model_b"]["metrics"]["test"]
-    finally:
-        if args.keep:
-            console.print(f"kept {work}")
-        else:
-            shutil.rmtree(work, ignore_errors=True)
-    total = time.time() - t_start
-    load_end = os.getloadavg()
+    for stage in STAGES:
+        console.print(f"[bold]{stage}[/bold] ({args.size:,} x {args.size:,}, {args.dim}-d) ...")
+        results[stage] = measure(stage, argv, work)
+        r = results[stage]
+        console.print(f"{stage}: {r['seconds']:.1f} s wall, {r['cpu_seconds']:.1f} s CPU, peak RSS {r['peak_rss'] / GIB:.2f} GiB")
+    disk = {name: folder_bytes(work / "runs" / name) for name in ("model_a", "model_b", "ensemble")}
+    console.print("checking against brute force ...")
+    check = brute_force_check(args, work)
+    scores = {"model A": body_score(work / "subs_submit_a"), "ensemble": body_score(work / "subs_submit_ensemble")}
+    scores["model B"] = results["model_b"]["metrics"]["test"]
+    return results, disk, check, scores
 
-    ens_flags = " ".join(results["ensemble"]["argv"][2:])
-    cols = ["stage", "kit wall (s)", "kit CPU (s)", "peak RSS (GiB)", "process wall (s)", "of which data generation (s)"]
-    table = Table(title=f"{args.size:,} x {args.size:,}, {args.dim}-d, top-10 from top-{args.topk} runs (one process per stage)")
+
+def markdown_rows(table: Table, cols: list[str], rows: list[list[str]]) -> list[str]:
+    """Add ``rows`` to the rich ``table`` (its columns from ``cols``) and return them as a markdown table."""
     for c in cols:
-        table.add_column(c, justify="left" if c == "stage" else "right")
+        table.add_column(c, justify="left" if c in ("stage", "target") else "right")
     md = ["| " + " | ".join(cols) + " |", "|:--|" + "---:|" * (len(cols) - 1)]
-    for stage, r in results.items():
-        row = [LABELS[stage].format(k=args.topk, flags=ens_flags), f"{r['seconds']:,.1f}", f"{r['cpu_seconds']:,.1f}",
-               f"{r['peak_rss'] / GIB:.2f}", f"{r['process_wall']:,.1f}", f"{r.get('generate_seconds', 0.0):,.1f}"]
+    for row in rows:
         table.add_row(*row)
         md.append("| " + " | ".join(row) + " |")
     console.print(table)
+    return md
+
+
+def stage_table(args, results: dict) -> tuple[str, list[str]]:
+    """The per-stage timings: (title, markdown rows)."""
+    ens_flags = " ".join(results["ensemble"]["argv"][2:])
+    cols = ["stage", "kit wall (s)", "kit CPU (s)", "peak RSS (GiB)", "process wall (s)", "of which data generation (s)"]
+    title = f"{args.size:,} x {args.size:,}, {args.dim}-d, top-10 from top-{args.topk} runs (one process per stage)"
+    rows = [[LABELS[stage].format(k=args.topk, flags=ens_flags), f"{r['seconds']:,.1f}", f"{r['cpu_seconds']:,.1f}",
+             f"{r['peak_rss'] / GIB:.2f}", f"{r['process_wall']:,.1f}", f"{r.get('generate_seconds', 0.0):,.1f}"]
+            for stage, r in results.items()]
+    return title, markdown_rows(Table(title=title), cols, rows)
+
+
+def target_table(results: dict) -> list[str]:
+    """The issue's targets (submit path, ensemble path, peak memory) against the measured stages."""
 
     def counted(stage: str) -> float:
         r = results[stage]
@@ -363,15 +357,11 @@ def main(argv: Sequence[str] | None = None) -> int:
                             f"< {TARGETS[key] // 60} min", "pass" if wall < TARGETS[key] else "FAIL"])
     target_rows.append(["peak memory, any stage", f"{peak / GIB:.2f} GiB", "", "< 8 GiB", "pass" if peak < TARGETS["memory"] else "FAIL"])
     tcols = ["target", "wall (process, less data generation)", "kit CPU (s; / 2 cores in min: idle estimate)", "limit", "result"]
-    ttable = Table(title="targets (issue: scale and speed)")
-    for c in tcols:
-        ttable.add_column(c, justify="left" if c == "target" else "right")
-    tmd = ["| " + " | ".join(tcols) + " |", "|:--|" + "---:|" * (len(tcols) - 1)]
-    for row in target_rows:
-        ttable.add_row(*row)
-        tmd.append("| " + " | ".join(row) + " |")
-    console.print(ttable)
+    return markdown_rows(Table(title="targets (issue: scale and speed)"), tcols, target_rows)
 
+
+def check_report(args, check: dict, scores: dict, disk: dict) -> tuple[list[str], bool]:
+    """The brute-force agreement, the scores, the fusion chosen and the disk use: (lines, all top-10s equal)."""
     w = ", ".join(f"{k} {v:.2f}" for k, v in check["weights"].items())
     ok = check["model_a_agree"] == check["model_b_agree"] == check["fused_agree"] == 1.0
     check_lines = [
@@ -390,11 +380,18 @@ def main(argv: Sequence[str] | None = None) -> int:
     ]
     for line in check_lines:
         console.print(line)
-    cmd = ".venv/bin/python benchmarks/bench_scale.py " + " ".join(argv)
+    return check_lines, ok
+
+
+def report(args, argv: list[str], minutes: float, loads: tuple, tables: tuple) -> str:
+    """The results file's body: the command, the machine's load, the data, then the three tables."""
+    (title, md), tmd, check_lines = tables
+    load_start, load_end = loads
+    cmd = ".venv/bin/python benchmarks/scale/bench_scale.py " + " ".join(argv)
     mem = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / GIB
-    text = "\n".join([
+    return "\n".join([
         "# Scale benchmark: two top-k runs -> ensemble.py -> submit.py\n",
-        f"`{cmd.strip()}` ({total / 60:.1f} min in all)\n",
+        f"`{cmd.strip()}` ({minutes:.1f} min in all)\n",
         f"Machine: {os.cpu_count()} CPU cores shared with other jobs, {mem:.0f} GiB memory; load average "
         f"{load_start[0]:.1f} at the start, {load_end[0]:.1f} at the end (15-minute {load_end[2]:.1f}). "
         "CPU time is the process's own (all its threads), steadier than wall time on a shared machine; "
@@ -404,14 +401,39 @@ def main(argv: Sequence[str] | None = None) -> int:
         f"{args.val_gallery} gallery images. Runs in the top-k form with K = {args.topk} (exact search). "
         "\"kit wall\" is the kit call alone; \"process wall\" adds the interpreter, the imports and, for the model "
         "stages, generating the embeddings (a stand-in for inference, not counted in the targets).\n",
-        f"## {table.title}\n", *md, "",
+        f"## {title}\n", *md, "",
         "## Targets\n", *tmd, "",
         "## Checks\n", *check_lines, "",
     ])
-    atomic_write_bytes(args.out, text.encode())
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    args = build_parser().parse_args(argv)
+    if args.stage:
+        return run_stage(args)
+    setup_logging(False)
+    if args.size < 10 or args.val_queries < 1 or args.val_gallery < max(10, args.val_queries) or args.topk < 10:
+        raise KitError("--size >= 10, --val-gallery >= max(10, --val-queries) and --topk >= 10 are needed")
+    load_start = os.getloadavg()
+    args.work.mkdir(parents=True, exist_ok=True)
+    work = Path(tempfile.mkdtemp(prefix=f"scale_{args.size}_", dir=args.work))
+    t_start = time.time()
+    try:
+        results, disk, check, scores = measure_all(args, argv, work)
+    finally:
+        if args.keep:
+            console.print(f"kept {work}")
+        else:
+            shutil.rmtree(work, ignore_errors=True)
+    total = time.time() - t_start
+    load_end = os.getloadavg()
+    stages = stage_table(args, results)
+    targets = target_table(results)
+    check_lines, ok = check_report(args, check, scores, disk)
+    write_results(args.out, report(args, argv, total / 60, (load_start, load_end), (stages, targets, check_lines)))
     console.print(f"wrote {args.out}")
     return 0 if ok else 1
-
 
 if __name__ == "__main__":
     run_cli(main)

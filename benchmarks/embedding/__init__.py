@@ -1,0 +1,1 @@
+"""Embedding benchmarks: throughput of the kit's embedding path against a plain loop and the FLOP bound."""

@@ -1,0 +1,1 @@
+"""Ensemble benchmarks: fusion and re-ranking on real runs, the weight search's memory."""

@@ -1,0 +1,1 @@
+"""Method benchmarks on PACS: every model script per domain pair, CLIP + ArcFace."""

@@ -1,0 +1,1 @@
+"""The rehearsal end to end, cold and warm."""
