@@ -68,7 +68,8 @@ from utils.config import (
 from utils.data.split import identity_of
 from utils.data.task import Task, prepare_task
 from utils.device import amp_dtype, pick_device, resolve_workers
-from utils.embedding.embed import cosine_similarity, embed_images
+from utils.embedding.embed import cosine_similarity
+from utils.embedding.embedder import Embedder
 from utils.embedding.step import embed_task
 from utils.embedding.views import TTA_GROUPS, PixelScale, tta_views
 from utils.ensemble.fusion import row_zscore
@@ -222,10 +223,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     texts = gallery_captions(task, cfg, device, run_dir) if cfg.captions_from == "captioner" else {}
     timings["captions"] = time.time() - t1
 
-    def embed_set(paths, desc: str) -> np.ndarray:
-        return embed_images(clip.model.encode_image, paths, clip.eval_transform(), device=device, views=tta_views(cfg.tta),
-                            batch_size=cfg.embed_batch_size, workers=resolve_workers(cfg.workers), amp=amp_dtype(device, cfg.amp),
-                            scale=scale, desc=desc, cache_dir=run_dir / "cache", cache_tag=cache_tag, stack_views=True)
+    embedder = Embedder(clip.model.encode_image, clip.eval_transform(), scale, device, key=cache_tag, views=tta_views(cfg.tta),
+                        batch_size=cfg.embed_batch_size, workers=resolve_workers(cfg.workers), amp=amp_dtype(device, cfg.amp),
+                        cache_dir=run_dir / "cache")
 
     # image embeddings (the shared step): queries always; galleries for --blend and the closed-set labels
     t2 = time.time()
@@ -235,7 +235,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         sets += ["val_gallery", "test_gallery"]
     elif cfg.captions_from == "labels" and cfg.closed_set:
         sets += ["test_gallery"]
-    emb = embed_task(task, embed_set, sets)
+    emb = embed_task(task, embedder.embed_set, sets)
     timings["embed"] = time.time() - t2
 
     # the ablation's texts: class labels
