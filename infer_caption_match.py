@@ -78,6 +78,7 @@ from utils.logs import setup_logging
 from utils.runs.model_run import write_model_run
 from utils.runs.similarity_io import invalidate_run
 from utils.seed import seed_everything
+from utils.training.distributed import refuse_torchrun
 
 log = logging.getLogger("infer_caption_match")
 
@@ -203,6 +204,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     cfg = config_from_args(Config, build_parser().parse_args(argv))
     setup_logging(cfg.verbose)
     check_config(cfg)
+    refuse_torchrun("infer_caption_match.py", "the captioner and its caption cache run in one process")
     t0 = time.time()
     run_dir = cfg.runs / cfg.run_name
     invalidate_run(run_dir)  # a killed or failed re-run must not leave the old run looking complete

@@ -12,6 +12,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+import infer_caption_match
 import infer_cnn_features
 import infer_facenet
 import train_face_adapter
@@ -52,6 +53,7 @@ def test_infer_cnn_features_on_two_gloo_ranks_equals_one_process_and_rank_1_writ
 
 @pytest.mark.parametrize("script, argv", [
     (infer_facenet, []),
+    (infer_caption_match, []),
     (train_face_adapter, []),
     (train_resnet, ["--weights", "none"]),
 ])
