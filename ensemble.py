@@ -55,7 +55,15 @@ from utils.atomic import atomic_write_bytes, atomic_write_json
 from utils.config import add_config_args, config_from_args, config_to_dict
 from utils.data.layout import read_ground_truth
 from utils.ensemble.fusion import FUSIONS
-from utils.ensemble.members import Members, check_not_shrinking, check_out, clear_artefacts, left_out_line, select_members
+from utils.ensemble.members import (
+    Members,
+    check_not_shrinking,
+    check_out,
+    clear_artefacts,
+    left_out_line,
+    recorded_data,
+    select_members,
+)
 from utils.ensemble.plan import Plan, Scorer, choose_plan, val_identities, val_relevance
 from utils.ensemble.report import options_markdown, options_table, plot_simplex
 from utils.ensemble.rerank import RerankParams, check_steps
@@ -78,7 +86,7 @@ class Config:
     runs: Path = field(default=Path("runs"), metadata={"help": "folder of model runs (runs/<model>/)", "metavar": "DIR"})
     models: list[str] = field(default_factory=list, metadata={"help": "run folders to fuse (default: every complete run under --runs)", "metavar": "NAME"})
     out: Path | None = field(default=None, metadata={"help": "output folder (default: <runs>/ensemble)", "metavar": "DIR"})
-    data: Path | None = field(default=None, metadata={"help": "data folder; with test/ground_truth.json, test scores are printed too", "metavar": "DIR"})
+    data: Path | None = field(default=None, metadata={"help": "data folder; with test/ground_truth.json, test scores are printed too (default: the folder the runs' meta.json records)", "metavar": "DIR"})
     # fusion: zscore suits cosine-like scores; rank/rrf ignore score scales entirely
     fusion: str = field(default="zscore", metadata={"help": "per-query normalisation before the weighted sum", "choices": FUSIONS})
     fusion_weights: list[float] = field(default_factory=list, metadata={"help": "fixed fusion weights, one per --models entry (default: searched)", "metavar": "W"})
@@ -238,7 +246,7 @@ def ensemble_matrix_form(cfg: Config, out_dir: Path, runs: list[Run], t0: float)
     for r in runs:  # align_runs copied the other members' matrices: let the loaded ones go
         r.splits.clear()
     val_rel = val_relevance(val[0].query_names, val[0].gallery_names)
-    test_rel = load_test_relevance(cfg.data, test[0])
+    test_rel = load_test_relevance(cfg.data or recorded_data([r.meta for r in runs]), test[0])
     if cfg.bootstrap_by == "identity":
         groups = val_identities(val[0].query_names)
     elif cfg.bootstrap_by == "query":

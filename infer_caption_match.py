@@ -91,7 +91,8 @@ from utils.config import (
 from utils.data.split import identity_of
 from utils.data.task import Task, prepare_task
 from utils.device import amp_dtype, pick_device, resolve_workers
-from utils.embedding.embed import cosine_similarity, embed_images
+from utils.embedding.embed import cosine_similarity
+from utils.embedding.embedder import Embedder
 from utils.embedding.step import embed_task
 from utils.embedding.views import TTA_GROUPS, PixelScale, tta_views
 from utils.ensemble.fusion import row_zscore
@@ -100,6 +101,7 @@ from utils.logs import setup_logging
 from utils.runs.model_run import write_model_run
 from utils.runs.similarity_io import invalidate_run
 from utils.seed import seed_everything
+from utils.training.distributed import refuse_torchrun
 
 log = logging.getLogger("infer_caption_match")
 
@@ -299,6 +301,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     cfg = apply_preset(config_from_args(Config, build_parser().parse_args(argv)))
     setup_logging(cfg.verbose)
     check_config(cfg)
+    refuse_torchrun("infer_caption_match.py", "the captioner and its caption cache run in one process")
     log.info("preset %s: CLIP %s (%s), captioner %s, TTA %s", cfg.preset, cfg.model, cfg.weights, cfg.captioner, cfg.tta or "none")
     t0 = time.time()
     run_dir = cfg.runs / cfg.run_name
@@ -320,10 +323,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     texts = gallery_captions(task, cfg, device, run_dir) if cfg.captions_from == "captioner" else {}
     timings["captions"] = time.time() - t1
 
-    def embed_set(paths, desc: str) -> np.ndarray:
-        return embed_images(clip.model.encode_image, paths, clip.eval_transform(), device=device, views=tta_views(cfg.tta),
-                            batch_size=cfg.embed_batch_size, workers=resolve_workers(cfg.workers), amp=amp_dtype(device, cfg.amp),
-                            scale=scale, desc=desc, cache_dir=run_dir / "cache", cache_tag=cache_tag, stack_views=True)
+    embedder = Embedder(clip.model.encode_image, clip.eval_transform(), scale, device, key=cache_tag, views=tta_views(cfg.tta),
+                        batch_size=cfg.embed_batch_size, workers=resolve_workers(cfg.workers), amp=amp_dtype(device, cfg.amp),
+                        cache_dir=run_dir / "cache")
 
     # image embeddings (the shared step): queries always; galleries for --blend and the CLIP labels
     t2 = time.time()
@@ -331,7 +333,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     sets = ["val_query", "test_query"]
     if cfg.blend > 0 or cfg.captions_from == "clip-labels":
         sets += ["val_gallery", "test_gallery"]
-    emb = embed_task(task, embed_set, sets)
+    emb = embed_task(task, embedder.embed_set, sets)
     timings["embed"] = time.time() - t2
 
     # the texts from class names: true labels or CLIP's labels

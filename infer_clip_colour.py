@@ -48,6 +48,7 @@ import torch
 from rich.table import Table
 
 from utils.atomic import atomic_save_npy
+from utils.cache import files_key
 from utils.clip.colour_term import ColourTerm, apply_colour_term, search_with_checks
 from utils.clip.hf_clip import HF_PREFIX, create_hf_visual
 from utils.clip.models import create_visual, is_weights_file
@@ -56,8 +57,7 @@ from utils.data.colour import DESCRIPTORS, DISTANCES, ColourDescriptors, bin_cen
 from utils.data.object_crop import OBJECT_CROPS, object_crops
 from utils.data.task import Task
 from utils.device import amp_dtype, is_cnn, resolve_workers
-from utils.embedding.cache import files_key
-from utils.embedding.embed import embed_images
+from utils.embedding.embedder import Embedder
 from utils.embedding.step import SETS, embed_task, similarities
 from utils.embedding.views import PixelScale, tta_views
 from utils.errors import KitError, run_cli
@@ -194,14 +194,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     inputs = {which: c.paths for which, c in crops.items()}
     model_input = {p: c for which in SETS for p, c in zip(getattr(task, which), inputs[which])}
 
-    channels_last = is_cnn(tower)
-
-    def embed_set(paths, desc):
-        return embed_images(tower, [model_input[p] for p in paths], transform, device=device, views=tta_views(cfg.tta),
-                            batch_size=cfg.embed_batch_size, workers=workers, amp=amp, scale=scale, desc=desc,
-                            stack_views=True, channels_last=channels_last, cache_dir=run_dir / "cache", cache_tag=tag)
-
-    emb = embed_task(task, embed_set)
+    embedder = Embedder(tower, transform, scale, device, key=tag, views=tta_views(cfg.tta), batch_size=cfg.embed_batch_size,
+                        workers=workers, amp=amp, channels_last=is_cnn(tower), cache_dir=run_dir / "cache", inputs=model_input,
+                        dist_info=run.dist_info)
+    emb = embed_task(task, embedder.embed_set)
     cosine = similarities(emb)
     timings["embed"] = time.time() - t0 - timings["prepare"]
 

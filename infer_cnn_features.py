@@ -50,6 +50,7 @@ import timm
 import torch
 from rich.table import Table
 
+from utils.cache import cached, files_key
 from utils.config import (
     EmbeddingConfig,
     RunConfig,
@@ -63,8 +64,7 @@ from utils.config import (
 from utils.data.augment import eval_transform
 from utils.device import amp_dtype, is_cnn, resolve_workers
 from utils.embedding.backbone import create_backbone, weights_id
-from utils.embedding.cache import cached, files_key
-from utils.embedding.embed import embed_images
+from utils.embedding.embedder import Embedder
 from utils.embedding.stage_features import POOLS, StageFeatures
 from utils.embedding.step import SETS, embed_task, similarities
 from utils.embedding.views import PixelScale, tta_views
@@ -233,14 +233,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     model_input = {p: c for which in SETS for p, c in zip(getattr(task, which), inputs[which])}
     tag = weights_tag(cfg) + f"|faces={cfg.face_crop}:{cfg.face_select}:{cfg.face_margin}:{cfg.detect_px}"
 
-    channels_last = is_cnn(features)
-
-    def embed_set(paths, desc):
-        return embed_images(features, [model_input[p] for p in paths], transform, device=device, views=tta_views(cfg.tta),
-                            batch_size=cfg.embed_batch_size, workers=workers, amp=amp, scale=scale, desc=desc,
-                            stack_views=True, channels_last=channels_last, cache_dir=run_dir / "cache", cache_tag=tag)
-
-    emb = embed_task(task, embed_set)
+    embedder = Embedder(features, transform, scale, device, key=tag, views=tta_views(cfg.tta), batch_size=cfg.embed_batch_size,
+                        workers=workers, amp=amp, channels_last=is_cnn(features), cache_dir=run_dir / "cache", inputs=model_input,
+                        dist_info=run.dist_info)
+    emb = embed_task(task, embedder.embed_set)
     sims = similarity(emb, cfg.metric)
     timings["embed"] = time.time() - t0 - timings["prepare"] - timings["faces"]
     if faces:

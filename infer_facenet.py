@@ -70,6 +70,7 @@ from utils.faces.views import FUSIONS, GALLERY_VIEWS, fused_similarities
 from utils.logs import setup_logging
 from utils.runs.model_run import begin_inference_run, write_embedding_run, write_model_run
 from utils.runs.topk_run import use_topk_form
+from utils.training.distributed import refuse_torchrun
 
 log = logging.getLogger("infer_facenet")
 
@@ -146,6 +147,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     cfg = config_from_args(Config, build_parser().parse_args(argv))
     setup_logging(cfg.verbose)
     check_config(cfg)
+    refuse_torchrun("infer_facenet.py", "the face detector and the face cache are not sharded")
     # the old run invalidated, device, seed, data and the shared validation split
     run_name = cfg.run_name or cfg.embedder
     run = begin_inference_run(cfg, run_name)

@@ -40,6 +40,7 @@ from torch import nn
 from torch.nn.parallel import DistributedDataParallel as DDP
 from torch.utils.data import DataLoader
 
+from utils.cache import files_key
 from utils.clip.models import ClipVisual, count_trainable, create_visual, freeze_frozen_batchnorm, is_weights_file, unfreeze_last
 from utils.config import (
     EmbeddingConfig,
@@ -57,8 +58,7 @@ from utils.data.augment import train_transform
 from utils.data.image_dataset import ImageDataset
 from utils.data.task import prepare_task
 from utils.device import amp_dtype, resolve_workers
-from utils.embedding.cache import files_key
-from utils.embedding.embed import embed_images
+from utils.embedding.embedder import Embedder
 from utils.embedding.step import embed_task, val_score
 from utils.embedding.views import PixelScale, tta_views
 from utils.errors import KitError, run_cli
@@ -184,24 +184,24 @@ def weights_tag(cfg: Config, clip: ClipVisual) -> str:
     return tag
 
 
-def embedder_for(forward: nn.Module, clip: ClipVisual, cfg: Config, device, amp, run_dir: Path):
-    """``embed(paths, desc, views, cache_tag)`` with open_clip's preprocessing; identity view, no cache by default."""
+def embedder_for(forward: nn.Module, clip: ClipVisual, cfg: Config, device, amp, run_dir: Path) -> Embedder:
+    """The tower's embedder with open_clip's preprocessing: identity view, no cache (``but(views=..., key=...)`` for the matrices)."""
     scale = PixelScale(tuple(clip.preprocess["mean"]), tuple(clip.preprocess["std"]))
+    return Embedder(forward, clip.eval_transform(), scale, device, views=tta_views([]), batch_size=cfg.embed_batch_size,
+                    workers=resolve_workers(cfg.workers), amp=amp, cache_dir=run_dir / "cache")
 
-    def embed(paths, desc, views=None, cache_tag=None):
-        return embed_images(forward.eval(), paths, clip.eval_transform(), device=device, views=views or tta_views([]),
-                            batch_size=cfg.embed_batch_size, workers=resolve_workers(cfg.workers), amp=amp, scale=scale, desc=desc,
-                            stack_views=True, compile_model=cfg.compile and cache_tag is not None,
-                            cache_dir=run_dir / "cache" if cache_tag else None, cache_tag=cache_tag or "")
-    return embed
+
+def final_embedder(embedder: Embedder, cfg: Config, tag: str) -> Embedder:
+    """The embedding the matrices use: every --tta view, cached under ``tag``, compiled with --compile."""
+    return embedder.but(views=tta_views(cfg.tta), key=tag, compile_model=cfg.compile)
 
 
 def run_zero_shot(cfg: Config, task, clip: ClipVisual, device, amp, run_dir: Path, timings: dict[str, float]) -> int:
     """Embed with the frozen tower (no head, no training): the baseline a fine-tune must beat."""
     t0 = time.time()
     clip.visual.to(device)
-    embed = embedder_for(clip.visual, clip, cfg, device, amp, run_dir)
-    emb = embed_task(task, lambda paths, desc: embed(paths, desc, tta_views(cfg.tta), weights_tag(cfg, clip) + "|zero-shot"))
+    embedder = final_embedder(embedder_for(clip.visual, clip, cfg, device, amp, run_dir), cfg, weights_tag(cfg, clip) + "|zero-shot")
+    emb = embed_task(task, embedder.embed_set)
     timings["embed"] = time.time() - t0
     write_embedding_run(run_dir, run_dir.name, config_to_dict(cfg), task, emb, timings, {"zero_shot": True, "quick_gelu": clip.quick_gelu}, form=cfg.run_form())
     return 0
@@ -228,7 +228,6 @@ def train_and_embed(cfg: Config, dist_info: DistInfo, device: torch.device) -> i
     if master:
         invalidate_run(run_dir)  # a killed or failed re-run must not leave the old run looking complete
     amp = amp_dtype(device, cfg.amp)
-    views = tta_views(cfg.tta)
     seed_everything(cfg.seed, cfg.deterministic, device)
 
     # data and the shared validation split (rank 0 writes runs/split.json first)
@@ -254,12 +253,12 @@ def train_and_embed(cfg: Config, dist_info: DistInfo, device: torch.device) -> i
     if dist_info.ddp and device.type == "cuda":
         step_module = nn.SyncBatchNorm.convert_sync_batchnorm(step_module)
     trainer_module = DDP(step_module, device_ids=[device.index] if device.type == "cuda" else None) if dist_info.ddp else step_module
-    embed = embedder_for(embedder, clip, cfg, device, amp, run_dir)
+    quick = embedder_for(embedder, clip, cfg, device, amp, run_dir)
     trainer = Trainer(
         LoopSettings.from_config(cfg), run_dir=run_dir, modules={"model": clip.visual, "head": head, "loss": loss_fn},
         step_module=trainer_module, optimizer=optimizer, device=device, amp=amp, config=config_to_dict(cfg), classes=task.classes,
         resume_keys=("model", "weights", "unfreeze", "embed_dim", "head", "loss", "sub_centers", "img_size"),
-        evaluate=lambda: val_score(task, embed), dist_info=dist_info, min_batch=2, data_key=files_key(task.train_paths, "train"),
+        evaluate=lambda: val_score(task, quick.embed_set), dist_info=dist_info, min_batch=2, data_key=files_key(task.train_paths, "train"),
     )
 
     # data: M images per identity in each batch, each rank its share
@@ -287,7 +286,7 @@ def train_and_embed(cfg: Config, dist_info: DistInfo, device: torch.device) -> i
         tag += "|" + file_sha(final)
         log.info("embedding with %s", final)
     t1 = time.time()
-    emb = embed_task(task, lambda paths, desc: embed(paths, desc, views, tag))
+    emb = embed_task(task, final_embedder(quick, cfg, tag).embed_set)
     timings["embed"] = time.time() - t1
     extra = {"history": trainer.state.history, "checkpoint": str(final) if final else None, "quick_gelu": clip.quick_gelu,
              "world_size": dist_info.world_size}

@@ -40,6 +40,7 @@ from rich.table import Table
 from torch import nn
 from torch.utils.data import DataLoader, Dataset
 
+from utils.cache import files_key
 from utils.config import (
     FormConfig,
     LoopConfig,
@@ -52,7 +53,6 @@ from utils.config import (
     override,
 )
 from utils.data.task import Task
-from utils.embedding.cache import files_key
 from utils.embedding.embed import cosine_similarity
 from utils.embedding.step import SETS, embed_task
 from utils.embedding.views import View
@@ -65,6 +65,7 @@ from utils.logs import console, setup_logging
 from utils.runs.metrics import evaluate, relevance_matrix
 from utils.runs.model_run import begin_inference_run, write_embedding_run
 from utils.training.class_sampler import MPerClassShardSampler
+from utils.training.distributed import refuse_torchrun
 from utils.training.loop import LoopSettings, Trainer
 from utils.training.pair_loss import PAIR_LOSSES, build_pair_loss
 
@@ -267,6 +268,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     cfg = config_from_args(Config, build_parser().parse_args(argv))
     setup_logging(cfg.verbose)
     check_config(cfg)
+    refuse_torchrun("train_face_adapter.py", "the adapter trains and embeds in one process")
     run_name = cfg.run_name or f"{cfg.source}_adapted"
     if run_name == cfg.source:
         raise KitError(f"--run-name {run_name}: that is the source run; choose another name")

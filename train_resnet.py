@@ -34,6 +34,7 @@ import torch
 from torch import nn
 from torch.utils.data import DataLoader
 
+from utils.cache import files_key
 from utils.config import (
     EmbeddingConfig,
     FineTuneConfig,
@@ -51,8 +52,7 @@ from utils.data.image_dataset import ImageDataset
 from utils.data.task import Task, prepare_task
 from utils.device import amp_dtype, is_cnn, pick_device, resolve_workers
 from utils.embedding.backbone import create_backbone
-from utils.embedding.cache import files_key
-from utils.embedding.embed import embed_images
+from utils.embedding.embedder import Embedder
 from utils.embedding.step import embed_task, val_score
 from utils.embedding.views import PixelScale, tta_views
 from utils.errors import KitError, run_cli
@@ -62,6 +62,7 @@ from utils.runs.similarity_io import invalidate_run
 from utils.seed import seed_everything, worker_init
 from utils.training.checkpoint import file_sha
 from utils.training.class_sampler import MPerClassShardSampler
+from utils.training.distributed import refuse_torchrun
 from utils.training.loop import LoopSettings, Trainer
 from utils.training.pair_loss import PAIR_LOSSES, build_pair_loss
 
@@ -163,6 +164,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     cfg = config_from_args(Config, build_parser().parse_args(argv))
     setup_logging(cfg.verbose)
     check_config(cfg)
+    refuse_torchrun("train_resnet.py", "its training is not distributed; train_clip_arcface.py trains under torchrun")
     t0 = time.time()
     run_dir = cfg.runs / cfg.run_name
     invalidate_run(run_dir)  # a killed or failed re-run must not leave the old run looking complete
@@ -182,18 +184,17 @@ def main(argv: Sequence[str] | None = None) -> int:
     step_module, modules, groups = build_objective(cfg, backbone, len(task.classes), device)
     eval_tf = eval_transform(cfg.img_size, scale.mean, scale.std)
 
-    def embed(paths, desc, views=(views[0],), cache_tag=None):  # the embedding the matrices use (compiled for the final one)
-        return embed_images(backbone.eval(), paths, eval_tf, device=device, views=views, batch_size=cfg.embed_batch_size,
-                            workers=workers, amp=amp, scale=scale, desc=desc, stack_views=True, channels_last=is_cnn(backbone),
-                            cache_dir=run_dir / "cache" if cache_tag else None, cache_tag=cache_tag or "",
-                            compile_model=cfg.compile and cache_tag is not None)
+    # the embedding the matrices use; the per-epoch validation takes the identity view, uncached and uncompiled
+    embedder = Embedder(backbone, eval_tf, scale, device, views=views, batch_size=cfg.embed_batch_size, workers=workers, amp=amp,
+                        channels_last=is_cnn(backbone), compile_model=cfg.compile, cache_dir=run_dir / "cache")
+    quick = embedder.but(views=(views[0],), compile_model=False)
 
     # training: the shared loop (best.pt/last.pt, --resume, eval every N epochs)
     trainer = Trainer(
         LoopSettings.from_config(cfg), run_dir=run_dir, modules=modules, step_module=step_module,
         optimizer=torch.optim.AdamW(groups, weight_decay=cfg.weight_decay), device=device, amp=amp,
         config=config_to_dict(cfg), classes=task.classes, resume_keys=("model", "weights", "img_size", "loss"),
-        evaluate=lambda: val_score(task, embed), data_key=files_key(task.train_paths, "train"),
+        evaluate=lambda: val_score(task, quick.embed_set), data_key=files_key(task.train_paths, "train"),
     )
     train_set, loader, sampler = build_loader(cfg, task, scale.mean, scale.std, shuffle_gen, device, workers)
 
@@ -213,7 +214,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         trainer.restore(final)
         tag += "|" + file_sha(final)
         log.info("embedding with %s", final)
-    emb = embed_task(task, lambda paths, desc: embed(paths, desc, views, tag))
+    emb = embed_task(task, embedder.but(key=tag).embed_set)
     timings["embed"] = time.time() - t0 - timings["prepare"] - timings["train"]
     extra = {"history": trainer.state.history, "checkpoint": str(final) if final else None}
     write_embedding_run(run_dir, cfg.run_name, config_to_dict(cfg), task, emb, timings, extra, form=cfg.run_form())

@@ -13,9 +13,9 @@ import torch
 from PIL import Image
 
 from tests.helpers.paths import ROOT
+from utils.cache import cached, files_key
 from utils.data.augment import IMAGENET_MEAN, IMAGENET_STD, eval_transform
 from utils.deps import require
-from utils.embedding.cache import cached, files_key
 from utils.embedding.embed import cosine_similarity, embed_arrays, embed_images
 from utils.embedding.step import similarities
 from utils.embedding.views import PixelScale, View, render_view, tta_views

@@ -99,7 +99,7 @@ def write_run(run_dir: Path, size: int, seed: int = 0) -> None:
     (run_dir / "meta.json").write_text(json.dumps(meta))
 
 
-STAGES = ("load_run", "top_lists", "validate_lists", "save_body")  # names looked up in utils.submission.stages
+STAGES = ("load_split", "validate_lists", "save_body")  # names looked up in utils.submission.stages
 
 
 def time_dry_run(size: int, work: Path) -> tuple[Table, list[str]]:

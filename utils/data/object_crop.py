@@ -23,7 +23,7 @@ from PIL import Image
 
 from utils.atomic import atomic_write_bytes
 from utils.data.images import load_image
-from utils.embedding.cache import files_key
+from utils.cache import files_key
 from utils.errors import KitError
 from utils.progress import track
 

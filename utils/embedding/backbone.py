@@ -23,13 +23,14 @@ from utils.weights.resolve import FETCH_HINT
 log = logging.getLogger(__name__)
 
 
-def create_backbone(model: str, weights: str) -> nn.Module:
+def create_backbone(model: str, weights: str, **model_args) -> nn.Module:
     """A timm model with pooled features and the weights asked for.
 
     Args:
         model: a timm model name.
         weights: ``default`` (timm's pretrained weights: the weights folder, else the hub), ``none``
             (random init) or a local file (timm checkpoint or state dict, ``.pth``/``.bin``/``.safetensors``).
+        model_args: passed to ``timm.create_model`` (e.g. ``img_size=224``, or ``depth=2`` for a tiny random model).
 
     Raises:
         KitError: unknown model, failed download, or a weights file that does not fit.
@@ -41,8 +42,8 @@ def create_backbone(model: str, weights: str) -> nn.Module:
     if resolved.mode == "folder":  # timm loads the file as its pretrained weights (its filters, no classifier)
         kwargs["pretrained_cfg_overlay"] = {"file": str(resolved.path), "source": ""}
     try:
-        net = timm.create_model(model, pretrained=resolved.mode in ("hub", "folder"), num_classes=0, **kwargs)
-    except RuntimeError as err:
+        net = timm.create_model(model, pretrained=resolved.mode in ("hub", "folder"), num_classes=0, **kwargs, **model_args)
+    except (RuntimeError, TypeError) as err:  # TypeError: a model argument this model does not take
         raise KitError(f"--model {model!r}: {err}") from None
     except OSError as err:
         raise KitError(f"cannot download weights for {model!r} ({type(err).__name__}); "

@@ -5,7 +5,7 @@ view of it (:mod:`utils.embedding.views`) goes through the model, and the
 L2-normalised embeddings of the views are averaged, then normalised again.
 :func:`embed_images` feeds it from image files (a DataLoader decoding in
 worker processes); :func:`embed_arrays` from an in-memory pixel array (the
-face path's crops). Both cache through :mod:`utils.embedding.cache` and, under
+face path's crops). Both cache through :mod:`utils.cache` and, under
 ``torchrun``, split the images across ranks and gather the result on every rank.
 """
 
@@ -21,8 +21,8 @@ import torch
 import torch.distributed as dist
 from torch.utils.data import DataLoader
 
+from utils.cache import cached, files_key, model_of, numbers_tag, weights_version
 from utils.data.image_dataset import ImageDataset, Transform
-from utils.embedding.cache import cached, files_key, model_of, numbers_tag, weights_version
 from utils.embedding.views import PixelScale, View, render_view
 from utils.errors import KitError
 from utils.progress import ProgressBar

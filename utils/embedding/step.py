@@ -18,8 +18,10 @@ from typing import Callable, Sequence
 import numpy as np
 
 from utils.data.task import Task
-from utils.embedding.embed import cosine_similarity
+from utils.runs.cosine import cosine_similarity, similarities
 from utils.runs.metrics import relevance_matrix, topk_scores
+
+__all__ = ["SETS", "EmbedSet", "embed_task", "similarities", "val_score"]
 
 SETS = ("val_query", "val_gallery", "test_query", "test_gallery")
 
@@ -29,14 +31,6 @@ EmbedSet = Callable[[Sequence[Path], str], np.ndarray]
 def embed_task(task: Task, embed_set: EmbedSet, sets: Sequence[str] = SETS) -> dict[str, np.ndarray]:
     """``embed_set`` over each image set of ``task``, keyed by set name."""
     return {which: embed_set(getattr(task, which), which.replace("_", " ")) for which in sets}
-
-
-def similarities(emb: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
-    """The validation and test query x gallery cosine matrices of :func:`embed_task`'s output."""
-    return {
-        "val": cosine_similarity(emb["val_query"], emb["val_gallery"]),
-        "test": cosine_similarity(emb["test_query"], emb["test_gallery"]),
-    }
 
 
 def val_score(task: Task, embed_set: EmbedSet) -> float:

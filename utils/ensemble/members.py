@@ -142,3 +142,21 @@ def left_out_line(left_out: list[tuple[Path, str]]) -> str:
     if not left_out:
         return "left out: none"
     return "left out: " + ", ".join(f"{d.name} ({why.split(';')[0]})" for d, why in left_out)
+
+
+def recorded_data(metas: Sequence[dict]) -> Path | None:
+    """The data folder the members were made from (``config.data`` in their meta.json), for when ``--data`` is not given.
+
+    One line says which folder is used, or why none is (the runs disagree, none records one, or it is gone).
+    """
+    folders = sorted({str((m.get("config") or {}).get("data")) for m in metas if (m.get("config") or {}).get("data")})
+    if len(folders) != 1:
+        log.info("--data not given and the runs record %s: test scores are not printed (pass --data DIR)",
+                 f"{len(folders)} data folders ({', '.join(folders)})" if folders else "no data folder")
+        return None
+    data = Path(folders[0])
+    if not data.is_dir():
+        log.info("--data not given and %s (recorded in the runs' meta.json) is not a folder here: test scores are not printed", data)
+        return None
+    log.info("--data not given: using %s, the data folder recorded in the runs' meta.json", data)
+    return data

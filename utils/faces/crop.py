@@ -30,8 +30,8 @@ import cv2
 import numpy as np
 from torch.utils.data import DataLoader, Dataset
 
+from utils.cache import cached, files_key
 from utils.data.images import ImageError, load_image
-from utils.embedding.cache import cached, files_key
 from utils.errors import KitError
 from utils.faces.detect import FaceDetector, Faces
 from utils.progress import ProgressBar

@@ -26,8 +26,8 @@ from typing import Sequence
 import numpy as np
 
 from utils.atomic import atomic_write_bytes
+from utils.cache import cached, files_key
 from utils.data.images import load_image
-from utils.embedding.cache import cached, files_key
 from utils.errors import KitError
 from utils.faces.detect import FaceDetector, letterbox, pick_face
 from utils.progress import ProgressBar

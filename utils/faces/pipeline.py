@@ -24,8 +24,8 @@ from typing import Any, Sequence
 import numpy as np
 import torch
 
+from utils.cache import cached, files_key, numbers_tag
 from utils.device import amp_dtype, resolve_workers
-from utils.embedding.cache import cached, files_key, numbers_tag
 from utils.embedding.embed import embed_arrays
 from utils.embedding.views import View, tta_views
 from utils.errors import KitError

@@ -7,10 +7,11 @@ table and writes ``runs/<model>/`` through :func:`utils.runs.similarity_io.save_
 
 from __future__ import annotations
 
+import atexit
 import logging
 import subprocess
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -19,16 +20,17 @@ from rich.table import Table
 
 from utils import __version__
 from utils.data.task import Task, prepare_task
-from utils.device import pick_device, precision_record
-from utils.embedding.step import similarities
+from utils.device import precision_record
 from utils.errors import KitError
 from utils.logs import console
+from utils.runs.cosine import similarities
 from utils.runs.gap import META_KEY, save_run_embeddings
 from utils.runs.metrics import competition_score, evaluate, relevance_matrix
 from utils.runs.run_lock import release_run_lock
 from utils.runs.similarity_io import SimMatrix, invalidate_run, save_run
 from utils.runs.topk_run import DEFAULT_K, MAX_MATRIX_CELLS, TopkSplit, make_topk_split, save_topk_run, use_topk_form
 from utils.seed import seed_everything
+from utils.training.distributed import DistInfo, barrier, cleanup, init_distributed, writes_runs
 
 log = logging.getLogger(__name__)
 
@@ -71,9 +73,13 @@ def write_model_run(
 ) -> dict[str, dict[str, float]]:
     """Score and save a model's ``val``/``test`` matrices with their meta.json.
 
+    Under torchrun only rank 0 writes (and scores); the other ranks return ``{}``.
+
     Returns:
         metrics per split that has a ground truth.
     """
+    if not writes_runs():
+        return {}
     run_dir = Path(run_dir)
     if (run_dir / "meta.json").exists():
         log.info("replacing the earlier run in %s", run_dir)
@@ -149,9 +155,13 @@ def write_embedding_run(
 ) -> dict[str, dict[str, float]]:
     """A run from the four embedding sets: the two cosine matrices, or past ``form.max_cells`` the top-k form.
 
+    Under torchrun only rank 0 writes (and scores); the other ranks return ``{}``.
+
     Returns:
         metrics per split that has a ground truth.
     """
+    if not writes_runs():
+        return {}
     form = form or RunForm()
     if not use_topk_form(len(emb["test_query"]), len(emb["test_gallery"]), form.max_cells):
         kept = {META_KEY: save_run_embeddings(run_dir, emb)}  # for visualize.py --gap (utils/runs/gap.py)
@@ -175,13 +185,14 @@ def write_embedding_run(
 
 @dataclass
 class RunStart:
-    """What an inference script has once its run has begun: folder, device, task, timings."""
+    """What an inference script has once its run has begun: folder, device, task, timings, its place under torchrun."""
 
     run_dir: Path
     device: Any
     task: Task
     t0: float
     timings: dict[str, float]
+    dist_info: DistInfo = field(default_factory=DistInfo)
 
 
 def begin_inference_run(cfg: Any, run_name: str | None = None) -> RunStart:
@@ -189,13 +200,23 @@ def begin_inference_run(cfg: Any, run_name: str | None = None) -> RunStart:
     (:func:`utils.runs.similarity_io.invalidate_run`), pick the device, seed, read the data and the
     shared validation split (only its val queries/gallery are used).
 
+    Under ``torchrun`` every rank joins the process group (gloo on the CPU, NCCL on GPUs, one GPU per
+    rank); rank 0 alone invalidates the run and writes ``runs/split.json``, the others read it after it.
+
     Raises:
         KitError: another live process is writing the run folder (the message names it).
     """
     t0 = time.time()
     run_dir = cfg.runs / (run_name or cfg.run_name)
-    invalidate_run(run_dir)  # a killed or failed re-run must not leave the old run looking complete
-    device = pick_device(cfg.device)
+    dist_info, device = init_distributed(cfg.device, cfg.dist_timeout_min)
+    if dist_info.ddp:
+        atexit.register(cleanup, dist_info)
+        if not dist_info.master:
+            logging.getLogger().setLevel(logging.WARNING)  # rank 0 speaks for the run
+    if dist_info.master:
+        invalidate_run(run_dir)  # a killed or failed re-run must not leave the old run looking complete
     seed_everything(cfg.seed, cfg.deterministic, device)
-    task = prepare_task(cfg.data, cfg.runs, cfg.split_params())
-    return RunStart(run_dir, device, task, t0, {"prepare": time.time() - t0})
+    task = prepare_task(cfg.data, cfg.runs, cfg.split_params()) if dist_info.master else None
+    barrier(dist_info)
+    task = task or prepare_task(cfg.data, cfg.runs, cfg.split_params())
+    return RunStart(run_dir, device, task, t0, {"prepare": time.time() - t0}, dist_info)

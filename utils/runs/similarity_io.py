@@ -34,6 +34,7 @@ from utils.atomic import atomic_write_bytes, atomic_write_json, remove_stale_tem
 from utils.errors import KitError
 from utils.runs.provenance import check_members, is_fused, read_json
 from utils.runs.run_lock import acquire_run_lock, lock_holder, run_lock
+from utils.runs.topk import topk
 
 log = logging.getLogger(__name__)
 
@@ -49,11 +50,25 @@ class IncompleteRun(KitError):
 
 @dataclass
 class SimMatrix:
-    """One split's matrix with the names of its rows and columns."""
+    """One split's matrix with the names of its rows and columns.
+
+    It shares the loaded-split interface of :class:`utils.runs.topk_run.TopkSplit`:
+    ``query_names``, ``gallery_names`` and :meth:`top_lists` (see :func:`utils.runs.topk_run.load_split`).
+    """
 
     sim: np.ndarray
     query_names: list[str]
     gallery_names: list[str]
+
+    def top_lists(self, k: int = 10) -> dict[str, list[str]]:
+        """Each query's ``k`` best gallery names, best first (ties: the lower column first).
+
+        Raises:
+            KitError: the gallery has fewer than ``k`` images.
+        """
+        if len(self.gallery_names) < k:
+            raise KitError(f"the gallery has {len(self.gallery_names)} images; a top-{k} needs at least {k}")
+        return {q: [self.gallery_names[j] for j in row] for q, row in zip(self.query_names, topk(self.sim, k).tolist())}
 
 
 @dataclass

@@ -54,6 +54,7 @@ from utils.progress import ProgressBar
 from utils.runs.provenance import check_members, member_record
 from utils.runs.run_lock import run_lock
 from utils.runs.search import DEFAULT_BUDGET_BYTES, search_topk
+from utils.runs.similarity_io import SimMatrix, load_run
 
 FORM = "topk"
 MAX_MATRIX_CELLS = 20_000 * 20_000  # past this many query x gallery cells, a run is written in the top-k form
@@ -78,6 +79,17 @@ class TopkSplit:
     @property
     def k(self) -> int:
         return self.indices.shape[1]
+
+    def top_lists(self, k: int = 10) -> dict[str, list[str]]:
+        """Each query's ``k`` best gallery names, best first, from the stored candidates.
+
+        Raises:
+            KitError: the run kept fewer than ``k`` candidates per query.
+        """
+        if self.k < k:
+            raise KitError(f"the run kept {self.k} candidates per query; a top-{k} needs at least {k} (re-run with a larger --topk)")
+        g = self.gallery_names
+        return {q: [g[j] for j in row] for q, row in zip(self.query_names, self.indices[:, :k].tolist())}
 
 
 def use_topk_form(n_query: int, n_gallery: int, max_cells: int = MAX_MATRIX_CELLS) -> bool:
@@ -249,16 +261,22 @@ def _check_split(d: TopkSplit, where: Path) -> None:
 
 
 def topk_lists(run: str | Path | TopkSplit, k: int = 10, split: str = "test") -> dict[str, list[str]]:
-    """Each query's ``k`` best gallery names, best first, from a top-k run folder or a loaded split.
+    """Each query's ``k`` best gallery names, best first, from a top-k run folder or a loaded split (:meth:`TopkSplit.top_lists`)."""
+    data = run if isinstance(run, TopkSplit) else load_topk_split(run, split, with_embeddings=False)
+    return data.top_lists(k)
+
+
+def load_split(run_dir: str | Path, split: str = "test") -> TopkSplit | SimMatrix:
+    """One split of a run of either form, as the loaded-split interface: ``query_names``,
+    ``gallery_names`` and ``top_lists(k)`` (a :class:`TopkSplit` without its embeddings, or a
+    :class:`~utils.runs.similarity_io.SimMatrix`), each checked as its form's loader checks it.
 
     Raises:
-        KitError: the run kept fewer than ``k`` candidates per query.
+        KitError: the run is incomplete, corrupt, or lacks the split.
     """
-    data = run if isinstance(run, TopkSplit) else load_topk_split(run, split, with_embeddings=False)
-    if data.k < k:
-        raise KitError(f"the run kept {data.k} candidates per query; a top-{k} needs at least {k} (re-run with a larger --topk)")
-    g = data.gallery_names
-    return {q: [g[j] for j in row] for q, row in zip(data.query_names, data.indices[:, :k].tolist())}
+    if is_topk_run(run_dir):
+        return load_topk_split(run_dir, split, with_embeddings=False)
+    return load_run(run_dir, splits=(split,)).splits[split]
 
 
 def align_topk(splits: list[TopkSplit]) -> list[TopkSplit]:

@@ -18,7 +18,6 @@ from typing import Any
 from utils.atomic import atomic_write_bytes
 from utils.errors import KitError
 from utils.runs.similarity_io import SimMatrix
-from utils.runs.topk import topk
 
 log = logging.getLogger(__name__)
 
@@ -31,11 +30,8 @@ class BadBody(KitError):
 
 
 def top_lists(m: SimMatrix, k: int = TOP_K) -> dict[str, list[str]]:
-    """Each query's ``k`` best gallery names, best first."""
-    if len(m.gallery_names) < k:
-        raise KitError(f"the gallery has {len(m.gallery_names)} images; a top-{k} needs at least {k}")
-    idx = topk(m.sim, k)
-    return {q: [m.gallery_names[j] for j in row] for q, row in zip(m.query_names, idx.tolist())}
+    """Each query's ``k`` best gallery names, best first (:meth:`SimMatrix.top_lists`)."""
+    return m.top_lists(k)
 
 
 def validate_lists(

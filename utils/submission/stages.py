@@ -26,10 +26,9 @@ from utils.errors import KitError
 from utils.logs import console
 from utils.redact import redact_url
 from utils.runs import ledger
-from utils.runs.similarity_io import load_run
-from utils.runs.topk_run import is_topk_run, load_topk_split, topk_lists
+from utils.runs.topk_run import load_split
 from utils.submission.client import NotSubmitted, check_url, confirmed_score, post
-from utils.submission.lists import make_body, parse_body, save_body, top_lists, validate_lists
+from utils.submission.lists import TOP_K, make_body, parse_body, save_body, validate_lists
 from utils.submission.preview import write_preview
 
 log = logging.getLogger(__name__)
@@ -108,11 +107,10 @@ def body_from_run(run: Path, data: str, group: str, form: str, out: Path, previe
     """Top-10 lists of the run's test matrix, validated, written to ``out`` as the body."""
     if preview and not data:
         raise KitError("--preview needs --data DIR to find the images")
-    topk_form = is_topk_run(run)  # the top-k run form (large galleries): lists from its stored candidates
-    test = load_topk_split(run, "test", with_embeddings=False) if topk_form else load_run(run, splits=("test",)).splits["test"]
+    test = load_split(run, "test")  # either form: full matrices, or the top-k form's stored candidates (large galleries)
     if data:
         check_against_data(Path(data), test.query_names, test.gallery_names)
-    lists = topk_lists(test) if topk_form else top_lists(test)
+    lists = test.top_lists(TOP_K)
     validate_lists(lists, test.query_names, test.gallery_names)
     body = make_body(lists, group, form)
     with writing(out, "the submission body"):

@@ -89,3 +89,24 @@ def broadcast(info: DistInfo, obj: Any) -> Any:
 def cleanup(info: DistInfo) -> None:
     if info.ddp and dist.is_initialized():
         dist.destroy_process_group()
+
+
+def under_torchrun() -> bool:
+    """Whether this process is one of several started by ``torchrun`` (WORLD_SIZE > 1)."""
+    return int(os.environ.get("WORLD_SIZE", "1") or 1) > 1
+
+
+def refuse_torchrun(script: str, why: str) -> None:
+    """Stop a script that runs as one process only, before it does anything, when torchrun started several.
+
+    Raises:
+        KitError: WORLD_SIZE > 1 (one line: the script, why, and how to start it).
+    """
+    if under_torchrun():
+        raise KitError(f"{script}: runs as one process only ({why}); start it with python, not torchrun "
+                       f"(WORLD_SIZE={os.environ['WORLD_SIZE']})")
+
+
+def writes_runs() -> bool:
+    """Whether this process writes run files: rank 0 under torchrun, and any plain single process."""
+    return not (dist.is_available() and dist.is_initialized()) or dist.get_rank() == 0

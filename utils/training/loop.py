@@ -119,7 +119,7 @@ class Trainer:
         evaluate: () -> validation score (rank 0 only); None: no validation.
         dist_info: DDP placement (None: one process).
         min_batch: a batch with fewer readable images is skipped (BatchNorm needs 2).
-        data_key: identifies the training files (e.g. ``utils.embedding.cache.files_key``);
+        data_key: identifies the training files (e.g. ``utils.cache.files_key``);
             a finished run is reused only for the same key.
     """
 
