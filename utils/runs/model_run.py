@@ -20,7 +20,7 @@ from rich.table import Table
 
 from utils import __version__
 from utils.data.task import Task, prepare_task
-from utils.device import precision_record
+from utils.device import pick_device, precision_record
 from utils.errors import KitError
 from utils.logs import console
 from utils.runs.cosine import similarities
