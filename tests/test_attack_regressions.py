@@ -21,8 +21,8 @@ from tests.test_submit import make_run
 from utils.checklist import OK, Checklist
 from utils.data.layout import load_layout
 from utils.errors import KitError
+from utils.runs import ledger
 from utils.runs.run_checks import check_runs
-from utils.submission import ledger
 
 
 @pytest.fixture
@@ -123,9 +123,6 @@ def other_data_run(data: Path, tmp_path: Path, runs: Path) -> Path:
     return target
 
 
-@pytest.mark.xfail(strict=True, reason="ATTACK.md A6: a run's meta.json records no fingerprint of the data it was made "
-                                       "from; preflight calls a run of other data with the same file names ok (and "
-                                       "ensemble.py fuses it)")
 def test_a_run_made_from_other_data_is_not_called_ok(rehearsal_data, tmp_path):
     runs = tmp_path / "runs"
     make_run(rehearsal_data, runs)

@@ -9,6 +9,7 @@ from pathlib import Path
 import numpy as np
 
 from utils.data.layout import load_layout
+from utils.runs.data_fingerprint import layout_fingerprint
 from utils.runs.metrics import relevance_matrix
 from utils.runs.similarity_io import SimMatrix, save_run
 
@@ -24,7 +25,8 @@ def make_run(data: Path, runs: Path, perfect: bool = True) -> Path:
             for right in layout.ground_truth[name]:
                 sim[i, g.index(right)] = 1.0
     m = SimMatrix(sim, q, g)
-    return save_run(runs / "model", {"val": m, "test": m}, {"model": "model"})
+    fp = layout_fingerprint(layout)  # the images it was made from, as run_meta records them
+    return save_run(runs / "model", {"val": m, "test": m}, {"model": "model", "data_fingerprint": {"val": fp, "test": fp}})
 
 
 def write_runs(root: Path, n_id: int = 12, models=(("a", 1.5), ("b", 1.0)), seed: int = 0) -> tuple[Path, Path]:

@@ -26,6 +26,7 @@ from utils.errors import KitError
 from utils.logs import console
 from utils.redact import redact_url
 from utils.runs import ledger
+from utils.runs.data_fingerprint import refuse_other_data
 from utils.runs.similarity_io import load_run
 from utils.runs.topk_run import is_topk_run, load_topk_split, topk_lists
 from utils.submission.client import NotSubmitted, check_url, confirmed_score, post
@@ -112,6 +113,7 @@ def body_from_run(run: Path, data: str, group: str, form: str, out: Path, previe
     test = load_topk_split(run, "test", with_embeddings=False) if topk_form else load_run(run, splits=("test",)).splits["test"]
     if data:
         check_against_data(Path(data), test.query_names, test.gallery_names)
+        refuse_other_data(run, Path(data))  # same names, other images (utils/runs/data_fingerprint.py)
     lists = topk_lists(test) if topk_form else top_lists(test)
     validate_lists(lists, test.query_names, test.gallery_names)
     body = make_body(lists, group, form)
