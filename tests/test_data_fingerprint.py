@@ -17,7 +17,7 @@ import submit
 import visualize
 from tests.helpers.runs import make_run, write_runs
 from tests.test_attack_regressions import other_data_run
-from tests.test_run_provenance import FAST
+from tests.test_run_provenance import FAST, topk_runs
 from utils.checklist import BLOCK, OK, WARN, Checklist
 from utils.data.layout import load_layout
 from utils.data.split import SplitParams
@@ -73,6 +73,18 @@ def test_ensemble_leaves_out_a_member_made_from_other_images_with_one_line(tmp_p
     assert meta["data_fingerprint"]["test"] == same  # the fused run records its members' images
     with pytest.raises(KitError, match=r"runs/c: made from other images of the same names"):
         ensemble.main(["--runs", str(runs), "--models", "a", "c", "--out", str(tmp_path / "e2"), *FAST])
+
+
+def test_a_topk_ensemble_leaves_out_a_member_made_from_other_images(tmp_path, capsys):
+    runs = topk_runs(tmp_path, models=("p", "q", "r"))
+    names = ["q.jpg", "g1.png", "g2.png"]
+    same, other = image_folder(tmp_path / "d1", names, b"x"), image_folder(tmp_path / "d2", names, b"yy")
+    for name, fp in (("p", same), ("q", other), ("r", same)):
+        stamp(runs / name, fp)
+    assert ensemble.main(["--runs", str(runs), *FAST]) == 0
+    assert capsys.readouterr().out.strip().splitlines()[-1].startswith("left out: q (made from other images of the same names")
+    meta = json.loads((runs / "ensemble" / "meta.json").read_text())
+    assert [m["name"] for m in meta["members"]] == ["p", "r"] and meta["data_fingerprint"]["test"] == same
 
 
 def test_preflight_blocks_and_submit_and_visualize_refuse_a_run_of_other_images(rehearsal_data, tmp_path):
