@@ -70,9 +70,10 @@ from utils.ensemble.rerank import RerankParams, check_steps
 from utils.ensemble.topk_plan import fuse_topk_runs
 from utils.errors import KitError, run_cli
 from utils.logs import console, setup_logging
+from utils.runs.data_fingerprint import agreeing, fused_fingerprint
 from utils.runs.metrics import evaluate, relevance_matrix
 from utils.runs.model_run import git_commit, metrics_table
-from utils.runs.provenance import member_record
+from utils.runs.provenance import member_record, read_json
 from utils.runs.run_lock import run_lock
 from utils.runs.similarity_io import Run, SimMatrix, align_runs, invalidate_run, load_run, remove_run_temps, save_run, scan_runs
 
@@ -212,7 +213,8 @@ def fuse_into(cfg: Config, out_dir: Path, members: Members, t0: float) -> list[t
     """Fuse the members into ``out_dir`` under its lock; returns the run folders left out with why."""
     with run_lock(out_dir):  # one writer of the output folder at a time
         if members.form == "topk":
-            left_out = members.left_out
+            kept, odd = agreeing([(d, read_json(d / "meta.json") or {}) for d in members.dirs], bool(cfg.models))
+            members.dirs, left_out = [d for d in members.dirs if d in kept], sorted(members.left_out + odd)
             if rerank_params(cfg).steps:
                 raise KitError("re-ranking needs full matrices; the runs are in the top-k form (drop the re-ranking flags)")
             check_config(cfg, len(members.dirs))
@@ -220,6 +222,8 @@ def fuse_into(cfg: Config, out_dir: Path, members: Members, t0: float) -> list[t
             ensemble_topk_form(cfg, out_dir, members.dirs, t0)
         elif members.form == "matrix":
             runs, left_out = find_runs(cfg.runs, cfg.models, out_dir)
+            kept, odd = agreeing([(r.path, r.meta) for r in runs], bool(cfg.models))  # same images, not only names
+            runs, left_out = [r for r in runs if r.path in kept], sorted(left_out + odd)
             check_config(cfg, len(runs))
             rerank_params(cfg)
             begin_output(cfg, out_dir, [r.path.name for r in runs], left_out)
@@ -274,7 +278,8 @@ def ensemble_topk_form(cfg: Config, out_dir: Path, dirs: list[Path], t0: float) 
     """Members in the top-k run form (large galleries): weights searched on the candidate unions, no re-ranking."""
     search = {"grid_step": cfg.grid_step, "n_random": cfg.n_random, "top_m": cfg.top_m, "smooth_radius": cfg.smooth_radius,
               "bootstrap": cfg.bootstrap, "seed": cfg.search_seed}
-    meta = {"model": "ensemble", "config": config_to_dict(cfg), "commit": git_commit(Path(__file__).resolve().parent), "kit_version": __version__}
+    meta = {"model": "ensemble", "config": config_to_dict(cfg), "commit": git_commit(Path(__file__).resolve().parent), "kit_version": __version__,
+            **fused_fingerprint([read_json(d / "meta.json") or {} for d in dirs])}
     choice = fuse_topk_runs(dirs, out_dir, FUSIONS if cfg.auto else (cfg.fusion,), cfg.fusion_weights or None, search, meta)
     atomic_write_json(out_dir / "weights.json", choice)
     console.print(f"ensemble (top-k form, {choice['fusion']}): {dict(zip(choice['members'], choice['weights']))} -> {out_dir} "
@@ -295,7 +300,7 @@ def write_outputs(cfg, out_dir, runs, names, plan: Plan, rows, searches, sims, v
     meta = {
         "model": "ensemble", "config": config_to_dict(cfg), "commit": git_commit(Path(__file__).resolve().parent),
         "kit_version": __version__, "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
-        "fused": True, "members": [member_record(out_dir, r.path, r.meta) for r in runs],
+        "fused": True, "members": [member_record(out_dir, r.path, r.meta) for r in runs], **fused_fingerprint([r.meta for r in runs]),
         "plan": plan.to_dict(), "choice": record, "timings_s": {"total": round(seconds, 2)}, "metrics": metrics,
     }
     save_run(out_dir, {"val": SimMatrix(sims["val"], val.query_names, val.gallery_names),

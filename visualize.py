@@ -59,6 +59,7 @@ from utils.faces.cascade import MTCNN_STAGES
 from utils.faces.pipeline import FACE_FIELDS, FacePipeline
 from utils.logs import console, setup_logging
 from utils.progress import track
+from utils.runs.data_fingerprint import refuse_other_data
 from utils.runs.gap import (
     GAP_METHODS,
     MapSet,
@@ -342,6 +343,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     data = data_folder(cfg, meta if run is None else run.meta)
     if not data.is_dir():
         raise KitError(f"{data}: data folder not found (pass --data DATA)")
+    refuse_other_data(cfg.run, data)  # drawn from the images the run was made from, not others of the same names
     out = cfg.out or cfg.run / "visual"
     if run is None:
         return draw_other(cfg, meta, splits, data, out)

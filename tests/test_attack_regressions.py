@@ -117,9 +117,6 @@ def other_data_run(data: Path, tmp_path: Path, runs: Path) -> Path:
     return target
 
 
-@pytest.mark.xfail(strict=True, reason="ATTACK.md A6: a run's meta.json records no fingerprint of the data it was made "
-                                       "from; preflight calls a run of other data with the same file names ok (and "
-                                       "ensemble.py fuses it)")
 def test_a_run_made_from_other_data_is_not_called_ok(rehearsal_data, tmp_path):
     runs = tmp_path / "runs"
     make_run(rehearsal_data, runs)

@@ -20,6 +20,7 @@ from utils.checklist import BLOCK, OK, SKIP, WARN, Checklist
 from utils.data.data_checks import check_data
 from utils.data.layout import load_layout
 from utils.errors import KitError
+from utils.runs.data_fingerprint import layout_fingerprint
 from utils.runs.run_checks import check_runs, weight_files
 from utils.runs.similarity_io import SimMatrix, invalidate_run, save_run
 from utils.submission.server import CompetitionServer
@@ -35,7 +36,9 @@ def _run(data: Path, run_dir: Path, config: dict | None = None, query_names: lis
     q, g = query_names or [p.name for p in layout.query], [p.name for p in layout.gallery]
     sim = np.random.default_rng(0).normal(size=(len(q), len(g))).astype(np.float32)
     m = SimMatrix(sim, q, g)
-    return save_run(run_dir, {"val": m, "test": m}, {"model": run_dir.name, "config": config or {}})
+    fp = layout_fingerprint(layout)  # the images it was made from, as run_meta records them
+    return save_run(run_dir, {"val": m, "test": m}, {"model": run_dir.name, "config": config or {},
+                                                     "data_fingerprint": {"val": fp, "test": fp}})
 
 
 @contextmanager

@@ -9,6 +9,7 @@ from pathlib import Path
 import numpy as np
 
 from utils.data.layout import load_layout
+from utils.runs.data_fingerprint import layout_fingerprint, split_fingerprint
 from utils.runs.metrics import relevance_matrix
 from utils.runs.similarity_io import SimMatrix, save_run
 
@@ -24,7 +25,8 @@ def make_run(data: Path, runs: Path, perfect: bool = True) -> Path:
             for right in layout.ground_truth[name]:
                 sim[i, g.index(right)] = 1.0
     m = SimMatrix(sim, q, g)
-    return save_run(runs / "model", {"val": m, "test": m}, {"model": "model"})
+    fp = layout_fingerprint(layout)  # the images it was made from, as run_meta records them
+    return save_run(runs / "model", {"val": m, "test": m}, {"model": "model", "data_fingerprint": {"val": fp, "test": fp}})
 
 
 def write_runs(root: Path, n_id: int = 12, models=(("a", 1.5), ("b", 1.0)), seed: int = 0) -> tuple[Path, Path]:
@@ -72,6 +74,8 @@ def handmade_run(data: Path, runs: Path) -> tuple[Path, list[str], list[str]]:
         test[i, right[0]] = 0.9
         wrong = [j for j in range(len(g)) if j not in right][:2]
         test[i, wrong] = [0.99, 0.95]
+    fp = {"val": split_fingerprint([data / n for n in val_q], [data / n for n in val_g], val_q, val_g),
+          "test": layout_fingerprint(layout)}  # the images it was made from, as run_meta records them
     run = save_run(runs / "handmade", {"val": SimMatrix(val, val_q, val_g), "test": SimMatrix(test, q, g)},
-                   {"model": "handmade", "config": {"data": str(data)}})
+                   {"model": "handmade", "config": {"data": str(data)}, "data_fingerprint": fp})
     return run, val_q, q

@@ -24,6 +24,7 @@ from utils.device import pick_device, precision_record
 from utils.errors import KitError
 from utils.logs import console
 from utils.runs.cosine import similarities
+from utils.runs.data_fingerprint import task_fingerprint
 from utils.runs.gap import META_KEY, save_run_embeddings
 from utils.runs.metrics import competition_score, evaluate, relevance_matrix
 from utils.runs.run_lock import release_run_lock
@@ -108,6 +109,7 @@ def run_meta(model: str, config: dict[str, Any], task: Task, timings: dict[str, 
         "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
         "full_train": task.full_train,
         "split": {"seed": task.split.params.seed, "val_fraction": task.split.params.val_fraction},
+        "data_fingerprint": task_fingerprint(task),  # the images it was made from (utils/runs/data_fingerprint.py)
         "timings_s": {k: round(v, 2) for k, v in timings.items()},
         **run_precision(config),
         "metrics": metrics,

@@ -3,7 +3,9 @@ query and gallery names, and the weight files its config names present and loada
 
 Blockers: a matrix that does not match its hash, a fused run (ensemble output)
 whose members changed since it was fused, a run whose test names differ
-from the data folder, a weight file that is missing or does not load. An
+from the data folder, a run made from other images of the same names (its
+recorded data fingerprint differs; one written by an older kit without one
+is a warning), a weight file that is missing or does not load. An
 incomplete run (killed, failed, still running) is a warning: ``ensemble.py``
 leaves it out.
 """
@@ -16,6 +18,7 @@ from typing import Any
 from utils.checklist import Checklist
 from utils.data.layout import DataLayout
 from utils.errors import KitError
+from utils.runs.data_fingerprint import NOT_RECORDED, data_problem, layout_fingerprint
 from utils.runs.provenance import is_fused
 from utils.runs.run_lock import lock_holder
 from utils.runs.similarity_io import IncompleteRun, load_run, run_folders
@@ -74,8 +77,10 @@ def _load_checked(d: Path) -> tuple[dict[str, Any], list[str], list[str], str]:
     return run.meta, test.query_names, test.gallery_names, "test {} x {}".format(*test.sim.shape)
 
 
-def check_run(cl: Checklist, d: Path, layout: DataLayout | None, seen_weights: dict[Path, str]) -> None:
-    """One run folder: complete, hashes match (a fused run's members too), on the data's lists, weights load."""
+def check_run(cl: Checklist, d: Path, layout: DataLayout | None, seen_weights: dict[Path, str],
+              data_fp: dict[str, Any] | None = None) -> None:
+    """One run folder: complete, hashes match (a fused run's members too), on the data's lists and images
+    (``data_fp``: the data folder's test fingerprint, utils/runs/data_fingerprint.py), weights load."""
     try:
         meta, query_names, gallery_names, shape = _load_checked(d)
     except IncompleteRun as err:
@@ -87,8 +92,11 @@ def check_run(cl: Checklist, d: Path, layout: DataLayout | None, seen_weights: d
         cl.block("runs", d.name, str(err))
         return
     mismatch = _names_vs_data(query_names, gallery_names, layout) if layout is not None else ""
-    if mismatch:
-        cl.block("runs", d.name, mismatch)
+    images = data_problem(meta, data_fp, str(layout.root)) if layout is not None and data_fp is not None and not mismatch else ""
+    if mismatch or images:
+        cl.block("runs", d.name, mismatch or images)
+    elif images is None:
+        cl.warn("runs", d.name, f"complete; {shape}; {NOT_RECORDED}: re-run it to check it against the data")
     else:
         fused = ", members unchanged" if is_fused(meta) else ""
         cl.ok("runs", d.name, f"complete, hashes match{fused}; {shape}" + (" = the data's lists" if layout else ""))
@@ -112,5 +120,6 @@ def check_runs(cl: Checklist, runs_dir: Path, layout: DataLayout | None) -> None
     if not folders:
         cl.warn("runs", str(runs_dir), "no run folders yet; run a model script first")
     seen: dict[Path, str] = {}
+    data_fp = layout_fingerprint(layout) if layout is not None and folders else None
     for d in folders:
-        check_run(cl, d, layout, seen)
+        check_run(cl, d, layout, seen, data_fp)

@@ -26,6 +26,7 @@ from utils.errors import KitError
 from utils.logs import console
 from utils.redact import redact_url
 from utils.runs import ledger
+from utils.runs.data_fingerprint import refuse_other_data
 from utils.runs.topk_run import load_split
 from utils.submission.client import NotSubmitted, check_url, confirmed_score, post
 from utils.submission.lists import TOP_K, make_body, parse_body, save_body, validate_lists
@@ -110,6 +111,7 @@ def body_from_run(run: Path, data: str, group: str, form: str, out: Path, previe
     test = load_split(run, "test")  # either form: full matrices, or the top-k form's stored candidates (large galleries)
     if data:
         check_against_data(Path(data), test.query_names, test.gallery_names)
+        refuse_other_data(run, Path(data))  # same names, other images (utils/runs/data_fingerprint.py)
     lists = test.top_lists(TOP_K)
     validate_lists(lists, test.query_names, test.gallery_names)
     body = make_body(lists, group, form)
