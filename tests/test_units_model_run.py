@@ -32,6 +32,8 @@ class Cfg:
     run_name: str = "model"
     device: str = "cpu"
     seed: int = 0
+    deterministic: bool = False
+    dist_timeout_min: float = 60.0
 
     def split_params(self) -> SplitParams:
         return SplitParams(seed=0, val_fraction=0.25)
