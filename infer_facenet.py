@@ -68,6 +68,8 @@ from utils.faces.embedder import EMBEDDERS
 from utils.faces.pipeline import FACE_COLOURS, FACE_FALLBACKS, FacePipeline
 from utils.faces.views import FUSIONS, GALLERY_VIEWS, fused_similarities
 from utils.logs import setup_logging
+from utils.runs.gap import META_KEY as GAP_KEY
+from utils.runs.gap import save_run_embeddings
 from utils.runs.model_run import begin_inference_run, write_embedding_run, write_model_run
 from utils.runs.topk_run import use_topk_form
 from utils.training.distributed import refuse_torchrun
@@ -170,6 +172,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 0
     sims, extra["view_fusion"] = fused_similarities(task, emb, view_emb, cfg.view_fusion)
     extra["gallery_views"] = {"names": ["plain", *pipe.view_params.names()], "per_image": pipe.image_views}
+    extra[GAP_KEY] = save_run_embeddings(run_dir, emb)  # the plain embeddings, for visualize.py --gap and the adapter
     write_model_run(run_dir, run_name, config_to_dict(cfg), task, sims, timings, extra)
     return 0
 
