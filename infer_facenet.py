@@ -66,6 +66,7 @@ from utils.faces.cascade import DEFAULT_ROTATED_STAGES, DEFAULT_ROTATIONS, DEFAU
 from utils.faces.detect import SELECT_METHODS
 from utils.faces.embedder import EMBEDDERS
 from utils.faces.pipeline import FACE_COLOURS, FACE_FALLBACKS, FacePipeline
+from utils.faces.tiebreak import face_harder_set
 from utils.faces.views import FUSIONS, GALLERY_VIEWS, fused_similarities
 from utils.logs import setup_logging
 from utils.runs.model_run import begin_inference_run, write_embedding_run, write_model_run
@@ -114,7 +115,7 @@ class Config(EmbeddingConfig, FormConfig, RunConfig):
     # gallery views (utils/faces/views.py): reading aids for stylised gallery faces, fused per pair with each query
     gallery_views: list[str] = field(default_factory=lambda: list(GALLERY_VIEWS), metadata={"help": f"gallery images are also embedded through these views, of {list(GALLERY_VIEWS)} (detector: the transform of the cascade stage that read the face; texture: low-pass at --texture-eye-frac); the flag alone: none", "metavar": "VIEW"})
     texture_eye_frac: list[float] = field(default_factory=lambda: [0.05], metadata={"help": "texture views: Gaussian sigma as a fraction of the inter-eye distance (one view per value)", "metavar": "FRAC"})
-    view_fusion: str = field(default="auto", metadata={"help": "how a pair's view similarities are fused: auto (validation chooses; zmax where it ties), zmax (closest view, z-scored per query), max, softmax, mean, plain (no views)", "choices": list(FUSIONS)})
+    view_fusion: str = field(default="auto", metadata={"help": "how a pair's view similarities are fused: auto (validation chooses; where rules tie, a harder validation of rendered styles), zmax (closest view, z-scored per query), max, softmax, mean, plain (no views)", "choices": list(FUSIONS)})
     face_warn_share: float = field(default=0.2, metadata={"help": "warn when fewer than this share of the first --face-warn-after images hold a face (0: never)"})
     face_warn_after: int = field(default=64, metadata={"help": "images detected before the early face-count warning"})
 # ----------------------------------------------------------------------------
@@ -166,7 +167,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         extra["view_fusion"] = {"rule": "plain", "chosen_by": "no gallery views" if pipe.view_params.views else "--gallery-views (none)"}
         write_embedding_run(run_dir, run_name, config_to_dict(cfg), task, emb, timings, extra, form=cfg.run_form())
         return 0
-    sims, extra["view_fusion"] = fused_similarities(task, emb, view_emb, cfg.view_fusion)
+    harder = lambda: face_harder_set(pipe, task, emb, view_emb["val_gallery"], seed=cfg.seed)  # noqa: E731  (only where rules tie)
+    sims, extra["view_fusion"] = fused_similarities(task, emb, view_emb, cfg.view_fusion, harder)
     extra["gallery_views"] = {"names": ["plain", *pipe.view_params.names()], "per_image": pipe.image_views}
     write_model_run(run_dir, run_name, config_to_dict(cfg), task, sims, timings, extra)
     return 0
