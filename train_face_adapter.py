@@ -8,6 +8,8 @@ identities, and write the adapted run (runs/<source>_adapted/) for the ensemble.
     python train_face_adapter.py --data DATA --source dlib --adapter linear --domain-stats whiten --run-name dlib_linear
     # every training pair, not only real<->synthetic ones; another pytorch-metric-learning loss:
     python train_face_adapter.py --data DATA --source dlib --pairs all --loss contrastive
+    # style invariance from generated styles: 4 renders of each real training photo (utils/faces/styles.py)
+    python train_face_adapter.py --data DATA --source dlib --rendered-pairs 4
 
 Stages: read runs/<source>/meta.json (a face run of infer_facenet.py: its
 detector, crops, embedder and TTA views) -> embed the training images the same
@@ -16,11 +18,14 @@ statistics of the training embeddings (--domain-stats; utils/faces/adapter.py)
 -> train a residual adapter (--adapter linear|mlp, zero at the start: the
 identity) with the shared loop (utils/training/loop.py: best.pt by validation,
 --resume, reuse of a finished run) on M-per-class batches, a
-pytorch-metric-learning loss over real<->synthetic pairs -> score the source,
-the statistics alone and statistics + adapter on validation (the competition
-score, ties broken by mAP@All), keep the best: a candidate replaces the source
-only where it wins -> cosine matrices (or the top-k form) + meta.json, with
-every candidate's validation score and the choice.
+pytorch-metric-learning loss over real<->synthetic pairs (with --rendered-pairs N,
+also N renders of each real training photo in random styles of utils/faces/styles.py)
+-> score the source, the statistics alone and statistics + adapter on validation
+(the competition score, ties broken by mAP@All; where candidates tie at the top
+score, the harder validation of utils/faces/tiebreak.py decides), keep the best: a
+candidate replaces the source only where it wins -> cosine matrices (or the top-k
+form; a source with gallery views: every view adapted, fused by the source's rule)
++ meta.json, with every candidate's validation score and the choice.
 """
 
 from __future__ import annotations
@@ -61,7 +66,7 @@ from utils.faces.adapter import ADAPTERS, DOMAIN_STATS, Adapter, DomainStats, cr
 from utils.faces.cascade import MTCNN_STAGES
 from utils.faces.finetune import FACENET_BLOCKS, CropPairStep, freeze_frozen_norms, unfreeze_last_blocks
 from utils.faces.pipeline import FACE_FIELDS, OPTIONAL_FACE_FIELDS, FacePipeline
-from utils.faces.styles import TRAIN_STYLES, StyleLibrary
+from utils.faces.styles import StyleLibrary
 from utils.faces.tiebreak import TieBreak, break_tie, face_harder_set, mapped, tied_at_top
 from utils.faces.views import fuse
 from utils.logs import console, setup_logging
@@ -95,7 +100,7 @@ class Config(LoopConfig, FormConfig, RunConfig):
     # style invariance from generated styles (utils/faces/styles.py): each real training photo's face crop rendered
     # N times into random styles of the library, each render a synthetic-side image of the photo's identity
     rendered_pairs: int = field(default=0, metadata={"help": "renders per real training photo (0: none; measured: benchmarks/results/bench_faces_loso.md)", "metavar": "N"})
-    rendered_exclude: list[str] = field(default_factory=list, metadata={"help": f"styles of the library never rendered (default: none of {list(TRAIN_STYLES)})", "metavar": "STYLE"})
+    rendered_exclude: list[str] = field(default_factory=list, metadata={"help": "styles of the library (utils/faces/styles.py TRAIN_STYLES) never rendered", "metavar": "STYLE"})
     # training (the shared loop)
     epochs: int = override(40)
     batch_size: int = override(64, "training batch size (capped at --m-per-class x the training identities)")
