@@ -18,8 +18,8 @@ written as runs/<run-name>/{val,test}_sim.npy + meta.json for the ensemble.
     # other test-time views (flip rot brightness scale: 8 views), or none:
     python infer_facenet.py --data DATA --embedder dlib --tta flip rot brightness scale
     python infer_facenet.py --data DATA --embedder dlib --tta
-    # gallery views (default: the detector stage's transform and a texture low-pass, fused per pair by zmax
-    # unless validation tells another rule apart); the plain view only, or a fixed rule:
+    # gallery views (default: the detector stage's transform and a texture low-pass, fused per pair by the rule
+    # validation picks; where rules tie, a harder validation of rendered styles; else zmax); the plain view only, or a fixed rule:
     python infer_facenet.py --data DATA --embedder dlib --gallery-views
     python infer_facenet.py --data DATA --embedder dlib --view-fusion max --texture-eye-frac 0.05 0.1
     # the floor: FaceNet with random weights
