@@ -204,17 +204,19 @@ def mean_se(values: list[float]) -> str:
 def loso_rows(results: list[dict]) -> tuple[list[list[str]], dict[str, list[float]]]:
     """Per held-out style: the option with the best mean over the other styles (every draw), its held-out score."""
     options = [(a, v, r) for a in ADAPTERS for v, r in option_labels()]
-    rows, per_draw = [], {"chosen": [], "default": [], "plain": []}
+    rows, per_draw = [], {"chosen": [], "default": [], "plain": [], "whole": []}
     for style in STYLES:
         others = [o for o in STYLES if o != style]
         best = max(options, key=lambda o: (np.mean([score_of(res, style, o, x) for res in results for x in others]), o == DEFAULT))
         got = {k: [score_of(res, style, o, style) for res in results] for k, o in (("chosen", best), ("default", DEFAULT), ("plain", ("off", "plain", "plain")))}
         for k, v in got.items():
             per_draw[k].append(v)
+        whole = [score_of(res, style, best, "all") for res in results]
+        per_draw["whole"].append(whole)
         rows.append([style, f"adapter {best[0]}, {best[1]}, {best[2]}", f"{np.mean([score_of(res, style, best, x) for res in results for x in others]):.1f}",
-                     mean_se(got["chosen"]), f"{min(got['chosen']):.1f}", mean_se(got["default"]), mean_se(got["plain"])])
+                     mean_se(got["chosen"]), f"{min(got['chosen']):.1f}", mean_se(got["default"]), mean_se(got["plain"]), mean_se(whole)])
     means = {k: np.mean(np.asarray(v), axis=0).tolist() for k, v in per_draw.items()}  # per draw: the mean over held-out styles
-    rows.append(["**mean**", "", "", mean_se(means["chosen"]), "", mean_se(means["default"]), mean_se(means["plain"])])
+    rows.append(["**mean**", "", "", mean_se(means["chosen"]), "", mean_se(means["default"]), mean_se(means["plain"]), mean_se(means["whole"])])
     return rows, means
 
 
@@ -243,11 +245,15 @@ def machine() -> str:
 
 def study_main(seeds: Sequence[int]) -> None:
     results = [draw_study(seed) for seed in seeds]
-    rows, _ = loso_rows(results)
+    rows, means = loso_rows(results)
     tables = [md_table(f"Leave one style out over {len(seeds)} draws (seeds {', '.join(map(str, seeds))}): per held-out style, the option "
                        "(adapter, views, rule) with the best mean over the other styles (every draw), scored on the held-out style; mean ± standard error over draws",
                        ["held-out style", "chosen without it", "mean over the others", "held-out score", "worst draw",
-                        "default recipe (adapter off, detector + texture, zmax)", "plain (no views, no adapter)"], rows),
+                        "default recipe (adapter off, detector + texture, zmax)", "plain (no views, no adapter)",
+                        "chosen option, whole test gallery"], rows),
+              md_table("Per draw: the mean over held-out styles of the chosen options' held-out scores",
+                       ["seed", "LOSO mean (chosen)", "default recipe", "plain"],
+                       [[str(seed), f"{c:.1f}", f"{d:.1f}", f"{p:.1f}"] for seed, c, d, p in zip(seeds, means["chosen"], means["default"], means["plain"])]),
               md_table("Held-out score per adapter variant (each style scored by an adapter trained without it; renders never composed it)",
                        ["views, rule", "adapter", *STYLES, "mean over styles", "whole test gallery"], variant_rows(results))]
     secs = [[str(seed), f"{r['seconds']['embed'][0]:.0f}", f"{r['seconds']['embed'][1]:.0f}", f"{r['seconds']['study']:.0f}"] for seed, r in zip(seeds, results)]

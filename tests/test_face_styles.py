@@ -132,3 +132,11 @@ def test_rendered_pairs_train_the_adapter_and_the_adapted_run_keeps_the_source_v
     assert "pencil" not in "+".join(z["used"].tolist())
     # the source's gallery views and rule are kept: the adapted run fuses them as the source did
     assert run.meta["view_fusion"]["rule"] == "max" and run.meta["gallery_views"]["names"] == load_run(runs / "dlib").meta["gallery_views"]["names"]
+    # --view-fusion auto: where rules tie on validation, the harder validation chose, and meta.json says by how many queries
+    assert infer_facenet.main([*common, "--embedder", "dlib", "--detector", "none", "--tta", "--workers", "0", "--run-name", "auto"]) == 0
+    fusion = load_run(runs / "auto").meta["view_fusion"]
+    tied = tied_at_top(fusion["val"])
+    assert len(tied) > 1  # generated faces: a small validation ties
+    tie = fusion["tie_break"]
+    assert fusion["chosen_by"].startswith("harder validation") and fusion["rule"] == tie["chosen"] in tied and tie["runner_up"] in tied
+    assert tie["queries"] > 0 and tie["weak"] == (tie["separating_queries"] < MIN_SEPARATING)
