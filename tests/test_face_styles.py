@@ -113,7 +113,7 @@ def test_the_tie_warning_fires_when_fewer_than_five_queries_separate_the_options
         break_tie(["a"], {"a": a}.__getitem__, rel, "test")
 
 
-def test_rendered_pairs_train_the_adapter_and_the_adapted_run_keeps_the_source_views(rehearsal_data, tmp_path):
+def test_rendered_pairs_train_the_adapter_and_the_adapted_run_keeps_the_source_views(rehearsal_data, tmp_path, caplog):
     runs = tmp_path / "runs"
     common = ["--data", str(rehearsal_data), "--runs", str(runs)]
     assert infer_facenet.main([*common, "--embedder", "dlib", "--detector", "none", "--tta", "--workers", "0", "--view-fusion", "max"]) == 0
@@ -126,17 +126,23 @@ def test_rendered_pairs_train_the_adapter_and_the_adapted_run_keeps_the_source_v
     run = load_run(runs / "dlib_adapted")
     assert [h["epoch"] for h in run.meta["history"]] == [1, 2] and run.meta["config"]["rendered_pairs"] == 2
     rendered = [np.load(p) for p in (runs / "face_cache").glob("rendered_*.npz")]
-    assert len(rendered) == 1
-    z = rendered[0]
+    z = next(r for r in rendered if not any(k.startswith("view.") for k in r.files))  # the training renders (a tie's renders carry views)
     assert len(z["emb"]) == len(z["src"]) == len(z["used"]) == 2 * len(set(z["src"].tolist())) > 0  # two renders of each real photo
-    assert "pencil" not in "+".join(z["used"].tolist())
+    used = {style for u in z["used"].tolist() for style in u.split("+")}
+    assert used and "pencil" not in used and not used & set(VALIDATION_STYLES)  # never the excluded or the validation styles
     # the source's gallery views and rule are kept: the adapted run fuses them as the source did
     assert run.meta["view_fusion"]["rule"] == "max" and run.meta["gallery_views"]["names"] == load_run(runs / "dlib").meta["gallery_views"]["names"]
-    # --view-fusion auto: where rules tie on validation, the harder validation chose, and meta.json says by how many queries
-    assert infer_facenet.main([*common, "--embedder", "dlib", "--detector", "none", "--tta", "--workers", "0", "--run-name", "auto"]) == 0
+    # --view-fusion auto where every rule ties: a texture view too fine to change a pixel equals the plain view, so the
+    # harder validation decides, finds no query that separates the rules, keeps the first (zmax) and warns
+    argv = [*common, "--embedder", "dlib", "--detector", "none", "--tta", "--workers", "0", "--run-name", "auto", "--gallery-views", "texture",
+            "--texture-eye-frac", "0.001"]
+    with caplog.at_level(logging.WARNING):
+        assert infer_facenet.main(argv) == 0
     fusion = load_run(runs / "auto").meta["view_fusion"]
-    tied = tied_at_top(fusion["val"])
-    assert len(tied) > 1  # generated faces: a small validation ties
+    assert sorted(tied_at_top(fusion["val"])) == ["max", "mean", "plain", "softmax", "zmax"]  # meta.json sorts the keys
     tie = fusion["tie_break"]
-    assert fusion["chosen_by"].startswith("harder validation") and fusion["rule"] == tie["chosen"] in tied and tie["runner_up"] in tied
-    assert tie["queries"] > 0 and tie["weak"] == (tie["separating_queries"] < MIN_SEPARATING)
+    assert fusion["chosen_by"] == "harder validation (5 rules tied on validation)" and fusion["rule"] == tie["chosen"] == "zmax"
+    assert tie["separating_queries"] == 0 and tie["weak"] and tie["queries"] > 0 and set(tie["harder_val"]) == set(fusion["val"])
+    assert "rests on too few queries" in caplog.text
+    hard = [z for z in map(np.load, (runs / "face_cache").glob("rendered_*.npz")) if "view.texture0.001" in z.files]  # the renders' own view
+    assert len(hard) == 1 and {s for u in hard[0]["used"].tolist() for s in u.split("+")} <= set(VALIDATION_STYLES)
