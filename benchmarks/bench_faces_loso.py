@@ -263,7 +263,10 @@ def study_main(seeds: Sequence[int]) -> None:
           f"Machine: {machine()}.", "",
           f"Command: `HF_HUB_OFFLINE=1 nice -n 10 .venv/bin/python benchmarks/bench_faces_loso.py --seeds {' '.join(map(str, seeds))}`", "",
           f"Style library (utils/faces/styles.py) of the rendered pairs: {len(TRAIN_STYLES)} styles, {N_RENDERS} renders per real training photo; "
-          "for a held-out style, the renders that composed it are dropped (the benchmark's five styles are the kit's own renderers).", ""]
+          "for a held-out style, the renders that composed it are dropped (the benchmark's five styles are the kit's own renderers).", "",
+          "The held-out score is the competition score of the 60 test queries against the test gallery cut to the held-out style "
+          "(about 28 images, one or two of each person: a harder scale than the whole gallery's, where one easy style suffices); "
+          "the last column scores the chosen option (its adapter trained without the style) on the whole test gallery.", ""]
     for table, lines in tables:
         console.print(table)
         md += lines
