@@ -168,8 +168,8 @@ def draw_study(seed: int) -> dict:
     out = OUT / f"seed{seed}" / "study.json"
     if out.is_file():
         return json.loads(out.read_text())
-    t0 = time.time()
     z = np.load(embed_draw(seed))
+    t0 = time.time()  # the study alone (the arrays have their own seconds)
     data, runs = OUT / f"seed{seed}" / "data", OUT / f"seed{seed}" / "runs"
     cfg, task, pipe = face_path(data, runs)
     styles = {Path(k).name: v for k, v in json.loads((data / "styles.json").read_text()).items()}
