@@ -317,7 +317,7 @@ def choose(candidates: dict[str, dict[str, np.ndarray]], rel: np.ndarray, rule: 
     for name, m in scores.items():
         if rank_key(m) > rank_key(scores[chosen]):
             chosen = name
-    tied = tied_at_top(scores)
+    tied = sorted(tied_at_top(scores), key=lambda n: (n != chosen, -rank_key(scores[n])))  # the plain validation's choice first
     if len(tied) > 1 and harder is not None:
         tie = harder(tied)
         chosen = chosen if tie is None else tie.chosen
