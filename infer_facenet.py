@@ -18,8 +18,8 @@ written as runs/<run-name>/{val,test}_sim.npy + meta.json for the ensemble.
     # other test-time views (flip rot brightness scale: 8 views), or none:
     python infer_facenet.py --data DATA --embedder dlib --tta flip rot brightness scale
     python infer_facenet.py --data DATA --embedder dlib --tta
-    # gallery views (default: the detector stage's transform and a texture low-pass, fused per pair by zmax
-    # unless validation tells another rule apart); the plain view only, or a fixed rule:
+    # gallery views (default: the detector stage's transform and a texture low-pass, fused per pair by the rule
+    # validation picks; where rules tie, a harder validation of rendered styles; else zmax); the plain view only, or a fixed rule:
     python infer_facenet.py --data DATA --embedder dlib --gallery-views
     python infer_facenet.py --data DATA --embedder dlib --view-fusion max --texture-eye-frac 0.05 0.1
     # the floor: FaceNet with random weights
@@ -66,6 +66,7 @@ from utils.faces.cascade import DEFAULT_ROTATED_STAGES, DEFAULT_ROTATIONS, DEFAU
 from utils.faces.detect import SELECT_METHODS
 from utils.faces.embedder import EMBEDDERS
 from utils.faces.pipeline import FACE_COLOURS, FACE_FALLBACKS, FacePipeline
+from utils.faces.tiebreak import face_harder_set
 from utils.faces.views import FUSIONS, GALLERY_VIEWS, fused_similarities
 from utils.logs import setup_logging
 from utils.runs.gap import META_KEY as GAP_KEY
@@ -117,7 +118,7 @@ class Config(EmbeddingConfig, FormConfig, RunConfig):
     # gallery views (utils/faces/views.py): reading aids for stylised gallery faces, fused per pair with each query
     gallery_views: list[str] = field(default_factory=lambda: list(GALLERY_VIEWS), metadata={"help": f"gallery images are also embedded through these views, of {list(GALLERY_VIEWS)} (detector: the transform of the cascade stage that read the face; texture: low-pass at --texture-eye-frac); the flag alone: none", "metavar": "VIEW"})
     texture_eye_frac: list[float] = field(default_factory=lambda: [0.05], metadata={"help": "texture views: Gaussian sigma as a fraction of the inter-eye distance (one view per value)", "metavar": "FRAC"})
-    view_fusion: str = field(default="auto", metadata={"help": "how a pair's view similarities are fused: auto (validation chooses; zmax where it ties), zmax (closest view, z-scored per query), max, softmax, mean, plain (no views)", "choices": list(FUSIONS)})
+    view_fusion: str = field(default="auto", metadata={"help": "how a pair's view similarities are fused: auto (validation chooses; where rules tie, a harder validation of rendered styles), zmax (closest view, z-scored per query), max, softmax, mean, plain (no views)", "choices": list(FUSIONS)})
     face_warn_share: float = field(default=0.2, metadata={"help": "warn when fewer than this share of the first --face-warn-after images hold a face (0: never)"})
     face_warn_after: int = field(default=64, metadata={"help": "images detected before the early face-count warning"})
 # ----------------------------------------------------------------------------
@@ -170,7 +171,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         extra["view_fusion"] = {"rule": "plain", "chosen_by": "no gallery views" if pipe.view_params.views else "--gallery-views (none)"}
         write_embedding_run(run_dir, run_name, config_to_dict(cfg), task, emb, timings, extra, form=cfg.run_form())
         return 0
-    sims, extra["view_fusion"] = fused_similarities(task, emb, view_emb, cfg.view_fusion)
+    harder = lambda: face_harder_set(pipe, task, emb, view_emb["val_gallery"], seed=cfg.seed)  # noqa: E731  (only where rules tie)
+    sims, extra["view_fusion"] = fused_similarities(task, emb, view_emb, cfg.view_fusion, harder)
     extra["gallery_views"] = {"names": ["plain", *pipe.view_params.names()], "per_image": pipe.image_views}
     extra[GAP_KEY] = save_run_embeddings(run_dir, emb)  # the plain embeddings, for visualize.py --gap and the adapter
     write_model_run(run_dir, run_name, config_to_dict(cfg), task, sims, timings, extra)

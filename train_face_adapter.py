@@ -8,6 +8,8 @@ identities, and write the adapted run (runs/<source>_adapted/) for the ensemble.
     python train_face_adapter.py --data DATA --source dlib --adapter linear --domain-stats whiten --run-name dlib_linear
     # every training pair, not only real<->synthetic ones; another pytorch-metric-learning loss:
     python train_face_adapter.py --data DATA --source dlib --pairs all --loss contrastive
+    # style invariance from generated styles: 4 renders of each real training photo (utils/faces/styles.py)
+    python train_face_adapter.py --data DATA --source dlib --rendered-pairs 4
 
 Stages: read runs/<source>/meta.json (a face run of infer_facenet.py: its
 detector, crops, embedder and TTA views) -> embed the training images the same
@@ -16,11 +18,14 @@ statistics of the training embeddings (--domain-stats; utils/faces/adapter.py)
 -> train a residual adapter (--adapter linear|mlp, zero at the start: the
 identity) with the shared loop (utils/training/loop.py: best.pt by validation,
 --resume, reuse of a finished run) on M-per-class batches, a
-pytorch-metric-learning loss over real<->synthetic pairs -> score the source,
-the statistics alone and statistics + adapter on validation (the competition
-score, ties broken by mAP@All), keep the best: a candidate replaces the source
-only where it wins -> cosine matrices (or the top-k form) + meta.json, with
-every candidate's validation score and the choice.
+pytorch-metric-learning loss over real<->synthetic pairs (with --rendered-pairs N,
+also N renders of each real training photo in random styles of utils/faces/styles.py)
+-> score the source, the statistics alone and statistics + adapter on validation
+(the competition score, ties broken by mAP@All; where candidates tie at the top
+score, the harder validation of utils/faces/tiebreak.py decides), keep the best: a
+candidate replaces the source only where it wins -> cosine matrices (or the top-k
+form; a source with gallery views: every view adapted, fused by the source's rule)
++ meta.json, with every candidate's validation score and the choice.
 """
 
 from __future__ import annotations
@@ -60,10 +65,14 @@ from utils.errors import KitError, run_cli
 from utils.faces.adapter import ADAPTERS, DOMAIN_STATS, Adapter, DomainStats, cross_domain_pairs
 from utils.faces.cascade import MTCNN_STAGES
 from utils.faces.finetune import FACENET_BLOCKS, CropPairStep, freeze_frozen_norms, unfreeze_last_blocks
-from utils.faces.pipeline import FACE_FIELDS, FacePipeline
+from utils.faces.pipeline import FACE_FIELDS, OPTIONAL_FACE_FIELDS, FacePipeline
+from utils.faces.styles import StyleLibrary
+from utils.faces.tiebreak import TieBreak, break_tie, face_harder_set, mapped, tied_at_top
+from utils.faces.views import fuse
 from utils.logs import console, setup_logging
 from utils.runs.metrics import evaluate, relevance_matrix
-from utils.runs.model_run import begin_inference_run, write_embedding_run
+from utils.runs.model_run import begin_inference_run, write_embedding_run, write_model_run
+from utils.runs.topk_run import use_topk_form
 from utils.training.class_sampler import MPerClassShardSampler
 from utils.training.distributed import refuse_torchrun
 from utils.training.loop import LoopSettings, Trainer
@@ -89,6 +98,10 @@ class Config(LoopConfig, FormConfig, RunConfig):
     finetune_lr: float = field(default=1e-4, metadata={"help": "finetune: peak learning rate"})
     loss: str = field(default="multi-similarity", metadata={"help": "pytorch-metric-learning pair loss", "choices": list(PAIR_LOSSES)})
     pairs: str = field(default="cross", metadata={"help": "cross: only real<->synthetic pairs (what retrieval meets); all: every pair", "choices": ["cross", "all"]})
+    # style invariance from generated styles (utils/faces/styles.py): each real training photo's face crop rendered
+    # N times into random styles of the library, each render a synthetic-side image of the photo's identity
+    rendered_pairs: int = field(default=0, metadata={"help": "renders per real training photo (0: none; measured: benchmarks/results/bench_faces_loso.md)", "metavar": "N"})
+    rendered_exclude: list[str] = field(default_factory=list, metadata={"help": "styles of the library (utils/faces/styles.py TRAIN_STYLES) never rendered", "metavar": "STYLE"})
     # training (the shared loop)
     epochs: int = override(40)
     batch_size: int = override(64, "training batch size (capped at --m-per-class x the training identities)")
@@ -108,6 +121,12 @@ def check_config(cfg: Config) -> None:
     """Flag mistakes, before any data is read: the shared groups' checks, then this script's own."""
     check_groups(cfg)
     check_at_least(cfg, ("hidden", "finetune_blocks"))
+    if cfg.rendered_pairs < 0:
+        raise KitError(f"--rendered-pairs {cfg.rendered_pairs}: renders per real training photo, 0 or more")
+    if cfg.rendered_pairs:
+        StyleLibrary(exclude=tuple(cfg.rendered_exclude))  # an unknown style, or every style excluded, fails here
+    if cfg.rendered_pairs and cfg.adapter == "finetune":
+        raise KitError("--rendered-pairs trains the embedding adapter (--adapter mlp or linear), not --adapter finetune")
     if not 0.0 <= cfg.shrinkage <= 1.0:
         raise KitError(f"--shrinkage {cfg.shrinkage}: between 0 and 1")
     if cfg.finetune_lr < 0:
@@ -131,7 +150,12 @@ def source_settings(cfg: Config) -> SimpleNamespace:
     if cfg.adapter == "finetune" and src["embedder"] != "facenet":
         raise KitError(f"--adapter finetune: the source {cfg.source!r} uses {src['embedder']}, which cannot be trained here; "
                        "use a facenet face run, or --adapter mlp")
-    return SimpleNamespace(**{k: src[k] for k in FACE_FIELDS})
+    face = SimpleNamespace(**{k: src[k] for k in (*FACE_FIELDS, *OPTIONAL_FACE_FIELDS) if k in src})
+    # the source's gallery views and their fusion rule are kept: the adapter maps every view, and the pairs are fused as the source did
+    face.view_rule = json.loads(meta_path.read_text()).get("view_fusion", {}).get("rule", "plain")
+    if face.view_rule == "plain":
+        face.gallery_views = []
+    return face
 
 
 def training_sides(task: Task, query_domain: str) -> np.ndarray:
@@ -178,9 +202,19 @@ def val_relevance(task: Task) -> np.ndarray:
     return relevance_matrix(task.names("val_query"), task.names("val_gallery"), task.relevant("val"))
 
 
-def val_metrics(emb: dict[str, np.ndarray], rel: np.ndarray) -> dict[str, float]:
-    """Every metric of the validation embeddings ``emb["val_query"]``, ``emb["val_gallery"]``."""
-    return evaluate(cosine_similarity(emb["val_query"], emb["val_gallery"]), rel)
+def split_sims(emb: dict[str, np.ndarray], split: str, rule: str = "plain") -> np.ndarray:
+    """``split``'s query x gallery similarities: cosine, or with the gallery's views (keys
+    ``<split>_gallery.<view>``) fused per pair by ``rule`` (utils/faces/views.py), as the source run did."""
+    views = [k for k in emb if k.startswith(f"{split}_gallery.")]
+    if not views or rule == "plain":
+        return cosine_similarity(emb[f"{split}_query"], emb[f"{split}_gallery"])
+    unit = lambda e: e / np.maximum(np.linalg.norm(e, axis=1, keepdims=True), 1e-12)  # noqa: E731
+    return fuse(unit(emb[f"{split}_query"]), [unit(emb[f"{split}_gallery"]), *[unit(emb[k]) for k in views]], rule)
+
+
+def val_metrics(emb: dict[str, np.ndarray], rel: np.ndarray, rule: str = "plain") -> dict[str, float]:
+    """Every metric of the validation embeddings ``emb["val_query"]``, ``emb["val_gallery"]`` (and its views, fused by ``rule``)."""
+    return evaluate(split_sims(emb, "val", rule), rel)
 
 
 def rank_key(m: dict[str, float]) -> float:
@@ -190,9 +224,11 @@ def rank_key(m: dict[str, float]) -> float:
 
 def fit_on_identities(cfg: Config, task: Task, run_dir: Path, module: tuple[str, nn.Module], step: nn.Module, lr: float,
                       device: torch.device, evaluate: Callable[[], float], data_key: str,
-                      on_epoch: Callable[[int], None] = lambda epoch: None) -> list[dict]:
-    """The shared loop over M-per-class batches of training rows; ``module`` restored from best.pt/last.pt. Returns the history."""
-    n_classes = len(set(task.train_labels))
+                      on_epoch: Callable[[int], None] = lambda epoch: None, labels: Sequence[int] | None = None) -> list[dict]:
+    """The shared loop over M-per-class batches of training rows (``labels``: each row's identity; None: the
+    training images'); ``module`` restored from best.pt/last.pt. Returns the history."""
+    labels = list(task.train_labels if labels is None else labels)
+    n_classes = len(set(labels))
     if n_classes < 2:
         raise KitError(f"{n_classes} training identity: adaptation needs at least 2 (lower --val-fraction)")
     batch = min(cfg.batch_size, cfg.m_per_class * n_classes // cfg.m_per_class * cfg.m_per_class)
@@ -204,8 +240,8 @@ def fit_on_identities(cfg: Config, task: Task, run_dir: Path, module: tuple[str,
         optimizer=torch.optim.AdamW(params, lr=lr, weight_decay=cfg.weight_decay), device=device, amp=None,
         config=config_to_dict(cfg), classes=task.classes, resume_keys=("source", "adapter", "hidden", "finetune_blocks"),
         evaluate=evaluate, data_key=data_key)
-    sampler = MPerClassShardSampler(task.train_labels, cfg.m_per_class, batch, seed=cfg.seed)
-    loader = DataLoader(IndexSet(task.train_labels), sampler=sampler, batch_size=batch, drop_last=True)
+    sampler = MPerClassShardSampler(labels, cfg.m_per_class, batch, seed=cfg.seed)
+    loader = DataLoader(IndexSet(labels), sampler=sampler, batch_size=batch, drop_last=True)
     trainer.fit(loader, on_epoch=lambda epoch: (sampler.set_epoch(epoch), on_epoch(epoch)))
     final = trainer.final_checkpoint()
     if final is not None:
@@ -214,15 +250,26 @@ def fit_on_identities(cfg: Config, task: Task, run_dir: Path, module: tuple[str,
     return trainer.state.history
 
 
-def train_adapter(cfg: Config, task: Task, run_dir: Path, train: tuple[np.ndarray, np.ndarray], adapted: Callable[[Adapter], dict],
-                  val_rel: np.ndarray, data_key: str) -> tuple[Adapter, list[dict]]:
-    """The adapter trained on the (transformed) training embeddings, on the CPU (a few thousand vectors)."""
-    emb, side = train
+def train_adapter(cfg: Config, task: Task, run_dir: Path, train: tuple[np.ndarray, np.ndarray, np.ndarray], adapted: Callable[[Adapter], dict],
+                  val_metric: Callable[[dict], float], data_key: str) -> tuple[Adapter, list[dict]]:
+    """The adapter trained on the (transformed) training embeddings (rows, side, identity), on the CPU (a few thousand vectors)."""
+    emb, side, labels = train
     adapter = Adapter(emb.shape[1], cfg.adapter, cfg.hidden)
     step = AdapterStep(adapter, emb, side, cfg.loss, cfg.pairs)
     history = fit_on_identities(cfg, task, run_dir, ("adapter", adapter), step, cfg.lr, torch.device("cpu"),
-                                lambda: rank_key(val_metrics(adapted(adapter), val_rel)), data_key)
+                                lambda: val_metric(adapted(adapter)), data_key, labels=labels.tolist())
     return adapter, history
+
+
+def rendered_training(cfg: Config, task: Task, pipe: FacePipeline, side: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """--rendered-pairs renders of each real training photo's crop (utils/faces/styles.py), embedded: (embeddings, identities)."""
+    real = np.flatnonzero(side == 0)
+    if not len(real):
+        raise KitError("--rendered-pairs: no real training photo to render (domains.csv names none of the query domain)")
+    library = StyleLibrary(exclude=tuple(cfg.rendered_exclude))
+    emb, src, _, _ = pipe.embed_rendered(task.train_paths, real, library, cfg.rendered_pairs, cfg.seed, "training images")
+    log.info("rendered pairs: %d renders of %d training photos in %d styles", len(emb), len(real), len(library.names()))
+    return emb, np.asarray(task.train_labels, np.int64)[src]
 
 
 def finetune(cfg: Config, task: Task, run_dir: Path, pipe: FacePipeline, side: np.ndarray, val_rel: np.ndarray,
@@ -245,23 +292,93 @@ def finetune(cfg: Config, task: Task, run_dir: Path, pipe: FacePipeline, side: n
     return {w: pipe.embed_set(getattr(task, w), w.replace("_", " "), use_cache=False) for w in SETS}, history
 
 
-def choose(candidates: dict[str, dict[str, np.ndarray]], rel: np.ndarray) -> tuple[str, dict[str, dict[str, float]]]:
+def source_views(cfg: Config, task: Task, pipe: FacePipeline, face: SimpleNamespace) -> dict[str, np.ndarray]:
+    """The source run's gallery views (keys ``<set>.<view>``; from the face cache), or none where the source fused
+    none or this run writes the top-k form (views are fused in full matrices only, as infer_facenet.py does)."""
+    if not pipe.view_params.views:
+        return {}
+    if use_topk_form(len(task.test_query), len(task.test_gallery), cfg.run_form().max_cells):
+        log.warning("the source's gallery views are fused only in full matrices; this top-k run adapts the plain view")
+        return {}
+    out = {}
+    for w in ("val_gallery", "test_gallery"):
+        for name, e in zip(pipe.view_params.names(), pipe.embed_views(getattr(task, w), task.names(w), w.replace("_", " "))):
+            out[f"{w}.{name}"] = e
+    log.info("the source's gallery views %s, fused by %s, are adapted with the plain view", pipe.view_params.names(), face.view_rule)
+    return out
+
+
+def choose(candidates: dict[str, dict[str, np.ndarray]], rel: np.ndarray, rule: str = "plain",
+           harder: Callable[[list[str]], TieBreak | None] | None = None) -> tuple[str, dict[str, dict[str, float]], dict | None]:
     """Each candidate's validation metrics, a table of them, and the winner: ``source`` unless another
-    ranks strictly higher (:func:`rank_key`)."""
-    scores = {name: val_metrics(emb, rel) for name, emb in candidates.items()}
-    chosen = "source"
+    ranks strictly higher (:func:`rank_key`); where two or more tie at the top score, ``harder(tied)``
+    (the harder validation, utils/faces/tiebreak.py) decides. Returns the winner, the metrics and the tie-break's record."""
+    scores = {name: val_metrics(emb, rel, rule) for name, emb in candidates.items()}
+    chosen, tie = "source", None
     for name, m in scores.items():
         if rank_key(m) > rank_key(scores[chosen]):
             chosen = name
+    tied = sorted(tied_at_top(scores), key=lambda n: (n != chosen, -rank_key(scores[n])))  # the plain validation's choice first
+    if len(tied) > 1 and harder is not None:
+        tie = harder(tied)
+        chosen = chosen if tie is None else tie.chosen
     table = Table(title="validation: the source face run and what the training identities taught")
-    for col in ("candidate", "score", "mAP@All", "top-1", "kept"):
+    for col in ("candidate", "score", "mAP@All", "top-1", *(["harder val score", "harder val mAP"] if tie else []), "kept"):
         table.add_column(col, justify="left" if col == "candidate" else "right")
     for name, m in scores.items():
-        table.add_row(name, f"{m['score']:.2f}", f"{m['map_all']:.4f}", f"{m['top1']:.3f}", "yes" if name == chosen else "")
+        hard = [f"{tie.metrics[name]['score']:.2f}", f"{tie.metrics[name]['map_all']:.4f}"] if tie and name in tie.metrics else ([""] * 2 if tie else [])
+        table.add_row(name, f"{m['score']:.2f}", f"{m['map_all']:.4f}", f"{m['top1']:.3f}", *hard, "yes" if name == chosen else "")
     console.print(table)
     if chosen == "source":
         log.warning("nothing learned beat the source on validation: the run holds the source's embeddings unchanged")
-    return chosen, scores
+    return chosen, scores, None if tie is None else tie.record()
+
+
+Maps = dict[str, tuple[Callable[[np.ndarray], np.ndarray], Callable[[np.ndarray], np.ndarray]]]
+
+
+def learn(cfg: Config, task: Task, run_dir: Path, pipe: FacePipeline, source: dict[str, np.ndarray], rule: str, val_rel: np.ndarray,
+          train: tuple[np.ndarray, np.ndarray]) -> tuple[dict[str, dict[str, np.ndarray]], Maps, list[dict]]:
+    """The candidates (every set's embeddings): the source, the per-domain statistics, the adapter on top (or the fine-tune);
+    each one's maps of a query and a gallery embedding (not for the fine-tune); the training history."""
+    train_emb, side = train
+    labels = np.asarray(task.train_labels, np.int64)
+    stats = DomainStats.fit(train_emb, side, cfg.domain_stats, cfg.shrinkage)
+    centred = {w: stats.transform(e, int("gallery" in w)) for w, e in source.items()}
+    candidates, maps = {"source": source}, {"source": (lambda e: e, lambda e: e)}
+    if cfg.domain_stats != "none":
+        candidates[cfg.domain_stats] = centred
+        maps[cfg.domain_stats] = (lambda e: stats.transform(e, 0), lambda e: stats.transform(e, 1))
+    history: list[dict] = []
+    if cfg.adapter == "finetune":
+        candidates[f"finetune {cfg.finetune_blocks} blocks"], history = finetune(cfg, task, run_dir, pipe, side, val_rel, files_key(task.train_paths, pipe.tag))
+    elif cfg.adapter != "none":
+        adapted = lambda a: {w: a.apply_np(e) for w, e in centred.items() if w.startswith("val")}  # noqa: E731
+        rows, row_side = stats.transform_sides(train_emb, side), side
+        if cfg.rendered_pairs:
+            r_emb, r_labels = rendered_training(cfg, task, pipe, side)
+            rows, row_side = np.concatenate([rows, stats.transform(r_emb, 1)]), np.concatenate([side, np.ones(len(r_emb), np.int64)])
+            labels = np.concatenate([labels, r_labels])
+        key = files_key(task.train_paths, f"{pipe.tag}|rendered={cfg.rendered_pairs}|{','.join(cfg.rendered_exclude)}")
+        adapter, history = train_adapter(cfg, task, run_dir, (rows.astype(np.float32), row_side, labels), adapted,
+                                         lambda emb: rank_key(val_metrics(emb, val_rel, rule)), key)
+        name = f"{cfg.domain_stats} + {cfg.adapter} adapter" if cfg.domain_stats != "none" else f"{cfg.adapter} adapter"
+        candidates[name] = {w: adapter.apply_np(e) for w, e in centred.items()}
+        maps[name] = (lambda e: adapter.apply_np(stats.transform(e, 0)), lambda e: adapter.apply_np(stats.transform(e, 1)))
+    return candidates, maps, history
+
+
+def harder_gate(cfg: Config, task: Task, pipe: FacePipeline, source: dict[str, np.ndarray], rule: str, maps: Maps,
+                distractors: np.ndarray) -> Callable[[list[str]], TieBreak | None]:
+    """The adapter gate's tie-break: the tied candidates (those with maps) on the harder validation of the source's
+    validation split, every training image a distractor."""
+    def decide(tied: list[str]) -> TieBreak | None:
+        names = [n for n in tied if n in maps]
+        if len(names) < 2:  # the fine-tune re-embeds: it has no map for the renders
+            return None
+        hard = face_harder_set(pipe, task, source, [source[k] for k in source if k.startswith("val_gallery.")], seed=cfg.seed, distractors=distractors)
+        return break_tie(names, lambda n: mapped(hard, *maps[n]).sim(lambda q, g: fuse(q, g, rule)), hard.rel, "adapter gate")
+    return decide
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -278,38 +395,27 @@ def main(argv: Sequence[str] | None = None) -> int:
     run_dir, device, task, t0, timings = run.run_dir, run.device, run.task, run.t0, run.timings
     val_rel = val_relevance(task)
     pipe = FacePipeline(face, device, cache_dir=cfg.runs / "face_cache")
-    source = embed_task(task, pipe.embed_set)
+    source = {**embed_task(task, pipe.embed_set), **source_views(cfg, task, pipe, face)}
+    rule = face.view_rule if any("." in k for k in source) else "plain"
     train_emb, side = pipe.embed_set(task.train_paths, "training images"), training_sides(task, cfg.query_domain)
     timings["embed"] = time.time() - t0 - timings["prepare"]
-
     # per-domain statistics, then the adapter on top, each a candidate
-    stats = DomainStats.fit(train_emb, side, cfg.domain_stats, cfg.shrinkage)
-    centred = {w: stats.transform(e, int(w.endswith("gallery"))) for w, e in source.items()}
-    candidates: dict[str, dict[str, np.ndarray]] = {"source": source}
-    if cfg.domain_stats != "none":
-        candidates[cfg.domain_stats] = centred
-    history: list[dict] = []
-    if cfg.adapter == "finetune":
-        candidates[f"finetune {cfg.finetune_blocks} blocks"], history = finetune(cfg, task, run_dir, pipe, side, val_rel,
-                                                                            files_key(task.train_paths, pipe.tag))
-    elif cfg.adapter != "none":
-        adapted = lambda a: {w: a.apply_np(e) for w, e in centred.items() if w.startswith("val")}  # noqa: E731
-        adapter, history = train_adapter(cfg, task, run_dir, (stats.transform_sides(train_emb, side), side), adapted, val_rel,
-                                         files_key(task.train_paths, pipe.tag))
-        candidates[f"{cfg.domain_stats} + {cfg.adapter} adapter" if cfg.domain_stats != "none" else f"{cfg.adapter} adapter"] = {w: adapter.apply_np(e) for w, e in centred.items()}
+    candidates, maps, history = learn(cfg, task, run_dir, pipe, source, rule, val_rel, (train_emb, side))
     timings["train"] = time.time() - t0 - sum(timings.values())
 
-    # validation picks what the run holds
-    chosen, scores = choose(candidates, val_rel)
+    # validation picks what the run holds (a harder validation where candidates tie)
+    chosen, scores, tie = choose(candidates, val_rel, rule, harder_gate(cfg, task, pipe, source, rule, maps, train_emb))
     truth = task.relevant("test")  # known in rehearsals and benchmarks only: recorded, never used to choose
     test_rel = None if truth is None else relevance_matrix(task.names("test_query"), task.names("test_gallery"), truth)
-    test = {} if test_rel is None else {name: evaluate(cosine_similarity(e["test_query"], e["test_gallery"]), test_rel)
-                                        for name, e in candidates.items()}
-    extra = {"adaptation": {"source": cfg.source, "chosen": chosen, "val": scores, "test": test}, "history": history, "faces": pipe.faces,
-             "source_config": vars(face)}
-    write_embedding_run(run_dir, run_name, config_to_dict(cfg), task, {w: candidates[chosen][w] for w in SETS}, timings, extra, form=cfg.run_form())
+    test = {} if test_rel is None else {name: evaluate(split_sims(e, "test", rule), test_rel) for name, e in candidates.items()}
+    extra = {"adaptation": {"source": cfg.source, "chosen": chosen, "val": scores, "test": test, "tie_break": tie}, "history": history,
+             "faces": pipe.faces, "source_config": vars(face), "view_fusion": {"rule": rule, "chosen_by": f"the source run {cfg.source}"}}
+    if rule == "plain":
+        write_embedding_run(run_dir, run_name, config_to_dict(cfg), task, {w: candidates[chosen][w] for w in SETS}, timings, extra, form=cfg.run_form())
+    else:
+        extra["gallery_views"] = {"names": ["plain", *pipe.view_params.names()], "per_image": pipe.image_views}
+        write_model_run(run_dir, run_name, config_to_dict(cfg), task, {sp: split_sims(candidates[chosen], sp, rule) for sp in ("val", "test")}, timings, extra)
     return 0
-
 
 if __name__ == "__main__":
     run_cli(main)

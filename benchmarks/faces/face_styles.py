@@ -1,7 +1,8 @@
 """Styles, pose changes and detail loss for the hard face benchmark (RGB uint8 in, RGB uint8 out).
 
-Each function stands for a kind of generated image the competition's gallery
-holds; all are built from OpenCV pieces so the benchmark needs nothing else:
+Each style stands for a kind of generated image the competition's gallery
+holds; the renderers live in the kit's style library (utils/faces/styles.py, one copy
+for the benchmark and the kit's training), built from OpenCV pieces:
 
     pencil      cv2.pencilSketch (grey, dark lines on white)
     stylise     cv2.stylization (watercolour-like)
@@ -21,40 +22,9 @@ import random
 import cv2
 import numpy as np
 
+from utils.faces.styles import cartoon, colour_map, oil, pencil, stylise
+
 MAX_ROTATION_DEG = 25.0
-
-
-def pencil(img: np.ndarray) -> np.ndarray:
-    grey, _ = cv2.pencilSketch(img, sigma_s=50, sigma_r=0.07, shade_factor=0.03)
-    return cv2.cvtColor(grey, cv2.COLOR_GRAY2RGB)
-
-
-def stylise(img: np.ndarray) -> np.ndarray:
-    return cv2.stylization(img, sigma_s=60, sigma_r=0.45)
-
-
-def colour_map(img: np.ndarray, cmap: int = cv2.COLORMAP_JET) -> np.ndarray:
-    grey = cv2.cvtColor(img, cv2.COLOR_RGB2GRAY)
-    return cv2.cvtColor(cv2.applyColorMap(grey, cmap), cv2.COLOR_BGR2RGB)
-
-
-def cartoon(img: np.ndarray, colours: int = 6) -> np.ndarray:
-    smooth = cv2.bilateralFilter(img, 9, 60, 7)
-    data = smooth.reshape(-1, 3).astype(np.float32)
-    criteria = (cv2.TERM_CRITERIA_EPS + cv2.TERM_CRITERIA_MAX_ITER, 10, 1.0)
-    cv2.setRNGSeed(0)
-    _, labels, centres = cv2.kmeans(data, colours, None, criteria, 2, cv2.KMEANS_PP_CENTERS)
-    flat = centres.astype(np.uint8)[labels.ravel()].reshape(img.shape)
-    grey = cv2.medianBlur(cv2.cvtColor(img, cv2.COLOR_RGB2GRAY), 5)
-    edges = cv2.adaptiveThreshold(grey, 255, cv2.ADAPTIVE_THRESH_MEAN_C, cv2.THRESH_BINARY, 9, 5)
-    return np.where(edges[..., None] > 0, flat, 0).astype(np.uint8)
-
-
-def oil(img: np.ndarray) -> np.ndarray:
-    out = cv2.edgePreservingFilter(img, flags=cv2.RECURS_FILTER, sigma_s=80, sigma_r=0.5)
-    out = (out // 24) * 24 + 12  # coarse paint levels
-    tint = np.array([1.15, 0.95, 0.75], np.float32)  # warm varnish
-    return (out.astype(np.float32) * tint).clip(0, 255).astype(np.uint8)
 
 
 STYLES = {"pencil": pencil, "stylise": stylise, "colour_map": colour_map, "cartoon": cartoon, "oil": oil}

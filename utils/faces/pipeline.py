@@ -191,3 +191,36 @@ class FacePipeline:
     def _embed_view(self, build, view: str, desc: str) -> np.ndarray:
         return self.embed_pixels(build()[view][0], desc)
 
+
+    def stored_crops(self, paths: Sequence[Path], desc: str) -> Crops:
+        """The crops as the crop cache holds them (before ``--face-colour``): what a style library renders."""
+        return self._stored_crops(paths, desc)
+
+    def embed_rendered(self, paths: Sequence[Path], rows: Sequence[int], library, n: int, seed: int, desc: str,
+                       with_views: bool = False) -> tuple[np.ndarray, np.ndarray, list, list[np.ndarray]]:
+        """``n`` renders of the stored crop of each ``paths[i]``, ``i`` in ``rows``, by ``library`` (a
+        :class:`~utils.faces.styles.StyleLibrary`), in ``--face-colour``, embedded (cached per paths, rows,
+        library, ``n`` and ``seed``; the crops come from the set's crop cache). Returns the embeddings,
+        each render's source row (into ``paths``), the styles each render composed, and (``with_views``)
+        each gallery view's embeddings of the renders in :meth:`ViewParams.names` order (a render has
+        no detector view: the plain embedding stands in)."""
+        rows = np.asarray(rows, np.int64)
+        if not len(rows):
+            raise KitError(f"{desc}: no images to render")
+        crops = self._stored_crops(paths, desc)
+        names = self.view_params.names() if with_views else []
+        key = files_key(paths, f"{self.tag}|rendered|{library.tag()}|n={n}|seed={seed}|rows={','.join(map(str, rows.tolist()))}|views={names}")
+        z = cached(self.cache_dir / f"rendered_{key}.npz",
+                   lambda: self._rendered_arrays(library.render_many(list(crops.pixels[rows]), n, seed), names, desc), f"{desc} (rendered)")
+        return z["emb"], rows[z["src"]], [tuple(u.split("+")) for u in z["used"].tolist()], [z[f"view.{v}"] for v in names]
+
+    def _rendered_arrays(self, renders: tuple[np.ndarray, np.ndarray, list], views: list[str], desc: str) -> dict[str, np.ndarray]:
+        pixels, src, used = renders
+        emb = self.embed_pixels(colour_view(pixels, self.cfg.face_colour), f"{desc} (rendered)").astype(np.float32)
+        out = {"emb": emb, "src": src, "used": np.array(["+".join(u) for u in used], dtype=str)}
+        if views:
+            eye = eye_px(self.crop_params.aligner, self.crop_params.size_px, self.crop_params.margin_px)
+            made = view_crops(pixels, [""] * len(pixels), self.view_params, eye, colour_transform(self.cfg.face_colour))
+            for v in views:
+                out[f"view.{v}"] = full_view(emb, self.embed_pixels(made[v][0], f"{desc} (rendered, {v} view)"), made[v][1]) if len(made[v][1]) else emb
+        return out

@@ -18,21 +18,27 @@ fused by ``--view-fusion`` (:data:`FUSION_RULES`): ``max`` the closest view; ``z
 view after z-scoring each view's similarities per query (so that a view that is close to every
 face, as a blurred one is, does not win every pair); ``softmax`` a soft maximum of the z-scores
 (temperature 1); ``mean`` their mean (kept for comparison: it lost in the issue's trial).
-``auto`` scores every rule and ``plain`` (no views) on validation and keeps the best; where
-validation cannot tell (the default rule ties at the top score), the default rule is kept.
+``auto`` scores every rule and ``plain`` (no views) on validation and keeps the best; where two or
+more tie at the top score, a harder validation decides (utils/faces/tiebreak.py: the validation queries'
+photos rendered in held-out styles, relevant to their person's other photos) and the run's meta.json
+records how many of its queries separate the choice from the runner-up (a warning below five); without
+one (``choose_rule`` alone), the default rule is kept.
 """
 
 from __future__ import annotations
 
 import logging
 from dataclasses import dataclass
-from typing import Callable
+from typing import TYPE_CHECKING, Callable
 
 import cv2
 import numpy as np
 
 from utils.errors import KitError
 from utils.faces.cascade import clahe_grey, hue_grey, inverted_grey
+
+if TYPE_CHECKING:
+    from utils.faces.tiebreak import HarderSet
 
 log = logging.getLogger(__name__)
 
@@ -174,15 +180,26 @@ def choose_rule(score: Callable[[str], dict[str, float]], fusion: str) -> tuple[
     return best, "validation", metrics
 
 
-def fused_similarities(task, emb: dict[str, np.ndarray], view_emb: dict[str, list[np.ndarray]], fusion: str) -> tuple[dict[str, np.ndarray], dict]:
+def fused_similarities(task, emb: dict[str, np.ndarray], view_emb: dict[str, list[np.ndarray]], fusion: str,
+                       harder: Callable[[], "HarderSet"] | None = None) -> tuple[dict[str, np.ndarray], dict]:
     """The run's val and test matrices with each gallery's views fused per pair, the rule chosen on
-    validation (``auto``), and a record of the choice for meta.json."""
+    validation (``auto``; where rules tie at the top, on the harder validation ``harder()`` if given:
+    utils/faces/tiebreak.py), and a record of the choice for meta.json."""
+    from utils.faces.tiebreak import break_tie, tied_at_top
     from utils.runs.metrics import evaluate, relevance_matrix
 
     rel = relevance_matrix(task.names("val_query"), task.names("val_gallery"), task.relevant("val"))
     val_views = [emb["val_gallery"], *view_emb["val_gallery"]]
     rule, how, metrics = choose_rule(lambda r: evaluate(fuse(emb["val_query"], val_views, r), rel), fusion)
+    tied = tied_at_top(metrics) if fusion == "auto" else []
+    tie = None
+    if len(tied) > 1 and harder is not None:
+        hard = harder()
+        tie = break_tie(tied, lambda r: hard.sim(lambda q, g: fuse(q, g, r)), hard.rel, "--view-fusion auto")
+        rule, how = tie.chosen, f"harder validation ({len(tied)} rules tied on validation)"
     log.info("view fusion: %s (%s)%s", rule, how, "".join(f"; {r} val {m['score']:.2f}" for r, m in metrics.items()))
     sims = {split: fuse(emb[f"{split}_query"], [emb[f"{split}_gallery"], *view_emb[f"{split}_gallery"]], rule) for split in ("val", "test")}
     record = {"rule": rule, "chosen_by": how, "val": {r: {k: round(float(v), 4) for k, v in m.items()} for r, m in metrics.items()}}
+    if tie is not None:
+        record["tie_break"] = tie.record()
     return sims, record
