@@ -11,7 +11,7 @@ the image stays as it was). The same ``random.Random`` state gives the same rend
 
 The styles, by name (:data:`STYLE_FUNCS`; each ``f(img, rng) -> img``):
 
-- the kit's own renderers (OpenCV; also the hard face benchmark's styles, benchmarks/face_styles.py):
+- the kit's own renderers (OpenCV; also the hard face benchmark's styles, benchmarks/faces/face_styles.py):
   ``pencil`` (pencil sketch), ``stylise`` (watercolour-like), ``colour_map`` (false colour),
   ``cartoon`` (k-means colours + edges), ``oil`` (edge-preserving smoothing, paint levels, a warm cast);
 - albumentations' colour, texture, noise, blur, quantisation and edge transforms, each with wide random

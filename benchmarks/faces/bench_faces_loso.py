@@ -1,10 +1,10 @@
 """Leave-one-style-out on the hard face benchmark: the recipe's options chosen without a style, scored on it.
 
-    HF_HUB_OFFLINE=1 nice -n 10 .venv/bin/python benchmarks/bench_faces_loso.py --seeds 0 1 2 3 4
-    HF_HUB_OFFLINE=1 nice -n 10 .venv/bin/python benchmarks/bench_faces_loso.py --seeds 0 1 2 3 4 --phase embed   # arrays only
-    HF_HUB_OFFLINE=1 nice -n 10 .venv/bin/python benchmarks/bench_faces_loso.py --seeds 0 1 2 3 4 --phase study   # draws with arrays
+    HF_HUB_OFFLINE=1 nice -n 10 .venv/bin/python benchmarks/faces/bench_faces_loso.py --seeds 0 1 2 3 4
+    HF_HUB_OFFLINE=1 nice -n 10 .venv/bin/python benchmarks/faces/bench_faces_loso.py --seeds 0 1 2 3 4 --phase embed   # arrays only
+    HF_HUB_OFFLINE=1 nice -n 10 .venv/bin/python benchmarks/faces/bench_faces_loso.py --seeds 0 1 2 3 4 --phase study   # draws with arrays
 
-Per draw of benchmarks/face_data.py (seed = draw), in turn (``all``; the results file is rewritten
+Per draw of benchmarks/faces/face_data.py (seed = draw), in turn (``all``; the results file is rewritten
 after every draw, so a run cut short reports the draws it finished):
 
 1. arrays (slow; ``embed``): the default recipe ``infer_facenet.py --embedder dlib`` (gallery views
@@ -29,10 +29,7 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import shutil
-import subprocess
-import sys
 import time
 from pathlib import Path
 from typing import Sequence
@@ -40,24 +37,22 @@ from typing import Sequence
 import numpy as np
 import torch
 
-ROOT = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(ROOT))
-
-import infer_facenet  # noqa: E402
-import train_face_adapter  # noqa: E402
-from benchmarks.bench_faces_hard import md_table  # noqa: E402
-from benchmarks.face_data import build_hard_dataset  # noqa: E402
-from benchmarks.face_styles import STYLES  # noqa: E402
-from utils.atomic import atomic_write_bytes  # noqa: E402
-from utils.config import config_from_args  # noqa: E402
-from utils.data.task import prepare_task  # noqa: E402
-from utils.embedding.step import SETS, embed_task  # noqa: E402
-from utils.errors import run_cli  # noqa: E402
-from utils.faces.pipeline import FacePipeline  # noqa: E402
-from utils.faces.styles import TRAIN_STYLES, StyleLibrary  # noqa: E402
-from utils.faces.views import FUSION_RULES, fuse  # noqa: E402
-from utils.logs import console, setup_logging  # noqa: E402
-from utils.runs.metrics import evaluate, relevance_matrix  # noqa: E402
+import infer_facenet
+import train_face_adapter
+from benchmarks.common import ROOT, write_results
+from benchmarks.faces.bench_faces_hard import md_table
+from benchmarks.faces.face_data import build_hard_dataset
+from benchmarks.faces.face_styles import STYLES
+from utils.atomic import atomic_write_bytes
+from utils.config import config_from_args
+from utils.data.task import prepare_task
+from utils.embedding.step import SETS, embed_task
+from utils.errors import run_cli
+from utils.faces.pipeline import FacePipeline
+from utils.faces.styles import TRAIN_STYLES, StyleLibrary
+from utils.faces.views import FUSION_RULES, fuse
+from utils.logs import console, setup_logging
+from utils.runs.metrics import evaluate, relevance_matrix
 
 OUT = ROOT / "benchmarks" / "out" / "faces_loso"
 RESULT = ROOT / "benchmarks" / "results" / "bench_faces_loso.md"
@@ -232,17 +227,6 @@ def variant_rows(results: list[dict]) -> list[list[str]]:
     return rows
 
 
-def machine() -> str:
-    """Cores and a measured fp32 matmul rate (torch, the threads this benchmark uses)."""
-    a = torch.randn(1024, 1024)
-    a @ a
-    t = time.time()
-    for _ in range(10):
-        a @ a
-    gflops = 10 * 2 * 1024**3 / (time.time() - t) / 1e9
-    return f"{os.cpu_count()} cores (shared), fp32 matmul {gflops:.1f} GFLOP/s measured (torch, {torch.get_num_threads()} threads, 1024^2)"
-
-
 def study_main(seeds: Sequence[int]) -> None:
     results = [draw_study(seed) for seed in seeds]
     rows, means = loso_rows(results)
@@ -258,10 +242,7 @@ def study_main(seeds: Sequence[int]) -> None:
                        ["views, rule", "adapter", *STYLES, "mean over styles", "whole test gallery"], variant_rows(results))]
     secs = [[str(seed), f"{r['seconds']['embed'][0]:.0f}", f"{r['seconds']['embed'][1]:.0f}", f"{r['seconds']['study']:.0f}"] for seed, r in zip(seeds, results)]
     tables.append(md_table("Wall time per draw, seconds (shared 2-core machine, nice -n 10)", ["seed", "default run", "arrays (run + training images)", "study"], secs))
-    commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, capture_output=True, text=True).stdout.strip()
-    md = [f"## Leave one style out on the hard face benchmark ({time.strftime('%Y-%m-%d', time.gmtime())}, commit {commit})", "",
-          f"Machine: {machine()}.", "",
-          f"Command: `HF_HUB_OFFLINE=1 nice -n 10 .venv/bin/python benchmarks/bench_faces_loso.py --seeds {' '.join(map(str, seeds))}`", "",
+    md = ["## Leave one style out on the hard face benchmark", "",
           f"Style library (utils/faces/styles.py) of the rendered pairs: {len(TRAIN_STYLES)} styles, {N_RENDERS} renders per real training photo; "
           "for a held-out style, the renders that composed it are dropped (the benchmark's five styles are the kit's own renderers).", "",
           "The held-out score is the competition score of the 60 test queries against the test gallery cut to the held-out style "
@@ -270,7 +251,7 @@ def study_main(seeds: Sequence[int]) -> None:
     for table, lines in tables:
         console.print(table)
         md += lines
-    atomic_write_bytes(RESULT, "\n".join(md).encode())
+    write_results(RESULT, "\n".join(md))
     console.print(f"written {RESULT.relative_to(ROOT)}")
 
 
