@@ -154,7 +154,7 @@ def test_an_fp32_run_never_reads_a_bf16_cache_entry(tmp_path):
 
 
 def test_cache_keys_differ_by_device_class_and_weights_even_under_one_tag():
-    from utils.embedding.cache import numbers_tag, weights_fingerprint
+    from utils.cache import numbers_tag, weights_fingerprint
 
     a, b = _cnn(0), _cnn(1)  # random init, the same tag in a script ("weights=none")
     assert numbers_tag(a, None, torch.device("cpu")) != numbers_tag(a, None, torch.device("cuda"))

@@ -356,10 +356,10 @@ def test_paper_preset_builds_the_papers_models_without_tta(rehearsal_data, tiny_
         captioners.append(params.captioner)
         return Captioner(replace(params, captioner=str(tiny_blip)), device)
 
-    real_caption, real_embed = script.caption_images, script.embed_images
+    real_caption, real_embedder = script.caption_images, script.Embedder
     monkeypatch.setattr(script, "create_clip", spy_create)
     monkeypatch.setattr(script, "caption_images", lambda *a, **k: real_caption(*a, **k, captioner_factory=stand_in))
-    monkeypatch.setattr(script, "embed_images", lambda *a, **k: views.append(k["views"]) or real_embed(*a, **k))
+    monkeypatch.setattr(script, "Embedder", lambda *a, **k: views.append(k["views"]) or real_embedder(*a, **k))
     runs = tmp_path / "runs"
     assert script.main(["--data", str(rehearsal_data), "--runs", str(runs), "--preset", "paper", "--weights", str(tiny_vit_h14),
                         "--workers", "0", "--max-new-tokens", "4", "--num-beams", "1"]) == 0

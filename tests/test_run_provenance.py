@@ -202,7 +202,7 @@ def test_model_scripts_and_the_training_loop_are_refused_while_another_process_w
         line = one_error_line(script("train_resnet.py", "--data", str(data), "--runs", str(runs), "--run-name", "a", "--workers", "0"))
         assert f"in use by pid {holder.pid}" in line
         # begin_inference_run (every inference script) and the training loop, in this process
-        cfg = type("Cfg", (), {"runs": runs, "run_name": "a", "device": "cpu", "seed": 0})()
+        cfg = type("Cfg", (), {"runs": runs, "run_name": "a", "device": "cpu", "seed": 0, "deterministic": False, "dist_timeout_min": 60.0})()
         with pytest.raises(KitError, match=f"in use by pid {holder.pid}"):
             begin_inference_run(cfg)
         from tests.helpers.toy_training import toy_trainer
