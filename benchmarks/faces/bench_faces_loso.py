@@ -43,7 +43,8 @@ from benchmarks.common import ROOT, write_results
 from benchmarks.faces.bench_faces_hard import md_table
 from benchmarks.faces.face_data import build_hard_dataset
 from benchmarks.faces.face_styles import STYLES
-from utils.atomic import atomic_write_bytes
+from utils.atomic import atomic_write_json
+from utils.cache import cached
 from utils.config import config_from_args
 from utils.data.task import prepare_task
 from utils.embedding.step import SETS, embed_task
@@ -102,10 +103,7 @@ def embed_draw(seed: int) -> Path:
     for w in SETS:
         arrays[f"names.{w}"] = np.array(task.names(w))
     arrays["seconds"] = np.array([t_run, time.time() - t0])
-    import io
-    buf = io.BytesIO()
-    np.savez(buf, **arrays)
-    atomic_write_bytes(out, buf.getvalue())
+    cached(out, lambda: arrays, f"seed {seed}: arrays", finite_keys=())  # the kit's cache writer: atomic, .npz for a dict
     console.print(f"seed {seed}: arrays in {time.time() - t0:.0f} s (the default run {t_run:.0f} s)")
     return out
 
@@ -180,7 +178,7 @@ def draw_study(seed: int) -> dict:
         for variant in ADAPTERS[1:]:
             result[f"{held_out}|{variant}"] = style_scores(train_without(seed, held_out, variant, z, rendered, task, val_style), z, truth, test_style)
     result["seconds"] = {"embed": z["seconds"].tolist(), "study": time.time() - t0}
-    atomic_write_bytes(out, json.dumps(result, indent=1).encode())
+    atomic_write_json(out, result)  # a per-draw intermediate, not a results file
     console.print(f"seed {seed}: study in {time.time() - t0:.0f} s")
     return result
 
