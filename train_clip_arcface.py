@@ -261,12 +261,7 @@ def train_and_embed(cfg: Config, dist_info: DistInfo, device: torch.device) -> i
         evaluate=lambda: val_score(task, quick.embed_set), dist_info=dist_info, min_batch=2, data_key=files_key(task.train_paths, "train"),
     )
 
-    # data: M images per identity in each batch, each rank its share
-    mean, std = clip.preprocess["mean"], clip.preprocess["std"]
-    train_set = ImageDataset(task.train_paths, train_transform(clip.image_size, mean, std, cfg.aug_strength), task.train_labels, seed=cfg.seed)
-    sampler = MPerClassShardSampler(task.train_labels, cfg.m_per_class, cfg.batch_size, dist_info.world_size, dist_info.rank, seed=cfg.seed)
-    loader = DataLoader(train_set, batch_size=cfg.batch_size, sampler=sampler, drop_last=True, num_workers=resolve_workers(cfg.workers),
-                        worker_init_fn=worker_init, pin_memory=device.type == "cuda")
+    train_set, sampler, loader = train_loader(cfg, clip, task, dist_info, device)
 
     def on_epoch(epoch: int) -> None:
         freeze_frozen_batchnorm(clip.visual)
@@ -278,7 +273,21 @@ def train_and_embed(cfg: Config, dist_info: DistInfo, device: torch.device) -> i
     if not master:
         return 0
 
-    # embed with the checkpoint the loop picked (best by validation; last with --full-train)
+    return embed_and_write(cfg, trainer, quick, clip, task, run_dir, timings, dist_info)
+
+
+def train_loader(cfg: Config, clip, task, dist_info: DistInfo, device: torch.device):
+    """The training data: M images per identity in each batch, each rank its share; (dataset, sampler, loader)."""
+    mean, std = clip.preprocess["mean"], clip.preprocess["std"]
+    train_set = ImageDataset(task.train_paths, train_transform(clip.image_size, mean, std, cfg.aug_strength), task.train_labels, seed=cfg.seed)
+    sampler = MPerClassShardSampler(task.train_labels, cfg.m_per_class, cfg.batch_size, dist_info.world_size, dist_info.rank, seed=cfg.seed)
+    loader = DataLoader(train_set, batch_size=cfg.batch_size, sampler=sampler, drop_last=True, num_workers=resolve_workers(cfg.workers),
+                        worker_init_fn=worker_init, pin_memory=device.type == "cuda")
+    return train_set, sampler, loader
+
+
+def embed_and_write(cfg: Config, trainer: Trainer, quick, clip, task, run_dir: Path, timings: dict, dist_info: DistInfo) -> int:
+    """Embed with the checkpoint the loop picked (best by validation; last with --full-train) and write the run."""
     final = trainer.final_checkpoint()
     tag = weights_tag(cfg, clip) + f"|{cfg.head}|{cfg.embed_dim}"
     if final is not None:
