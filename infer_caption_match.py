@@ -91,6 +91,7 @@ from utils.config import (
 from utils.data.split import identity_of
 from utils.data.task import Task, prepare_task
 from utils.device import amp_dtype, pick_device, resolve_workers
+from utils.distributed import refuse_torchrun
 from utils.embedding.embed import cosine_similarity
 from utils.embedding.embedder import Embedder
 from utils.embedding.step import embed_task
@@ -101,7 +102,6 @@ from utils.logs import setup_logging
 from utils.runs.model_run import write_model_run
 from utils.runs.similarity_io import invalidate_run
 from utils.seed import seed_everything
-from utils.training.distributed import refuse_torchrun
 
 log = logging.getLogger("infer_caption_match")
 

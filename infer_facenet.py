@@ -60,6 +60,7 @@ from utils.config import (
     config_to_dict,
     override,
 )
+from utils.distributed import refuse_torchrun
 from utils.embedding.step import embed_task
 from utils.errors import run_cli
 from utils.faces.cascade import DEFAULT_ROTATED_STAGES, DEFAULT_ROTATIONS, DEFAULT_STAGES, MTCNN_STAGES, STAGES
@@ -73,7 +74,6 @@ from utils.runs.gap import META_KEY as GAP_KEY
 from utils.runs.gap import save_run_embeddings
 from utils.runs.model_run import begin_inference_run, write_embedding_run, write_model_run
 from utils.runs.topk_run import use_topk_form
-from utils.training.distributed import refuse_torchrun
 
 log = logging.getLogger("infer_facenet")
 

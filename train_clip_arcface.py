@@ -58,6 +58,7 @@ from utils.data.augment import train_transform
 from utils.data.image_dataset import ImageDataset
 from utils.data.task import prepare_task
 from utils.device import amp_dtype, resolve_workers
+from utils.distributed import DistInfo, barrier, cleanup, init_distributed
 from utils.embedding.embedder import Embedder
 from utils.embedding.step import embed_task, val_score
 from utils.embedding.views import PixelScale, tta_views
@@ -68,7 +69,6 @@ from utils.runs.similarity_io import invalidate_run
 from utils.seed import seed_everything, worker_init
 from utils.training.checkpoint import file_sha
 from utils.training.class_sampler import MPerClassShardSampler
-from utils.training.distributed import DistInfo, barrier, cleanup, init_distributed
 from utils.training.loop import LoopSettings, Trainer
 from utils.training.margin_loss import LOSS_KINDS, build_margin_loss
 from utils.training.projection_head import HEAD_KINDS, ProjectionHead

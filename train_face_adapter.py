@@ -58,6 +58,7 @@ from utils.config import (
     override,
 )
 from utils.data.task import Task
+from utils.distributed import refuse_torchrun
 from utils.embedding.embed import cosine_similarity
 from utils.embedding.step import SETS, embed_task
 from utils.embedding.views import View
@@ -74,7 +75,6 @@ from utils.runs.metrics import evaluate, relevance_matrix
 from utils.runs.model_run import begin_inference_run, write_embedding_run, write_model_run
 from utils.runs.topk_run import use_topk_form
 from utils.training.class_sampler import MPerClassShardSampler
-from utils.training.distributed import refuse_torchrun
 from utils.training.loop import LoopSettings, Trainer
 from utils.training.pair_loss import PAIR_LOSSES, build_pair_loss
 

@@ -51,6 +51,7 @@ from utils.data.augment import eval_transform, train_transform
 from utils.data.image_dataset import ImageDataset
 from utils.data.task import Task, prepare_task
 from utils.device import amp_dtype, is_cnn, pick_device, resolve_workers
+from utils.distributed import refuse_torchrun
 from utils.embedding.backbone import create_backbone
 from utils.embedding.embedder import Embedder
 from utils.embedding.step import embed_task, val_score
@@ -62,7 +63,6 @@ from utils.runs.similarity_io import invalidate_run
 from utils.seed import seed_everything, worker_init
 from utils.training.checkpoint import file_sha
 from utils.training.class_sampler import MPerClassShardSampler
-from utils.training.distributed import refuse_torchrun
 from utils.training.loop import LoopSettings, Trainer
 from utils.training.pair_loss import PAIR_LOSSES, build_pair_loss
 

@@ -253,7 +253,7 @@ def test_the_timeout_reaches_init_process_group(monkeypatch):
 
     import torch.distributed as dist
 
-    from utils.training.distributed import init_distributed
+    from utils.distributed import init_distributed
 
     seen = {}
     monkeypatch.setattr(dist, "init_process_group", lambda **kw: seen.update(kw))

@@ -202,7 +202,7 @@ class DeviceConfig(ConfigGroup):
 
     device: str = field(default="auto", metadata={"help": "auto, cpu, cuda or cuda:N"})
     verbose: bool = field(default=False, metadata={"help": "debug logging"})
-    # GPU box (docs/gpu.md): determinism and the DDP timeout; utils/seed.py, utils/training/distributed.py
+    # GPU box (docs/gpu.md): determinism and the DDP timeout; utils/seed.py, utils/distributed.py
     deterministic: bool = field(default=False, metadata={"help": "strict deterministic kernels (an op without one is an error naming it; cudnn.benchmark off); off: fastest kernels on CUDA"})
     dist_timeout_min: float = field(default=60.0, metadata={"help": "under torchrun: minutes a rank waits for the others (rank 0 alone reads the images and validates) before the job is killed", "metavar": "MIN"})
 

@@ -10,7 +10,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 
-from utils.training.distributed import cleanup, init_distributed  # noqa: E402
+from utils.distributed import cleanup, init_distributed  # noqa: E402
 from utils.training.loop import LoopSettings, Trainer  # noqa: E402
 
 

@@ -11,9 +11,9 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 
 from utils.data.augment import eval_transform  # noqa: E402
+from utils.distributed import cleanup, init_distributed  # noqa: E402
 from utils.embedding.embed import embed_images  # noqa: E402
 from utils.embedding.views import tta_views  # noqa: E402
-from utils.training.distributed import cleanup, init_distributed  # noqa: E402
 
 if __name__ == "__main__":
     info, device = init_distributed("cpu")

@@ -12,7 +12,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 
-from utils.training.distributed import barrier, cleanup, init_distributed  # noqa: E402
+from utils.distributed import barrier, cleanup, init_distributed  # noqa: E402
 
 if __name__ == "__main__":
     folder, timeout_min = Path(sys.argv[1]), float(sys.argv[2])

@@ -23,10 +23,10 @@ from torch.utils.data import DataLoader
 
 from utils.cache import cached, files_key, model_of, numbers_tag, weights_version
 from utils.data.image_dataset import ImageDataset, Transform
+from utils.distributed import DistInfo
 from utils.embedding.views import PixelScale, View, render_view
 from utils.errors import KitError
 from utils.progress import ProgressBar
-from utils.training.distributed import DistInfo
 
 log = logging.getLogger(__name__)
 

@@ -30,9 +30,9 @@ import numpy as np
 import torch
 
 from utils.data.image_dataset import Transform
+from utils.distributed import DistInfo
 from utils.embedding.embed import Forward, embed_images
 from utils.embedding.views import PixelScale, View
-from utils.training.distributed import DistInfo
 
 
 @dataclass(frozen=True)

@@ -31,7 +31,7 @@ from utils.runs.run_lock import release_run_lock
 from utils.runs.similarity_io import SimMatrix, invalidate_run, save_run
 from utils.runs.topk_run import DEFAULT_K, MAX_MATRIX_CELLS, TopkSplit, make_topk_split, save_topk_run, use_topk_form
 from utils.seed import seed_everything
-from utils.training.distributed import DistInfo, barrier, cleanup, init_distributed, writes_runs
+from utils.distributed import DistInfo, barrier, cleanup, init_distributed, writes_runs
 
 log = logging.getLogger(__name__)
 

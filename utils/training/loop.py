@@ -46,11 +46,11 @@ from torch import nn
 from utils.atomic import remove_stale_temps
 from utils.data.image_dataset import log_unreadable
 from utils.device import PRECISION_NAMES
+from utils.distributed import DistInfo, broadcast
 from utils.errors import KitError
 from utils.progress import ProgressBar, QuietBar
 from utils.runs.run_lock import acquire_run_lock
 from utils.training.checkpoint import load_checkpoint, save_checkpoint
-from utils.training.distributed import DistInfo, broadcast
 from utils.training.schedule import warmup_cosine
 
 log = logging.getLogger(__name__)
