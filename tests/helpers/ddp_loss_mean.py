@@ -10,7 +10,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 
-from utils.distributed import cleanup, init_distributed  # noqa: E402
+from utils.distributed import barrier, cleanup, init_distributed  # noqa: E402
 from utils.training.loop import LoopSettings, Trainer  # noqa: E402
 
 
@@ -31,4 +31,5 @@ if __name__ == "__main__":
                       optimizer=torch.optim.SGD(model.parameters(), lr=0.1), device=device, amp=None, config={},
                       classes=["a"], dist_info=info)
     trainer.fit(batches)
+    barrier(info)  # rank 0 writes last.pt after the step: neither rank tears the group down while the other still uses it
     cleanup(info)
