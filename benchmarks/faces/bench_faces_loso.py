@@ -1,8 +1,8 @@
 """Leave-one-style-out on the hard face benchmark: the recipe's options chosen without a style, scored on it.
 
-    HF_HUB_OFFLINE=1 nice -n 10 .venv/bin/python benchmarks/faces/bench_faces_loso.py --seeds 0 1 2 3 4
-    HF_HUB_OFFLINE=1 nice -n 10 .venv/bin/python benchmarks/faces/bench_faces_loso.py --seeds 0 1 2 3 4 --phase embed   # arrays only
-    HF_HUB_OFFLINE=1 nice -n 10 .venv/bin/python benchmarks/faces/bench_faces_loso.py --seeds 0 1 2 3 4 --phase study   # draws with arrays
+    HF_HUB_OFFLINE=1 nice -n 10 .venv/bin/python -m benchmarks.faces.bench_faces_loso --seeds 0 1 2 3 4
+    HF_HUB_OFFLINE=1 nice -n 10 .venv/bin/python -m benchmarks.faces.bench_faces_loso --seeds 0 1 2 3 4 --phase embed   # arrays only
+    HF_HUB_OFFLINE=1 nice -n 10 .venv/bin/python -m benchmarks.faces.bench_faces_loso --seeds 0 1 2 3 4 --phase study   # draws with arrays
 
 Per draw of benchmarks/faces/face_data.py (seed = draw), in turn (``all``; the results file is rewritten
 after every draw, so a run cut short reports the draws it finished):
@@ -16,7 +16,8 @@ after every draw, so a run cut short reports the draws it finished):
    the five, adapters are trained without S (its training images dropped, its validation gallery
    images out of the adapter's epoch choice), alone (``on``) and with 2 or 4 rendered pairs per real
    training photo from utils/faces/styles.py's library, dropping every render that composed S;
-   every option (adapter off or a variant x view set x fusion rule) is scored on the test gallery cut
+   every option (adapter off or a variant x view set x fusion rule x re-ranking: none or ensemble.py's
+   dual-softmax on the whole test matrix) is scored on the test gallery cut
    to each style (``seed<k>/study.json``).
 
 Report: for each S, the option with the best mean score over the other styles (every draw) is
@@ -48,6 +49,8 @@ from utils.cache import cached
 from utils.config import config_from_args
 from utils.data.task import prepare_task
 from utils.embedding.step import SETS, embed_task
+from utils.ensemble.fusion import row_zscore
+from utils.ensemble.rerank import RerankParams, rerank
 from utils.errors import run_cli
 from utils.faces.pipeline import FacePipeline
 from utils.faces.styles import TRAIN_STYLES, StyleLibrary
@@ -61,7 +64,9 @@ FLAGS = ["--val-fraction", "0.5", "--embedder", "dlib", "--workers", "0", "--vie
 VIEW_SETS = {"plain": (), "detector": ("detector",), "texture": ("texture0.05",), "detector + texture": ("detector", "texture0.05")}
 ADAPTERS = ("off", "on", "rendered2", "rendered4")  # renderedN: the adapter with N rendered pairs per real training photo
 N_RENDERS = 4
-DEFAULT = ("off", "detector + texture", "zmax")  # the kit's default recipe before this study
+# ensemble.py's two-way normalisation of the run's whole test matrix (before the cut to a style), as --auto applies it
+RERANKS = {"none": RerankParams(), "dual_softmax": RerankParams(steps=("dual_softmax",), temperature=1.0)}
+DEFAULT = ("off", "detector + texture", "zmax", "none")  # the face run's default recipe (ensemble.py --auto may add dual_softmax)
 
 
 def draw_data(seed: int) -> Path:
@@ -108,23 +113,24 @@ def embed_draw(seed: int) -> Path:
     return out
 
 
-def option_labels() -> list[tuple[str, str]]:
-    """(view set, rule) of every studied view option."""
-    return [("plain", "plain")] + [(v, r) for v in VIEW_SETS if v != "plain" for r in FUSION_RULES]
+def option_labels() -> list[tuple[str, str, str]]:
+    """(view set, rule, re-ranking) of every studied view option."""
+    views = [("plain", "plain")] + [(v, r) for v in VIEW_SETS if v != "plain" for r in FUSION_RULES]
+    return [(v, r, rr) for v, r in views for rr in RERANKS]
 
 
 def style_scores(emb: dict[str, np.ndarray], z, truth: dict, test_style: np.ndarray) -> dict[str, dict[str, float]]:
     """Per view option: the test score on the gallery cut to each style, and on the whole gallery ("all")."""
     q, g = z["names.test_query"].tolist(), z["names.test_gallery"].tolist()
     out = {}
-    for views, rule in option_labels():
-        sim = fuse(emb["test_query"], [emb["test_gallery"], *[emb[f"test_gallery.{v}"] for v in VIEW_SETS[views]]], rule)
+    for views, rule, rr in option_labels():
+        sim = rerank(row_zscore(fuse(emb["test_query"], [emb["test_gallery"], *[emb[f"test_gallery.{v}"] for v in VIEW_SETS[views]]], rule)), RERANKS[rr])
         cells = {}
         for style in STYLES:
             cols = np.flatnonzero(test_style == style)
             cells[style] = evaluate(sim[:, cols], relevance_matrix(q, [g[j] for j in cols], truth))["score"]
         cells["all"] = evaluate(sim, relevance_matrix(q, g, truth))["score"]
-        out[f"{views}|{rule}"] = cells
+        out[f"{views}|{rule}|{rr}"] = cells
     return out
 
 
@@ -183,10 +189,10 @@ def draw_study(seed: int) -> dict:
     return result
 
 
-def score_of(result: dict, held_out: str, option: tuple[str, str, str], style: str) -> float:
-    """The test score on ``style`` of (adapter variant, view set, rule) in the world without ``held_out``."""
-    variant, views, rule = option
-    return result["off" if variant == "off" else f"{held_out}|{variant}"][f"{views}|{rule}"][style]
+def score_of(result: dict, held_out: str, option: tuple[str, str, str, str], style: str) -> float:
+    """The test score on ``style`` of (adapter variant, view set, rule, re-ranking) in the world without ``held_out``."""
+    variant, views, rule, rr = option
+    return result["off" if variant == "off" else f"{held_out}|{variant}"][f"{views}|{rule}|{rr}"][style]
 
 
 def mean_se(values: list[float]) -> str:
@@ -196,17 +202,18 @@ def mean_se(values: list[float]) -> str:
 
 def loso_rows(results: list[dict]) -> tuple[list[list[str]], dict[str, list[float]]]:
     """Per held-out style: the option with the best mean over the other styles (every draw), its held-out score."""
-    options = [(a, v, r) for a in ADAPTERS for v, r in option_labels()]
+    options = [(a, v, r, rr) for a in ADAPTERS for v, r, rr in option_labels()]
     rows, per_draw = [], {"chosen": [], "default": [], "plain": [], "whole": []}
     for style in STYLES:
         others = [o for o in STYLES if o != style]
         best = max(options, key=lambda o: (np.mean([score_of(res, style, o, x) for res in results for x in others]), o == DEFAULT))
-        got = {k: [score_of(res, style, o, style) for res in results] for k, o in (("chosen", best), ("default", DEFAULT), ("plain", ("off", "plain", "plain")))}
+        got = {k: [score_of(res, style, o, style) for res in results]
+               for k, o in (("chosen", best), ("default", DEFAULT), ("plain", ("off", "plain", "plain", "none")))}
         for k, v in got.items():
             per_draw[k].append(v)
         whole = [score_of(res, style, best, "all") for res in results]
         per_draw["whole"].append(whole)
-        rows.append([style, f"adapter {best[0]}, {best[1]}, {best[2]}", f"{np.mean([score_of(res, style, best, x) for res in results for x in others]):.1f}",
+        rows.append([style, f"adapter {best[0]}, {best[1]}, {best[2]}, {best[3]}", f"{np.mean([score_of(res, style, best, x) for res in results for x in others]):.1f}",
                      mean_se(got["chosen"]), f"{min(got['chosen']):.1f}", mean_se(got["default"]), mean_se(got["plain"]), mean_se(whole)])
     means = {k: np.mean(np.asarray(v), axis=0).tolist() for k, v in per_draw.items()}  # per draw: the mean over held-out styles
     rows.append(["**mean**", "", "", mean_se(means["chosen"]), "", mean_se(means["default"]), mean_se(means["plain"]), mean_se(means["whole"])])
@@ -216,12 +223,13 @@ def loso_rows(results: list[dict]) -> tuple[list[list[str]], dict[str, list[floa
 def variant_rows(results: list[dict]) -> list[list[str]]:
     """Held-out score per adapter variant (each style scored in the world without it), for the default views and plain."""
     rows = []
-    for views, rule in (("plain", "plain"), ("detector + texture", "zmax"), ("texture", "zmax")):
+    for views, rule, rr in (("plain", "plain", "none"), ("detector + texture", "zmax", "none"), ("detector + texture", "zmax", "dual_softmax"),
+                            ("texture", "zmax", "none")):
         for variant in ADAPTERS:
-            per_style = [[score_of(res, s, (variant, views, rule), s) for res in results] for s in STYLES]
-            rows.append([f"{views}, {rule}", variant, *[f"{np.mean(v):.1f}" for v in per_style],
+            per_style = [[score_of(res, s, (variant, views, rule, rr), s) for res in results] for s in STYLES]
+            rows.append([f"{views}, {rule}, {rr}", variant, *[f"{np.mean(v):.1f}" for v in per_style],
                          mean_se(np.mean(per_style, axis=0).tolist()),
-                         mean_se([np.mean([score_of(res, s, (variant, views, rule), "all") for s in STYLES]) for res in results])])
+                         mean_se([np.mean([score_of(res, s, (variant, views, rule, rr), "all") for s in STYLES]) for res in results])])
     return rows
 
 
@@ -231,13 +239,13 @@ def study_main(seeds: Sequence[int]) -> None:
     tables = [md_table(f"Leave one style out over {len(seeds)} draws (seeds {', '.join(map(str, seeds))}): per held-out style, the option "
                        "(adapter, views, rule) with the best mean over the other styles (every draw), scored on the held-out style; mean ± standard error over draws",
                        ["held-out style", "chosen without it", "mean over the others", "held-out score", "worst draw",
-                        "default recipe (adapter off, detector + texture, zmax)", "plain (no views, no adapter)",
+                        "face run default (adapter off, detector + texture, zmax, none)", "plain (no views, no adapter, none)",
                         "chosen option, whole test gallery"], rows),
               md_table("Per draw: the mean over held-out styles of the chosen options' held-out scores",
                        ["seed", "LOSO mean (chosen)", "default recipe", "plain"],
                        [[str(seed), f"{c:.1f}", f"{d:.1f}", f"{p:.1f}"] for seed, c, d, p in zip(seeds, means["chosen"], means["default"], means["plain"])]),
               md_table("Held-out score per adapter variant (each style scored by an adapter trained without it; renders never composed it)",
-                       ["views, rule", "adapter", *STYLES, "mean over styles", "whole test gallery"], variant_rows(results))]
+                       ["views, rule, re-ranking", "adapter", *STYLES, "mean over styles", "whole test gallery"], variant_rows(results))]
     secs = [[str(seed), f"{r['seconds']['embed'][0]:.0f}", f"{r['seconds']['embed'][1]:.0f}", f"{r['seconds']['study']:.0f}"] for seed, r in zip(seeds, results)]
     tables.append(md_table("Wall time per draw, seconds (shared 2-core machine, nice -n 10)", ["seed", "default run", "arrays (run + training images)", "study"], secs))
     md = ["## Leave one style out on the hard face benchmark", "",
