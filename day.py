@@ -41,7 +41,7 @@ from rich.table import Table
 
 from utils.atomic import atomic_write_json
 from utils.config import add_config_args, config_from_args
-from utils.errors import KitError, run_cli
+from utils.errors import KitError, Terminated, run_cli
 from utils.logs import console, setup_logging
 from utils.runs import ledger
 from utils.runs.report import write_report
@@ -431,8 +431,8 @@ def final_table(day: Day) -> Table:
     return table
 
 
-def _raise_interrupt(signum: int, frame: Any) -> None:
-    raise KeyboardInterrupt(signal.Signals(signum).name)
+def _raise_terminated(signum: int, frame: Any) -> None:
+    raise Terminated(exit_code=130)  # named SIGTERM by run_cli; the day exits 130 after either signal
 
 
 def resolve(cfg: Config, recipe: Recipe) -> None:
@@ -475,11 +475,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     state.update({"data": str(cfg.data), "submissions": str(cfg.out), "recipe": str(recipe.path)})
     day = Day(cfg, data_fingerprint(cfg.data), state)
     day.line(f"day started: data {cfg.data}, runs {cfg.runs}, recipe {recipe.path}")
-    previous = signal.signal(signal.SIGTERM, _raise_interrupt)
+    previous = signal.signal(signal.SIGTERM, _raise_terminated)
     try:
         code = run_day(day, recipe, argv_of)
     except KeyboardInterrupt as err:
-        day.line(f"interrupted ({err or 'SIGINT'}): run the same command again to resume")
+        day.line(f"interrupted ({'SIGTERM' if isinstance(err, Terminated) else 'SIGINT'}): run the same command again to resume")
         raise
     finally:
         signal.signal(signal.SIGTERM, previous)

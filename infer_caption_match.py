@@ -92,13 +92,13 @@ from utils.data.split import identity_of
 from utils.data.task import Task, prepare_task
 from utils.device import amp_dtype, pick_device, resolve_workers
 from utils.distributed import refuse_torchrun
-from utils.embedding.embed import cosine_similarity
 from utils.embedding.embedder import Embedder
 from utils.embedding.step import embed_task
 from utils.embedding.views import TTA_GROUPS, PixelScale, tta_views
 from utils.ensemble.fusion import row_zscore
 from utils.errors import KitError, run_cli
 from utils.logs import setup_logging
+from utils.runs.cosine import cosine_similarity
 from utils.runs.model_run import write_model_run
 from utils.runs.similarity_io import invalidate_run
 from utils.seed import seed_everything

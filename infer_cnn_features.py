@@ -54,6 +54,7 @@ from utils.cache import cached, files_key
 from utils.config import (
     EmbeddingConfig,
     RunConfig,
+    TimmModelConfig,
     add_config_args,
     check_at_least,
     check_groups,
@@ -83,13 +84,12 @@ METRICS = ("cosine", "euclidean")
 # ----------------------------------------------------------------------------
 # defaults: every field is a --flag (kebab-case); the resolved config goes to meta.json
 @dataclass
-class Config(EmbeddingConfig, RunConfig):
-    # shared flags (utils/config.py): data, split and device (RunConfig), embedding (EmbeddingConfig: --tta, --embed-batch-size, --amp, --workers)
+class Config(EmbeddingConfig, TimmModelConfig, RunConfig):
+    # shared flags (utils/config.py): data, split and device (RunConfig), the timm model (TimmModelConfig: --model, --img-size),
+    # embedding (EmbeddingConfig: --tta, --embed-batch-size, --amp, --workers)
     run_name: str = field(default="cnn_features", metadata={"help": "output folder name under --runs"})
     # backbone: any timm model with intermediate features (resnet50, vgg16, convnext_tiny, vit_base_patch16_224, ...)
-    model: str = field(default="resnet50", metadata={"help": "timm model name"})
     weights: str = field(default="default", metadata={"help": "backbone weights: 'default' (timm's pretrained, from the hub), 'none' (random init) or a local file", "metavar": "TAG|none|PATH"})
-    img_size: int = field(default=224, metadata={"help": "square input side in pixels"})
     stage: int = field(default=-1, metadata={"help": "feature stage (timm feature_info index; -1 = the last); earlier = more about texture and colour", "metavar": "N"})
     pool: str = field(default="avg", metadata={"help": "how the stage's map becomes a vector", "choices": list(POOLS)})
     # faces: crop before embedding; an image without a face stays whole (counted in meta.json)
@@ -119,9 +119,7 @@ def build_parser() -> argparse.ArgumentParser:
 def check_config(cfg: Config) -> None:
     """Flags that argparse cannot check alone: the shared groups' checks, then this script's own."""
     check_groups(cfg)
-    if not timm.is_model(cfg.model):
-        raise KitError(f"--model {cfg.model!r}: not a timm model; list them with timm.list_models('*resnet*')")
-    check_at_least(cfg, ("img_size", "detect_batch_size", "pixel_px"))
+    check_at_least(cfg, ("detect_batch_size", "pixel_px"))
     if cfg.pixel_k < 0:
         raise KitError(f"--pixel-k {cfg.pixel_k}: 0 or more")
     if cfg.pixel_px < 7:

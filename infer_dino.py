@@ -37,11 +37,12 @@ from torch import nn
 from utils.config import (
     EmbeddingConfig,
     RunConfig,
+    TimmModelConfig,
     add_config_args,
-    check_at_least,
     check_groups,
     config_from_args,
     config_to_dict,
+    override,
 )
 from utils.data.augment import eval_transform
 from utils.device import amp_dtype, resolve_workers
@@ -62,15 +63,17 @@ POOLINGS = ("cls", "patch-mean", "gem")
 # ----------------------------------------------------------------------------
 # defaults: every field is a --flag (kebab-case); the resolved config goes to meta.json
 @dataclass
-class Config(EmbeddingConfig, RunConfig):
-    # shared flags (utils/config.py): data, split and device (RunConfig), embedding (EmbeddingConfig: --tta, --embed-batch-size, --amp, --workers)
+class Config(EmbeddingConfig, TimmModelConfig, RunConfig):
+    # shared flags (utils/config.py): data, split and device (RunConfig), the timm model (TimmModelConfig: --model, --img-size),
+    # embedding (EmbeddingConfig: --tta, --embed-batch-size, --amp, --workers)
     run_name: str = field(default="dino", metadata={"help": "output folder name under --runs"})
     # model: a timm ViT; the DINOv2 family is vit_{small,base,large,giant2}_patch14_dinov2 (larger = stronger, slower)
-    model: str = field(default="vit_small_patch14_dinov2", metadata={"help": "timm ViT name"})
+    model: str = override("vit_small_patch14_dinov2", "timm ViT name")
+    model_glob = "*dinov2*"  # the family --model's error suggests
     weights: str = field(default="default", metadata={"help": "backbone weights: 'default' (timm's pretrained: the weights folder, else the hub), 'none' (random init) or a local file", "metavar": "TAG|none|PATH"})
     model_args: str = field(default="", metadata={"help": "more timm.create_model arguments as a JSON object, e.g. '{\"depth\": 2}'", "metavar": "JSON"})
     # input side: a multiple of the patch size (14 for DINOv2); the model was trained at 518, 224 is 5x cheaper
-    img_size: int = field(default=224, metadata={"help": "square input side in pixels (a multiple of the patch size)"})
+    img_size: int = override(224, "square input side in pixels (a multiple of the patch size)")
     # pooling: cls suits whole-image identity; patch-mean and gem weigh the whole picture's parts
     pooling: str = field(default="cls", metadata={"help": "how the last layer's tokens become one vector", "choices": list(POOLINGS)})
 # ----------------------------------------------------------------------------
@@ -102,9 +105,6 @@ def model_args(cfg: Config) -> dict[str, Any]:
 def check_config(cfg: Config) -> None:
     """Flag mistakes before any data is read: the shared groups' checks, then this script's own."""
     check_groups(cfg)
-    if not timm.is_model(cfg.model):
-        raise KitError(f"--model {cfg.model!r}: not a timm model; list them with timm.list_models('*dinov2*')")
-    check_at_least(cfg, ("img_size",))
     model_args(cfg)
 
 

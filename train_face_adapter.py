@@ -59,7 +59,6 @@ from utils.config import (
 )
 from utils.data.task import Task
 from utils.distributed import refuse_torchrun
-from utils.embedding.embed import cosine_similarity
 from utils.embedding.step import SETS, embed_task
 from utils.embedding.views import View
 from utils.errors import KitError, run_cli
@@ -71,6 +70,7 @@ from utils.faces.styles import StyleLibrary
 from utils.faces.tiebreak import TieBreak, break_tie, face_harder_set, mapped, tied_at_top
 from utils.faces.views import fuse
 from utils.logs import console, setup_logging
+from utils.runs.cosine import cosine_similarity
 from utils.runs.metrics import evaluate, relevance_matrix
 from utils.runs.model_run import begin_inference_run, write_embedding_run, write_model_run
 from utils.runs.topk_run import use_topk_form

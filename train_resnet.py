@@ -40,8 +40,8 @@ from utils.config import (
     FineTuneConfig,
     FormConfig,
     RunConfig,
+    TimmModelConfig,
     add_config_args,
-    check_at_least,
     check_groups,
     config_from_args,
     config_to_dict,
@@ -56,7 +56,7 @@ from utils.embedding.backbone import create_backbone
 from utils.embedding.embedder import Embedder
 from utils.embedding.step import embed_task, val_score
 from utils.embedding.views import PixelScale, tta_views
-from utils.errors import KitError, run_cli
+from utils.errors import run_cli
 from utils.logs import setup_logging
 from utils.runs.model_run import write_embedding_run
 from utils.runs.similarity_io import invalidate_run
@@ -74,14 +74,13 @@ LOSSES = ("ce", *PAIR_LOSSES)
 # ----------------------------------------------------------------------------
 # defaults: every field is a --flag (kebab-case); the resolved config goes to meta.json
 @dataclass
-class Config(EmbeddingConfig, FineTuneConfig, FormConfig, RunConfig):
-    # shared flags (utils/config.py): data, split and device (RunConfig), run form (FormConfig),
+class Config(EmbeddingConfig, FineTuneConfig, FormConfig, TimmModelConfig, RunConfig):
+    # shared flags (utils/config.py): data, split and device (RunConfig), the timm model (TimmModelConfig: --model, --img-size), run form (FormConfig),
     # the training loop (FineTuneConfig: --epochs, --batch-size, --lr, ...), embedding (EmbeddingConfig: --tta, --workers, ...)
     run_name: str = field(default="resnet", metadata={"help": "output folder name under --runs"})
     # model: any timm name; change for a stronger backbone (convnext_tiny, vit_base_patch16_224, ...)
-    model: str = field(default="resnet50", metadata={"help": "timm model name"})
     weights: str = field(default="default", metadata={"help": "backbone weights: 'default' (timm's pretrained, from the hub), 'none' (random init) or a local file", "metavar": "TAG|none|PATH"})
-    img_size: int = field(default=224, metadata={"help": "square input side in pixels; lower it on CPU"})
+    img_size: int = override(224, "square input side in pixels; lower it on CPU")
     # loss: ce trains a classifier head; the pair losses train the embedding itself on M-per-class batches
     loss: str = field(default="ce", metadata={"help": "training loss (pair losses: pytorch-metric-learning)", "choices": list(LOSSES)})
     m_per_class: int = override(4, "pair losses: images per identity in each batch (divides --batch-size)")
@@ -107,9 +106,6 @@ def build_parser() -> argparse.ArgumentParser:
 def check_config(cfg: Config) -> None:
     """Flag mistakes, before any data is read: the shared groups' checks, then this script's own."""
     check_groups(cfg)
-    if not timm.is_model(cfg.model):
-        raise KitError(f"--model {cfg.model!r}: not a timm model; list them with timm.list_models('*resnet*')")
-    check_at_least(cfg, ("img_size",))
 
 
 class Classifier(nn.Module):

@@ -92,8 +92,10 @@ def results_header(argv: list[str] | None = None) -> str:
 
 
 def write_results(path: Path, markdown: str, argv: list[str] | None = None) -> None:
-    """Write ``markdown`` to ``path`` (atomically) under the results header."""
+    """Write ``markdown`` to ``path`` (atomically) under the results header, then print ``wrote <path>``."""
     from utils.atomic import atomic_write_bytes
+    from utils.logs import console
 
     text = results_header(argv) + "\n\n" + markdown.rstrip("\n") + "\n"
     atomic_write_bytes(Path(path), text.encode())
+    console.print(f"wrote {path}")

@@ -48,6 +48,19 @@ def test_a_results_file_opens_with_date_commit_machine_and_command(tmp_path):
     assert text[m.end() :] == "| a | b |\n|---|---|\n"
 
 
+def test_write_results_says_where_it_wrote(tmp_path, capsys):
+    """The one "wrote <path>" line comes from write_results, after the file is in place."""
+    out = tmp_path / "x.md"
+    write_results(out, "| a |\n")
+    assert out.is_file() and capsys.readouterr().out == f"wrote {out}\n"
+
+
+@pytest.mark.parametrize("path", BENCHES, ids=lambda p: str(p.relative_to(ROOT)))
+def test_no_benchmark_repeats_the_wrote_line(path):
+    """write_results prints it; a benchmark printing it too would say it twice."""
+    assert not re.search(r"""print\(f?["']wrote """, path.read_text()), f"{path.name}: write_results already prints 'wrote <path>'"
+
+
 def test_the_command_names_the_script_from_the_root_however_it_was_started(tmp_path):
     script = ROOT / "benchmarks/methods/bench_pacs.py"
     assert command([str(script), "--help"]) == "python benchmarks/methods/bench_pacs.py --help"

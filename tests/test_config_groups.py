@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import importlib
+import re
 import subprocess
 import sys
 import typing
@@ -21,6 +22,7 @@ from utils.config import (
     FineTuneConfig,
     FormConfig,
     LoopConfig,
+    TimmModelConfig,
     add_config_args,
     check_groups,
     config_from_args,
@@ -43,7 +45,10 @@ BAD_VALUES = {
                  ["--patience", "-1"], ["--warmup-epochs", "-1"], ["--grad-clip", "-1"], ["--lr", "-1"], ["--weight-decay", "-1"]],
     FineTuneConfig: [["--aug-strength", "-1"]],
     EmbeddingConfig: [["--embed-batch-size", "0"], ["--workers", "-2"], ["--tta", "jitter"]],
+    TimmModelConfig: [["--model", "no_such_model"], ["--img-size", "0"]],
 }
+# their --model and --img-size name an open_clip model (0: the model's own side): their own fields, not TimmModelConfig's
+OPEN_CLIP_SCRIPTS = {"infer_caption_match", "infer_clip_colour", "train_clip_arcface"}
 
 
 def _module(name: str):
@@ -81,7 +86,7 @@ def test_scripts_declare_only_their_own_fields(name):
     hints = typing.get_type_hints(cls)
     for group in GROUPS:
         for flag in group.__dict__.get("__annotations__", {}):  # the flags this group declares itself
-            if flag not in cls.__dataclass_fields__:
+            if flag not in cls.__dataclass_fields__ or (group is TimmModelConfig and name in OPEN_CLIP_SCRIPTS):
                 continue
             assert issubclass(cls, group), f"{name}: --{flag} is {group.__name__}'s flag; mix the group in"
             if flag in own:
@@ -177,3 +182,20 @@ def test_the_submission_client_starts_without_torch():
     code = "import sys, submit; sys.exit(1 if 'torch' in sys.modules else 0)"
     proc = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True)
     assert proc.returncode == 0, proc.stderr or "submit.py imported torch"
+
+
+@pytest.mark.parametrize("name,glob", [("infer_dino", "*dinov2*"), ("train_resnet", "*resnet*"), ("infer_cnn_features", "*resnet*")])
+def test_timm_scripts_share_the_model_group(name, glob, tmp_path):
+    """The timm scripts take --model and --img-size from TimmModelConfig; the error keeps each script's family hint."""
+    assert issubclass(_module(name).Config, TimmModelConfig)
+    with pytest.raises(KitError, match=re.escape(f"--model 'no_such_model': not a timm model; list them with timm.list_models('{glob}')")):
+        _checked(name, ["--data", str(tmp_path), "--model", "no_such_model"])
+    with pytest.raises(KitError, match="^--img-size 0: at least 1$"):
+        _checked(name, ["--data", str(tmp_path), "--img-size", "0"])
+
+
+@pytest.mark.parametrize("name", sorted(OPEN_CLIP_SCRIPTS))
+def test_open_clip_scripts_keep_their_own_model_flags(name):
+    """The exemption above names real scripts whose --model is not a timm name."""
+    cls = _module(name).Config
+    assert not issubclass(cls, TimmModelConfig) and "model" in cls.__dataclass_fields__

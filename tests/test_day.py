@@ -150,6 +150,7 @@ def test_sigterm_in_a_model_run_then_resume_gives_the_same_ensemble(rehearsal_da
     proc.send_signal(signal.SIGTERM)
     _, err = proc.communicate(timeout=600)
     assert proc.returncode == 130, err[-2000:]
+    assert err.strip().splitlines()[-1].startswith("interrupted (SIGTERM); to go on, run it again"), err[-2000:]
     log = (killed / "runs" / "day.log").read_text()
     assert "interrupted (SIGTERM)" in log and last_day(killed / "runs") == {"preflight": "ran", "a": "ran"}
     assert not (killed / "runs" / "b" / "meta.json").exists()
@@ -159,6 +160,43 @@ def test_sigterm_in_a_model_run_then_resume_gives_the_same_ensemble(rehearsal_da
                                          "visualize": "ran", "dry-run": "ran", "submit": "stopped", "report": "written"}
     np.testing.assert_array_equal(np.load(killed / "runs" / "ensemble" / "test_sim.npy"),
                                   np.load(clean / "runs" / "ensemble" / "test_sim.npy"))
+
+
+# day.py as run on the day, held at the start of its stages until the test's SIGTERM lands (no model is trained)
+DAY_HELD_AT_START = """
+import sys
+import day
+from utils.errors import run_cli
+
+
+def held(*args):
+    print("day: stages started", flush=True)
+    sys.stdin.read()  # the SIGTERM handler raises here; returns only when the test is gone
+    raise SystemExit(3)
+
+
+day.run_day = held
+sys.argv[0] = "day.py"
+run_cli(day.main)
+"""
+
+
+def test_sigterm_is_named_sigterm_in_the_line_and_the_log(tmp_path):
+    """The one line on stderr and day.log both say SIGTERM (not Ctrl-C); the day's exit code stays 130."""
+    (tmp_path / "data").mkdir()
+    argv = day_argv(tmp_path / "data", tmp_path, recipe(tmp_path))
+    proc = subprocess.Popen([sys.executable, "-c", DAY_HELD_AT_START, *argv], cwd=ROOT, stdin=subprocess.PIPE,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        lines_until(proc, "day: stages started", stream=proc.stdout)
+        proc.send_signal(signal.SIGTERM)
+        _, err = proc.communicate(timeout=120)
+    finally:
+        proc.kill()
+    assert proc.returncode == 130, err[-2000:]
+    last = err.strip().splitlines()[-1]
+    assert last.startswith("interrupted (SIGTERM); to go on, run it again") and last.endswith(f"day.py {' '.join(argv)}"), err[-2000:]
+    assert "interrupted (SIGTERM): run the same command again to resume" in (tmp_path / "runs" / "day.log").read_text()
 
 
 def test_recipe_mistakes_are_one_line_errors(tmp_path, rehearsal_data_session, monkeypatch):

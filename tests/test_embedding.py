@@ -16,10 +16,11 @@ from tests.helpers.paths import ROOT
 from utils.cache import cached, files_key
 from utils.data.augment import IMAGENET_MEAN, IMAGENET_STD, eval_transform
 from utils.deps import require
-from utils.embedding.embed import cosine_similarity, embed_arrays, embed_images
+from utils.embedding.embed import embed_arrays, embed_images
 from utils.embedding.step import similarities
 from utils.embedding.views import PixelScale, View, render_view, tta_views
 from utils.errors import KitError
+from utils.runs.cosine import cosine_similarity
 
 CPU = torch.device("cpu")
 

@@ -11,9 +11,10 @@ import torch
 
 import infer_facenet
 import train_face_adapter
-from utils.embedding.embed import cosine_similarity, l2_normalize
+from utils.embedding.embed import l2_normalize
 from utils.errors import KitError
 from utils.faces.adapter import Adapter, DomainStats, cross_domain_pairs
+from utils.runs.cosine import cosine_similarity
 from utils.runs.similarity_io import load_run
 
 

@@ -124,7 +124,7 @@ def test_a_torn_last_line_never_swallows_the_next_entry(torn, run_dir, tmp_path,
     with local_server() as (srv, url):
         assert submit.main(submit_args(run_dir, url, out)) == 0
     entries = ledger.read(out)
-    assert [(e.number, e.outcome, e.record["score"]) for e in entries] == [(1, "dry-run", None), (3, "submitted", 1000.0)]
+    assert [(e.number, e.outcome, e.record["score"]) for e in entries] == [(1, "dry-run", None), (2, "submitted", 1000.0)]
     lines = (out / ledger.LEDGER_NAME).read_bytes().split(b"\n")
     assert lines[1] == torn and json.loads(lines[2])["kind"] == "attempt" and json.loads(lines[3])["kind"] == "outcome"
     assert "2 attempt(s)" in history(out, capsys)

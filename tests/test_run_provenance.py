@@ -24,6 +24,7 @@ from tests.helpers.processes import lines_until
 from tests.helpers.runs import write_runs
 from utils.checklist import BLOCK, OK, Checklist
 from utils.errors import KitError
+from utils.file_hash import file_sha256
 from utils.runs.model_run import begin_inference_run
 from utils.runs.run_checks import check_runs
 from utils.runs.run_lock import LOCK_NAME, acquire_run_lock, release_run_lock
@@ -84,6 +85,18 @@ def rerun(run_dir: Path, seed: int) -> None:
 
 
 # ------------------------------------------------------------------ point 2: a stale ensemble is refused
+def test_the_file_hash_streams_a_file_over_many_reads_and_names_a_missing_one(tmp_path):
+    """One helper (utils/file_hash.py) hashes member files, top-k files and preflight's duplicates."""
+    big = tmp_path / "big.bin"
+    data = np.random.default_rng(0).bytes(5 * (1 << 20) + 17)  # several read buffers, and a ragged tail
+    big.write_bytes(data)
+    (tmp_path / "empty.bin").write_bytes(b"")
+    assert file_sha256(big) == hashlib.sha256(data).hexdigest()
+    assert file_sha256(tmp_path / "empty.bin") == hashlib.sha256(b"").hexdigest()
+    with pytest.raises(FileNotFoundError):  # check_members tells "missing" from "cannot be read" by this
+        file_sha256(tmp_path / "gone.bin")
+
+
 def test_an_ensemble_whose_member_was_rerun_is_refused_by_submit_and_preflight(tmp_path):
     runs, _ = write_runs(tmp_path)
     assert ensemble.main(["--runs", str(runs), *FAST]) == 0

@@ -260,13 +260,15 @@ def test_ledger_history_and_resend_by_number(rehearsal_data_session, run_dir, tm
     with competition_server(rehearsal_data_session) as url:
         assert submit.main(["--resend", "1", "--url", url, "--out", str(out)]) == 0
     entries = ledger.read(out)
-    assert [(e.number, e.record["outcome"], e.record["score"]) for e in entries] == [(1, "dry-run", None), (3, "submitted", 1000.0)]
+    assert [(e.number, e.record["outcome"], e.record["score"]) for e in entries] == [(1, "dry-run", None), (2, "submitted", 1000.0)]
     assert entries[0].record["sha256"] == entries[1].record["sha256"] == ledger.body_sha256(entries[0].body)
     assert "line 2: skipped" in caplog.text
     capsys.readouterr()
     assert submit.main(["--history", "--out", str(out)]) == 0
     shown = capsys.readouterr().out
     assert "dry-run" in shown and "submitted" in shown and "1000.0" in shown and "2 attempt(s)" in shown
+    with pytest.raises(KitError, match=r"already sent \(ledger entry 2: submitted, score 1000.0"):
+        submit.main(["--resend", "2", "--url", url, "--out", str(out)])  # the number --history shows, not the line
     Path(entries[0].body).write_text(json.dumps({"groupname": "x", "images": {}}))
     with pytest.raises(KitError, match="changed since it was recorded"):
         submit.main(["--resend", "1", "--url", url, "--out", str(out)])

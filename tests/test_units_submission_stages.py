@@ -142,6 +142,22 @@ def test_send_without_a_score_is_not_submitted_and_says_how_to_resend(rehearsal_
     assert not path.with_suffix(".response.json").exists()
 
 
+def test_entries_are_numbered_1_to_n_whatever_lines_lie_between(tmp_path):
+    """Outcome lines and a torn line take no number: --history, --resend N and the attempt's own number agree."""
+    out, body = tmp_path / "s", tmp_path / "body.json"
+    body.write_text("{}")
+    numbers = []
+    for _ in range(2):
+        attempt_id, number = ledger.write_attempt(out, body=body, url="http://127.0.0.1:1/", group="team")
+        ledger.write_outcome(out, attempt_id, "rejected", answer="400")
+        numbers.append(number)
+    with open(out / ledger.LEDGER_NAME, "ab") as f:
+        f.write(b'{"torn')  # a kill mid-write
+    last_id, number = ledger.write_attempt(out, body=body, url="http://127.0.0.1:1/", group="team")
+    assert numbers + [number] == [1, 2, 3] == [e.number for e in ledger.read(out)]
+    assert ledger.find(out, 3).record["id"] == last_id and len((out / ledger.LEDGER_NAME).read_bytes().splitlines()) == 6
+
+
 def test_history_lists_attempts_and_flags_unknown_outcomes(rehearsal_data_session, run_dir, tmp_path, capsys):
     out = tmp_path / "s"
     assert stages.show_history(out) == 0

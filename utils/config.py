@@ -8,8 +8,8 @@ Flags that several scripts share are declared once, in a group (a
 :class:`ConfigGroup` dataclass with a ``check()`` of its own fields) that each
 script's ``Config`` mixes in: data and split (:class:`DataConfig`), device
 (:class:`DeviceConfig`), run form (:class:`FormConfig`), the training loop
-(:class:`LoopConfig`, :class:`FineTuneConfig`) and the embedding step
-(:class:`EmbeddingConfig`). A script declares only its own fields, may give a
+(:class:`LoopConfig`, :class:`FineTuneConfig`), the embedding step
+(:class:`EmbeddingConfig`) and a timm backbone (:class:`TimmModelConfig`). A script declares only its own fields, may give a
 shared flag its own default or help with :func:`override`, and its
 ``check_config`` calls :func:`check_groups` before its own checks.
 
@@ -308,3 +308,21 @@ class EmbeddingConfig(ConfigGroup):
 
         resolve_workers(self.workers)
         tta_views(self.tta)
+
+
+@dataclass
+class TimmModelConfig(ConfigGroup):
+    """The timm backbone and its square input side (the CLIP scripts' --model and --img-size are open_clip's, their own)."""
+
+    # any timm name; a script gives its own default with override()
+    model: str = field(default="resnet50", metadata={"help": "timm model name"})
+    img_size: int = field(default=224, metadata={"help": "square input side in pixels"})
+    # the pattern the --model error suggests to timm.list_models(); a script whose family differs re-sets it (no flag)
+    model_glob = "*resnet*"
+
+    def check(self) -> None:
+        import timm  # imported only by the scripts that build a timm model
+
+        if not timm.is_model(self.model):
+            raise KitError(f"--model {self.model!r}: not a timm model; list them with timm.list_models({self.model_glob!r})")
+        check_at_least(self, ("img_size",))

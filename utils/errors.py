@@ -10,8 +10,9 @@ Anything else is a bug in the kit and keeps its traceback.
 Ctrl-C and SIGTERM end the same way: one line with the exact command that goes
 on (:func:`resume_command`): the same command plus ``--resume`` for a script
 that has the flag, else the same command (its caches make finished steps
-cheap), or what the script's module sets in ``INTERRUPT_HINT``. Exit code 130
-(Ctrl-C) or 143 (SIGTERM).
+cheap), or what the script's module sets in ``INTERRUPT_HINT``. The line names
+the signal (``interrupted (Ctrl-C)`` or ``interrupted (SIGTERM)``). Exit code 130
+(Ctrl-C) or 143 (SIGTERM; a script may document another, see :class:`Terminated`).
 """
 
 from __future__ import annotations
@@ -83,7 +84,15 @@ def filesystem_error(err: OSError, path: str | os.PathLike | None = None) -> Fil
 
 
 class Terminated(KeyboardInterrupt):
-    """SIGTERM, raised where the process was, so that it ends like Ctrl-C (files closed, temps removed)."""
+    """SIGTERM, raised where the process was, so that it ends like Ctrl-C (files closed, temps removed).
+
+    :func:`run_cli` names the signal and exits with ``exit_code``: 143 (128 + SIGTERM) unless the
+    script documents another (day.py: 130 for either signal).
+    """
+
+    def __init__(self, exit_code: int = 143):
+        super().__init__("SIGTERM")
+        self.exit_code = exit_code
 
 
 def _raise_terminated(signum, frame) -> None:
@@ -135,7 +144,7 @@ def _run_main(main: Callable[[Sequence[str] | None], int | None]) -> int:
         term = isinstance(err, Terminated)
         signal.signal(signal.SIGTERM, signal.SIG_DFL)  # a second SIGTERM while printing ends the process
         print(f"interrupted ({'SIGTERM' if term else 'Ctrl-C'}); {resume_command(main)}", file=sys.stderr)
-        return 143 if term else 130
+        return err.exit_code if term else 130
 
 
 def run_cli(main: Callable[[Sequence[str] | None], int | None]) -> None:

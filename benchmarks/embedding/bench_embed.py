@@ -188,7 +188,6 @@ def main() -> int:
         md.append("| " + " | ".join(cells) + " |")
     console.print(table)
     write_results(args.out, "\n".join(md))
-    console.print(f"wrote {args.out}")
     return 0
 
 

@@ -240,9 +240,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         table, text = memory(args)
         console.print(table)
         md = ["# Ensemble memory benchmark\n", f"Command: `.venv/bin/python benchmarks/ensemble/bench_ensemble.py {' '.join(argv or sys.argv[1:])}`\n", text]
-        write_results(out, "\n".join(md))
         console.print(text)
-        console.print(f"wrote {out}")
+        write_results(out, "\n".join(md))
         return 0
     if args.quality:
         for i, runs_dir in enumerate(args.runs):
@@ -256,7 +255,6 @@ def main(argv: Sequence[str] | None = None) -> int:
         md += ["## Weight-search timing\n", text]
     out = args.out or ROOT / "benchmarks/results" / ("ensemble.md" if args.quality else "ensemble_timing.md")
     write_results(out, "\n".join(md))
-    console.print(f"wrote {out}")
     return 0
 
 

@@ -373,7 +373,6 @@ def main(argv: Sequence[str] | None = None) -> int:
     for table in results_tables(rows, args.pairs):
         console.print(table)
     write_results(args.results, markdown(rows, args.pairs, [], notes(args, time.time() - t0)), None if argv is None else [__file__, *argv])
-    console.print(f"wrote {args.results}")
     return 0
 
 

@@ -167,7 +167,6 @@ def main(argv: Sequence[str] | None = None) -> int:
         "Scores are class-level retrieval over few classes, so Top-10 is nearly always hit; mAP@All separates the models.",
     ]
     write_results(args.results, markdown(rows, command, notes))
-    console.print(f"wrote {args.results}")
     return 0
 
 

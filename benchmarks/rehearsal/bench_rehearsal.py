@@ -65,7 +65,6 @@ def main() -> int:
     md.append(f"| median | | | {med:.2f}x | |")
     console.print(table)
     write_results(args.out, "\n".join(md))
-    console.print(f"wrote {args.out}")
     return 0
 
 

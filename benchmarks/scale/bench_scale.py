@@ -432,7 +432,6 @@ def main(argv: Sequence[str] | None = None) -> int:
     targets = target_table(results)
     check_lines, ok = check_report(args, check, scores, disk)
     write_results(args.out, report(args, argv, total / 60, (load_start, load_end), (stages, targets, check_lines)))
-    console.print(f"wrote {args.out}")
     return 0 if ok else 1
 
 if __name__ == "__main__":

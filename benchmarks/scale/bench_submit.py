@@ -175,7 +175,6 @@ def main(argv: Sequence[str] | None = None) -> int:
         console.print(table)
         md += [f"## {table.title}\n", *rows, ""]
     write_results(args.out, "\n".join(md))
-    console.print(f"wrote {args.out}")
     return 0
 
 

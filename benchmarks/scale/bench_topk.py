@@ -213,7 +213,6 @@ def main(argv: Sequence[str] | None = None) -> int:
             f"divided by the {os.cpu_count()} cores it estimates the wall time on an idle machine.\n\n"
             + "\n".join(md) + "\n")
     write_results(args.out, text)
-    console.print(f"wrote {args.out}")
     return 0
 
 

@@ -7,7 +7,6 @@ training images, near-empty images and duplicate files are warnings.
 
 from __future__ import annotations
 
-import hashlib
 import json
 from collections import Counter
 from pathlib import Path
@@ -19,19 +18,10 @@ from utils.data.images import ImageError, load_image, scan_folder
 from utils.data.layout import MIN_GALLERY, DataLayout, load_layout, stray_training_files
 from utils.data.split import SplitParams, make_split
 from utils.errors import KitError
+from utils.file_hash import file_sha256
 from utils.progress import track
 
 NEAR_EMPTY_STD = 2.0  # pixel standard deviation (0-255) below which an image is blank or nearly so
-_CHUNK = 1 << 20
-
-
-def file_sha256(path: Path) -> str:
-    """sha256 of a file's bytes, read in chunks."""
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        while chunk := f.read(_CHUNK):
-            digest.update(chunk)
-    return digest.hexdigest()
 
 
 def _examples(entries: list[tuple[Path, str]], root: Path) -> str:

@@ -41,12 +41,6 @@ def l2_normalize(x: np.ndarray) -> np.ndarray:
     return (x / np.maximum(norm, 1e-12)).astype(np.float32, copy=False)
 
 
-def cosine_similarity(query_emb: np.ndarray, gallery_emb: np.ndarray) -> np.ndarray:
-    """Dot products of L2-normalised embeddings, float32 (no extra copy of the matrix)."""
-    sim = np.asarray(query_emb, dtype=np.float32) @ np.asarray(gallery_emb, dtype=np.float32).T
-    return sim.astype(np.float32, copy=False)
-
-
 @torch.inference_mode()
 def embed_batches(
     forward: Forward,

@@ -14,9 +14,10 @@ Each line goes out in one ``write`` on a file opened for appending, then
 fsync; when the file does not end with a newline (a torn line left by a kill),
 the new line starts with one, so a torn line never swallows the next entry.
 Reading skips a line that does not parse, with a warning. Numbers are stored as
-JSON numbers; NaN and infinities as null. An entry's number is the line number
-of its attempt, so numbers never shift (``submit.py --history`` shows them;
-``--resend N`` takes one). Lines without ``kind`` (older ledgers) are complete entries.
+JSON numbers; NaN and infinities as null. Entries are numbered 1..n in the order of
+their attempts (outcome lines and skipped lines take no number); the ledger is only
+appended to, so numbers never shift (``submit.py --history`` shows them; ``--resend N``
+takes one). Lines without ``kind`` (older ledgers) are complete entries.
 """
 
 from __future__ import annotations
@@ -48,7 +49,7 @@ MAY_COUNT = ("submitted", "not-confirmed", UNKNOWN)  # outcomes after which the 
 
 @dataclass
 class Entry:
-    """One attempt as read back (joined with its outcome); ``number`` is its line in the ledger (from 1)."""
+    """One attempt as read back (joined with its outcome); ``number`` is its place among the attempts (from 1)."""
 
     number: int
     record: dict[str, Any]
@@ -83,8 +84,8 @@ def _now() -> str:
     return datetime.now(timezone.utc).isoformat(timespec="seconds")
 
 
-def _write_line(path: Path, record: dict[str, Any]) -> int:
-    """Append ``record`` as one line, on a line of its own, fsynced; its line number.
+def _write_line(path: Path, record: dict[str, Any]) -> None:
+    """Append ``record`` as one line, on a line of its own, fsynced.
 
     Raises:
         OSError: the folder or the file cannot be written (read-only, full, too large).
@@ -97,7 +98,6 @@ def _write_line(path: Path, record: dict[str, Any]) -> int:
         before = os.pread(fd, size, 0) if size else b""
         if before and not before.endswith(b"\n"):
             line = b"\n" + line  # a torn last line stays alone; ours starts on the next
-        number = before.count(b"\n") + (1 if before and not before.endswith(b"\n") else 0) + 1
         view = memoryview(line)
         try:
             while view:
@@ -108,7 +108,6 @@ def _write_line(path: Path, record: dict[str, Any]) -> int:
             raise
     finally:
         os.close(fd)
-    return number
 
 
 def _take_back(fd: int, size: int, written: int) -> None:
@@ -142,7 +141,9 @@ def write_attempt(out_dir: str | Path, *, body: Path, url: str, group: str) -> t
         OSError: the ledger cannot be written (then nothing may be sent).
     """
     record = _attempt_record(body, url, group)
-    return record["id"], _write_line(Path(out_dir) / LEDGER_NAME, record)
+    path = Path(out_dir) / LEDGER_NAME
+    _write_line(path, record)
+    return record["id"], next(e.number for e in _entries(path, warn=False) if e.record.get("id") == record["id"])
 
 
 def write_outcome(out_dir: str | Path, attempt_id: str, outcome: str, answer: Any = "", score: float | None = None) -> None:
@@ -157,8 +158,8 @@ def write_outcome(out_dir: str | Path, attempt_id: str, outcome: str, answer: An
     _write_line(Path(out_dir) / LEDGER_NAME, record)
 
 
-def _lines(path: Path) -> list[tuple[int, dict[str, Any]]]:
-    """``(line number, object)`` of each line that parses as a JSON object; others skipped with a warning."""
+def _lines(path: Path, warn: bool = True) -> list[tuple[int, dict[str, Any]]]:
+    """``(line number, object)`` of each line that parses as a JSON object; others skipped (with a warning)."""
     records = []
     with open(path, "rb") as f:
         for number, raw in enumerate(f, start=1):
@@ -169,7 +170,8 @@ def _lines(path: Path) -> list[tuple[int, dict[str, Any]]]:
                 if not isinstance(record, dict):
                     raise ValueError("not a JSON object")
             except (ValueError, UnicodeDecodeError, RecursionError) as err:
-                log.warning("%s line %d: skipped, not a ledger entry (%s)", path, number, str(err)[:120])
+                if warn:
+                    log.warning("%s line %d: skipped, not a ledger entry (%s)", path, number, str(err)[:120])
                 continue
             records.append((number, record))
     return records
@@ -178,20 +180,24 @@ def _lines(path: Path) -> list[tuple[int, dict[str, Any]]]:
 def read(out_dir: str | Path) -> list[Entry]:
     """Every entry, in order, each attempt joined with its outcome (``unknown`` when it has none)."""
     path = Path(out_dir) / LEDGER_NAME
-    if not path.is_file():
-        return []
+    return _entries(path) if path.is_file() else []
+
+
+def _entries(path: Path, warn: bool = True) -> list[Entry]:
+    """The entries of the ledger at ``path``, numbered 1..n in the order of their attempts."""
     entries: list[Entry] = []
     by_id: dict[str, Entry] = {}
-    for number, record in _lines(path):
+    for line, record in _lines(path, warn):
         if record.get("kind") == "outcome":
             entry = by_id.get(str(record.get("id")))
             if entry is None:
-                log.warning("%s line %d: an outcome of no recorded attempt, skipped", path, number)
+                if warn:
+                    log.warning("%s line %d: an outcome of no recorded attempt, skipped", path, line)
                 continue
             entry.record.update({k: v for k, v in record.items() if k in ("outcome", "answer", "score")})
             entry.record["outcome_time"] = record.get("time")
             continue
-        entry = Entry(number, dict(record))
+        entry = Entry(len(entries) + 1, dict(record))
         entry.record.setdefault("outcome", UNKNOWN)
         entries.append(entry)
         if record.get("id"):

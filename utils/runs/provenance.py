@@ -17,15 +17,13 @@ Example:
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 from pathlib import Path
 from typing import Any
 
 from utils.errors import KitError
-
-_CHUNK = 1 << 20
+from utils.file_hash import file_sha256
 
 
 class StaleEnsemble(KitError):
@@ -48,14 +46,6 @@ def member_record(out_dir: str | Path, run_dir: str | Path, meta: dict[str, Any]
     """A ``members`` entry: name, folder relative to the fused run, model, metrics and file hashes."""
     return {"name": Path(run_dir).name, "path": str(run_dir), "dir": os.path.relpath(Path(run_dir).absolute(), Path(out_dir).absolute()),
             "model": meta.get("model", Path(run_dir).name), "metrics": meta.get("metrics", {}), "files": member_files(meta)}
-
-
-def file_sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        while chunk := f.read(_CHUNK):
-            h.update(chunk)
-    return h.hexdigest()
 
 
 def _member_problem(run_dir: Path, files: dict[str, str]) -> str:

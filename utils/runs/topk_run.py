@@ -50,6 +50,7 @@ import numpy as np
 
 from utils.atomic import atomic_write_bytes, atomic_write_json
 from utils.errors import KitError
+from utils.file_hash import file_sha256
 from utils.progress import ProgressBar
 from utils.runs.provenance import check_members, member_record
 from utils.runs.run_lock import run_lock
@@ -128,14 +129,6 @@ def _npy_bytes(array: np.ndarray) -> bytes:
     return buf.getvalue()
 
 
-def _file_sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 24), b""):
-            h.update(chunk)
-    return h.hexdigest()
-
-
 def save_topk_split(run_dir: str | Path, split: str, data: TopkSplit) -> dict[str, Any]:
     """Write one split's files atomically; returns its entry for ``meta.json`` (names, K, file hashes)."""
     run_dir = Path(run_dir)
@@ -200,7 +193,7 @@ def is_topk_run(run_dir: str | Path) -> bool:
 def _load_array(path: Path, sha: str | None) -> np.ndarray:
     if not path.is_file():
         raise KitError(f"{path}: not found; the model run did not finish")
-    if sha is not None and _file_sha256(path) != sha:
+    if sha is not None and file_sha256(path) != sha:
         raise KitError(f"{path}: does not match the hash in meta.json (changed or half-copied); re-run the model")
     try:
         return np.load(path, allow_pickle=False)
