@@ -246,7 +246,7 @@ def main(argv: Sequence[str] | None = None) -> int:
 
     md = tables(data, args, rows, faces, seconds, speed_rows)
     write_results(RESULT, "\n".join(md))
-    console.print(f"written {RESULT.relative_to(ROOT)}; runs in {runs.relative_to(ROOT)}")
+    console.print(f"runs in {runs.relative_to(ROOT)}")
     return 0
 
 

@@ -199,7 +199,6 @@ def main(argv: Sequence[str] | None = None) -> int:
            + (" --skip-scores" if args.skip_scores else "") + (" --skip-detection" if args.skip_detection else "") + "`", ""]
     result = RESULT.with_name("bench_faces_hard_scores.md") if args.skip_detection else RESULT
     write_results(result, "\n".join(md))
-    console.print(f"written {result.relative_to(ROOT)}")
     return 0
 
 

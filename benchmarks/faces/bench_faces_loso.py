@@ -258,7 +258,6 @@ def study_main(seeds: Sequence[int]) -> None:
         console.print(table)
         md += lines
     write_results(RESULT, "\n".join(md))
-    console.print(f"written {RESULT.relative_to(ROOT)}")
 
 
 def main(argv: Sequence[str] | None = None) -> int:

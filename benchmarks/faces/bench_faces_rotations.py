@@ -93,7 +93,6 @@ def main(argv: Sequence[str] | None = None) -> int:
     lines += ["Command: `HF_HUB_OFFLINE=1 .venv/bin/python benchmarks/faces/bench_faces_rotations.py --seeds "
               + " ".join(map(str, args.seeds)) + "`", ""]
     write_results(RESULT, "\n".join(lines))
-    console.print(f"written {RESULT.relative_to(ROOT)}")
     return 0
 
 

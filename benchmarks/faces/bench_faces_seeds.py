@@ -140,7 +140,6 @@ def main(argv: Sequence[str] | None = None) -> int:
         lines += ["Command: `HF_HUB_OFFLINE=1 .venv/bin/python benchmarks/faces/bench_faces_seeds.py --detection --seeds "
                   + " ".join(map(str, args.seeds)) + "`", ""]
         write_results(RESULT.with_name("bench_faces_seeds_detection.md"), "\n".join(lines))
-        console.print(f"written {RESULT.with_name('bench_faces_seeds_detection.md').relative_to(ROOT)}")
         return 0
     results = {s: one_seed(s) for s in args.seeds}
     seeds = list(results)
@@ -167,7 +166,6 @@ def main(argv: Sequence[str] | None = None) -> int:
         md += lines
     md += ["Command: `HF_HUB_OFFLINE=1 .venv/bin/python benchmarks/faces/bench_faces_seeds.py --seeds " + " ".join(map(str, seeds)) + "`", ""]
     write_results(RESULT, "\n".join(md))
-    console.print(f"written {RESULT.relative_to(ROOT)}")
     return 0
 
 

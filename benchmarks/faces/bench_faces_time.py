@@ -78,7 +78,6 @@ def main(argv: Sequence[str] | None = None) -> int:
     write_results(RESULT, "\n".join(["## Time per image: gallery views against none", "",
                                      "Issue 25's bound: at most 1.5x the time per image of the recipe without views. Pairs alternate "
                                      "which recipe runs first; the ratio is taken within each pair.", "", *lines]))
-    console.print(f"written {RESULT.relative_to(ROOT)}")
     return 0
 
 

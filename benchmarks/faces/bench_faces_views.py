@@ -140,7 +140,6 @@ def main(argv: Sequence[str] | None = None) -> int:
     md += [f"Command: `HF_HUB_OFFLINE=1 nice -n 10 .venv/bin/python benchmarks/faces/bench_faces_views.py --seed {args.seed}`; "
            "shared 2-core CPU: times compare within one run only.", ""]
     write_results(RESULT, "\n".join(md))
-    console.print(f"written {RESULT.relative_to(ROOT)}")
     return 0
 
 
