@@ -10,16 +10,21 @@ identities, and write the adapted run (runs/<source>_adapted/) for the ensemble.
     python train_face_adapter.py --data DATA --source dlib --pairs all --loss contrastive
     # style invariance from generated styles: 4 renders of each real training photo (utils/faces/styles.py)
     python train_face_adapter.py --data DATA --source dlib --rendered-pairs 4
+    # FaceNet's own blocks (GPU; after `infer_facenet.py --embedder facenet`): its first 4 blocks, with renders each step
+    python train_face_adapter.py --data DATA --source facenet --adapter finetune --finetune-part early --finetune-blocks 4 --rendered-pairs 2
 
 Stages: read runs/<source>/meta.json (a face run of infer_facenet.py: its
 detector, crops, embedder and TTA views) -> embed the training images the same
 way (val and test embeddings come from the shared face cache) -> per-domain
 statistics of the training embeddings (--domain-stats; utils/faces/adapter.py)
 -> train a residual adapter (--adapter linear|mlp, zero at the start: the
-identity) with the shared loop (utils/training/loop.py: best.pt by validation,
---resume, reuse of a finished run) on M-per-class batches, a
-pytorch-metric-learning loss over real<->synthetic pairs (with --rendered-pairs N,
-also N renders of each real training photo in random styles of utils/faces/styles.py)
+identity), or FaceNet's own first or last blocks on the training crops (--adapter
+finetune --finetune-part early|late; utils/faces/finetune.py), with the shared loop
+(utils/training/loop.py: best.pt by validation, --resume, reuse of a finished run)
+on M-per-class batches, a pytorch-metric-learning loss over real<->synthetic pairs
+(with --rendered-pairs N, also N renders of each real training photo in random
+styles of utils/faces/styles.py; the fine-tune renders each batch's real photos
+afresh every step)
 -> score the source, the statistics alone and statistics + adapter on validation
 (the competition score, ties broken by mAP@All; where candidates tie at the top
 score, the harder validation of utils/faces/tiebreak.py decides), keep the best: a
