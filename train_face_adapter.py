@@ -10,16 +10,21 @@ identities, and write the adapted run (runs/<source>_adapted/) for the ensemble.
     python train_face_adapter.py --data DATA --source dlib --pairs all --loss contrastive
     # style invariance from generated styles: 4 renders of each real training photo (utils/faces/styles.py)
     python train_face_adapter.py --data DATA --source dlib --rendered-pairs 4
+    # FaceNet's own blocks (GPU; after `infer_facenet.py --embedder facenet`): its first 4 blocks, with renders each step
+    python train_face_adapter.py --data DATA --source facenet --adapter finetune --finetune-part early --finetune-blocks 4 --rendered-pairs 2
 
 Stages: read runs/<source>/meta.json (a face run of infer_facenet.py: its
 detector, crops, embedder and TTA views) -> embed the training images the same
 way (val and test embeddings come from the shared face cache) -> per-domain
 statistics of the training embeddings (--domain-stats; utils/faces/adapter.py)
 -> train a residual adapter (--adapter linear|mlp, zero at the start: the
-identity) with the shared loop (utils/training/loop.py: best.pt by validation,
---resume, reuse of a finished run) on M-per-class batches, a
-pytorch-metric-learning loss over real<->synthetic pairs (with --rendered-pairs N,
-also N renders of each real training photo in random styles of utils/faces/styles.py)
+identity), or FaceNet's own first or last blocks on the training crops (--adapter
+finetune --finetune-part early|late; utils/faces/finetune.py), with the shared loop
+(utils/training/loop.py: best.pt by validation, --resume, reuse of a finished run)
+on M-per-class batches, a pytorch-metric-learning loss over real<->synthetic pairs
+(with --rendered-pairs N, also N renders of each real training photo in random
+styles of utils/faces/styles.py; the fine-tune renders each batch's real photos
+afresh every step)
 -> score the source, the statistics alone and statistics + adapter on validation
 (the competition score, ties broken by mAP@All; where candidates tie at the top
 score, the harder validation of utils/faces/tiebreak.py decides), keep the best: a
@@ -64,8 +69,18 @@ from utils.embedding.views import View
 from utils.errors import KitError, run_cli
 from utils.faces.adapter import ADAPTERS, DOMAIN_STATS, Adapter, DomainStats, cross_domain_pairs
 from utils.faces.cascade import MTCNN_STAGES
-from utils.faces.finetune import FACENET_BLOCKS, CropPairStep, freeze_frozen_norms, unfreeze_last_blocks
-from utils.faces.pipeline import FACE_FIELDS, OPTIONAL_FACE_FIELDS, FacePipeline
+from utils.faces.finetune import (
+    EARLY_BLOCKS,
+    FACENET_BLOCKS,
+    FINETUNE_PARTS,
+    CropPairStep,
+    StepRenders,
+    finetune_block_names,
+    freeze_frozen_norms,
+    norm_train_blocks,
+    unfreeze_blocks,
+)
+from utils.faces.pipeline import FACE_FIELDS, OPTIONAL_FACE_FIELDS, FacePipeline, colour_transform
 from utils.faces.styles import StyleLibrary
 from utils.faces.tiebreak import TieBreak, break_tie, face_harder_set, mapped, tied_at_top
 from utils.faces.views import fuse
@@ -92,15 +107,16 @@ class Config(LoopConfig, FormConfig, RunConfig):
     # what is learned from the training identities; each candidate is kept only if it wins on validation
     domain_stats: str = field(default="none", metadata={"help": "per-domain statistics applied first", "choices": list(DOMAIN_STATS)})
     shrinkage: float = field(default=0.5, metadata={"help": "whiten: covariance shrinkage towards the identity (0: none, 1: no whitening)"})
-    adapter: str = field(default="mlp", metadata={"help": "residual adapter trained on the (centred) embeddings; finetune: FaceNet's last blocks instead (GPU); none: statistics only", "choices": [*ADAPTERS, "finetune"]})
+    adapter: str = field(default="mlp", metadata={"help": "residual adapter trained on the (centred) embeddings; finetune: FaceNet's own blocks instead (GPU); none: statistics only", "choices": [*ADAPTERS, "finetune"]})
     hidden: int = field(default=256, metadata={"help": "mlp: hidden width"})
-    finetune_blocks: int = field(default=3, metadata={"help": f"finetune: FaceNet blocks trained, from the end of {list(FACENET_BLOCKS)}", "metavar": "N"})
+    finetune_part: str = field(default="late", metadata={"help": "finetune: late trains FaceNet's last blocks, early its first ones (where strokes and texture are read), the rest frozen", "choices": list(FINETUNE_PARTS)})
+    finetune_blocks: int = field(default=3, metadata={"help": f"finetune: FaceNet blocks trained, from the end of {list(FACENET_BLOCKS)} (late) or the start of {list(EARLY_BLOCKS)} (early)", "metavar": "N"})
     finetune_lr: float = field(default=1e-4, metadata={"help": "finetune: peak learning rate"})
     loss: str = field(default="multi-similarity", metadata={"help": "pytorch-metric-learning pair loss", "choices": list(PAIR_LOSSES)})
     pairs: str = field(default="cross", metadata={"help": "cross: only real<->synthetic pairs (what retrieval meets); all: every pair", "choices": ["cross", "all"]})
     # style invariance from generated styles (utils/faces/styles.py): each real training photo's face crop rendered
     # N times into random styles of the library, each render a synthetic-side image of the photo's identity
-    rendered_pairs: int = field(default=0, metadata={"help": "renders per real training photo (0: none; measured: benchmarks/results/bench_faces_loso.md)", "metavar": "N"})
+    rendered_pairs: int = field(default=0, metadata={"help": "renders per real training photo (0: none; measured: benchmarks/results/bench_faces_loso.md); finetune: per real photo of each batch, rendered afresh every step", "metavar": "N"})
     rendered_exclude: list[str] = field(default_factory=list, metadata={"help": "styles of the library (utils/faces/styles.py TRAIN_STYLES) never rendered", "metavar": "STYLE"})
     # training (the shared loop)
     epochs: int = override(40)
@@ -125,8 +141,12 @@ def check_config(cfg: Config) -> None:
         raise KitError(f"--rendered-pairs {cfg.rendered_pairs}: renders per real training photo, 0 or more")
     if cfg.rendered_pairs:
         StyleLibrary(exclude=tuple(cfg.rendered_exclude))  # an unknown style, or every style excluded, fails here
-    if cfg.rendered_pairs and cfg.adapter == "finetune":
-        raise KitError("--rendered-pairs trains the embedding adapter (--adapter mlp or linear), not --adapter finetune")
+    if cfg.adapter == "finetune":
+        finetune_block_names(cfg.finetune_part, cfg.finetune_blocks)  # --finetune-blocks out of range for the part fails here
+    elif cfg.finetune_part != "late":
+        raise KitError(f"--finetune-part {cfg.finetune_part}: chooses FaceNet's blocks for --adapter finetune, not --adapter {cfg.adapter}")
+    if cfg.rendered_pairs and cfg.adapter == "none":
+        raise KitError("--rendered-pairs trains the adapter or the fine-tune: use --adapter mlp, linear or finetune, not none")
     if not 0.0 <= cfg.shrinkage <= 1.0:
         raise KitError(f"--shrinkage {cfg.shrinkage}: between 0 and 1")
     if cfg.finetune_lr < 0:
@@ -238,7 +258,7 @@ def fit_on_identities(cfg: Config, task: Task, run_dir: Path, module: tuple[str,
     trainer = Trainer(
         LoopSettings.from_config(cfg), run_dir=run_dir, modules=dict([module]), step_module=step,
         optimizer=torch.optim.AdamW(params, lr=lr, weight_decay=cfg.weight_decay), device=device, amp=None,
-        config=config_to_dict(cfg), classes=task.classes, resume_keys=("source", "adapter", "hidden", "finetune_blocks"),
+        config=config_to_dict(cfg), classes=task.classes, resume_keys=("source", "adapter", "hidden", "finetune_part", "finetune_blocks", "rendered_pairs"),
         evaluate=evaluate, data_key=data_key)
     sampler = MPerClassShardSampler(labels, cfg.m_per_class, batch, seed=cfg.seed)
     loader = DataLoader(IndexSet(labels), sampler=sampler, batch_size=batch, drop_last=True)
@@ -272,14 +292,42 @@ def rendered_training(cfg: Config, task: Task, pipe: FacePipeline, side: np.ndar
     return emb, np.asarray(task.train_labels, np.int64)[src]
 
 
+def step_renders(cfg: Config, task: Task, pipe: FacePipeline, side: np.ndarray) -> StepRenders | None:
+    """--rendered-pairs for the fine-tune: renders of each batch's real photos, made afresh every step from the stored crops."""
+    if not cfg.rendered_pairs:
+        return None
+    real = side == 0
+    if not real.any():
+        raise KitError("--rendered-pairs: no real training photo to render (domains.csv names none of the query domain)")
+    library = StyleLibrary(exclude=tuple(cfg.rendered_exclude))
+    log.info("rendered pairs: %d renders of each real photo in every batch, afresh each step, in %d styles", cfg.rendered_pairs, len(library.names()))
+    return StepRenders(pipe.stored_crops(task.train_paths, "training images").pixels, real, library, cfg.rendered_pairs,
+                       colour_transform(pipe.cfg.face_colour), seed=cfg.seed + 1)
+
+
+def finetune_record(cfg: Config, names: list[str], renders: StepRenders | None, step: CropPairStep) -> dict:
+    """meta.json's account of the fine-tune: the blocks trained, their BatchNorm, what this process rendered."""
+    record = {"part": cfg.finetune_part, "blocks": names, "norm_stats_updated": norm_train_blocks(cfg.finetune_part, names),
+              "steps_this_run": len(step.batch_sizes), "images_this_run": sum(step.batch_sizes)}
+    if renders is not None:
+        record["rendered"] = {"per_real_photo": cfg.rendered_pairs, "styles": len(renders.library.names()),
+                              "style_names": list(renders.library.names()), "renders_this_run": renders.rendered,
+                              "styles_used_this_run": dict(sorted(renders.styles_used.items()))}
+        log.info("rendered pairs: %d renders entered %d training steps (%d images in all)", renders.rendered, len(step.batch_sizes), sum(step.batch_sizes))
+    return record
+
+
 def finetune(cfg: Config, task: Task, run_dir: Path, pipe: FacePipeline, side: np.ndarray, val_rel: np.ndarray,
-             data_key: str) -> tuple[dict[str, np.ndarray], list[dict]]:
-    """FaceNet's last --finetune-blocks trained on the training crops; every set embedded again (uncached)."""
+             data_key: str) -> tuple[dict[str, np.ndarray], list[dict], dict]:
+    """FaceNet's first or last --finetune-blocks trained on the training crops (and, with --rendered-pairs, renders of the
+    real ones); every set embedded again (uncached). Returns the embeddings, the history and :func:`finetune_record`."""
     model = pipe.embedder.model
-    names = unfreeze_last_blocks(model, cfg.finetune_blocks)
+    names = unfreeze_blocks(model, cfg.finetune_part, cfg.finetune_blocks)
+    norm_blocks = norm_train_blocks(cfg.finetune_part, names)
     crops = pipe.crops(task.train_paths, "training images").pixels
-    step = CropPairStep(model, crops, side, cfg.loss, cfg.pairs == "cross" and len(set(side.tolist())) > 1,
-                        input_px=pipe.embedder.input_px, seed=cfg.seed)
+    renders = step_renders(cfg, task, pipe, side)
+    cross = cfg.pairs == "cross" and (len(set(side.tolist())) > 1 or renders is not None)
+    step = CropPairStep(model, crops, side, cfg.loss, cross, input_px=pipe.embedder.input_px, seed=cfg.seed, renders=renders)
     val_crops = {w: pipe.crops(getattr(task, w), w.replace("_", " ")).pixels for w in ("val_query", "val_gallery")}
 
     def evaluate() -> float:
@@ -287,9 +335,10 @@ def finetune(cfg: Config, task: Task, run_dir: Path, pipe: FacePipeline, side: n
         return rank_key(val_metrics({w: pipe.embed_pixels(c, w, views=[View()]) for w, c in val_crops.items()}, val_rel))
 
     history = fit_on_identities(cfg, task, run_dir, ("facenet", model), step, cfg.finetune_lr, pipe.device, evaluate, data_key,
-                                on_epoch=lambda epoch: freeze_frozen_norms(model, names))
+                                on_epoch=lambda epoch: freeze_frozen_norms(model, norm_blocks))
     model.eval()
-    return {w: pipe.embed_set(getattr(task, w), w.replace("_", " "), use_cache=False) for w in SETS}, history
+    record = finetune_record(cfg, names, renders, step)
+    return {w: pipe.embed_set(getattr(task, w), w.replace("_", " "), use_cache=False) for w in SETS}, history, record
 
 
 def source_views(cfg: Config, task: Task, pipe: FacePipeline, face: SimpleNamespace) -> dict[str, np.ndarray]:
@@ -338,9 +387,9 @@ Maps = dict[str, tuple[Callable[[np.ndarray], np.ndarray], Callable[[np.ndarray]
 
 
 def learn(cfg: Config, task: Task, run_dir: Path, pipe: FacePipeline, source: dict[str, np.ndarray], rule: str, val_rel: np.ndarray,
-          train: tuple[np.ndarray, np.ndarray]) -> tuple[dict[str, dict[str, np.ndarray]], Maps, list[dict]]:
+          train: tuple[np.ndarray, np.ndarray]) -> tuple[dict[str, dict[str, np.ndarray]], Maps, list[dict], dict]:
     """The candidates (every set's embeddings): the source, the per-domain statistics, the adapter on top (or the fine-tune);
-    each one's maps of a query and a gallery embedding (not for the fine-tune); the training history."""
+    each one's maps of a query and a gallery embedding (not for the fine-tune); the training history; the fine-tune's record."""
     train_emb, side = train
     labels = np.asarray(task.train_labels, np.int64)
     stats = DomainStats.fit(train_emb, side, cfg.domain_stats, cfg.shrinkage)
@@ -350,8 +399,10 @@ def learn(cfg: Config, task: Task, run_dir: Path, pipe: FacePipeline, source: di
         candidates[cfg.domain_stats] = centred
         maps[cfg.domain_stats] = (lambda e: stats.transform(e, 0), lambda e: stats.transform(e, 1))
     history: list[dict] = []
+    record: dict = {}
     if cfg.adapter == "finetune":
-        candidates[f"finetune {cfg.finetune_blocks} blocks"], history = finetune(cfg, task, run_dir, pipe, side, val_rel, files_key(task.train_paths, pipe.tag))
+        name = f"finetune {cfg.finetune_blocks} blocks" if cfg.finetune_part == "late" else f"finetune first {cfg.finetune_blocks} blocks"
+        candidates[name], history, record = finetune(cfg, task, run_dir, pipe, side, val_rel, files_key(task.train_paths, pipe.tag))
     elif cfg.adapter != "none":
         adapted = lambda a: {w: a.apply_np(e) for w, e in centred.items() if w.startswith("val")}  # noqa: E731
         rows, row_side = stats.transform_sides(train_emb, side), side
@@ -365,7 +416,7 @@ def learn(cfg: Config, task: Task, run_dir: Path, pipe: FacePipeline, source: di
         name = f"{cfg.domain_stats} + {cfg.adapter} adapter" if cfg.domain_stats != "none" else f"{cfg.adapter} adapter"
         candidates[name] = {w: adapter.apply_np(e) for w, e in centred.items()}
         maps[name] = (lambda e: adapter.apply_np(stats.transform(e, 0)), lambda e: adapter.apply_np(stats.transform(e, 1)))
-    return candidates, maps, history
+    return candidates, maps, history, record
 
 
 def harder_gate(cfg: Config, task: Task, pipe: FacePipeline, source: dict[str, np.ndarray], rule: str, maps: Maps,
@@ -400,7 +451,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     train_emb, side = pipe.embed_set(task.train_paths, "training images"), training_sides(task, cfg.query_domain)
     timings["embed"] = time.time() - t0 - timings["prepare"]
     # per-domain statistics, then the adapter on top, each a candidate
-    candidates, maps, history = learn(cfg, task, run_dir, pipe, source, rule, val_rel, (train_emb, side))
+    candidates, maps, history, record = learn(cfg, task, run_dir, pipe, source, rule, val_rel, (train_emb, side))
     timings["train"] = time.time() - t0 - sum(timings.values())
 
     # validation picks what the run holds (a harder validation where candidates tie)
@@ -408,7 +459,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     truth = task.relevant("test")  # known in rehearsals and benchmarks only: recorded, never used to choose
     test_rel = None if truth is None else relevance_matrix(task.names("test_query"), task.names("test_gallery"), truth)
     test = {} if test_rel is None else {name: evaluate(split_sims(e, "test", rule), test_rel) for name, e in candidates.items()}
-    extra = {"adaptation": {"source": cfg.source, "chosen": chosen, "val": scores, "test": test, "tie_break": tie}, "history": history,
+    adaptation = {"source": cfg.source, "chosen": chosen, "val": scores, "test": test, "tie_break": tie, **({"finetune": record} if record else {})}
+    extra = {"adaptation": adaptation, "history": history,
              "faces": pipe.faces, "source_config": vars(face), "view_fusion": {"rule": rule, "chosen_by": f"the source run {cfg.source}"}}
     if rule == "plain":
         write_embedding_run(run_dir, run_name, config_to_dict(cfg), task, {w: candidates[chosen][w] for w in SETS}, timings, extra, form=cfg.run_form())
