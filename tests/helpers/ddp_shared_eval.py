@@ -7,6 +7,7 @@ hold the same ones, 0.0 when not; rank 0 writes last.pt with that history. Each 
 running statistics, so only buffers handed over from rank 0 before validation score 1.0.
 """
 
+import gc
 import sys
 from pathlib import Path
 
@@ -48,5 +49,7 @@ if __name__ == "__main__":
                       amp=None, config={}, classes=["a"], dist_info=info, shared_evaluate=True,
                       evaluate=lambda: same_buffers_everywhere(model, info.world_size))
     trainer.fit(batches)
+    del trainer  # DDP's reducer goes before the group: freed at interpreter exit after it, gloo can abort
+    gc.collect()
     barrier(info)  # rank 0 writes last.pt after the last validation: neither rank tears the group down before
     cleanup(info)
