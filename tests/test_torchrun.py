@@ -70,20 +70,23 @@ def tiny_vit(tmp_path_factory) -> str:
     return str(path)
 
 
-# each script with what it caches under torchrun: rank 0 writes every cache file, rank 1 none
+# each script with what it caches under torchrun: rank 0 writes every cache file, rank 1 none (TINY_CLIP: the tiny tower)
+TINY_CLIP = "<tiny-vit.json>"
 CACHING = {
     "cnn_features": (infer_cnn_features, "cnn_features", [*TINY], []),
     "cnn_faces": (infer_cnn_features, "cnn_features", [*TINY, "--face-crop", "all"], ["face_cache/face_boxes_*.npz", "face_cache/face_gates_*.npy"]),
-    "clip_colour": (infer_clip_colour, "clip_colour", ["--weights", "none", "--workers", "0", "--device", "cpu", "--crop-object", "border"],
+    "clip_colour": (infer_clip_colour, "clip_colour", ["--model", TINY_CLIP, "--weights", "none", "--workers", "0", "--device", "cpu",
+                                                       "--crop-object", "border"],
                     ["clip_colour/cache/object_crops_*/*.png", "clip_colour/cache/colour_*.npy"]),
+    "clip_zeroshot": (train_clip_arcface, "clip_zeroshot", ["--model", TINY_CLIP, "--weights", "none", "--workers", "0", "--device", "cpu",
+                                                             "--zero-shot"], []),
 }
 
 
 @pytest.mark.parametrize("case", list(CACHING))
 def test_two_gloo_ranks_equal_one_process_and_rank_0_alone_writes_every_file_and_cache(case, rehearsal_data_session, tmp_path, tiny_vit):
     script, run_name, argv, caches = CACHING[case]
-    if script is infer_clip_colour:
-        argv = [*argv, "--model", tiny_vit]
+    argv = [tiny_vit if a == TINY_CLIP else a for a in argv]
     data, one, two = str(rehearsal_data_session), tmp_path / "one", tmp_path / "two"
     assert script.main(["--data", data, "--runs", str(one), *argv]) == 0
     log = tmp_path / "rank1_writes.json"
