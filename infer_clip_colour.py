@@ -57,6 +57,7 @@ from utils.data.colour import DESCRIPTORS, DISTANCES, ColourDescriptors, bin_cen
 from utils.data.object_crop import OBJECT_CROPS, object_crops
 from utils.data.task import Task
 from utils.device import amp_dtype, is_cnn, resolve_workers
+from utils.distributed import master_first
 from utils.embedding.embedder import Embedder
 from utils.embedding.step import SETS, embed_task, similarities
 from utils.embedding.views import PixelScale, tta_views
@@ -190,7 +191,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     # frozen image tower first (bad flags fail before long work) -> object crops -> embeddings -> cosine
     tower, transform, scale, tag = build_tower(cfg)
     tower = tower.to(device).eval()
-    crops = {which: object_crops(getattr(task, which), cfg.crop_object, run_dir / "cache", cfg.object_tolerance, which.replace("_", " ")) for which in SETS}
+    # rank 0 writes the crops; under torchrun the other ranks wait, then read them
+    crops = master_first(run.dist_info, lambda: {
+        which: object_crops(getattr(task, which), cfg.crop_object, run_dir / "cache", cfg.object_tolerance, which.replace("_", " "))
+        for which in SETS})
     inputs = {which: c.paths for which, c in crops.items()}
     model_input = {p: c for which in SETS for p, c in zip(getattr(task, which), inputs[which])}
 
@@ -200,6 +204,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     emb = embed_task(task, embedder.embed_set)
     cosine = similarities(emb)
     timings["embed"] = time.time() - t0 - timings["prepare"]
+    if not run.dist_info.master:
+        return 0  # under torchrun every rank gets the whole embedding; rank 0 alone adds the colour term and writes
 
     # the colour term: distances, alpha x threshold searched on validation, applied to both splits
     t1 = time.time()

@@ -64,6 +64,7 @@ from utils.config import (
 )
 from utils.data.augment import eval_transform
 from utils.device import amp_dtype, is_cnn, resolve_workers
+from utils.distributed import master_first
 from utils.embedding.backbone import create_backbone, weights_id
 from utils.embedding.embedder import Embedder
 from utils.embedding.stage_features import POOLS, StageFeatures
@@ -222,7 +223,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     backbone = create_backbone(cfg.model, cfg.weights)
     data_cfg = timm.data.resolve_data_config({}, model=backbone)
     features = StageFeatures(backbone, cfg.stage, cfg.pool).to(device).eval()
-    inputs, faces = model_inputs(cfg, task, device)
+    inputs, faces = master_first(run.dist_info, lambda: model_inputs(cfg, task, device))  # rank 0 writes the face cache
     timings["faces"] = time.time() - t0 - timings["prepare"]
 
     # embeddings (of the face crops, where asked) and cosine matrices
@@ -237,6 +238,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     emb = embed_task(task, embedder.embed_set)
     sims = similarity(emb, cfg.metric)
     timings["embed"] = time.time() - t0 - timings["prepare"] - timings["faces"]
+    if not run.dist_info.master:
+        return 0  # under torchrun every rank gets the whole embedding; rank 0 alone scores and writes
     if faces:
         n_whole = sum(f["whole_image"] for f in faces.values())
         log.info("no face found in %d of %d images (whole image used): %s", n_whole, sum(f["images"] for f in faces.values()),

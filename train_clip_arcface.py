@@ -10,7 +10,7 @@ write its similarity matrices to runs/<run-name>/.
     python train_clip_arcface.py --data DATA --zero-shot
     # sub-centre ArcFace, a wider unfreeze with layer-wise decay, continue after a crash
     python train_clip_arcface.py --data DATA --loss subcenter --unfreeze 8 --layer-decay 0.8 --resume
-    # several GPUs: the same script under torchrun (rank 0 logs, saves and embeds)
+    # several GPUs: the same script under torchrun (each rank trains on and embeds its share; rank 0 logs and writes)
     torchrun --standalone --nproc_per_node=4 train_clip_arcface.py --data DATA
     # final test matrix: retrain on every identity with the chosen settings
     python train_clip_arcface.py --data DATA --full-train --run-name clip_arcface_full
@@ -24,6 +24,11 @@ layer-wise learning rates (loss weights >= head > unfrozen blocks), warm-up +
 cosine, gradient clipping, mixed precision on GPU, last.pt/best.pt every epoch,
 early stopping on the validation score -> embed validation and test images with open_clip's preprocessing and flip
 TTA, L2-normalise -> cosine similarity matrices + meta.json.
+
+Under torchrun every rank trains on its share of each batch (DDP), embeds its share of
+each image set for the per-epoch validation and, after restoring the checkpoint rank 0
+picked, for the final matrices (gathered on every rank); rank 0 alone logs and writes
+checkpoints, the run files and meta.json.
 """
 
 from __future__ import annotations
@@ -184,11 +189,12 @@ def weights_tag(cfg: Config, clip: ClipVisual) -> str:
     return tag
 
 
-def embedder_for(forward: nn.Module, clip: ClipVisual, cfg: Config, device, amp, run_dir: Path) -> Embedder:
-    """The tower's embedder with open_clip's preprocessing: identity view, no cache (``but(views=..., key=...)`` for the matrices)."""
+def embedder_for(forward: nn.Module, clip: ClipVisual, cfg: Config, device, amp, run_dir: Path, dist_info: DistInfo) -> Embedder:
+    """The tower's embedder with open_clip's preprocessing: identity view, no cache (``but(views=..., key=...)`` for the matrices);
+    under torchrun each rank embeds its share of every set."""
     scale = PixelScale(tuple(clip.preprocess["mean"]), tuple(clip.preprocess["std"]))
     return Embedder(forward, clip.eval_transform(), scale, device, views=tta_views([]), batch_size=cfg.embed_batch_size,
-                    workers=resolve_workers(cfg.workers), amp=amp, cache_dir=run_dir / "cache")
+                    workers=resolve_workers(cfg.workers), amp=amp, cache_dir=run_dir / "cache", dist_info=dist_info)
 
 
 def final_embedder(embedder: Embedder, cfg: Config, tag: str) -> Embedder:
@@ -196,11 +202,11 @@ def final_embedder(embedder: Embedder, cfg: Config, tag: str) -> Embedder:
     return embedder.but(views=tta_views(cfg.tta), key=tag, compile_model=cfg.compile)
 
 
-def run_zero_shot(cfg: Config, task, clip: ClipVisual, device, amp, run_dir: Path, timings: dict[str, float]) -> int:
-    """Embed with the frozen tower (no head, no training): the baseline a fine-tune must beat."""
+def run_zero_shot(cfg: Config, task, clip: ClipVisual, device, amp, run_dir: Path, timings: dict[str, float], dist_info: DistInfo) -> int:
+    """Embed with the frozen tower (no head, no training): the baseline a fine-tune must beat. Every rank embeds its share."""
     t0 = time.time()
     clip.visual.to(device)
-    embedder = final_embedder(embedder_for(clip.visual, clip, cfg, device, amp, run_dir), cfg, weights_tag(cfg, clip) + "|zero-shot")
+    embedder = final_embedder(embedder_for(clip.visual, clip, cfg, device, amp, run_dir, dist_info), cfg, weights_tag(cfg, clip) + "|zero-shot")
     emb = embed_task(task, embedder.embed_set)
     timings["embed"] = time.time() - t0
     write_embedding_run(run_dir, run_dir.name, config_to_dict(cfg), task, emb, timings, {"zero_shot": True, "quick_gelu": clip.quick_gelu}, form=cfg.run_form())
@@ -239,7 +245,7 @@ def train_and_embed(cfg: Config, dist_info: DistInfo, device: torch.device) -> i
     # image tower; zero-shot embeds it as it is (the baseline a fine-tune must beat)
     clip = create_visual(cfg.model, cfg.weights, cfg.file_tag, cfg.img_size)
     if zero_shot:
-        return run_zero_shot(cfg, task, clip, device, amp, run_dir, timings) if master else 0
+        return run_zero_shot(cfg, task, clip, device, amp, run_dir, timings, dist_info)
 
     # model: partly unfrozen tower + projection head + margin loss, in one module for DDP
     backbone_groups = unfreeze_last(clip.visual, cfg.unfreeze)
@@ -253,12 +259,13 @@ def train_and_embed(cfg: Config, dist_info: DistInfo, device: torch.device) -> i
     if dist_info.ddp and device.type == "cuda":
         step_module = nn.SyncBatchNorm.convert_sync_batchnorm(step_module)
     trainer_module = DDP(step_module, device_ids=[device.index] if device.type == "cuda" else None) if dist_info.ddp else step_module
-    quick = embedder_for(embedder, clip, cfg, device, amp, run_dir)
+    quick = embedder_for(embedder, clip, cfg, device, amp, run_dir, dist_info)
     trainer = Trainer(
         LoopSettings.from_config(cfg), run_dir=run_dir, modules={"model": clip.visual, "head": head, "loss": loss_fn},
         step_module=trainer_module, optimizer=optimizer, device=device, amp=amp, config=config_to_dict(cfg), classes=task.classes,
         resume_keys=("model", "weights", "unfreeze", "embed_dim", "head", "loss", "sub_centers", "img_size"),
-        evaluate=lambda: val_score(task, quick.embed_set), dist_info=dist_info, min_batch=2, data_key=files_key(task.train_paths, "train"),
+        evaluate=lambda: val_score(task, quick.embed_set), dist_info=dist_info, shared_evaluate=True, min_batch=2,
+        data_key=files_key(task.train_paths, "train"),
     )
 
     train_set, sampler, loader = train_loader(cfg, clip, task, dist_info, device)
@@ -270,9 +277,6 @@ def train_and_embed(cfg: Config, dist_info: DistInfo, device: torch.device) -> i
 
     trainer.fit(loader, on_epoch)
     timings["train"] = time.time() - t0 - timings["prepare"]
-    if not master:
-        return 0
-
     return embed_and_write(cfg, trainer, quick, clip, task, run_dir, timings, dist_info)
 
 
@@ -287,13 +291,19 @@ def train_loader(cfg: Config, clip, task, dist_info: DistInfo, device: torch.dev
 
 
 def embed_and_write(cfg: Config, trainer: Trainer, quick, clip, task, run_dir: Path, timings: dict, dist_info: DistInfo) -> int:
-    """Embed with the checkpoint the loop picked (best by validation; last with --full-train) and write the run."""
-    final = trainer.final_checkpoint()
+    """Embed with the checkpoint the loop picked (best by validation; last with --full-train) and write the run.
+
+    Under torchrun every rank restores that checkpoint (rank 0 picked and wrote it before the others hear of it)
+    and embeds its share of each set; rank 0 alone writes the run (:func:`write_embedding_run`).
+    """
+    final = trainer.final_checkpoint()  # a collective: rank 0's choice on every rank
     tag = weights_tag(cfg, clip) + f"|{cfg.head}|{cfg.embed_dim}"
     if final is not None:
         trainer.restore(final)
         tag += "|" + file_sha(final)
         log.info("embedding with %s", final)
+    else:
+        trainer.sync_buffers()  # no checkpoint: every rank embeds with rank 0's BatchNorm statistics
     t1 = time.time()
     emb = embed_task(task, final_embedder(quick, cfg, tag).embed_set)
     timings["embed"] = time.time() - t1

@@ -365,6 +365,19 @@ def test_the_logged_loss_under_ddp_is_the_mean_over_every_rank(tmp_path):
     assert [h["loss"] for h in history] == [pytest.approx(1.5)]  # rank 0 alone: 1.0
 
 
+def test_a_shared_validation_runs_on_every_rank_with_rank_0s_batchnorm_statistics(tmp_path):
+    import os
+    import subprocess
+    import sys
+
+    proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+                           str(ROOT / "tests" / "helpers" / "ddp_shared_eval.py"), str(tmp_path)],
+                          capture_output=True, text=True, timeout=300, cwd=ROOT, env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    history = torch.load(tmp_path / "last.pt", weights_only=True)["history"]
+    assert [h["val_score"] for h in history] == [1.0, 1.0]  # every rank validated, all with the same buffers
+
+
 class _PutLoss(_Toy):
     """A loss whose forward uses ``put_``, which has no deterministic kernel (on the CPU too)."""
 

@@ -3,8 +3,9 @@
     torchrun --standalone --nproc_per_node=4 train_clip_arcface.py --data DATA
 
 ``torchrun`` sets RANK/LOCAL_RANK/WORLD_SIZE; without them the script runs as
-one plain process. Rank 0 (``master``) logs, saves checkpoints and embeds;
-the others only train. NCCL on GPUs, gloo on CPU (which lets tests run two
+one plain process. Every rank trains on its share of each batch and embeds
+its share of each image set (:func:`utils.embedding.embed.embed_images`);
+rank 0 (``master``) alone logs and writes checkpoints, caches and run files. NCCL on GPUs, gloo on CPU (which lets tests run two
 processes on a laptop).
 """
 
@@ -14,7 +15,7 @@ import logging
 import os
 from dataclasses import dataclass
 from datetime import timedelta
-from typing import Any
+from typing import Any, Callable, TypeVar
 
 import torch
 import torch.distributed as dist
@@ -23,6 +24,7 @@ from utils.device import pick_device
 from utils.errors import KitError
 
 log = logging.getLogger(__name__)
+T = TypeVar("T")
 
 DEFAULT_TIMEOUT_MIN = 60.0  # --dist-timeout-min
 
@@ -84,6 +86,20 @@ def broadcast(info: DistInfo, obj: Any) -> Any:
     box = [obj]
     dist.broadcast_object_list(box, src=0)
     return box[0]
+
+
+def master_first(info: DistInfo, make: Callable[[], T]) -> T:
+    """``make()`` on rank 0 first, then on the other ranks once rank 0 is done (a barrier between).
+
+    For a step that fills a cache (face or object crops, detections): rank 0 computes and writes
+    every entry; the other ranks find them all there and only read, so no file is written by two
+    ranks. Without DDP it is ``make()``.
+    """
+    if not info.ddp:
+        return make()
+    value = make() if info.master else None
+    barrier(info)
+    return value if info.master else make()  # type: ignore[return-value]
 
 
 def cleanup(info: DistInfo) -> None:

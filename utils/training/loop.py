@@ -15,8 +15,10 @@ way for everyone:
 - training as a cache: a plain re-run whose ``last.pt`` holds a *finished* run with
   the same settings and the same training files reuses it instead of training again
   (``--retrain`` forces a new run);
-- early stopping (``--patience``), and DDP: rank 0 evaluates, logs and saves,
-  every rank follows its decision to stop.
+- early stopping (``--patience``), and DDP: rank 0 logs and saves, every rank
+  follows its decision to stop; validation runs on rank 0 alone, or on every rank
+  when ``shared_evaluate`` says ``evaluate`` is a collective (each rank embeds its
+  share, with rank 0's BatchNorm statistics handed to all first).
 
 Which checkpoint to embed with is decided here too (:meth:`Trainer.final_checkpoint`):
 ``best.pt`` when this run (or the run it resumed) scored validation and
@@ -116,8 +118,10 @@ class Trainer:
         config: the resolved config (JSON-ready), stored in checkpoints.
         classes: the training identities, in label order.
         resume_keys: config keys that must match ``last.pt`` for ``--resume``.
-        evaluate: () -> validation score (rank 0 only); None: no validation.
+        evaluate: () -> validation score; None: no validation.
         dist_info: DDP placement (None: one process).
+        shared_evaluate: under DDP every rank calls ``evaluate`` (a collective: it embeds this rank's share
+            and gathers the rest); False: rank 0 alone calls it.
         min_batch: a batch with fewer readable images is skipped (BatchNorm needs 2).
         data_key: identifies the training files (e.g. ``utils.cache.files_key``);
             a finished run is reused only for the same key.
@@ -138,6 +142,7 @@ class Trainer:
         resume_keys: Sequence[str] = (),
         evaluate: Callable[[], float] | None = None,
         dist_info: DistInfo | None = None,
+        shared_evaluate: bool = False,
         min_batch: int = 1,
         data_key: str = "",
     ):
@@ -145,7 +150,7 @@ class Trainer:
         self.s, self.run_dir, self.modules = settings, Path(run_dir), modules
         self.step_module, self.optimizer, self.device, self.amp = step_module, optimizer, device, amp
         self.config, self.classes, self.resume_keys = config, classes, tuple(resume_keys)
-        self.evaluate, self.dist = evaluate, dist_info or DistInfo()
+        self.evaluate, self.dist, self.shared_evaluate = evaluate, dist_info or DistInfo(), shared_evaluate
         self.min_batch, self.data_key = min_batch, data_key
         self.base_lrs = [g["lr"] for g in optimizer.param_groups]
         self.scaler = torch.amp.GradScaler(device.type if device.type == "cuda" else "cpu", enabled=amp == torch.float16)
@@ -226,13 +231,29 @@ class Trainer:
                  self.run_dir / "last.pt")
 
     def final_checkpoint(self) -> Path | None:
-        """The checkpoint to embed with: best.pt if this run scored validation (not --full-train), else last.pt."""
+        """The checkpoint to embed with: best.pt if this run scored validation (not --full-train), else last.pt.
+
+        Under DDP rank 0 decides (it alone tracks validation and writes the checkpoints) and every rank gets
+        its answer: a collective, called by every rank once ``fit`` has returned (the file is then written).
+        """
+        return broadcast(self.dist, self._final_checkpoint())
+
+    def _final_checkpoint(self) -> Path | None:
         if not self.trained:
             return None
         best = self.run_dir / "best.pt"
         if not self.s.full_train and self.state.best_score > -1 and best.is_file():
             return best
         return self.run_dir / "last.pt"
+
+    def sync_buffers(self) -> None:
+        """Under DDP, rank 0's buffers (BatchNorm statistics) on every rank. DDP hands rank 0's to all before each
+        forward and each rank's own batch then moves them, so until this the ranks differ by their last step."""
+        if not self.dist.ddp:
+            return
+        for module in self.modules.values():
+            for buf in module.buffers():
+                dist.broadcast(buf.data, src=0)
 
     def restore(self, path: Path) -> dict[str, Any]:
         """Load ``path``'s module states into the modules; returns the checkpoint."""
@@ -317,12 +338,22 @@ class Trainer:
             total = total.cpu()
         return float(total[0] / total[1]) if total[1] > 0 else float("nan")
 
-    def _after_epoch(self, epoch: int, loss: float) -> bool:
-        """Rank 0: validation, checkpoints, early stopping. Returns whether to stop."""
+    def _validate(self, epoch: int) -> float | None:
+        """This epoch's validation score when one is due (on rank 0; on every rank with ``shared_evaluate``), else None."""
+        s = self.s
+        due = self.evaluate is not None and s.eval_every and ((epoch + 1) % s.eval_every == 0 or epoch + 1 == s.epochs)
+        if not due or not (self.dist.master or self.shared_evaluate):
+            return None
+        if self.shared_evaluate:
+            self.sync_buffers()  # every rank's share embedded by one model: rank 0's, the one best.pt holds
+        return float(self.evaluate())
+
+    def _after_epoch(self, epoch: int, loss: float, score: float | None) -> bool:
+        """Rank 0: record the validation ``score``, checkpoints, early stopping. Returns whether to stop."""
         st, s = self.state, self.s
         record: dict[str, float] = {"epoch": epoch + 1, "loss": loss}
-        if self.evaluate is not None and s.eval_every and ((epoch + 1) % s.eval_every == 0 or epoch + 1 == s.epochs):
-            record["val_score"] = float(self.evaluate())
+        if score is not None:
+            record["val_score"] = score
         st.history.append(record)
         log.info("epoch %d: %s", epoch + 1, ", ".join(f"{k} {v:.4g}" for k, v in record.items() if k != "epoch"))
         improved = record.get("val_score", -1.0) > st.best_score
@@ -364,7 +395,8 @@ class Trainer:
             if on_epoch is not None:
                 on_epoch(epoch)
             loss = self._epoch(loader, epoch, trainable, skipped)
-            stop = self._after_epoch(epoch, loss) if self.dist.master else False
+            score = self._validate(epoch)
+            stop = self._after_epoch(epoch, loss, score) if self.dist.master else False
             if broadcast(self.dist, stop):
                 break
         return self.state
