@@ -22,6 +22,8 @@ written as runs/<run-name>/{val,test}_sim.npy + meta.json for the ensemble.
     # validation picks; where rules tie, a harder validation of rendered styles; else zmax); the plain view only, or a fixed rule:
     python infer_facenet.py --data DATA --embedder dlib --gallery-views
     python infer_facenet.py --data DATA --embedder dlib --view-fusion max --texture-eye-frac 0.05 0.1
+    # the matrices as cosines, without the two-way normalisation (dual-softmax by default):
+    python infer_facenet.py --data DATA --embedder dlib --gallery-norm none
     # the floor: FaceNet with random weights
     python infer_facenet.py --data DATA --weights none --run-name facenet_random
 
@@ -38,7 +40,10 @@ runs/face_cache/, shared by every face run on this data (keyed by file
 path/size/mtime, the detector, crop and embedder settings) -> the crops in
 --face-colour (grey by default: a style's palette removed) -> embed every view
 of every batch (identity + --tta views, on query and gallery alike), average
-the L2-normalised embeddings, normalise -> cosine similarity matrices.
+the L2-normalised embeddings, normalise -> cosine similarity matrices (gallery
+views fused per pair) -> --gallery-norm: dual-softmax over the gallery and over
+the queries of each split, so that a gallery image close to every query (often a
+whole style) is discounted; full matrices only (the top-k form stays cosine).
 """
 
 from __future__ import annotations
@@ -68,8 +73,9 @@ from utils.faces.detect import SELECT_METHODS
 from utils.faces.embedder import EMBEDDERS
 from utils.faces.pipeline import FACE_COLOURS, FACE_FALLBACKS, FacePipeline
 from utils.faces.tiebreak import face_harder_set
-from utils.faces.views import FUSIONS, GALLERY_VIEWS, fused_similarities
+from utils.faces.views import FUSIONS, GALLERY_NORMS, GALLERY_VIEWS, fused_similarities, gallery_normalised
 from utils.logs import setup_logging
+from utils.runs.cosine import similarities
 from utils.runs.gap import META_KEY as GAP_KEY
 from utils.runs.gap import save_run_embeddings
 from utils.runs.model_run import begin_inference_run, write_embedding_run, write_model_run
@@ -119,6 +125,7 @@ class Config(EmbeddingConfig, FormConfig, RunConfig):
     gallery_views: list[str] = field(default_factory=lambda: list(GALLERY_VIEWS), metadata={"help": f"gallery images are also embedded through these views, of {list(GALLERY_VIEWS)} (detector: the transform of the cascade stage that read the face; texture: low-pass at --texture-eye-frac); the flag alone: none", "metavar": "VIEW"})
     texture_eye_frac: list[float] = field(default_factory=lambda: [0.05], metadata={"help": "texture views: Gaussian sigma as a fraction of the inter-eye distance (one view per value)", "metavar": "FRAC"})
     view_fusion: str = field(default="auto", metadata={"help": "how a pair's view similarities are fused: auto (validation chooses; where rules tie, a harder validation of rendered styles), zmax (closest view, z-scored per query), max, softmax, mean, plain (no views)", "choices": list(FUSIONS)})
+    gallery_norm: str = field(default="dual_softmax", metadata={"help": "two-way normalisation of the run's matrices: dual_softmax (a gallery image close to every query is discounted; chosen by leave-one-style-out) or none", "choices": list(GALLERY_NORMS)})
     face_warn_share: float = field(default=0.2, metadata={"help": "warn when fewer than this share of the first --face-warn-after images hold a face (0: never)"})
     face_warn_after: int = field(default=64, metadata={"help": "images detected before the early face-count warning"})
 # ----------------------------------------------------------------------------
@@ -146,6 +153,17 @@ def use_views(cfg: Config, pipe: FacePipeline, task) -> bool:
     return True
 
 
+def matrices_or_topk(cfg: Config, task, run_dir, run_name: str, emb, timings, extra) -> dict | None:
+    """The plain view's matrices; None once the top-k form is written (too large for full matrices:
+    no gallery normalisation there, said in one line)."""
+    if not use_topk_form(len(task.test_query), len(task.test_gallery), cfg.run_form().max_cells):
+        return similarities(emb)
+    if cfg.gallery_norm != "none":
+        log.warning("--gallery-norm %s works on full matrices; this run's top-k form is not normalised", cfg.gallery_norm)
+    write_embedding_run(run_dir, run_name, config_to_dict(cfg), task, emb, timings, {**extra, "gallery_norm": {"norm": "none"}}, form=cfg.run_form())
+    return None
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     cfg = config_from_args(Config, build_parser().parse_args(argv))
     setup_logging(cfg.verbose)
@@ -167,14 +185,17 @@ def main(argv: Sequence[str] | None = None) -> int:
     timings["embed"] = time.time() - t0 - timings["prepare"]
     pipe.log_fallbacks()
     extra = {"faces": pipe.faces, "tta_views": len(pipe.views)}
-    if not views:
+    if views:
+        harder = lambda: face_harder_set(pipe, task, emb, view_emb["val_gallery"], seed=cfg.seed)  # noqa: E731  (only where rules tie)
+        sims, extra["view_fusion"] = fused_similarities(task, emb, view_emb, cfg.view_fusion, harder)
+        extra["gallery_views"] = {"names": ["plain", *pipe.view_params.names()], "per_image": pipe.image_views}
+    else:
         extra["view_fusion"] = {"rule": "plain", "chosen_by": "no gallery views" if pipe.view_params.views else "--gallery-views (none)"}
-        write_embedding_run(run_dir, run_name, config_to_dict(cfg), task, emb, timings, extra, form=cfg.run_form())
-        return 0
-    harder = lambda: face_harder_set(pipe, task, emb, view_emb["val_gallery"], seed=cfg.seed)  # noqa: E731  (only where rules tie)
-    sims, extra["view_fusion"] = fused_similarities(task, emb, view_emb, cfg.view_fusion, harder)
-    extra["gallery_views"] = {"names": ["plain", *pipe.view_params.names()], "per_image": pipe.image_views}
+        sims = matrices_or_topk(cfg, task, run_dir, run_name, emb, timings, extra)
+        if sims is None:
+            return 0
     extra[GAP_KEY] = save_run_embeddings(run_dir, emb)  # the plain embeddings, for visualize.py --gap and the adapter
+    sims, extra["gallery_norm"] = gallery_normalised(sims, cfg.gallery_norm)
     write_model_run(run_dir, run_name, config_to_dict(cfg), task, sims, timings, extra)
     return 0
 

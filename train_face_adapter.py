@@ -83,9 +83,11 @@ from utils.faces.finetune import (
 from utils.faces.pipeline import FACE_FIELDS, OPTIONAL_FACE_FIELDS, FacePipeline, colour_transform
 from utils.faces.styles import StyleLibrary
 from utils.faces.tiebreak import TieBreak, break_tie, face_harder_set, mapped, tied_at_top
-from utils.faces.views import fuse
+from utils.faces.views import fuse, gallery_normalised
 from utils.logs import console, setup_logging
 from utils.runs.cosine import cosine_similarity
+from utils.runs.gap import META_KEY as GAP_KEY
+from utils.runs.gap import save_run_embeddings
 from utils.runs.metrics import evaluate, relevance_matrix
 from utils.runs.model_run import begin_inference_run, write_embedding_run, write_model_run
 from utils.runs.topk_run import use_topk_form
@@ -173,6 +175,7 @@ def source_settings(cfg: Config) -> SimpleNamespace:
     face = SimpleNamespace(**{k: src[k] for k in (*FACE_FIELDS, *OPTIONAL_FACE_FIELDS) if k in src})
     # the source's gallery views and their fusion rule are kept: the adapter maps every view, and the pairs are fused as the source did
     face.view_rule = json.loads(meta_path.read_text()).get("view_fusion", {}).get("rule", "plain")
+    face.gallery_norm = src.get("gallery_norm", "none")  # the source's two-way normalisation, applied to this run's matrices too
     if face.view_rule == "plain":
         face.gallery_views = []
     return face
@@ -222,19 +225,23 @@ def val_relevance(task: Task) -> np.ndarray:
     return relevance_matrix(task.names("val_query"), task.names("val_gallery"), task.relevant("val"))
 
 
-def split_sims(emb: dict[str, np.ndarray], split: str, rule: str = "plain") -> np.ndarray:
+def split_sims(emb: dict[str, np.ndarray], split: str, rule: str = "plain", norm: str = "none") -> np.ndarray:
     """``split``'s query x gallery similarities: cosine, or with the gallery's views (keys
-    ``<split>_gallery.<view>``) fused per pair by ``rule`` (utils/faces/views.py), as the source run did."""
+    ``<split>_gallery.<view>``) fused per pair by ``rule`` (utils/faces/views.py), then the
+    two-way normalisation ``norm`` (``--gallery-norm``), as the source run did."""
     views = [k for k in emb if k.startswith(f"{split}_gallery.")]
     if not views or rule == "plain":
-        return cosine_similarity(emb[f"{split}_query"], emb[f"{split}_gallery"])
-    unit = lambda e: e / np.maximum(np.linalg.norm(e, axis=1, keepdims=True), 1e-12)  # noqa: E731
-    return fuse(unit(emb[f"{split}_query"]), [unit(emb[f"{split}_gallery"]), *[unit(emb[k]) for k in views]], rule)
+        sim = cosine_similarity(emb[f"{split}_query"], emb[f"{split}_gallery"])
+    else:
+        unit = lambda e: e / np.maximum(np.linalg.norm(e, axis=1, keepdims=True), 1e-12)  # noqa: E731
+        sim = fuse(unit(emb[f"{split}_query"]), [unit(emb[f"{split}_gallery"]), *[unit(emb[k]) for k in views]], rule)
+    return gallery_normalised({split: sim}, norm)[0][split]
 
 
-def val_metrics(emb: dict[str, np.ndarray], rel: np.ndarray, rule: str = "plain") -> dict[str, float]:
-    """Every metric of the validation embeddings ``emb["val_query"]``, ``emb["val_gallery"]`` (and its views, fused by ``rule``)."""
-    return evaluate(split_sims(emb, "val", rule), rel)
+def val_metrics(emb: dict[str, np.ndarray], rel: np.ndarray, rule: str = "plain", norm: str = "none") -> dict[str, float]:
+    """Every metric of the validation embeddings ``emb["val_query"]``, ``emb["val_gallery"]`` (and its views, fused by ``rule``,
+    normalised by ``norm``)."""
+    return evaluate(split_sims(emb, "val", rule, norm), rel)
 
 
 def rank_key(m: dict[str, float]) -> float:
@@ -358,11 +365,12 @@ def source_views(cfg: Config, task: Task, pipe: FacePipeline, face: SimpleNamesp
 
 
 def choose(candidates: dict[str, dict[str, np.ndarray]], rel: np.ndarray, rule: str = "plain",
-           harder: Callable[[list[str]], TieBreak | None] | None = None) -> tuple[str, dict[str, dict[str, float]], dict | None]:
-    """Each candidate's validation metrics, a table of them, and the winner: ``source`` unless another
+           harder: Callable[[list[str]], TieBreak | None] | None = None, norm: str = "none") -> tuple[str, dict[str, dict[str, float]], dict | None]:
+    """Each candidate's validation metrics (views fused by ``rule``, normalised by ``norm``: the matrices
+    the run would hold), a table of them, and the winner: ``source`` unless another
     ranks strictly higher (:func:`rank_key`); where two or more tie at the top score, ``harder(tied)``
     (the harder validation, utils/faces/tiebreak.py) decides. Returns the winner, the metrics and the tie-break's record."""
-    scores = {name: val_metrics(emb, rel, rule) for name, emb in candidates.items()}
+    scores = {name: val_metrics(emb, rel, rule, norm) for name, emb in candidates.items()}
     chosen, tie = "source", None
     for name, m in scores.items():
         if rank_key(m) > rank_key(scores[chosen]):
@@ -455,19 +463,32 @@ def main(argv: Sequence[str] | None = None) -> int:
     timings["train"] = time.time() - t0 - sum(timings.values())
 
     # validation picks what the run holds (a harder validation where candidates tie)
-    chosen, scores, tie = choose(candidates, val_rel, rule, harder_gate(cfg, task, pipe, source, rule, maps, train_emb))
+    norm = "none" if use_topk_form(len(task.test_query), len(task.test_gallery), cfg.run_form().max_cells) else face.gallery_norm
+    chosen, scores, tie = choose(candidates, val_rel, rule, harder_gate(cfg, task, pipe, source, rule, maps, train_emb), norm)
     truth = task.relevant("test")  # known in rehearsals and benchmarks only: recorded, never used to choose
     test_rel = None if truth is None else relevance_matrix(task.names("test_query"), task.names("test_gallery"), truth)
-    test = {} if test_rel is None else {name: evaluate(split_sims(e, "test", rule), test_rel) for name, e in candidates.items()}
+    test = {} if test_rel is None else {name: evaluate(split_sims(e, "test", rule, norm), test_rel) for name, e in candidates.items()}
     adaptation = {"source": cfg.source, "chosen": chosen, "val": scores, "test": test, "tie_break": tie, **({"finetune": record} if record else {})}
     extra = {"adaptation": adaptation, "history": history,
              "faces": pipe.faces, "source_config": vars(face), "view_fusion": {"rule": rule, "chosen_by": f"the source run {cfg.source}"}}
-    if rule == "plain":
-        write_embedding_run(run_dir, run_name, config_to_dict(cfg), task, {w: candidates[chosen][w] for w in SETS}, timings, extra, form=cfg.run_form())
-    else:
+    if rule != "plain":
         extra["gallery_views"] = {"names": ["plain", *pipe.view_params.names()], "per_image": pipe.image_views}
-        write_model_run(run_dir, run_name, config_to_dict(cfg), task, {sp: split_sims(candidates[chosen], sp, rule) for sp in ("val", "test")}, timings, extra)
+    write_adapted(cfg, task, run_dir, run_name, candidates[chosen], rule, norm, timings, extra)
     return 0
+
+
+def write_adapted(cfg: Config, task: Task, run_dir: Path, run_name: str, emb: dict[str, np.ndarray], rule: str, norm: str,
+                  timings: dict[str, float], extra: dict) -> None:
+    """The chosen embeddings as a run: matrices fused by the source's view rule and normalised by its
+    ``gallery_norm`` (utils/faces/views.py), or the top-k form for a plain run too large for matrices."""
+    if rule == "plain" and norm == "none":
+        extra["gallery_norm"] = {"norm": "none"}
+        write_embedding_run(run_dir, run_name, config_to_dict(cfg), task, {w: emb[w] for w in SETS}, timings, extra, form=cfg.run_form())
+        return
+    if rule == "plain":
+        extra[GAP_KEY] = save_run_embeddings(run_dir, {w: emb[w] for w in SETS})
+    sims, extra["gallery_norm"] = gallery_normalised({sp: split_sims(emb, sp, rule) for sp in ("val", "test")}, norm)  # the gate's matrices
+    write_model_run(run_dir, run_name, config_to_dict(cfg), task, sims, timings, extra)
 
 if __name__ == "__main__":
     run_cli(main)

@@ -82,7 +82,8 @@ def test_adapter_run_end_to_end_on_a_dlib_face_run(rehearsal_data, tmp_path):
     best = max(adapt["val"], key=lambda k: (train_face_adapter.rank_key(adapt["val"][k]), k == "source"))
     # validation decided, or where candidates tied at the top score, the harder validation did
     assert adapt["chosen"] == (adapt["tie_break"]["chosen"] if adapt["tie_break"] else best)
-    assert run.meta["metrics"]["val"]["score"] == pytest.approx(adapt["val"][best]["score"])
+    assert run.meta["metrics"]["val"]["score"] == pytest.approx(adapt["val"][best]["score"])  # the gate scored the run's own matrices
+    assert run.meta["gallery_norm"] == src.meta["gallery_norm"] == {"norm": "dual_softmax", "temperature": 1.0}  # the source's norm
     if best == "source":
         assert np.allclose(run.splits["test"].sim, src.splits["test"].sim, atol=1e-6)
     else:

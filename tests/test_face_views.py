@@ -20,7 +20,7 @@ from utils.errors import KitError
 from utils.faces.cascade import CascadeParams, FaceCascade, inverted_grey
 from utils.faces.crop import DLIB_PADDING, SHAPE_PREDICTOR_FILE, CropParams, face_models_file
 from utils.faces.pipeline import FacePipeline
-from utils.faces.views import DLIB_EYE_FRAC, FUSION_RULES, choose_rule, eye_px, fuse
+from utils.faces.views import DLIB_EYE_FRAC, FUSION_RULES, choose_rule, eye_px, fuse, gallery_normalised
 from utils.runs.similarity_io import load_run
 
 CPU = torch.device("cpu")
@@ -76,14 +76,23 @@ def test_a_face_found_only_by_the_inverted_stage_is_embedded_through_that_invers
     assert pipe.image_views["gallery"] == {"negative.png": ["plain", "detector:mtcnn_invert"]}
     # the view is the inverted crop: the sketch's dark lines on white, closer to the photo than the negative is
     crop = pipe.crops([files["negative"]], "gallery").pixels  # as the embedder sees it (grey)
-    assert np.allclose(view[0], pipe.embed_pixels(inverted_grey(pipe._stored_crops([files["negative"]], "gallery").pixels[0])[None], "x")[0], atol=1e-5)
-    assert not np.allclose(view[0], pipe.embed_pixels(crop, "x")[0], atol=1e-3)
+    inverted = inverted_grey(pipe._stored_crops([files["negative"]], "gallery").pixels[0])[None]
+    assert np.allclose(view[0], pipe.embed_pixels(inverted, "x", views=pipe.view_tta)[0], atol=1e-5)
+    assert not np.allclose(view[0], pipe.embed_pixels(crop, "x", views=pipe.view_tta)[0], atol=1e-3)
     assert cos(photo, view[0]) > cos(photo, plain) + 0.02  # measured: 0.906 against 0.873
     assert np.linalg.norm(photo - view[0]) < 0.6  # dlib's same-person distance
     # faces the plain stage found have no detector view: their "view" is the plain embedding
     (view_photo,) = pipe.embed_views([files["photo"]], ["photo.png"], "query side")
     assert np.array_equal(view_photo, pipe.embed_set([files["photo"]], "query side"))
     assert pipe.image_views["query_side"] == {"photo.png": ["plain"]}
+
+
+def test_views_are_embedded_with_the_runs_tta_less_its_blur_group(tmp_path):
+    """A view is a reading aid already: the blur pass cost a third of the views' time and no score."""
+    pipe = pipeline(tmp_path, "flip", "blur")
+    assert [v.blur_px > 0 for v in pipe.views] == [False, False, True]
+    assert len(pipe.view_tta) == 2 and all(v.blur_px == 0 for v in pipe.view_tta) and pipe.view_tta == pipe.views[:2]
+    assert pipeline(tmp_path / "b", "flip").view_tta == pipeline(tmp_path / "c", "flip").views
 
 
 def test_the_texture_view_matches_a_textured_face_to_its_photo_better_than_the_plain_view(files, tmp_path):
@@ -139,7 +148,7 @@ def test_validation_chooses_the_rule_only_where_it_can_tell():
 def test_meta_json_records_each_images_views_and_the_rule_and_plain_caches_are_kept(rehearsal_data, tmp_path):
     runs = tmp_path / "runs"
     base = ["--data", str(rehearsal_data), "--runs", str(runs), "--embedder", "dlib", "--detector", "cascade",
-            "--detector-stages", "mtcnn", "--detect-px", "64", "--workers", "0", "--tta"]
+            "--detector-stages", "mtcnn", "--detect-px", "64", "--workers", "0", "--tta", "--gallery-norm", "none"]
     assert infer_facenet.main([*base, "--gallery-views", "--run-name", "plain"]) == 0
     plain_meta = load_run(runs / "plain").meta
     assert plain_meta["view_fusion"]["rule"] == "plain" and "gallery_views" not in plain_meta
@@ -161,6 +170,46 @@ def test_meta_json_records_each_images_views_and_the_rule_and_plain_caches_are_k
     with pytest.raises(SystemExit):
         infer_facenet.main([*base, "--view-fusion", "median"])
     assert json.loads((runs / "plain" / "meta.json").read_text())["config"]["gallery_views"] == []
+
+
+def test_the_gallery_norm_discounts_a_gallery_image_close_to_every_query():
+    """A hub (nobody's image, second closest to every query) outranks each query's second right image;
+    dual-softmax puts both right images first for every query; 'none' leaves the matrix as it is."""
+    rng = np.random.default_rng(0)
+    n_q, n_people = 30, 10
+    person = np.arange(n_q) % n_people
+    sim = rng.uniform(0.0, 0.4, (n_q, 2 * n_people + 1)).astype(np.float32)
+    sim[np.arange(n_q), person] = 1.0
+    sim[np.arange(n_q), person + n_people] = 0.8
+    sim[:, -1] = 0.9  # the hub
+    before = np.argsort(-sim, axis=1)[:, :2]
+    assert np.all(before[:, 1] == 2 * n_people)  # the hub is every query's second
+    out, record = gallery_normalised({"val": sim, "test": sim}, "dual_softmax")
+    top2 = np.sort(np.argsort(-out["test"], axis=1)[:, :2], axis=1)
+    assert np.array_equal(top2, np.stack([person, person + n_people], axis=1)) and record == {"norm": "dual_softmax", "temperature": 1.0}
+    same, record = gallery_normalised({"test": sim}, "none")
+    assert same["test"] is sim and record == {"norm": "none"}
+    with pytest.raises(KitError, match="--gallery-norm 'median'"):
+        gallery_normalised({"test": sim}, "median")
+
+
+def test_a_face_run_normalises_its_matrices_and_records_it_but_not_in_the_top_k_form(rehearsal_data, tmp_path, caplog):
+    runs = tmp_path / "runs"
+    base = ["--data", str(rehearsal_data), "--runs", str(runs), "--embedder", "dlib", "--detector", "cascade",
+            "--detector-stages", "mtcnn", "--detect-px", "64", "--workers", "0", "--tta", "--gallery-views"]
+    assert infer_facenet.main([*base, "--gallery-norm", "none", "--run-name", "raw"]) == 0
+    assert infer_facenet.main([*base, "--run-name", "dual"]) == 0  # the default: dual_softmax
+    raw, dual = load_run(runs / "raw"), load_run(runs / "dual")
+    assert raw.meta["gallery_norm"] == {"norm": "none"} and dual.meta["gallery_norm"]["norm"] == "dual_softmax"
+    expected, _ = gallery_normalised({s: raw.splits[s].sim for s in ("val", "test")}, "dual_softmax")
+    for split in ("val", "test"):
+        assert np.allclose(dual.splits[split].sim, expected[split], atol=1e-5)
+        assert not np.allclose(dual.splits[split].sim, raw.splits[split].sim)
+    assert dual.meta["embeddings"] and dual.meta["embeddings"] == raw.meta["embeddings"]  # kept for visualize.py --gap, as without the norm
+    with caplog.at_level(logging.WARNING):
+        assert infer_facenet.main([*base, "--matrix-limit", "10", "--run-name", "topk"]) == 0
+    assert json.loads((runs / "topk" / "meta.json").read_text())["gallery_norm"] == {"norm": "none"}
+    assert "--gallery-norm dual_softmax works on full matrices" in caplog.text
 
 
 def face_free(d: Path, n: int) -> list[Path]:

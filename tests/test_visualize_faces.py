@@ -15,6 +15,7 @@ import train_face_adapter
 import visualize
 from utils.data.split import identity_of
 from utils.errors import KitError
+from utils.faces.views import gallery_normalised
 from utils.runs.gap import pair_means, project_2d
 from utils.runs.similarity_io import load_run
 from utils.runs.visual import BOX_RGB
@@ -32,8 +33,11 @@ def numpy_means(run_dir, split: str, test_truth: dict[str, list[str]]) -> tuple[
     """The full cosine matrix of the run's kept embeddings, split by the right pairs
     (val: the same identity; test: the ground truth)."""
     q, g = (np.load(run_dir / f"{split}_{side}_emb.npy").astype(np.float64) for side in ("query", "gallery"))
-    m = load_run(run_dir).splits[split]
-    assert np.allclose(q @ g.T, m.sim, atol=1e-5)  # the kept embeddings are the ones the matrix came from
+    run = load_run(run_dir)
+    m = run.splits[split]
+    # the kept embeddings are the ones the matrix came from (through the run's --gallery-norm)
+    expected, _ = gallery_normalised({split: (q @ g.T).astype(np.float32)}, run.meta["gallery_norm"]["norm"])
+    assert np.allclose(expected[split], m.sim, atol=1e-4)
     if split == "val":
         rel = np.array([[identity_of(a) == identity_of(b) for b in m.gallery_names] for a in m.query_names])
     else:

@@ -1,6 +1,6 @@
 """Reading aids and score normalisations tried beyond the default gallery views, per style of the hard face benchmark.
 
-    HF_HUB_OFFLINE=1 nice -n 10 .venv/bin/python -m benchmarks.faces.bench_faces_aids --seeds 0 1
+    HF_HUB_OFFLINE=1 nice -n 10 .venv/bin/python benchmarks/faces/bench_faces_aids.py --seeds 0 1
 
 The default face recipe compares each query photo with every gallery image as it is, through the
 detector stage's transform and through a texture low-pass, and keeps a pair's closest view

@@ -1,8 +1,8 @@
 """Leave-one-style-out on the hard face benchmark: the recipe's options chosen without a style, scored on it.
 
-    HF_HUB_OFFLINE=1 nice -n 10 .venv/bin/python -m benchmarks.faces.bench_faces_loso --seeds 0 1 2 3 4
-    HF_HUB_OFFLINE=1 nice -n 10 .venv/bin/python -m benchmarks.faces.bench_faces_loso --seeds 0 1 2 3 4 --phase embed   # arrays only
-    HF_HUB_OFFLINE=1 nice -n 10 .venv/bin/python -m benchmarks.faces.bench_faces_loso --seeds 0 1 2 3 4 --phase study   # draws with arrays
+    HF_HUB_OFFLINE=1 nice -n 10 .venv/bin/python benchmarks/faces/bench_faces_loso.py --seeds 0 1 2 3 4
+    HF_HUB_OFFLINE=1 nice -n 10 .venv/bin/python benchmarks/faces/bench_faces_loso.py --seeds 0 1 2 3 4 --phase embed   # arrays only
+    HF_HUB_OFFLINE=1 nice -n 10 .venv/bin/python benchmarks/faces/bench_faces_loso.py --seeds 0 1 2 3 4 --phase study   # draws with arrays
 
 Per draw of benchmarks/faces/face_data.py (seed = draw), in turn (``all``; the results file is rewritten
 after every draw, so a run cut short reports the draws it finished):
@@ -66,7 +66,7 @@ ADAPTERS = ("off", "on", "rendered2", "rendered4")  # renderedN: the adapter wit
 N_RENDERS = 4
 # ensemble.py's two-way normalisation of the run's whole test matrix (before the cut to a style), as --auto applies it
 RERANKS = {"none": RerankParams(), "dual_softmax": RerankParams(steps=("dual_softmax",), temperature=1.0)}
-DEFAULT = ("off", "detector + texture", "zmax", "none")  # the face run's default recipe (ensemble.py --auto may add dual_softmax)
+DEFAULT = ("off", "detector + texture", "zmax", "dual_softmax")  # the face run's default recipe (infer_facenet.py --gallery-norm dual_softmax)
 
 
 def draw_data(seed: int) -> Path:
@@ -239,7 +239,7 @@ def study_main(seeds: Sequence[int]) -> None:
     tables = [md_table(f"Leave one style out over {len(seeds)} draws (seeds {', '.join(map(str, seeds))}): per held-out style, the option "
                        "(adapter, views, rule) with the best mean over the other styles (every draw), scored on the held-out style; mean ± standard error over draws",
                        ["held-out style", "chosen without it", "mean over the others", "held-out score", "worst draw",
-                        "face run default (adapter off, detector + texture, zmax, none)", "plain (no views, no adapter, none)",
+                        "face run default (adapter off, detector + texture, zmax, dual_softmax)", "plain (no views, no adapter, none)",
                         "chosen option, whole test gallery"], rows),
               md_table("Per draw: the mean over held-out styles of the chosen options' held-out scores",
                        ["seed", "LOSO mean (chosen)", "default recipe", "plain"],

@@ -109,6 +109,9 @@ class FacePipeline:
         self.crop_params.check()
         self.detector = build_detector(cfg, device)
         self.views = tta_views(cfg.tta)
+        # the gallery views' TTA: the run's without its blur group (a view is a reading aid already; the blur pass cost a
+        # third of the views' time and no score: benchmarks/results/bench_faces_time.md)
+        self.view_tta = tta_views([g for g in cfg.tta if g != "blur"])
         self.det_tag = self.detector.params.tag() if self.detector is not None else "no-detector"
         self.faces: dict[str, dict[str, Any]] = {}  # per image set: images, faces found, fallbacks, by stage
         # gallery views (utils.faces.views); a face run made before they existed has none
@@ -179,7 +182,7 @@ class FacePipeline:
         for view in self.view_params.names():
             idx = np.array([i for i, s in enumerate(stage_of) if stage_transform(s, eye) is not None] if view == "detector"
                            else range(len(paths)), np.int64)
-            key = files_key(paths, f"{self.tag}|{view_tag(view)}")  # one key per view: adding or dropping another view keeps it
+            key = files_key(paths, f"{self.tag}|{view_tag(view)}|view_tta={self.view_tta!r}")  # one key per view: adding or dropping another view keeps it
             compute = partial(self._embed_view, build, view, f"{desc} ({view} view)") if len(idx) else partial(np.zeros, (0, plain.shape[1]), np.float32)
             emb = cached(self.cache_dir / f"emb_{key}.npy", compute, f"{desc} ({view} view)")
             for i in idx:
@@ -189,7 +192,7 @@ class FacePipeline:
         return out
 
     def _embed_view(self, build, view: str, desc: str) -> np.ndarray:
-        return self.embed_pixels(build()[view][0], desc)
+        return self.embed_pixels(build()[view][0], desc, views=self.view_tta)
 
 
     def stored_crops(self, paths: Sequence[Path], desc: str) -> Crops:
@@ -209,7 +212,8 @@ class FacePipeline:
             raise KitError(f"{desc}: no images to render")
         crops = self._stored_crops(paths, desc)
         names = self.view_params.names() if with_views else []
-        key = files_key(paths, f"{self.tag}|rendered|{library.tag()}|n={n}|seed={seed}|rows={','.join(map(str, rows.tolist()))}|views={names}")
+        key = files_key(paths, f"{self.tag}|rendered|{library.tag()}|n={n}|seed={seed}|rows={','.join(map(str, rows.tolist()))}|views={names}"
+                              + (f"|view_tta={self.view_tta!r}" if names else ""))
         z = cached(self.cache_dir / f"rendered_{key}.npz",
                    lambda: self._rendered_arrays(library.render_many(list(crops.pixels[rows]), n, seed), names, desc), f"{desc} (rendered)")
         return z["emb"], rows[z["src"]], [tuple(u.split("+")) for u in z["used"].tolist()], [z[f"view.{v}"] for v in names]
@@ -222,5 +226,6 @@ class FacePipeline:
             eye = eye_px(self.crop_params.aligner, self.crop_params.size_px, self.crop_params.margin_px)
             made = view_crops(pixels, [""] * len(pixels), self.view_params, eye, colour_transform(self.cfg.face_colour))
             for v in views:
-                out[f"view.{v}"] = full_view(emb, self.embed_pixels(made[v][0], f"{desc} (rendered, {v} view)"), made[v][1]) if len(made[v][1]) else emb
+                out[f"view.{v}"] = full_view(emb, self.embed_pixels(made[v][0], f"{desc} (rendered, {v} view)", views=self.view_tta),
+                                             made[v][1]) if len(made[v][1]) else emb
         return out

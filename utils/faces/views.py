@@ -45,6 +45,7 @@ log = logging.getLogger(__name__)
 GALLERY_VIEWS = ("detector", "texture")
 FUSION_RULES = ("zmax", "max", "softmax", "mean")  # the first is the default when validation ties
 FUSIONS = ("auto", *FUSION_RULES, "plain")
+GALLERY_NORMS = ("dual_softmax", "none")  # the face run's two-way normalisation of its matrices (the first is the default)
 DLIB_EYE_FRAC = 0.356  # inter-eye distance / size_px in dlib's chips (measured on skimage's astronaut; tests)
 BOX_EYE_FRAC = 0.4  # inter-eye distance / MTCNN box side (box aligner: the box fills size_px - margin_px)
 SKETCH_EYE_FRAC = 0.08  # mtcnn_sketch's view: blur sigma as a fraction of the inter-eye distance
@@ -163,6 +164,28 @@ def fuse(query: np.ndarray, views: list[np.ndarray], rule: str) -> np.ndarray:
     if rule == "mean":
         return z.mean(0)
     raise KitError(f"--view-fusion {rule!r}: choose from {list(FUSIONS)}")
+
+
+def gallery_normalised(sims: dict[str, np.ndarray], norm: str) -> tuple[dict[str, np.ndarray], dict]:
+    """Each split's matrix after the two-way normalisation ``norm`` (:data:`GALLERY_NORMS`), and its record.
+
+    ``dual_softmax``: ensemble.py's dual-softmax (temperature 1) on the row-z-scored matrix, a softmax
+    over the gallery times a softmax over the queries: a gallery image close to every query (a hub,
+    as the images of one style are to a photo) is discounted. It uses every query of the split, as
+    re-ranking does. Chosen by leave-one-style-out: benchmarks/results/bench_faces_loso.md.
+
+    Raises:
+        KitError: unknown ``norm``.
+    """
+    from utils.ensemble.fusion import row_zscore
+    from utils.ensemble.rerank import RerankParams, rerank
+
+    if norm == "none":
+        return sims, {"norm": "none"}
+    if norm == "dual_softmax":
+        params = RerankParams(steps=("dual_softmax",), temperature=1.0)
+        return {k: rerank(row_zscore(s), params) for k, s in sims.items()}, {"norm": "dual_softmax", "temperature": 1.0}
+    raise KitError(f"--gallery-norm {norm!r}: choose from {list(GALLERY_NORMS)}")
 
 
 def choose_rule(score: Callable[[str], dict[str, float]], fusion: str) -> tuple[str, str, dict[str, dict[str, float]]]:
