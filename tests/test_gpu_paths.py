@@ -352,29 +352,26 @@ def test_the_loss_mask_selects_on_the_device_and_the_loss_is_read_once_per_inter
     assert reads == [3, 3, 1]  # one host read per 3 steps, and the rest at the epoch's end
 
 
-def test_the_logged_loss_under_ddp_is_the_mean_over_every_rank(tmp_path):
+def two_gloo_ranks(helper: str, tmp_path) -> list[dict]:
+    """Run ``tests/helpers/<helper>`` on 2 gloo ranks under torchrun; the history of the last.pt it writes."""
     import os
     import subprocess
     import sys
 
     proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
-                           str(ROOT / "tests" / "helpers" / "ddp_loss_mean.py"), str(tmp_path)],
+                           str(ROOT / "tests" / "helpers" / helper), str(tmp_path)],
                           capture_output=True, text=True, timeout=300, cwd=ROOT, env={**os.environ, "OMP_NUM_THREADS": "1"})
     assert proc.returncode == 0, proc.stderr[-2000:]
-    history = torch.load(tmp_path / "last.pt", weights_only=True)["history"]
+    return torch.load(tmp_path / "last.pt", weights_only=True)["history"]
+
+
+def test_the_logged_loss_under_ddp_is_the_mean_over_every_rank(tmp_path):
+    history = two_gloo_ranks("ddp_loss_mean.py", tmp_path)
     assert [h["loss"] for h in history] == [pytest.approx(1.5)]  # rank 0 alone: 1.0
 
 
 def test_a_shared_validation_runs_on_every_rank_with_rank_0s_batchnorm_statistics(tmp_path):
-    import os
-    import subprocess
-    import sys
-
-    proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
-                           str(ROOT / "tests" / "helpers" / "ddp_shared_eval.py"), str(tmp_path)],
-                          capture_output=True, text=True, timeout=300, cwd=ROOT, env={**os.environ, "OMP_NUM_THREADS": "1"})
-    assert proc.returncode == 0, proc.stderr[-2000:]
-    history = torch.load(tmp_path / "last.pt", weights_only=True)["history"]
+    history = two_gloo_ranks("ddp_shared_eval.py", tmp_path)
     assert [h["val_score"] for h in history] == [1.0, 1.0]  # every rank validated, all with the same buffers
 
 
