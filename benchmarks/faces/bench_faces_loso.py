@@ -247,7 +247,8 @@ def study_main(seeds: Sequence[int]) -> None:
               md_table("Held-out score per adapter variant (each style scored by an adapter trained without it; renders never composed it)",
                        ["views, rule, re-ranking", "adapter", *STYLES, "mean over styles", "whole test gallery"], variant_rows(results))]
     secs = [[str(seed), f"{r['seconds']['embed'][0]:.0f}", f"{r['seconds']['embed'][1]:.0f}", f"{r['seconds']['study']:.0f}"] for seed, r in zip(seeds, results)]
-    tables.append(md_table("Wall time per draw, seconds (shared 2-core machine, nice -n 10)", ["seed", "default run", "arrays (run + training images)", "study"], secs))
+    tables.append(md_table("Wall time per draw, seconds, of the invocation that made it (shared 2-core machine, nice -n 10; a draw whose "
+                           "default run and face cache exist reuses them: its seconds are then the cache's)", ["seed", "default run", "arrays (run + training images)", "study"], secs))
     md = ["## Leave one style out on the hard face benchmark", "",
           f"Style library (utils/faces/styles.py) of the rendered pairs: {len(TRAIN_STYLES)} styles, {N_RENDERS} renders per real training photo; "
           "for a held-out style, the renders that composed it are dropped (the benchmark's five styles are the kit's own renderers).", "",
