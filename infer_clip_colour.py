@@ -63,7 +63,7 @@ from utils.embedding.step import SETS, embed_task, similarities
 from utils.embedding.views import PixelScale, tta_views
 from utils.errors import KitError, run_cli
 from utils.logs import console, setup_logging
-from utils.runs.metrics import evaluate, mean_cosine_by_relevance, relevance_matrix
+from utils.runs.metrics import evaluate, mean_cosine_by_relevance, split_relevance
 from utils.runs.model_run import begin_inference_run, write_model_run
 from utils.runs.topk import topk
 from utils.weights import fingerprint
@@ -154,10 +154,9 @@ def report(task: Task, cosine: dict[str, np.ndarray], fused: dict[str, np.ndarra
         table.add_column(col, justify="left" if col == "split" else "right")
     out = {}
     for split in ("val", "test"):
-        relevant = task.relevant(split)
-        if relevant is None:
+        rel = split_relevance(task, split)
+        if rel is None:
             continue
-        rel = relevance_matrix(task.names(f"{split}_query"), task.names(f"{split}_gallery"), relevant)
         before, after = evaluate(cosine[split], rel), evaluate(fused[split], rel)
         out[split] = {"score_cosine": before["score"], "score_colour": after["score"], "map_cosine": before["map_all"], "map_colour": after["map_all"]}
         table.add_row(split, f"{before['score']:.2f}", f"{after['score']:.2f}", f"{before['map_all']:.3f}", f"{after['map_all']:.3f}")
@@ -169,10 +168,9 @@ def domain_gap(task: Task, cosine: dict[str, np.ndarray]) -> dict[str, dict[str,
     """Mean cosine of correct and of incorrect pairs per split with a ground truth (logged)."""
     out = {}
     for split in ("val", "test"):
-        relevant = task.relevant(split)
-        if relevant is None:
+        rel = split_relevance(task, split)
+        if rel is None:
             continue
-        rel = relevance_matrix(task.names(f"{split}_query"), task.names(f"{split}_gallery"), relevant)
         out[split] = mean_cosine_by_relevance(cosine[split], rel)
         log.info("%s: mean cosine of correct pairs %.4f, of incorrect pairs %.4f (gap %.4f)", split,
                  out[split]["correct"], out[split]["incorrect"], out[split]["gap"])
@@ -211,7 +209,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     t1 = time.time()
     desc = descriptors(inputs, cfg, run_dir / "cache")
     dist = {split: distances(cosine[split], desc[f"{split}_query"], desc[f"{split}_gallery"], cfg) for split in ("val", "test")}
-    rel_val = relevance_matrix(task.names("val_query"), task.names("val_gallery"), task.relevant("val"))
+    rel_val = split_relevance(task, "val")
     best, grid, warnings = search_with_checks(cosine["val"], dist["val"], rel_val, cfg.alphas, cfg.threshold_quantiles)
     fused = {split: apply_colour_term(cosine[split], dist[split], best.alpha, best.threshold) for split in ("val", "test")}
     timings["colour"] = time.time() - t1

@@ -88,7 +88,7 @@ from utils.logs import console, setup_logging
 from utils.runs.cosine import cosine_similarity
 from utils.runs.gap import META_KEY as GAP_KEY
 from utils.runs.gap import save_run_embeddings
-from utils.runs.metrics import evaluate, relevance_matrix
+from utils.runs.metrics import evaluate, split_relevance
 from utils.runs.model_run import begin_inference_run, write_embedding_run, write_model_run
 from utils.runs.topk_run import use_topk_form
 from utils.training.class_sampler import MPerClassShardSampler
@@ -218,11 +218,6 @@ class AdapterStep(nn.Module):
         if not self.cross:
             return self.loss(out, labels)
         return self.loss.loss(out, labels, cross_domain_pairs(labels, self.side[idx]))
-
-
-def val_relevance(task: Task) -> np.ndarray:
-    """The validation split's (query, gallery) relevance matrix."""
-    return relevance_matrix(task.names("val_query"), task.names("val_gallery"), task.relevant("val"))
 
 
 def split_sims(emb: dict[str, np.ndarray], split: str, rule: str = "plain", norm: str = "none") -> np.ndarray:
@@ -452,7 +447,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     # the old run invalidated, device, seed, data, the shared split; the source's embeddings of every set (from the face cache)
     run = begin_inference_run(cfg, run_name)
     run_dir, device, task, t0, timings = run.run_dir, run.device, run.task, run.t0, run.timings
-    val_rel = val_relevance(task)
+    val_rel = split_relevance(task, "val")
     pipe = FacePipeline(face, device, cache_dir=cfg.runs / "face_cache")
     source = {**embed_task(task, pipe.embed_set), **source_views(cfg, task, pipe, face)}
     rule = face.view_rule if any("." in k for k in source) else "plain"
@@ -465,8 +460,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     # validation picks what the run holds (a harder validation where candidates tie)
     norm = "none" if use_topk_form(len(task.test_query), len(task.test_gallery), cfg.run_form().max_cells) else face.gallery_norm
     chosen, scores, tie = choose(candidates, val_rel, rule, harder_gate(cfg, task, pipe, source, rule, maps, train_emb), norm)
-    truth = task.relevant("test")  # known in rehearsals and benchmarks only: recorded, never used to choose
-    test_rel = None if truth is None else relevance_matrix(task.names("test_query"), task.names("test_gallery"), truth)
+    test_rel = split_relevance(task, "test")  # known in rehearsals and benchmarks only: recorded, never used to choose
     test = {} if test_rel is None else {name: evaluate(split_sims(e, "test", rule, norm), test_rel) for name, e in candidates.items()}
     adaptation = {"source": cfg.source, "chosen": chosen, "val": scores, "test": test, "tie_break": tie, **({"finetune": record} if record else {})}
     extra = {"adaptation": adaptation, "history": history,

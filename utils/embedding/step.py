@@ -19,7 +19,7 @@ import numpy as np
 
 from utils.data.task import Task
 from utils.runs.cosine import cosine_similarity, similarities
-from utils.runs.metrics import relevance_matrix, topk_scores
+from utils.runs.metrics import split_relevance, topk_scores
 
 __all__ = ["SETS", "EmbedSet", "embed_task", "similarities", "val_score"]
 
@@ -37,5 +37,4 @@ def val_score(task: Task, embed_set: EmbedSet) -> float:
     """The competition score on the validation split (``embed_set`` should skip TTA and caches)."""
     q = embed_set(task.val_query, "val queries")
     g = embed_set(task.val_gallery, "val gallery")
-    rel = relevance_matrix(task.names("val_query"), task.names("val_gallery"), task.relevant("val"))
-    return topk_scores(cosine_similarity(q, g), rel)["score"]
+    return topk_scores(cosine_similarity(q, g), split_relevance(task, "val"))["score"]

@@ -209,9 +209,9 @@ def fused_similarities(task, emb: dict[str, np.ndarray], view_emb: dict[str, lis
     validation (``auto``; where rules tie at the top, on the harder validation ``harder()`` if given:
     utils/faces/tiebreak.py), and a record of the choice for meta.json."""
     from utils.faces.tiebreak import break_tie, tied_at_top
-    from utils.runs.metrics import evaluate, relevance_matrix
+    from utils.runs.metrics import evaluate, split_relevance
 
-    rel = relevance_matrix(task.names("val_query"), task.names("val_gallery"), task.relevant("val"))
+    rel = split_relevance(task, "val")
     val_views = [emb["val_gallery"], *view_emb["val_gallery"]]
     rule, how, metrics = choose_rule(lambda r: evaluate(fuse(emb["val_query"], val_views, r), rel), fusion)
     tied = tied_at_top(metrics) if fusion == "auto" else []

@@ -22,6 +22,15 @@ def competition_score(top1: float, top5: float, top10: float) -> float:
     return SCORE_WEIGHTS[1] * top1 + SCORE_WEIGHTS[5] * top5 + SCORE_WEIGHTS[10] * top10
 
 
+def split_relevance(task, split: str) -> np.ndarray | None:
+    """``split``'s (query, gallery) relevance matrix from ``task`` (a :class:`~utils.data.task.Task`),
+    or None where the split has no ground truth (test outside rehearsals and benchmarks)."""
+    relevant = task.relevant(split)
+    if relevant is None:
+        return None
+    return relevance_matrix(task.names(f"{split}_query"), task.names(f"{split}_gallery"), relevant)
+
+
 def relevance_matrix(
     query_names: list[str], gallery_names: list[str], relevant: dict[str, list[str]]
 ) -> np.ndarray:
