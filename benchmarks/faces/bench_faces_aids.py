@@ -43,7 +43,7 @@ from utils.ensemble.fusion import row_zscore
 from utils.ensemble.rerank import RerankParams, rerank
 from utils.errors import run_cli
 from utils.faces.cascade import clahe_grey, grey3, hue_grey, inverted_grey
-from utils.faces.views import SKETCH_EYE_FRAC, eye_px, low_pass, sketch_view
+from utils.faces.views import SKETCH_EYE_FRAC, eye_px, gallery_normalised, low_pass, sketch_view
 from utils.logs import console, setup_logging
 from utils.runs.metrics import evaluate, relevance_matrix
 
@@ -109,7 +109,7 @@ def normalised(emb: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
     centred = {k: unit(emb[k] - emb[k].mean(0)) for k in ("test_query", "test_gallery", "test_gallery.detector", "test_gallery.texture0.05")}
     return {"default, CSLS gallery hub correction (k 10, half weight)": base - 0.5 * hub[None, :],
             "default, z-score per gallery image": (base - base.mean(0)) / (base.std(0) + 1e-6),
-            "default, dual-softmax (t 1)": rerank(row_zscore(base), RerankParams(steps=("dual_softmax",), temperature=1.0)),
+            "default, dual-softmax (t 1)": gallery_normalised({"test": base}, "dual_softmax")[0]["test"],  # the face run's --gallery-norm
             "default, Sinkhorn (t 1)": rerank(row_zscore(base), RerankParams(steps=("sinkhorn",), temperature=1.0)),
             "default views, each side centred on its mean": pair_matrix({**emb, **centred}, DEFAULT)}
 

@@ -49,12 +49,10 @@ from utils.cache import cached
 from utils.config import config_from_args
 from utils.data.task import prepare_task
 from utils.embedding.step import SETS, embed_task
-from utils.ensemble.fusion import row_zscore
-from utils.ensemble.rerank import RerankParams, rerank
 from utils.errors import run_cli
 from utils.faces.pipeline import FacePipeline
 from utils.faces.styles import TRAIN_STYLES, StyleLibrary
-from utils.faces.views import FUSION_RULES, fuse
+from utils.faces.views import FUSION_RULES, fuse, gallery_normalised
 from utils.logs import console, setup_logging
 from utils.runs.metrics import evaluate, relevance_matrix
 
@@ -64,8 +62,8 @@ FLAGS = ["--val-fraction", "0.5", "--embedder", "dlib", "--workers", "0", "--vie
 VIEW_SETS = {"plain": (), "detector": ("detector",), "texture": ("texture0.05",), "detector + texture": ("detector", "texture0.05")}
 ADAPTERS = ("off", "on", "rendered2", "rendered4")  # renderedN: the adapter with N rendered pairs per real training photo
 N_RENDERS = 4
-# ensemble.py's two-way normalisation of the run's whole test matrix (before the cut to a style), as --auto applies it
-RERANKS = {"none": RerankParams(), "dual_softmax": RerankParams(steps=("dual_softmax",), temperature=1.0)}
+# the face run's --gallery-norm on the whole test matrix (before the cut to a style); none first (ties keep it)
+RERANKS = ("none", "dual_softmax")
 DEFAULT = ("off", "detector + texture", "zmax", "dual_softmax")  # the face run's default recipe (infer_facenet.py --gallery-norm dual_softmax)
 
 
@@ -124,7 +122,8 @@ def style_scores(emb: dict[str, np.ndarray], z, truth: dict, test_style: np.ndar
     q, g = z["names.test_query"].tolist(), z["names.test_gallery"].tolist()
     out = {}
     for views, rule, rr in option_labels():
-        sim = rerank(row_zscore(fuse(emb["test_query"], [emb["test_gallery"], *[emb[f"test_gallery.{v}"] for v in VIEW_SETS[views]]], rule)), RERANKS[rr])
+        sim = fuse(emb["test_query"], [emb["test_gallery"], *[emb[f"test_gallery.{v}"] for v in VIEW_SETS[views]]], rule)
+        sim = gallery_normalised({"test": sim}, rr)[0]["test"]
         cells = {}
         for style in STYLES:
             cols = np.flatnonzero(test_style == style)
