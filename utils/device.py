@@ -84,6 +84,21 @@ def default_workers() -> int:
     return max(1, min(8, cpu_count() // 2 // per_node))
 
 
+def resolve_processes(n: int) -> int:
+    """``--embed-processes``: -1 means every usable core, shared among the processes torchrun starts on this
+    machine (``LOCAL_WORLD_SIZE``); 1 runs in the main process.
+
+    Raises:
+        KitError: 0, below -1, or more than 4 per usable core.
+    """
+    if n == 0 or n < -1:
+        raise KitError(f"--embed-processes {n}: use -1 (every usable core), 1 (the main process) or a count")
+    if n > 4 * cpu_count():
+        raise KitError(f"--embed-processes {n}: more than 4 per usable core ({cpu_count()} here); use -1 or at most {4 * cpu_count()}")
+    per_node = max(1, int(os.environ.get("LOCAL_WORLD_SIZE", "1")))
+    return max(1, cpu_count() // per_node) if n == -1 else n
+
+
 def resolve_workers(n: int) -> int:
     """``--workers``: -1 means :func:`default_workers`; 0 decodes in the main process.
 

@@ -24,12 +24,12 @@ import logging
 import os
 from pathlib import Path
 
-import numpy as np
 import torch
 
 from utils.deps import require
 from utils.errors import KitError
 from utils.faces.crop import face_models_file
+from utils.faces.dlib_pool import DlibPool, describe
 from utils.weights import fingerprint, load_into, load_weights_file, resolve_weights
 from utils.weights.catalog import FACENET_RELEASES
 from utils.weights.resolve import FETCH_HINT
@@ -102,13 +102,15 @@ class FaceNetEmbedder:
 
 
 class DlibEmbedder:
-    """dlib's ResNet face model: 150 px dlib chips -> 128-d (batched list call)."""
+    """dlib's ResNet face model: 150 px dlib chips -> 128-d (batched list call); with ``processes`` > 1 each
+    batch is split across that many worker processes (:class:`~utils.faces.dlib_pool.DlibPool`: dlib runs
+    on one core per process; the descriptors are the same)."""
 
     name = "dlib"
     input_px = 150
     aligner = "dlib"
 
-    def __init__(self, weights: str):
+    def __init__(self, weights: str, processes: int = 1):
         import dlib
 
         if weights == "none":
@@ -121,16 +123,22 @@ class DlibEmbedder:
         except RuntimeError as err:
             first = str(err).strip().splitlines()[0]
             raise KitError(f"{path}: not a dlib face recognition model ({first}); pass {DLIB_MODEL_FILE}") from None
-        self.tag = f"dlib|{path}|{fingerprint(path)}"
+        self.tag = f"dlib|{path}|{fingerprint(path)}"  # not the processes: they do not change a descriptor
+        self.pool = DlibPool(path, processes) if processes > 1 else None
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
         chips = x.round().clamp(0, 255).to(torch.uint8).permute(0, 2, 3, 1).cpu().numpy()
-        desc = self.model.compute_face_descriptor([np.ascontiguousarray(c) for c in chips], 0)
-        return torch.from_numpy(np.array([np.asarray(d) for d in desc], dtype=np.float32))
+        return torch.from_numpy(self.pool.describe(chips) if self.pool is not None else describe(self.model, chips))
+
+    def close(self) -> None:
+        """Stops the worker processes, if any."""
+        if self.pool is not None:
+            self.pool.close()
 
 
-def build_embedder(name: str, weights: str, device: torch.device, amp: torch.dtype | None = None):
-    """The embedder ``name`` with ``weights`` ('default' = the usual pretrained weights).
+def build_embedder(name: str, weights: str, device: torch.device, amp: torch.dtype | None = None, processes: int = 1):
+    """The embedder ``name`` with ``weights`` ('default' = the usual pretrained weights); dlib runs in
+    ``processes`` CPU processes (FaceNet, a torch model, uses torch's threads or the GPU).
 
     Raises:
         KitError: unknown name, or weights missing or not fitting.
@@ -140,5 +148,5 @@ def build_embedder(name: str, weights: str, device: torch.device, amp: torch.dty
         return FaceNetEmbedder("vggface2" if weights == "default" else weights, device, amp)
     if name == "dlib":
         require("dlib", "--embedder dlib")
-        return DlibEmbedder(weights)
+        return DlibEmbedder(weights, processes)
     raise KitError(f"--embedder {name!r}: choose from {list(EMBEDDERS)}")

@@ -1,0 +1,121 @@
+"""dlib's face model across worker processes (utils/faces/dlib_pool.py): the same descriptors as one
+process, a dead worker is one clear error, and no worker outlives its parent (real processes, real signals)."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+import infer_facenet
+from utils.device import cpu_count, resolve_processes
+from utils.errors import KitError
+from utils.faces.crop import CropParams, face_crops
+from utils.faces.detect import DetectorParams, FaceDetector
+from utils.faces.embedder import build_embedder
+
+pytest.importorskip("dlib")
+CPU = torch.device("cpu")
+ROOT = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture(scope="module")
+def chips(tmp_path_factory) -> torch.Tensor:
+    """Seven different 150 px chips of a real face (skimage's astronaut): the crop, mirrored, darker, brighter, noisy,
+    shifted, blurred; as the embedder takes them: (7, 3, 150, 150) float 0..255."""
+    from skimage import data
+
+    path = tmp_path_factory.mktemp("pool") / "astronaut.png"
+    Image.fromarray(data.astronaut()).save(path)
+    crop = face_crops([path], FaceDetector(DetectorParams(), CPU), CropParams(size_px=150, aligner="dlib"), workers=0).pixels[0]
+    m = (crop.shape[0] - 150) // 2  # the stored crop holds context around the 150 px chip
+    crop = crop[m:m + 150, m:m + 150].astype(np.float32)
+    rng = np.random.default_rng(0)
+    looks = [crop, crop[:, ::-1], crop * 0.6, np.clip(crop * 1.3, 0, 255), np.clip(crop + rng.normal(0, 20, crop.shape), 0, 255),
+             np.roll(crop, 6, axis=1), (crop + np.roll(crop, 1, axis=0) + np.roll(crop, 1, axis=1)) / 3]
+    return torch.from_numpy(np.stack(looks).astype(np.float32)).permute(0, 3, 1, 2).contiguous()
+
+
+def test_descriptors_across_processes_equal_one_process_exactly(chips):
+    one = build_embedder("dlib", "default", CPU)(chips).numpy()
+    assert len({tuple(np.round(r, 3)) for r in one}) == len(one)  # seven different descriptors: a real test of the order
+    for processes in (2, 3):
+        emb = build_embedder("dlib", "default", CPU, processes=processes)
+        try:
+            assert np.array_equal(emb(chips).numpy(), one)  # every chip where it was, bit for bit
+            assert np.array_equal(emb(chips[:1]).numpy(), one[:1])  # fewer chips than processes
+            assert emb(chips[:0]).shape == (0, 128)
+            assert len(emb.pool.pids) == processes
+        finally:
+            emb.close()
+    assert emb.pool.pids == []
+
+
+def test_a_killed_worker_is_one_clear_error_not_a_hang(chips):
+    emb = build_embedder("dlib", "default", CPU, processes=2)
+    emb(chips[:2])
+    victim = emb.pool.pids[0]
+    os.kill(victim, signal.SIGKILL)
+    deadline = time.monotonic() + 60
+    while not emb.pool._executor._broken and time.monotonic() < deadline:  # the executor notices the death on its own
+        time.sleep(0.05)
+    with pytest.raises(KitError, match="dlib embedding process died.*--embed-processes 1"):
+        emb(chips)
+    assert emb.pool.pids == []  # closed: the next batch would start a fresh pool
+
+
+def _state(pid: int) -> str:
+    """A process's state letter ('' once it is gone)."""
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+    except (FileNotFoundError, ProcessLookupError):
+        return ""
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="PR_SET_PDEATHSIG is Linux's")
+def test_workers_die_with_a_parent_killed_by_sigkill(tmp_path):
+    script = tmp_path / "parent.py"
+    script.write_text("import sys, time, torch\n"
+                      "from utils.faces.embedder import build_embedder\n"
+                      "emb = build_embedder('dlib', 'default', torch.device('cpu'), processes=2)\n"
+                      "emb(torch.full((2, 3, 150, 150), 128.0))\n"
+                      "print(*emb.pool.pids, flush=True)\n"
+                      "time.sleep(600)\n")
+    parent = subprocess.Popen([sys.executable, str(script)], cwd=ROOT, stdout=subprocess.PIPE, text=True,
+                              env={**os.environ, "PYTHONPATH": str(ROOT)})
+    try:
+        pids = [int(p) for p in parent.stdout.readline().split()]
+        assert len(pids) == 2 and all(_state(p) not in ("", "Z") for p in pids)
+    finally:
+        parent.kill()
+        parent.wait()
+    deadline = time.monotonic() + 60
+    while any(_state(p) not in ("", "Z") for p in pids) and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert all(_state(p) in ("", "Z") for p in pids), [(p, _state(p)) for p in pids]
+
+
+def test_embed_processes_flag(monkeypatch, capsys, tmp_path):
+    monkeypatch.delenv("LOCAL_WORLD_SIZE", raising=False)
+    assert resolve_processes(-1) == cpu_count() and resolve_processes(3) == 3
+    monkeypatch.setenv("LOCAL_WORLD_SIZE", str(2 * cpu_count()))  # more torchrun ranks than cores: one each
+    assert resolve_processes(-1) == 1
+    for bad in (0, -2, 4 * cpu_count() + 1):
+        with pytest.raises(KitError, match=f"--embed-processes {bad}"):
+            resolve_processes(bad)
+    with pytest.raises(SystemExit) as exit_:
+        from utils.errors import run_cli
+
+        monkeypatch.setattr(sys, "argv", ["infer_facenet.py", "--data", str(tmp_path), "--embedder", "dlib", "--embed-processes", "0"])
+        run_cli(infer_facenet.main)
+    assert exit_.value.code == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err == [err[0]] and err[0].startswith("error: --embed-processes 0")
