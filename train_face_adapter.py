@@ -320,9 +320,10 @@ def finetune_record(cfg: Config, names: list[str], renders: StepRenders | None, 
 
 
 def finetune(cfg: Config, task: Task, run_dir: Path, pipe: FacePipeline, side: np.ndarray, val_rel: np.ndarray,
-             data_key: str) -> tuple[dict[str, np.ndarray], list[dict], dict]:
+             data_key: str, norm: str = "none") -> tuple[dict[str, np.ndarray], list[dict], dict]:
     """FaceNet's first or last --finetune-blocks trained on the training crops (and, with --rendered-pairs, renders of the
-    real ones); every set embedded again (uncached). Returns the embeddings, the history and :func:`finetune_record`."""
+    real ones); every set embedded again (uncached); each epoch scored on validation normalised by ``norm``, as the run's
+    matrices are. Returns the embeddings, the history and :func:`finetune_record`."""
     model = pipe.embedder.model
     names = unfreeze_blocks(model, cfg.finetune_part, cfg.finetune_blocks)
     norm_blocks = norm_train_blocks(cfg.finetune_part, names)
@@ -334,7 +335,7 @@ def finetune(cfg: Config, task: Task, run_dir: Path, pipe: FacePipeline, side: n
 
     def evaluate() -> float:
         model.eval()
-        return rank_key(val_metrics({w: pipe.embed_pixels(c, w, views=[View()]) for w, c in val_crops.items()}, val_rel))
+        return rank_key(val_metrics({w: pipe.embed_pixels(c, w, views=[View()]) for w, c in val_crops.items()}, val_rel, norm=norm))
 
     history = fit_on_identities(cfg, task, run_dir, ("facenet", model), step, cfg.finetune_lr, pipe.device, evaluate, data_key,
                                 on_epoch=lambda epoch: freeze_frozen_norms(model, norm_blocks))
@@ -390,9 +391,10 @@ Maps = dict[str, tuple[Callable[[np.ndarray], np.ndarray], Callable[[np.ndarray]
 
 
 def learn(cfg: Config, task: Task, run_dir: Path, pipe: FacePipeline, source: dict[str, np.ndarray], rule: str, val_rel: np.ndarray,
-          train: tuple[np.ndarray, np.ndarray]) -> tuple[dict[str, dict[str, np.ndarray]], Maps, list[dict], dict]:
+          train: tuple[np.ndarray, np.ndarray], norm: str = "none") -> tuple[dict[str, dict[str, np.ndarray]], Maps, list[dict], dict]:
     """The candidates (every set's embeddings): the source, the per-domain statistics, the adapter on top (or the fine-tune);
-    each one's maps of a query and a gallery embedding (not for the fine-tune); the training history; the fine-tune's record."""
+    each one's maps of a query and a gallery embedding (not for the fine-tune); the training history; the fine-tune's record.
+    The epoch kept is the one whose validation, normalised by ``norm`` (the run's ``gallery_norm``), ranks first."""
     train_emb, side = train
     labels = np.asarray(task.train_labels, np.int64)
     stats = DomainStats.fit(train_emb, side, cfg.domain_stats, cfg.shrinkage)
@@ -405,7 +407,7 @@ def learn(cfg: Config, task: Task, run_dir: Path, pipe: FacePipeline, source: di
     record: dict = {}
     if cfg.adapter == "finetune":
         name = f"finetune {cfg.finetune_blocks} blocks" if cfg.finetune_part == "late" else f"finetune first {cfg.finetune_blocks} blocks"
-        candidates[name], history, record = finetune(cfg, task, run_dir, pipe, side, val_rel, files_key(task.train_paths, pipe.tag))
+        candidates[name], history, record = finetune(cfg, task, run_dir, pipe, side, val_rel, files_key(task.train_paths, pipe.tag), norm)
     elif cfg.adapter != "none":
         adapted = lambda a: {w: a.apply_np(e) for w, e in centred.items() if w.startswith("val")}  # noqa: E731
         rows, row_side = stats.transform_sides(train_emb, side), side
@@ -415,7 +417,7 @@ def learn(cfg: Config, task: Task, run_dir: Path, pipe: FacePipeline, source: di
             labels = np.concatenate([labels, r_labels])
         key = files_key(task.train_paths, f"{pipe.tag}|rendered={cfg.rendered_pairs}|{','.join(cfg.rendered_exclude)}")
         adapter, history = train_adapter(cfg, task, run_dir, (rows.astype(np.float32), row_side, labels), adapted,
-                                         lambda emb: rank_key(val_metrics(emb, val_rel, rule)), key)
+                                         lambda emb: rank_key(val_metrics(emb, val_rel, rule, norm)), key)
         name = f"{cfg.domain_stats} + {cfg.adapter} adapter" if cfg.domain_stats != "none" else f"{cfg.adapter} adapter"
         candidates[name] = {w: adapter.apply_np(e) for w, e in centred.items()}
         maps[name] = (lambda e: adapter.apply_np(stats.transform(e, 0)), lambda e: adapter.apply_np(stats.transform(e, 1)))
@@ -453,12 +455,13 @@ def main(argv: Sequence[str] | None = None) -> int:
     rule = face.view_rule if any("." in k for k in source) else "plain"
     train_emb, side = pipe.embed_set(task.train_paths, "training images"), training_sides(task, cfg.query_domain)
     timings["embed"] = time.time() - t0 - timings["prepare"]
-    # per-domain statistics, then the adapter on top, each a candidate
-    candidates, maps, history, record = learn(cfg, task, run_dir, pipe, source, rule, val_rel, (train_emb, side))
+    # per-domain statistics, then the adapter on top, each a candidate; epochs and candidates are scored on the matrices
+    # the run would hold: normalised as the source's (not in the top-k form)
+    norm = "none" if use_topk_form(len(task.test_query), len(task.test_gallery), cfg.run_form().max_cells) else face.gallery_norm
+    candidates, maps, history, record = learn(cfg, task, run_dir, pipe, source, rule, val_rel, (train_emb, side), norm)
     timings["train"] = time.time() - t0 - sum(timings.values())
 
     # validation picks what the run holds (a harder validation where candidates tie)
-    norm = "none" if use_topk_form(len(task.test_query), len(task.test_gallery), cfg.run_form().max_cells) else face.gallery_norm
     chosen, scores, tie = choose(candidates, val_rel, rule, harder_gate(cfg, task, pipe, source, rule, maps, train_emb), norm)
     test_rel = split_relevance(task, "test")  # known in rehearsals and benchmarks only: recorded, never used to choose
     test = {} if test_rel is None else {name: evaluate(split_sims(e, "test", rule, norm), test_rel) for name, e in candidates.items()}

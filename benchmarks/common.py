@@ -84,7 +84,7 @@ def results_header(argv: list[str] | None = None) -> str:
     return "\n".join(
         [
             f"- Date: {date}",
-            f"- Commit: {git_commit(ROOT)}",
+            f"- Commit: {git_commit(ROOT, ignore=('benchmarks/results',))}",  # results files written earlier by this or another benchmark are not the code measured
             f"- Machine: {machine}",
             f"- Command: `{command(argv)}`",
         ]

@@ -89,6 +89,10 @@ def test_adapter_run_end_to_end_on_a_dlib_face_run(rehearsal_data, tmp_path):
     else:
         assert not np.allclose(run.splits["test"].sim, src.splits["test"].sim, atol=1e-4)
     assert [h["epoch"] for h in run.meta["history"]] == [1, 2, 3] and (runs / "dlib_adapted" / "last.pt").is_file()
+    # each epoch was scored on the matrices the run would hold (normalised as the source's): the kept epoch's score is the
+    # gate's score of the adapter (unnormalised cosines rank the gallery otherwise: another mAP)
+    best_epoch = max(h["val_score"] for h in run.meta["history"])
+    assert best_epoch == pytest.approx(train_face_adapter.rank_key(adapt["val"]["center + mlp adapter"]), abs=1e-9)
     # the same command again: the finished training is reused, the run is the same
     before = run.splits["val"].sim
     assert train_face_adapter.main(argv) == 0

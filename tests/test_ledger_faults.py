@@ -22,6 +22,7 @@ from tests.helpers.processes import default_sigint
 from tests.helpers.runs import make_run
 from tests.helpers.serving import HOLD_S, local_server
 from utils.errors import KitError
+from utils.file_hash import file_sha256
 from utils.runs import ledger
 
 
@@ -57,7 +58,7 @@ def test_a_signal_while_the_server_holds_the_reply_leaves_an_unknown_attempt(sig
     assert proc.returncode == (130 if sig == signal.SIGINT else -signal.SIGKILL)
     [entry] = ledger.read(out)
     assert entry.outcome == ledger.UNKNOWN and entry.number == 1
-    assert entry.record["sha256"] == ledger.body_sha256(entry.body)
+    assert entry.record["sha256"] == file_sha256(entry.body)
     assert json.loads(Path(entry.body).read_bytes()) == json.loads(srv.bodies[0])  # the attempt names what was sent
     if sig == signal.SIGINT:
         assert "may hold the body" in err and "--resend 1 --force" in err and "Traceback" not in err

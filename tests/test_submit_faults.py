@@ -23,6 +23,7 @@ from tests.helpers.runs import make_run
 from tests.helpers.serving import competition_server, serving
 from utils.atomic import atomic_write_json
 from utils.errors import KitError
+from utils.file_hash import file_sha256
 from utils.runs import ledger
 
 STALL_S = 20  # a stalled handler gives up after this, so a test never hangs longer
@@ -261,7 +262,7 @@ def test_ledger_history_and_resend_by_number(rehearsal_data_session, run_dir, tm
         assert submit.main(["--resend", "1", "--url", url, "--out", str(out)]) == 0
     entries = ledger.read(out)
     assert [(e.number, e.record["outcome"], e.record["score"]) for e in entries] == [(1, "dry-run", None), (2, "submitted", 1000.0)]
-    assert entries[0].record["sha256"] == entries[1].record["sha256"] == ledger.body_sha256(entries[0].body)
+    assert entries[0].record["sha256"] == entries[1].record["sha256"] == file_sha256(entries[0].body)
     assert "line 2: skipped" in caplog.text
     capsys.readouterr()
     assert submit.main(["--history", "--out", str(out)]) == 0

@@ -58,6 +58,25 @@ def test_git_commit_names_the_checkout_or_says_unknown(tmp_path):
     assert git_commit(tmp_path) == "unknown"  # not a git checkout
 
 
+def test_git_commit_is_dirty_only_outside_the_ignored_folders(tmp_path):
+    repo = tmp_path / "repo"
+    (repo / "benchmarks" / "results").mkdir(parents=True)
+    (repo / "code.py").write_text("x = 1\n")
+    (repo / "benchmarks" / "results" / "bench.md").write_text("- Commit: abc\n")
+    git = lambda *a: subprocess.run(["git", "-c", "user.name=t", "-c", "user.email=t@t", *a], cwd=repo, check=True, capture_output=True)  # noqa: E731
+    git("init", "-q")
+    git("add", ".")
+    git("commit", "-qm", "one")
+    head = git("rev-parse", "--short", "HEAD").stdout.decode().strip()
+    ignore = ("benchmarks/results",)
+    assert git_commit(repo) == git_commit(repo, ignore) == head
+    (repo / "benchmarks" / "results" / "bench.md").write_text("- Commit: def\n")  # a benchmark rewrote its results file
+    assert git_commit(repo) == f"{head}+dirty" and git_commit(repo, ignore) == head
+    assert git_commit(repo / "benchmarks", ignore) == head  # the folders are the checkout's, wherever it is asked from
+    (repo / "code.py").write_text("x = 2\n")  # the code measured changed
+    assert git_commit(repo, ignore) == f"{head}+dirty"
+
+
 def test_begin_inference_run_claims_the_folder_and_reads_the_task(rehearsal_data_session, tmp_path):
     cfg = Cfg(rehearsal_data_session, tmp_path / "runs")
     start = begin_inference_run(cfg)

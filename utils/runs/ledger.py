@@ -37,6 +37,7 @@ from rich.markup import escape
 from rich.table import Table
 
 from utils.errors import KitError
+from utils.file_hash import file_sha256
 from utils.redact import redact_url
 
 log = logging.getLogger(__name__)
@@ -61,12 +62,6 @@ class Entry:
     @property
     def outcome(self) -> str:
         return str(self.record.get("outcome", UNKNOWN))
-
-
-def body_sha256(path: str | Path) -> str:
-    """Hex SHA-256 of a body file."""
-    with open(path, "rb") as f:
-        return hashlib.file_digest(f, "sha256").hexdigest()
 
 
 def finite(obj: Any) -> Any:
@@ -130,7 +125,7 @@ def append(out_dir: str | Path, *, body: Path, url: str, group: str, outcome: st
 
 
 def _attempt_record(body: Path, url: str, group: str) -> dict[str, Any]:
-    return {"kind": "attempt", "id": uuid.uuid4().hex, "time": _now(), "body": str(body), "sha256": body_sha256(body),
+    return {"kind": "attempt", "id": uuid.uuid4().hex, "time": _now(), "body": str(body), "sha256": file_sha256(body),
             "url": redact_url(url) if url else "", "group": group}
 
 
@@ -233,7 +228,7 @@ def body_of(out_dir: str | Path, entry: Entry) -> Path:
         path = Path(out_dir) / path.name
     if not path.is_file():
         raise KitError(f"ledger entry {entry.number}: body file {entry.body} not found")
-    if entry.record.get("sha256") and body_sha256(path) != entry.record["sha256"]:
+    if entry.record.get("sha256") and file_sha256(path) != entry.record["sha256"]:
         raise KitError(f"ledger entry {entry.number}: {path} changed since it was recorded (sha256 differs); "
                        f"pass the file itself to --resend if you mean to send it as it is now")
     return path

@@ -36,14 +36,16 @@ from utils.distributed import DistInfo, barrier, cleanup, init_distributed, writ
 log = logging.getLogger(__name__)
 
 
-def git_commit(path: Path) -> str:
-    """The project's commit (``unknown`` outside a git checkout), ``+dirty`` if changed."""
+def git_commit(path: Path, ignore: tuple[str, ...] = ()) -> str:
+    """The project's commit (``unknown`` outside a git checkout), ``+dirty`` if a tracked file outside the
+    folders ``ignore`` (relative to the checkout's root) has changed."""
     try:
         rev = subprocess.run(
             ["git", "rev-parse", "--short", "HEAD"], cwd=path, capture_output=True, text=True, timeout=5
         ).stdout.strip()
+        spec = [":/", *(f":(top,exclude){p}" for p in ignore)] if ignore else []
         dirty = subprocess.run(
-            ["git", "status", "--porcelain", "--untracked-files=no"], cwd=path, capture_output=True, text=True, timeout=5
+            ["git", "status", "--porcelain", "--untracked-files=no", "--", *spec], cwd=path, capture_output=True, text=True, timeout=5
         ).stdout.strip()
         return (rev or "unknown") + ("+dirty" if rev and dirty else "")
     except (OSError, subprocess.SubprocessError):

@@ -23,6 +23,7 @@ from rich.table import Table
 from utils.atomic import atomic_write_json
 from utils.data.layout import load_layout
 from utils.errors import KitError
+from utils.file_hash import file_sha256
 from utils.logs import console
 from utils.redact import redact_url
 from utils.runs import ledger
@@ -174,7 +175,7 @@ def check_not_sent(body_path: Path, out: Path, force: bool, url: str = "") -> No
     """
     if force:
         return
-    earlier = ledger.sent_before(out, ledger.body_sha256(body_path))
+    earlier = ledger.sent_before(out, file_sha256(body_path))
     if url:
         earlier = [e for e in earlier if e.record.get("url") == redact_url(url)]
     if earlier:

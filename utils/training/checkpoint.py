@@ -15,7 +15,8 @@ import torch
 from utils import __version__
 from utils.atomic import atomic_torch_save
 from utils.errors import KitError
-from utils.weights.state import load_torch_file, sha256_file
+from utils.file_hash import file_sha256
+from utils.weights.state import load_torch_file
 
 log = logging.getLogger(__name__)
 
@@ -40,4 +41,4 @@ def load_checkpoint(path: str | Path, map_location: str | torch.device = "cpu") 
 
 def file_sha(path: str | Path) -> str:
     """First 16 hex digits of a file's SHA-256, read in chunks (checkpoints can be GBs)."""
-    return sha256_file(path)[:16]
+    return file_sha256(path)[:16]

@@ -25,9 +25,9 @@ from pathlib import Path, PurePosixPath
 from typing import Any
 
 from utils.errors import KitError
+from utils.file_hash import file_sha256
 from utils.progress import ProgressBar
 from utils.weights.catalog import WeightSpec
-from utils.weights.state import sha256_file
 from utils.weights.store import write_entry
 
 log = logging.getLogger(__name__)
@@ -145,7 +145,7 @@ def download_file(remote: RemoteFile, dest: Path, redo: bool = False) -> dict[st
     """
     part = dest.with_name(dest.name + ".part")
     if dest.is_file() and not redo:
-        sha = sha256_file(dest)
+        sha = file_sha256(dest)
         if remote.sha256 in (None, sha) and remote.size in (None, dest.stat().st_size):
             log.info("%s: present (%d bytes)", dest, dest.stat().st_size)
             return {"path": "", "url": remote.url, "size": dest.stat().st_size, "sha256": sha}

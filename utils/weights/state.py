@@ -11,7 +11,6 @@ Checkpoints of training (model, optimiser, epoch) are written and read by
 
 from __future__ import annotations
 
-import hashlib
 import logging
 import os
 import pickle
@@ -41,15 +40,6 @@ def fingerprint(path: str | os.PathLike) -> str:
     except OSError as err:
         raise KitError(f"{path}: weights file not readable ({err.strerror})") from None
     return f"{st.st_size}:{st.st_mtime_ns}"
-
-
-def sha256_file(path: str | os.PathLike, chunk_bytes: int = 1 << 24) -> str:
-    """Hex SHA-256 of a file, read in chunks (weight files can be GBs)."""
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(chunk_bytes), b""):
-            h.update(chunk)
-    return h.hexdigest()
 
 
 def load_torch_file(path: str | os.PathLike, map_location: str | torch.device = "cpu") -> Any:

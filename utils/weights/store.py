@@ -22,7 +22,7 @@ from typing import Any
 
 from utils.atomic import atomic_write_json
 from utils.errors import KitError
-from utils.weights.state import sha256_file
+from utils.file_hash import file_sha256
 
 ENV_DIR = "KIT_WEIGHTS_DIR"
 MANIFEST = "manifest.json"
@@ -98,7 +98,7 @@ class Entry:
                 return f"{path}: missing"
             if path.stat().st_size != f["size"]:
                 return f"{path}: {path.stat().st_size} bytes, the manifest says {f['size']}"
-            if verify and sha256_file(path) != f["sha256"]:
+            if verify and file_sha256(path) != f["sha256"]:
                 return f"{path}: sha256 differs from the manifest's"
         return ""
 
