@@ -1,5 +1,6 @@
 """dlib's face model across worker processes (utils/faces/dlib_pool.py): the same descriptors as one
-process, a dead worker is one clear error, and no worker outlives its parent (real processes, real signals)."""
+process (also after the main process ran dlib's CNN detector), a dead worker is one clear error, and no
+worker outlives its parent (real processes, real signals)."""
 
 from __future__ import annotations
 
@@ -28,14 +29,19 @@ ROOT = Path(__file__).resolve().parents[1]
 
 
 @pytest.fixture(scope="module")
-def chips(tmp_path_factory) -> torch.Tensor:
-    """Seven different 150 px chips of a real face (skimage's astronaut): the crop, mirrored, darker, brighter, noisy,
-    shifted, blurred; as the embedder takes them: (7, 3, 150, 150) float 0..255."""
+def astronaut(tmp_path_factory) -> Path:
     from skimage import data
 
     path = tmp_path_factory.mktemp("pool") / "astronaut.png"
     Image.fromarray(data.astronaut()).save(path)
-    crop = face_crops([path], FaceDetector(DetectorParams(), CPU), CropParams(size_px=150, aligner="dlib"), workers=0).pixels[0]
+    return path
+
+
+@pytest.fixture(scope="module")
+def chips(astronaut) -> torch.Tensor:
+    """Seven different 150 px chips of a real face (skimage's astronaut): the crop, mirrored, darker, brighter, noisy,
+    shifted, blurred; as the embedder takes them: (7, 3, 150, 150) float 0..255."""
+    crop = face_crops([astronaut], FaceDetector(DetectorParams(), CPU), CropParams(size_px=150, aligner="dlib"), workers=0).pixels[0]
     m = (crop.shape[0] - 150) // 2  # the stored crop holds context around the 150 px chip
     crop = crop[m:m + 150, m:m + 150].astype(np.float32)
     rng = np.random.default_rng(0)
@@ -59,6 +65,28 @@ def test_descriptors_across_processes_equal_one_process_exactly(chips):
     assert emb.pool.pids == []
 
 
+def test_workers_forked_after_the_main_process_ran_dlibs_detectors_do_not_hang(chips, tmp_path):
+    """The cascade runs dlib's CNN (mmod) and HOG detectors in the main process before the face run forks its
+    workers; a child forked after some dlib models ran can hang (its thread pool stays behind): a subprocess, so a
+    hang is a failure, not a stuck test run."""
+    np.save(tmp_path / "chips.npy", chips.numpy())
+    script = tmp_path / "after_detectors.py"
+    script.write_text("import sys, numpy as np, torch, dlib\n"
+                      "from skimage import data\n"
+                      "from utils.faces.crop import face_models_file\n"
+                      "from utils.faces.embedder import build_embedder\n"
+                      "im = np.ascontiguousarray(data.astronaut()[::2, ::2])\n"
+                      "assert len(dlib.cnn_face_detection_model_v1(str(face_models_file('mmod_human_face_detector.dat')))(im, 1)) == 1\n"
+                      "dlib.get_frontal_face_detector()(im, 1)\n"
+                      "chips = torch.from_numpy(np.load(sys.argv[1]))\n"
+                      "one = build_embedder('dlib', 'default', torch.device('cpu'))(chips).numpy()\n"
+                      "two = build_embedder('dlib', 'default', torch.device('cpu'), processes=2)(chips).numpy()\n"
+                      "print('equal' if np.array_equal(one, two) else 'differ')\n")
+    done = subprocess.run([sys.executable, str(script), str(tmp_path / "chips.npy")], cwd=ROOT, capture_output=True, text=True,
+                          timeout=300, env={**os.environ, "PYTHONPATH": str(ROOT)})
+    assert done.returncode == 0 and done.stdout.split() == ["equal"], done.stderr[-2000:]
+
+
 def test_a_killed_worker_is_one_clear_error_not_a_hang(chips):
     emb = build_embedder("dlib", "default", CPU, processes=2)
     emb(chips[:2])
@@ -67,7 +95,7 @@ def test_a_killed_worker_is_one_clear_error_not_a_hang(chips):
     deadline = time.monotonic() + 60
     while not emb.pool._executor._broken and time.monotonic() < deadline:  # the executor notices the death on its own
         time.sleep(0.05)
-    with pytest.raises(KitError, match="dlib embedding process died.*--embed-processes 1"):
+    with pytest.raises(KitError, match="dlib embedding process died.*--dlib-processes 1"):
         emb(chips)
     assert emb.pool.pids == []  # closed: the next batch would start a fresh pool
 
@@ -103,19 +131,19 @@ def test_workers_die_with_a_parent_killed_by_sigkill(tmp_path):
     assert all(_state(p) in ("", "Z") for p in pids), [(p, _state(p)) for p in pids]
 
 
-def test_embed_processes_flag(monkeypatch, capsys, tmp_path):
+def test_dlib_processes_flag(monkeypatch, capsys, tmp_path):
     monkeypatch.delenv("LOCAL_WORLD_SIZE", raising=False)
     assert resolve_processes(-1) == cpu_count() and resolve_processes(3) == 3
     monkeypatch.setenv("LOCAL_WORLD_SIZE", str(2 * cpu_count()))  # more torchrun ranks than cores: one each
     assert resolve_processes(-1) == 1
     for bad in (0, -2, 4 * cpu_count() + 1):
-        with pytest.raises(KitError, match=f"--embed-processes {bad}"):
+        with pytest.raises(KitError, match=f"--dlib-processes {bad}"):
             resolve_processes(bad)
     with pytest.raises(SystemExit) as exit_:
         from utils.errors import run_cli
 
-        monkeypatch.setattr(sys, "argv", ["infer_facenet.py", "--data", str(tmp_path), "--embedder", "dlib", "--embed-processes", "0"])
+        monkeypatch.setattr(sys, "argv", ["infer_facenet.py", "--data", str(tmp_path), "--embedder", "dlib", "--dlib-processes", "0"])
         run_cli(infer_facenet.main)
     assert exit_.value.code == 2
     err = capsys.readouterr().err.strip().splitlines()
-    assert err == [err[0]] and err[0].startswith("error: --embed-processes 0")
+    assert err == [err[0]] and err[0].startswith("error: --dlib-processes 0")

@@ -85,16 +85,16 @@ def default_workers() -> int:
 
 
 def resolve_processes(n: int) -> int:
-    """``--embed-processes``: -1 means every usable core, shared among the processes torchrun starts on this
+    """``--dlib-processes`` (worker processes for dlib's models): -1 means every usable core, shared among the processes torchrun starts on this
     machine (``LOCAL_WORLD_SIZE``); 1 runs in the main process.
 
     Raises:
         KitError: 0, below -1, or more than 4 per usable core.
     """
     if n == 0 or n < -1:
-        raise KitError(f"--embed-processes {n}: use -1 (every usable core), 1 (the main process) or a count")
+        raise KitError(f"--dlib-processes {n}: use -1 (every usable core), 1 (the main process) or a count")
     if n > 4 * cpu_count():
-        raise KitError(f"--embed-processes {n}: more than 4 per usable core ({cpu_count()} here); use -1 or at most {4 * cpu_count()}")
+        raise KitError(f"--dlib-processes {n}: more than 4 per usable core ({cpu_count()} here); use -1 or at most {4 * cpu_count()}")
     per_node = max(1, int(os.environ.get("LOCAL_WORLD_SIZE", "1")))
     return max(1, cpu_count() // per_node) if n == -1 else n
 

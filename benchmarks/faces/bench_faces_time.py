@@ -7,7 +7,7 @@ Issue 25's bound: the gallery views may cost at most 1.5x the time per image of 
 them. Each round runs ``infer_facenet.py --embedder dlib --gallery-views`` (none: the recipe before
 the views), the views with a fixed rule (``--view-fusion zmax``), the default (``--view-fusion
 auto``, which embeds renders of the validation queries for its harder validation where rules tie)
-and the default with dlib in the main process alone (``--embed-processes 1``; the others run dlib's
+and the default with dlib in the main process alone (``--dlib-processes 1``; the others run dlib's
 model on every core), each as its own process from an empty face cache, one after the other (reversed on odd rounds), on
 one draw of the hard set (benchmarks/faces/face_data.py). The machine is shared and its load drifts:
 the ratio is taken round by round (the runs of a round meet about the same load) and its median is
@@ -39,9 +39,9 @@ RESULT = ROOT / "benchmarks" / "results" / "bench_faces_time.md"
 RECIPES = {"without views (--gallery-views)": ["--gallery-views"],
            "views, a fixed rule (--view-fusion zmax)": ["--view-fusion", "zmax"],
            "default (views, --view-fusion auto: a harder validation where rules tie)": [],
-           "default in one process (--embed-processes 1)": ["--embed-processes", "1"]}
+           "default in one process (--dlib-processes 1)": ["--dlib-processes", "1"]}
 BASE, DEFAULT, ONE = "without views (--gallery-views)", "default (views, --view-fusion auto: a harder validation where rules tie)", \
-    "default in one process (--embed-processes 1)"
+    "default in one process (--dlib-processes 1)"
 
 
 def timed(data: Path, runs: Path, flags: list[str]) -> tuple[float, int]:

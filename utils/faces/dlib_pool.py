@@ -88,8 +88,8 @@ class DlibPool:
             return np.concatenate(list(self._executor.map(_work, parts)))
         except BrokenProcessPool:
             self.close()
-            raise KitError(f"a dlib embedding process died (out of memory or killed); rerun, or pass --embed-processes 1 "
-                           f"to embed in the main process ({self.processes} processes were used)") from None
+            raise KitError(f"a dlib embedding process died (out of memory or killed); rerun, or pass --dlib-processes 1 "
+                           f"to run dlib in the main process ({self.processes} processes were used)") from None
 
     @property
     def pids(self) -> list[int]:

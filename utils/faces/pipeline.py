@@ -44,7 +44,7 @@ FACE_FIELDS = ("embedder", "weights", "shape_predictor", "detector", "detector_s
 
 # face settings added later (gallery views, the early face-count warning): read with their defaults where an
 # older face run's config lacks them (train_face_adapter.py reads the source run's config)
-OPTIONAL_FACE_FIELDS = ("gallery_views", "texture_eye_frac", "face_warn_share", "face_warn_after", "embed_processes")
+OPTIONAL_FACE_FIELDS = ("gallery_views", "texture_eye_frac", "face_warn_share", "face_warn_after", "dlib_processes")
 
 
 FACE_FALLBACKS = ("center", "letterbox", "best")  # best: the cascade's best box below its gates, else center
@@ -103,7 +103,7 @@ class FacePipeline:
             raise KitError(f"--face-fallback best needs --detector cascade (its boxes below the gates), not {cfg.detector}")
         self.cfg, self.device, self.cache_dir = cfg, device, Path(cache_dir)
         self.embedder = build_embedder(cfg.embedder, cfg.weights, device, amp_dtype(device, cfg.amp),
-                                       processes=resolve_processes(getattr(cfg, "embed_processes", -1)))
+                                       processes=resolve_processes(getattr(cfg, "dlib_processes", -1)))
         self.crop_params = CropParams(size_px=self.embedder.input_px, aligner=self.embedder.aligner, margin_px=cfg.margin_px,
                                       align_eyes=cfg.align_eyes, shape_predictor=cfg.shape_predictor,
                                       fallback="letterbox" if cfg.face_fallback == "letterbox" else "center")
