@@ -122,7 +122,7 @@ class Config(EmbeddingConfig, FormConfig, RunConfig):
     # machine
     amp: bool = override(True, "mixed precision on GPU for FaceNet")
     workers: int = override(-1, "DataLoader worker processes for loading and cropping (-1: half the usable cores, 1 to 8; 0: main process)")
-    dlib_processes: int = field(default=-1, metadata={"help": "dlib only: processes that run dlib's face model, one core each (-1: every usable core; 1: the main process); the embeddings are the same"})
+    dlib_processes: int = field(default=-1, metadata={"help": "processes that run dlib's face model (--embedder dlib) and the cascade's mmod stage, one core each (-1: every usable core; 1: the main process); the results are the same"})
     # gallery views (utils/faces/views.py): reading aids for stylised gallery faces, fused per pair with each query
     gallery_views: list[str] = field(default_factory=lambda: list(GALLERY_VIEWS), metadata={"help": f"gallery images are also embedded through these views, of {list(GALLERY_VIEWS)} (detector: the transform of the cascade stage that read the face; texture: low-pass at --texture-eye-frac); the flag alone: none", "metavar": "VIEW"})
     texture_eye_frac: list[float] = field(default_factory=lambda: [0.05], metadata={"help": "texture views: Gaussian sigma as a fraction of the inter-eye distance (one view per value)", "metavar": "FRAC"})

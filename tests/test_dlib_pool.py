@@ -87,6 +87,45 @@ def test_workers_forked_after_the_main_process_ran_dlibs_detectors_do_not_hang(c
     assert done.returncode == 0 and done.stdout.split() == ["equal"], done.stderr[-2000:]
 
 
+MMOD_SCRIPT = """
+import sys
+from pathlib import Path
+import numpy as np, torch
+from utils.faces.cascade import CascadeParams, FaceCascade
+from utils.faces.dlib_pool import DlibPool
+paths = sorted(Path(sys.argv[1]).glob("*.png"))
+params = CascadeParams(stages=("mmod",), stage_rotations=())
+pooled = FaceCascade(params, torch.device("cpu"), processes=2)
+first = pooled.detect(paths, workers=0)
+assert isinstance(pooled._mmod, DlibPool) and len(pooled._mmod.pids) == 2
+one = FaceCascade(params, torch.device("cpu")).detect(paths, workers=0)  # in this process: no mmod worker may fork now
+late = FaceCascade(params, torch.device("cpu"), processes=2)
+after = late.detect(paths, workers=0)
+assert not isinstance(late._mmod, DlibPool)  # it ran here instead of forking a worker that would hang
+for f in ("stage", "boxes", "landmarks", "probs"):
+    assert np.array_equal(getattr(first, f), getattr(one, f), equal_nan=True), f
+    assert np.array_equal(getattr(after, f), getattr(one, f), equal_nan=True), f
+print("found", int((one.stage >= 0).sum()), "of", len(paths))
+"""
+
+
+def test_the_mmod_stage_across_processes_finds_the_same_faces_and_never_forks_after_running_here(astronaut, tmp_path):
+    """The cascade's mmod stage in 2 workers gives the same faces as in-process; once this process has run the CNN
+    detector itself, a later cascade runs it here too (a worker forked then hangs). In a subprocess: a hang fails."""
+    photo = np.asarray(Image.open(astronaut).convert("RGB"))
+    small = np.asarray(Image.fromarray(photo).resize((256, 256)))
+    looks = {"a_photo": small, "b_inverted": 255 - small, "c_mirrored": np.ascontiguousarray(small[:, ::-1]),
+             "d_blank": np.full((120, 90, 3), 40, np.uint8)}
+    for name, im in looks.items():
+        Image.fromarray(im).save(tmp_path / f"{name}.png")
+    (tmp_path / "check.py").write_text(MMOD_SCRIPT)
+    done = subprocess.run([sys.executable, str(tmp_path / "check.py"), str(tmp_path)], cwd=ROOT, capture_output=True, text=True,
+                          timeout=300, env={**os.environ, "PYTHONPATH": str(ROOT)})
+    assert done.returncode == 0, done.stderr[-2000:]
+    found = int(done.stdout.split()[-3])
+    assert found >= 2, done.stdout  # real faces found (not only the empty case); the blank has none
+
+
 def test_a_killed_worker_is_one_clear_error_not_a_hang(chips):
     emb = build_embedder("dlib", "default", CPU, processes=2)
     emb(chips[:2])

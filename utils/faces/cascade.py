@@ -56,6 +56,7 @@ from torch.utils.data import DataLoader, Dataset
 from utils.data.images import ImageError, load_image
 from utils.errors import KitError
 from utils.faces.detect import DetectorParams, FaceDetector, Faces, letterbox, pick_face
+from utils.faces.dlib_pool import DlibPool, mmod_fork_safe, mmod_in_process
 from utils.progress import ProgressBar
 
 log = logging.getLogger(__name__)
@@ -214,9 +215,10 @@ class _ImageDataset(Dataset):
 class FaceCascade:
     """Detectors tried in order; ``detect`` returns Faces with the stage per image."""
 
-    def __init__(self, params: CascadeParams, device: torch.device, warn_share: float = 0.0, warn_after: int = 64):
+    def __init__(self, params: CascadeParams, device: torch.device, warn_share: float = 0.0, warn_after: int = 64, processes: int = 1):
         params.check()
         self.params = params
+        self.processes = processes  # worker processes for the mmod stage (not part of the cache key: the same boxes)
         # early word on a set with few faces: after the first ``warn_after`` images (not part of the cache key)
         self.warn_share, self.warn_after = warn_share, max(1, warn_after)
         self.device = device
@@ -273,29 +275,43 @@ class FaceCascade:
         k = ok[pick_face(b[ok], size, self.params.mtcnn.select)]
         return b[k], pts[k], float(p[k]), True
 
+    def _dlib_found(self, images: list[np.ndarray], which: str) -> list[tuple[np.ndarray, np.ndarray]]:
+        """dlib's HOG or CNN (mmod) detector on each image, upsampled once: per image, boxes (k, 4) and scores (k,).
+        mmod (about a second an image) runs in ``processes`` worker processes where there are more than one and
+        this process may still fork them (:func:`~utils.faces.dlib_pool.mmod_fork_safe`), else here."""
+        import dlib
+
+        if which == "hog":
+            if self._hog is None:
+                self._hog = dlib.get_frontal_face_detector()
+            out = []
+            for im in images:
+                rects, scores, _ = self._hog.run(cv2.cvtColor(im, cv2.COLOR_RGB2GRAY), 1, min(0.0, self.params.hog_min_score))
+                out.append((np.array([[r.left(), r.top(), r.right() + 1, r.bottom() + 1] for r in rects], np.float32).reshape(-1, 4),
+                            np.array(scores, np.float64)))  # float64: dlib's own scores, gated as they are
+            return out
+        if which != "mmod":
+            raise KitError(f"dlib detector {which!r}: choose hog or mmod")
+        from utils.faces.crop import face_models_file
+
+        if self._mmod is None:
+            if self.processes > 1 and mmod_fork_safe():
+                self._mmod = DlibPool(face_models_file(MMOD_FILE), self.processes, kind="mmod")
+            else:
+                if self.processes > 1:
+                    log.info("mmod stage in this process: it ran dlib's CNN detector before, so no worker can fork for it")
+                self._mmod = dlib.cnn_face_detection_model_v1(str(face_models_file(MMOD_FILE)))
+        if isinstance(self._mmod, DlibPool):
+            return self._mmod.mmod(images)
+        return [mmod_in_process(self._mmod, im) for im in images]
+
     def _dlib_on(self, images: list[np.ndarray], which: str):
         import dlib
 
         out = []
-        for im in images:
+        min_score = self.params.hog_min_score if which == "hog" else self.params.mmod_min_score
+        for im, (boxes, scores) in zip(images, self._dlib_found(images, which)):
             size = (im.shape[1], im.shape[0])
-            grey = cv2.cvtColor(im, cv2.COLOR_RGB2GRAY)
-            if which == "hog":
-                if self._hog is None:
-                    self._hog = dlib.get_frontal_face_detector()
-                rects, scores, _ = self._hog.run(grey, 1, min(0.0, self.params.hog_min_score))
-                min_score = self.params.hog_min_score
-            elif which == "mmod":
-                if self._mmod is None:
-                    from utils.faces.crop import face_models_file
-
-                    self._mmod = dlib.cnn_face_detection_model_v1(str(face_models_file(MMOD_FILE)))
-                dets = self._mmod(im, 1)
-                rects, scores = [d.rect for d in dets], [d.confidence for d in dets]
-                min_score = self.params.mmod_min_score
-            else:
-                raise KitError(f"dlib detector {which!r}: choose hog or mmod")
-            boxes = np.array([[r.left(), r.top(), r.right() + 1, r.bottom() + 1] for r in rects], np.float32).reshape(-1, 4)
             ok = [k for k in range(len(boxes)) if self._gate(boxes[k], float(scores[k]), min_score, size)]
             if not ok:  # hog/mmod scores are not probabilities: no fallback candidate from them
                 out.append(None)

@@ -1,17 +1,26 @@
-"""dlib's face model on several CPU cores: a pool of worker processes, each holding the model.
+"""dlib's models on several CPU cores: a pool of worker processes, each holding the model.
 
-dlib's ``compute_face_descriptor`` runs on one core and holds the GIL (two threads take as long as one),
-so :class:`~utils.faces.embedder.DlibEmbedder` splits a batch of chips into contiguous parts and hands them
-to worker processes (forked: each loads the model file once). A chip's descriptor does not depend on the
-batch it is in, so the result equals the one-process result exactly (tests/test_dlib_pool.py).
+dlib's face model (``compute_face_descriptor``) and its CNN face detector (mmod) run on one core and
+hold the GIL (two threads take as long as one), so :class:`~utils.faces.embedder.DlibEmbedder` splits a
+batch of chips into contiguous parts, and the cascade's ``mmod`` stage its images one by one, among
+worker processes (forked: each loads the model file once). A chip's descriptor and an image's detections
+do not depend on the batch they are in, so the results equal the one-process results exactly
+(tests/test_dlib_pool.py).
+
+A process forked after its parent has run the CNN detector hangs in that detector (dlib's thread pool
+does not survive fork); the face model and the HOG detector do not have this. So the detector runs
+in-process through :func:`mmod_in_process`, which notes it, and :func:`mmod_fork_safe` says whether an
+mmod pool may still fork; where not, the cascade runs mmod in-process.
 
 The workers ignore Ctrl-C (the parent handles it and shuts the pool down) and, on Linux, are killed
 when the parent dies, even by SIGKILL, so no process is left behind. A worker that dies (out of memory,
 killed) breaks the pool: the next batch raises a :class:`~utils.errors.KitError` instead of hanging.
 
-    pool = DlibPool(path, processes=2)
+    pool = DlibPool(path, processes=2)                 # the face model
     desc = pool.describe(chips)        # (n, 128) float32, chips: (n, 150, 150, 3) uint8
     pool.close()
+    pool = DlibPool(mmod_path, processes=2, kind="mmod")
+    found = pool.mmod(images)          # per image: (k, 4) boxes (left, top, right + 1, bottom + 1), (k,) confidences
 """
 
 from __future__ import annotations
@@ -30,12 +39,34 @@ import numpy as np
 from utils.errors import KitError
 
 _MODEL = None  # the worker's model, loaded by _init
+_KIND = ""
+KINDS = ("face", "mmod")
+_MMOD_RAN_HERE = [False]  # this process ran the CNN detector itself: an mmod worker forked now would hang
 
 
 def describe(model, chips: np.ndarray) -> np.ndarray:
     """``model``'s 128-d descriptors of ``chips`` ((n, 150, 150, 3) uint8), as (n, 128) float32."""
     desc = model.compute_face_descriptor([np.ascontiguousarray(c) for c in chips], 0)
     return np.array([np.asarray(d) for d in desc], dtype=np.float32).reshape(len(chips), 128)
+
+
+def mmod_detect(model, image: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """dlib's CNN face detector on ``image`` (RGB uint8, upsampled once): boxes (k, 4) as left, top, right + 1,
+    bottom + 1 (float32) and confidences (k,) (float64, as dlib gives them)."""
+    dets = model(image, 1)
+    boxes = np.array([[d.rect.left(), d.rect.top(), d.rect.right() + 1, d.rect.bottom() + 1] for d in dets], np.float32).reshape(-1, 4)
+    return boxes, np.array([d.confidence for d in dets], np.float64)
+
+
+def mmod_in_process(model, image: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """:func:`mmod_detect` in this process, noted: no mmod pool forks from it afterwards."""
+    _MMOD_RAN_HERE[0] = True
+    return mmod_detect(model, image)
+
+
+def mmod_fork_safe() -> bool:
+    """Whether an mmod pool may fork from this process (it has not run the CNN detector itself)."""
+    return not _MMOD_RAN_HERE[0]
 
 
 def _die_with_parent() -> None:
@@ -47,26 +78,29 @@ def _die_with_parent() -> None:
             pass
 
 
-def _init(path: str) -> None:
-    global _MODEL
+def _init(path: str, kind: str) -> None:
+    global _MODEL, _KIND
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     _die_with_parent()
     import dlib
 
-    _MODEL = dlib.face_recognition_model_v1(path)
+    _MODEL, _KIND = (dlib.face_recognition_model_v1 if kind == "face" else dlib.cnn_face_detection_model_v1)(path), kind
 
 
-def _work(chips: np.ndarray) -> np.ndarray:
-    return describe(_MODEL, chips)
+def _work(part):
+    return describe(_MODEL, part) if _KIND == "face" else [mmod_detect(_MODEL, im) for im in part]
 
 
 class DlibPool:
-    """``processes`` worker processes with the dlib model at ``path``, started on the first batch."""
+    """``processes`` worker processes with the dlib model at ``path`` (``kind`` face: the face model; mmod: the CNN
+    face detector), started on the first call."""
 
-    def __init__(self, path: Path, processes: int):
+    def __init__(self, path: Path, processes: int, kind: str = "face"):
         if processes < 2:
             raise ValueError(f"a pool needs 2 or more processes, not {processes}")
-        self.path, self.processes = Path(path), processes
+        if kind not in KINDS:
+            raise ValueError(f"dlib pool kind {kind!r}: one of {KINDS}")
+        self.path, self.processes, self.kind = Path(path), processes, kind
         self._executor: ProcessPoolExecutor | None = None
 
     def describe(self, chips: np.ndarray) -> np.ndarray:
@@ -77,18 +111,29 @@ class DlibPool:
         """
         if len(chips) == 0:
             return np.zeros((0, 128), np.float32)
+        return np.concatenate(self._map(np.array_split(chips, min(self.processes, len(chips)))))
+
+    def mmod(self, images: list[np.ndarray]) -> list[tuple[np.ndarray, np.ndarray]]:
+        """:func:`mmod_detect` on each image, one image per task (sizes differ, so do the seconds).
+
+        Raises:
+            KitError: a worker died: the pool is closed and the run stops.
+        """
+        return [found for part in self._map([[im] for im in images]) for found in part]
+
+    def _map(self, parts: list) -> list:
         if self._executor is None:
             self._executor = ProcessPoolExecutor(self.processes, mp_context=multiprocessing.get_context("fork"),
-                                                 initializer=_init, initargs=(str(self.path),))
+                                                 initializer=_init, initargs=(str(self.path), self.kind))
             # shut down as soon as the pool is dropped, in this thread: left to interpreter exit, the executor's own
             # exit hook races its manager thread (Python 3.11: "Bad file descriptor" printed after a finished run)
             self._finalizer = weakref.finalize(self, self._executor.shutdown, True, cancel_futures=True)
-        parts = np.array_split(chips, min(self.processes, len(chips)))
         try:
-            return np.concatenate(list(self._executor.map(_work, parts)))
+            return list(self._executor.map(_work, parts))
         except BrokenProcessPool:
             self.close()
-            raise KitError(f"a dlib embedding process died (out of memory or killed); rerun, or pass --dlib-processes 1 "
+            what = "embedding" if self.kind == "face" else "face detection (mmod)"
+            raise KitError(f"a dlib {what} process died (out of memory or killed); rerun, or pass --dlib-processes 1 "
                            f"to run dlib in the main process ({self.processes} processes were used)") from None
 
     @property

@@ -81,7 +81,8 @@ def build_detector(cfg: Any, device: torch.device) -> FaceDetector | FaceCascade
                                          rotated_stages=tuple(cfg.detector_rotated_stages), mtcnn=mtcnn,
                                          min_face_frac=cfg.min_face_frac,
                                          fallback="best" if cfg.face_fallback == "best" else "center"), device,
-                           warn_share=getattr(cfg, "face_warn_share", 0.0), warn_after=getattr(cfg, "face_warn_after", 64))
+                           warn_share=getattr(cfg, "face_warn_share", 0.0), warn_after=getattr(cfg, "face_warn_after", 64),
+                           processes=resolve_processes(getattr(cfg, "dlib_processes", -1)))
     if cfg.detector == "none":
         return None
     raise KitError(f"--detector {cfg.detector!r}: choose mtcnn, cascade or none")
