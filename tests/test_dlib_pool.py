@@ -5,6 +5,7 @@ worker outlives its parent (real processes, real signals)."""
 from __future__ import annotations
 
 import os
+import select
 import signal
 import subprocess
 import sys
@@ -139,6 +140,13 @@ def test_a_killed_worker_is_one_clear_error_not_a_hang(chips):
     assert emb.pool.pids == []  # closed: the next batch would start a fresh pool
 
 
+def _first_line(proc: subprocess.Popen, seconds: float) -> str:
+    """The first line ``proc`` prints, or a failure after ``seconds`` (a hung child must not hang the suite)."""
+    ready, _, _ = select.select([proc.stdout], [], [], seconds)
+    assert ready, f"no line from the child in {seconds} s"
+    return proc.stdout.readline()
+
+
 def _state(pid: int) -> str:
     """A process's state letter ('' once it is gone)."""
     try:
@@ -159,7 +167,7 @@ def test_workers_die_with_a_parent_killed_by_sigkill(tmp_path):
     parent = subprocess.Popen([sys.executable, str(script)], cwd=ROOT, stdout=subprocess.PIPE, text=True,
                               env={**os.environ, "PYTHONPATH": str(ROOT)})
     try:
-        pids = [int(p) for p in parent.stdout.readline().split()]
+        pids = [int(p) for p in _first_line(parent, 120).split()]
         assert len(pids) == 2 and all(_state(p) not in ("", "Z") for p in pids)
     finally:
         parent.kill()
@@ -186,3 +194,34 @@ def test_dlib_processes_flag(monkeypatch, capsys, tmp_path):
     assert exit_.value.code == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert err == [err[0]] and err[0].startswith("error: --dlib-processes 0")
+
+
+def test_sigterm_to_the_process_group_is_the_parents_one_line(tmp_path):
+    """timeout, Slurm and systemd signal the whole process group: the workers ignore it and the run ends with
+    its one line (no worker traceback), exit 143, no worker left."""
+    script = tmp_path / "run.py"
+    script.write_text("import time, torch\n"
+                      "from utils.errors import run_cli\n"
+                      "from utils.faces.embedder import build_embedder\n"
+                      "def main(argv=None):\n"
+                      "    emb = build_embedder('dlib', 'default', torch.device('cpu'), processes=2)\n"
+                      "    emb(torch.full((2, 3, 150, 150), 128.0))\n"
+                      "    print(*emb.pool.pids, flush=True)\n"
+                      "    time.sleep(600)\n"
+                      "run_cli(main)\n")
+    proc = subprocess.Popen([sys.executable, str(script)], cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            env={**os.environ, "PYTHONPATH": str(ROOT)}, start_new_session=True)
+    try:
+        pids = [int(p) for p in _first_line(proc, 120).split()]
+        os.killpg(proc.pid, signal.SIGTERM)
+        _, err = proc.communicate(timeout=120)
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+    assert proc.returncode == 143, err[-2000:]
+    assert "Traceback" not in err and [line for line in err.splitlines() if line.strip()] == [err.strip().splitlines()[-1]], err[-2000:]
+    assert "interrupted (SIGTERM)" in err
+    deadline = time.monotonic() + 60
+    while any(_state(p) not in ("", "Z") for p in pids) and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert all(_state(p) in ("", "Z") for p in pids)

@@ -16,4 +16,9 @@ def file_sha256(path: str | os.PathLike) -> str:
         OSError: the file cannot be opened or read (FileNotFoundError when it is missing).
     """
     with open(path, "rb") as f:
-        return hashlib.file_digest(f, "sha256").hexdigest()
+        if hasattr(hashlib, "file_digest"):  # Python 3.11+
+            return hashlib.file_digest(f, "sha256").hexdigest()
+        h = hashlib.sha256()
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+        return h.hexdigest()

@@ -15,8 +15,8 @@ import logging
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from utils.errors import KitError
 from utils.data.images import is_ignored_name, list_images
+from utils.errors import KitError
 
 log = logging.getLogger(__name__)
 

@@ -22,8 +22,8 @@ import numpy as np
 from PIL import Image
 
 from utils.atomic import atomic_write_bytes
-from utils.data.images import load_image
 from utils.cache import files_key
+from utils.data.images import load_image
 from utils.errors import KitError
 from utils.progress import track
 

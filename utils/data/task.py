@@ -11,9 +11,8 @@ import logging
 from dataclasses import dataclass
 from pathlib import Path
 
-
-from utils.data.layout import DataLayout, load_layout
 from utils.data.images import check_images
+from utils.data.layout import DataLayout, load_layout
 from utils.data.split import Split, SplitParams, load_or_create_split
 
 log = logging.getLogger(__name__)

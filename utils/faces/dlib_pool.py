@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import ctypes
 import multiprocessing
+import os
 import signal
 import sys
 import weakref
@@ -78,10 +79,16 @@ def _die_with_parent() -> None:
             pass
 
 
-def _init(path: str, kind: str) -> None:
+def _init(path: str, kind: str, parent: int) -> None:
     global _MODEL, _KIND
+    # Ctrl-C reaches the whole process group: the parent alone turns it into its one line and shuts the pool down.
+    # SIGTERM ends a worker quietly (the default action): the parent's handler, inherited by fork, printed a
+    # traceback of its own, and the executor itself stops the workers of a broken pool with SIGTERM
     signal.signal(signal.SIGINT, signal.SIG_IGN)
+    signal.signal(signal.SIGTERM, signal.SIG_DFL)
     _die_with_parent()
+    if os.getppid() != parent:  # the parent died before the death signal was set: nobody will send it
+        os._exit(1)
     import dlib
 
     _MODEL, _KIND = (dlib.face_recognition_model_v1 if kind == "face" else dlib.cnn_face_detection_model_v1)(path), kind
@@ -124,7 +131,7 @@ class DlibPool:
     def _map(self, parts: list) -> list:
         if self._executor is None:
             self._executor = ProcessPoolExecutor(self.processes, mp_context=multiprocessing.get_context("fork"),
-                                                 initializer=_init, initargs=(str(self.path), self.kind))
+                                                 initializer=_init, initargs=(str(self.path), self.kind, os.getpid()))
             # shut down as soon as the pool is dropped, in this thread: left to interpreter exit, the executor's own
             # exit hook races its manager thread (Python 3.11: "Bad file descriptor" printed after a finished run)
             self._finalizer = weakref.finalize(self, self._executor.shutdown, True, cancel_futures=True)
@@ -133,8 +140,8 @@ class DlibPool:
         except BrokenProcessPool:
             self.close()
             what = "embedding" if self.kind == "face" else "face detection (mmod)"
-            raise KitError(f"a dlib {what} process died (out of memory or killed); rerun, or pass --dlib-processes 1 "
-                           f"to run dlib in the main process ({self.processes} processes were used)") from None
+            raise KitError(f"a dlib {what} process died (out of memory or killed; {self.processes} processes were used); rerun, "
+                           f"or run infer_facenet.py with --dlib-processes 1 to keep dlib in the main process") from None
 
     @property
     def pids(self) -> list[int]:

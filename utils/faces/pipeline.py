@@ -44,7 +44,9 @@ FACE_FIELDS = ("embedder", "weights", "shape_predictor", "detector", "detector_s
 
 # face settings added later (gallery views, the early face-count warning): read with their defaults where an
 # older face run's config lacks them (train_face_adapter.py reads the source run's config)
-OPTIONAL_FACE_FIELDS = ("gallery_views", "texture_eye_frac", "face_warn_share", "face_warn_after", "dlib_processes")
+OPTIONAL_FACE_FIELDS = ("gallery_views", "texture_eye_frac", "face_warn_share", "face_warn_after")
+# not among them: dlib_processes, a setting of the machine (infer_facenet.py --dlib-processes), not of the embeddings;
+# a script that rebuilds a face run's pipeline (train_face_adapter.py, visualize.py) uses every core of its own machine
 
 
 FACE_FALLBACKS = ("center", "letterbox", "best")  # best: the cascade's best box below its gates, else center

@@ -22,7 +22,6 @@ takes one). Lines without ``kind`` (older ledgers) are complete entries.
 
 from __future__ import annotations
 
-import hashlib
 import json
 import logging
 import math

@@ -21,6 +21,7 @@ from rich.table import Table
 from utils import __version__
 from utils.data.task import Task, prepare_task
 from utils.device import pick_device, precision_record
+from utils.distributed import DistInfo, barrier, cleanup, init_distributed, writes_runs
 from utils.errors import KitError
 from utils.logs import console
 from utils.runs.cosine import similarities
@@ -31,7 +32,6 @@ from utils.runs.run_lock import release_run_lock
 from utils.runs.similarity_io import SimMatrix, invalidate_run, save_run
 from utils.runs.topk_run import DEFAULT_K, MAX_MATRIX_CELLS, TopkSplit, make_topk_split, save_topk_run, use_topk_form
 from utils.seed import seed_everything
-from utils.distributed import DistInfo, barrier, cleanup, init_distributed, writes_runs
 
 log = logging.getLogger(__name__)
 
@@ -44,9 +44,10 @@ def git_commit(path: Path, ignore: tuple[str, ...] = ()) -> str:
             ["git", "rev-parse", "--short", "HEAD"], cwd=path, capture_output=True, text=True, timeout=5
         ).stdout.strip()
         spec = [":/", *(f":(top,exclude){p}" for p in ignore)] if ignore else []
-        dirty = subprocess.run(
+        status = subprocess.run(
             ["git", "status", "--porcelain", "--untracked-files=no", "--", *spec], cwd=path, capture_output=True, text=True, timeout=5
-        ).stdout.strip()
+        )
+        dirty = status.stdout.strip() or status.returncode != 0  # a status git could not give is not a clean tree
         return (rev or "unknown") + ("+dirty" if rev and dirty else "")
     except (OSError, subprocess.SubprocessError):
         return "unknown"
