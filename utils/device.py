@@ -77,11 +77,15 @@ def cpu_count() -> int:
         return os.cpu_count() or 1
 
 
+def ranks_on_node() -> int:
+    """How many processes torchrun started on this machine (``LOCAL_WORLD_SIZE``; 1 outside torchrun)."""
+    return max(1, int(os.environ.get("LOCAL_WORLD_SIZE", "1")))
+
+
 def default_workers() -> int:
     """DataLoader workers for decoding and resizing: half the usable cores (the model needs the rest), 1 to 8,
     shared among the processes torchrun starts on this machine (``LOCAL_WORLD_SIZE``)."""
-    per_node = max(1, int(os.environ.get("LOCAL_WORLD_SIZE", "1")))
-    return max(1, min(8, cpu_count() // 2 // per_node))
+    return max(1, min(8, cpu_count() // 2 // ranks_on_node()))
 
 
 def resolve_processes(n: int) -> int:
@@ -95,8 +99,7 @@ def resolve_processes(n: int) -> int:
         raise KitError(f"--dlib-processes {n}: use -1 (every usable core), 1 (the main process) or a count")
     if n > 4 * cpu_count():
         raise KitError(f"--dlib-processes {n}: more than 4 per usable core ({cpu_count()} here); use -1 or at most {4 * cpu_count()}")
-    per_node = max(1, int(os.environ.get("LOCAL_WORLD_SIZE", "1")))
-    return max(1, cpu_count() // per_node) if n == -1 else n
+    return max(1, cpu_count() // ranks_on_node()) if n == -1 else n
 
 
 def resolve_workers(n: int) -> int:

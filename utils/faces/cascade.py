@@ -56,7 +56,7 @@ from torch.utils.data import DataLoader, Dataset
 from utils.data.images import ImageError, load_image
 from utils.errors import KitError
 from utils.faces.detect import DetectorParams, FaceDetector, Faces, letterbox, pick_face
-from utils.faces.dlib_pool import DlibPool, mmod_fork_safe, mmod_in_process
+from utils.faces.dlib_pool import DlibPool, mmod_fork_safe, mmod_in_process, rect_boxes
 from utils.progress import ProgressBar
 
 log = logging.getLogger(__name__)
@@ -287,8 +287,7 @@ class FaceCascade:
             out = []
             for im in images:
                 rects, scores, _ = self._hog.run(cv2.cvtColor(im, cv2.COLOR_RGB2GRAY), 1, min(0.0, self.params.hog_min_score))
-                out.append((np.array([[r.left(), r.top(), r.right() + 1, r.bottom() + 1] for r in rects], np.float32).reshape(-1, 4),
-                            np.array(scores, np.float64)))  # float64: dlib's own scores, gated as they are
+                out.append((rect_boxes(rects), np.array(scores, np.float64)))  # float64: dlib's own scores, gated as they are
             return out
         if which != "mmod":
             raise KitError(f"dlib detector {which!r}: choose hog or mmod")

@@ -51,12 +51,16 @@ def describe(model, chips: np.ndarray) -> np.ndarray:
     return np.array([np.asarray(d) for d in desc], dtype=np.float32).reshape(len(chips), 128)
 
 
+def rect_boxes(rects) -> np.ndarray:
+    """dlib rectangles as (k, 4) float32 boxes: left, top, right + 1, bottom + 1 (dlib's right and bottom are inclusive)."""
+    return np.array([[r.left(), r.top(), r.right() + 1, r.bottom() + 1] for r in rects], np.float32).reshape(-1, 4)
+
+
 def mmod_detect(model, image: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """dlib's CNN face detector on ``image`` (RGB uint8, upsampled once): boxes (k, 4) as left, top, right + 1,
-    bottom + 1 (float32) and confidences (k,) (float64, as dlib gives them)."""
+    """dlib's CNN face detector on ``image`` (RGB uint8, upsampled once): boxes (k, 4) (:func:`rect_boxes`) and
+    confidences (k,) (float64, as dlib gives them)."""
     dets = model(image, 1)
-    boxes = np.array([[d.rect.left(), d.rect.top(), d.rect.right() + 1, d.rect.bottom() + 1] for d in dets], np.float32).reshape(-1, 4)
-    return boxes, np.array([d.confidence for d in dets], np.float64)
+    return rect_boxes([d.rect for d in dets]), np.array([d.confidence for d in dets], np.float64)
 
 
 def mmod_in_process(model, image: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
