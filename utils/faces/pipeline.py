@@ -72,9 +72,9 @@ def colour_view(pixels: np.ndarray, mode: str) -> np.ndarray:
     return np.stack([view(p) for p in pixels])
 
 
-def build_detector(cfg: Any, device: torch.device) -> FaceDetector | FaceCascade | None:
+def build_detector(cfg: Any, device: torch.device, processes: int = 1) -> FaceDetector | FaceCascade | None:
     """MTCNN with the configured canvas, thresholds and selection, the cascade of
-    ``detector_stages``, or None for ``detector`` none."""
+    ``detector_stages`` (its mmod stage on ``processes`` worker processes), or None for ``detector`` none."""
     mtcnn = DetectorParams(cfg.detect_px, cfg.min_face_px, tuple(cfg.thresholds), cfg.face_select)
     if cfg.detector == "mtcnn":
         return FaceDetector(mtcnn, device)
@@ -84,7 +84,7 @@ def build_detector(cfg: Any, device: torch.device) -> FaceDetector | FaceCascade
                                          min_face_frac=cfg.min_face_frac,
                                          fallback="best" if cfg.face_fallback == "best" else "center"), device,
                            warn_share=getattr(cfg, "face_warn_share", 0.0), warn_after=getattr(cfg, "face_warn_after", 64),
-                           processes=resolve_processes(getattr(cfg, "dlib_processes", -1)))
+                           processes=processes)
     if cfg.detector == "none":
         return None
     raise KitError(f"--detector {cfg.detector!r}: choose mtcnn, cascade or none")
@@ -105,13 +105,13 @@ class FacePipeline:
         if cfg.face_fallback == "best" and cfg.detector != "cascade":
             raise KitError(f"--face-fallback best needs --detector cascade (its boxes below the gates), not {cfg.detector}")
         self.cfg, self.device, self.cache_dir = cfg, device, Path(cache_dir)
-        self.embedder = build_embedder(cfg.embedder, cfg.weights, device, amp_dtype(device, cfg.amp),
-                                       processes=resolve_processes(getattr(cfg, "dlib_processes", -1)))
+        processes = resolve_processes(getattr(cfg, "dlib_processes", -1))  # dlib's face model and the mmod stage
+        self.embedder = build_embedder(cfg.embedder, cfg.weights, device, amp_dtype(device, cfg.amp), processes=processes)
         self.crop_params = CropParams(size_px=self.embedder.input_px, aligner=self.embedder.aligner, margin_px=cfg.margin_px,
                                       align_eyes=cfg.align_eyes, shape_predictor=cfg.shape_predictor,
                                       fallback="letterbox" if cfg.face_fallback == "letterbox" else "center")
         self.crop_params.check()
-        self.detector = build_detector(cfg, device)
+        self.detector = build_detector(cfg, device, processes)
         self.views = tta_views(cfg.tta)
         # the gallery views' TTA: the run's without its blur group (a view is a reading aid already; the blur pass cost a
         # third of the views' time and no score: benchmarks/results/bench_faces_time.md)
