@@ -85,3 +85,30 @@ def test_submit_with_data_refuses_a_query_folder_with_a_dangling_link(rehearsal_
     with pytest.raises(KitError, match=r"query/zz_lost.jpg: symbolic link points nowhere"):
         submit.main(["--run", str(run), "--group", "t", "--dry-run", "--out", str(tmp_path / "subs"), "--data", str(rehearsal_data)])
     assert not (tmp_path / "subs").exists()
+
+
+def test_ground_truth_written_for_other_names_stops_with_one_line(rehearsal_data, caplog):
+    """Keys saved as paths ('test/query/x.jpg') matched no query: every test score read 0.00 and the local server
+    scored every query a miss, silently. Now the file is named with examples; a query merely left without a right
+    answer in the gallery is a warning line (it scores as a miss)."""
+    import json
+
+    gt_path = rehearsal_data / "test" / "ground_truth.json"
+    truth = json.loads(gt_path.read_text())
+    gt_path.write_text(json.dumps({f"test/query/{q}": g for q, g in truth.items()}))
+    first = f"test/query/{sorted(truth)[0]}"
+    with pytest.raises(KitError, match=rf"ground_truth.json: {len(truth)} of {len(truth)} query names are not files "
+                                       rf"in test/query, e.g. \['{first}'"):
+        load_layout(rehearsal_data)
+    stale = sorted(truth)[0]
+    (rehearsal_data / "test" / "query" / stale).rename(rehearsal_data / "test" / "query" / f"renamed_{stale}")
+    gt_path.write_text(json.dumps(truth))  # the right form, but one query renamed on disk
+    with pytest.raises(KitError, match=rf"1 of {len(truth)} query names are not files in test/query, e.g. \['{stale}'\]"):
+        load_layout(rehearsal_data)
+    truth[f"renamed_{stale}"] = ["not_in_the_gallery.png"]
+    del truth[stale]
+    gt_path.write_text(json.dumps(truth))
+    with caplog.at_level(logging.WARNING):
+        layout = load_layout(rehearsal_data)
+    assert layout.ground_truth == truth
+    assert f"1 of {len(truth)} queries have no right answer in test/gallery (they score as misses), e.g. ['renamed_{stale}']" in caplog.text

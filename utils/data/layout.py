@@ -107,4 +107,31 @@ def load_layout(root: str | Path) -> DataLayout:
     domains = read_domains(root / "domains.csv") if (root / "domains.csv").is_file() else {}
     gt_path = root / "test" / "ground_truth.json"
     ground_truth = read_ground_truth(gt_path) if gt_path.is_file() else None
-    return DataLayout(root, train, query, gallery, domains, ground_truth)
+    layout = DataLayout(root, train, query, gallery, domains, ground_truth)
+    if ground_truth is not None:
+        check_ground_truth(layout, gt_path)
+    return layout
+
+
+def unanswered_queries(layout: DataLayout) -> list[str]:
+    """Query names whose ground truth names no image of the gallery folder (they score as misses)."""
+    truth, gallery = layout.ground_truth or {}, {p.name for p in layout.gallery}
+    return [p.name for p in layout.query if not gallery.intersection(truth.get(p.name, []))]
+
+
+def check_ground_truth(layout: DataLayout, path: Path) -> None:
+    """Ground truth written for other files stops here; queries it leaves without an answer get a warning line.
+
+    Raises:
+        KitError: a key of ``ground_truth.json`` is not a file name in ``test/query`` (the scores would be wrong).
+    """
+    queries = {p.name for p in layout.query}
+    unknown = sorted(k for k in layout.ground_truth or {} if k not in queries)
+    if unknown:
+        raise KitError(f"{path}: {len(unknown)} of {len(layout.ground_truth or {})} query names are not files in "
+                       f"test/query, e.g. {unknown[:3]} (names are file basenames as on disk); fix the names, "
+                       "or delete the file (it only scores rehearsal data)")
+    missing = unanswered_queries(layout)
+    if missing:
+        log.warning("%s: %d of %d queries have no right answer in test/gallery (they score as misses), e.g. %s",
+                    path, len(missing), len(layout.query), missing[:3])
