@@ -112,3 +112,22 @@ def test_ground_truth_written_for_other_names_stops_with_one_line(rehearsal_data
         layout = load_layout(rehearsal_data)
     assert layout.ground_truth == truth
     assert f"1 of {len(truth)} queries have no right answer in test/gallery (they score as misses), e.g. ['renamed_{stale}']" in caplog.text
+
+
+def test_domains_and_ground_truth_saved_by_a_spreadsheet_are_read_or_named(rehearsal_data):
+    """Excel's 'CSV UTF-8' and Notepad put a byte-order mark first: domains.csv was refused with the misleading
+    "expected a header 'path,domain', got ['\\ufeffpath', 'domain']" and ground_truth.json as not valid JSON.
+    Both now read as UTF-8 with or without the mark; a file in another encoding (Latin-1) stopped with a
+    UnicodeDecodeError traceback and now stops with one line naming it."""
+    domains, gt_path = rehearsal_data / "domains.csv", rehearsal_data / "test" / "ground_truth.json"
+    before = load_layout(rehearsal_data)
+    domains.write_bytes(b"\xef\xbb\xbf" + domains.read_bytes().replace(b"\n", b"\r\n"))
+    gt_path.write_bytes(b"\xef\xbb\xbf" + gt_path.read_bytes())
+    after = load_layout(rehearsal_data)
+    assert after.domains == before.domains and after.ground_truth == before.ground_truth
+    for path, word in ((domains, "real"), (gt_path, ".jpg")):
+        kept = path.read_bytes()
+        path.write_bytes(kept.replace(word.encode(), f"é{word}".encode("latin-1"), 1))
+        with pytest.raises(KitError, match=rf"{path.name}: not UTF-8 text \(byte \d+: invalid continuation byte\); save it as UTF-8"):
+            load_layout(rehearsal_data)
+        path.write_bytes(kept)

@@ -10,6 +10,7 @@
 from __future__ import annotations
 
 import csv
+import io
 import json
 import logging
 from dataclasses import dataclass, field
@@ -42,21 +43,32 @@ class DataLayout:
 def read_domains(path: Path) -> dict[str, str]:
     """Read ``domains.csv`` (``path,domain``; paths relative to the data root)."""
     out: dict[str, str] = {}
-    with open(path, newline="") as f:
-        reader = csv.DictReader(f)
-        if reader.fieldnames is None or not {"path", "domain"} <= set(reader.fieldnames):
-            raise KitError(f"{path}: expected a header 'path,domain', got {reader.fieldnames}")
-        for i, row in enumerate(reader, start=2):
-            if not row["path"] or not row["domain"]:
-                raise KitError(f"{path}:{i}: empty path or domain")
-            out[row["path"].strip().replace("\\", "/")] = row["domain"].strip()
+    reader = csv.DictReader(io.StringIO(read_text(path), newline=""))
+    if reader.fieldnames is None or not {"path", "domain"} <= set(reader.fieldnames):
+        raise KitError(f"{path}: expected a header 'path,domain', got {reader.fieldnames}")
+    for i, row in enumerate(reader, start=2):
+        if not row["path"] or not row["domain"]:
+            raise KitError(f"{path}:{i}: empty path or domain")
+        out[row["path"].strip().replace("\\", "/")] = row["domain"].strip()
     return out
+
+
+def read_text(path: Path) -> str:
+    """A text file the user wrote: UTF-8, with or without the byte-order mark spreadsheets and Notepad put first.
+
+    Raises:
+        KitError: the file is not UTF-8 text.
+    """
+    try:
+        return path.read_text(encoding="utf-8-sig")
+    except UnicodeDecodeError as err:
+        raise KitError(f"{path}: not UTF-8 text (byte {err.start}: {err.reason}); save it as UTF-8") from None
 
 
 def read_ground_truth(path: Path) -> dict[str, list[str]]:
     """Read ``test/ground_truth.json`` (``{query: [gallery names]}``)."""
     try:
-        data = json.loads(path.read_text())
+        data = json.loads(read_text(path))
     except json.JSONDecodeError as err:
         raise KitError(f"{path}: not valid JSON ({err})") from None
     if not isinstance(data, dict) or not all(isinstance(v, list) for v in data.values()):
