@@ -85,8 +85,14 @@ def field_metadata(cls: type, name: str) -> dict[str, Any]:
     return meta
 
 
+def user_path(text: str) -> Path:
+    """A path flag's value with a leading ``~`` expanded: the shell leaves ``--data=~/x`` and a quoted
+    ``'~/x'`` as they are, which would otherwise name a folder called ``~`` in the working directory."""
+    return Path(text).expanduser()
+
+
 def add_config_args(parser: argparse.ArgumentParser, cls: type) -> None:
-    """Add one flag per dataclass field of ``cls`` to ``parser``."""
+    """Add one flag per dataclass field of ``cls`` to ``parser`` (a ``Path`` field takes :func:`user_path`)."""
     hints = typing.get_type_hints(cls)
     for f in dataclasses.fields(cls):
         meta = field_metadata(cls, f.name)
@@ -112,6 +118,8 @@ def add_config_args(parser: argparse.ArgumentParser, cls: type) -> None:
             kwargs["type"] = inner
         else:
             kwargs["type"] = kind
+        if kwargs["type"] is Path:
+            kwargs["type"] = user_path
         if "choices" in meta:
             kwargs["choices"] = meta["choices"]
         kwargs["metavar"] = meta.get("metavar", f.name.split("_")[-1].upper())
