@@ -49,6 +49,8 @@ def test_generator_is_deterministic_and_refuses_to_overwrite(tmp_path):
         (lambda d: shutil.rmtree(d / "test" / "query"), "query: folder not found"),
         (lambda d: [p.unlink() for p in sorted((d / "test" / "gallery").iterdir())[9:]], "images; a top-10 needs at least 10"),
         (lambda d: (d / "test" / "ground_truth.json").write_text("{oops"), "ground_truth.json: not valid JSON"),
+        (lambda d: (d / "test" / "ground_truth.json").write_text("[" * 100_000 + "]" * 100_000),
+         r"ground_truth.json: not valid JSON \(nested too deep to read\)"),
         (lambda d: (d / "domains.csv").write_text("file,kind\na,b\n"), "domains.csv: expected a header 'path,domain'"),
     ],
 )

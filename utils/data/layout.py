@@ -71,6 +71,8 @@ def read_ground_truth(path: Path) -> dict[str, list[str]]:
         data = json.loads(read_text(path))
     except json.JSONDecodeError as err:
         raise KitError(f"{path}: not valid JSON ({err})") from None
+    except RecursionError:
+        raise KitError(f"{path}: not valid JSON (nested too deep to read)") from None
     if not isinstance(data, dict) or not all(isinstance(v, list) for v in data.values()):
         raise KitError(f"{path}: expected {{query_name: [gallery names]}}")
     return {str(k): [str(x) for x in v] for k, v in data.items()}
