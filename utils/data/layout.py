@@ -43,7 +43,7 @@ class DataLayout:
 def read_domains(path: Path) -> dict[str, str]:
     """Read ``domains.csv`` (``path,domain``; paths relative to the data root)."""
     out: dict[str, str] = {}
-    reader = csv.DictReader(io.StringIO(read_text(path), newline=""))
+    reader = csv.DictReader(io.StringIO(read_user_text(path), newline=""))
     if reader.fieldnames is None or not {"path", "domain"} <= set(reader.fieldnames):
         raise KitError(f"{path}: expected a header 'path,domain', got {reader.fieldnames}")
     for i, row in enumerate(reader, start=2):
@@ -53,7 +53,7 @@ def read_domains(path: Path) -> dict[str, str]:
     return out
 
 
-def read_text(path: Path) -> str:
+def read_user_text(path: Path) -> str:
     """A text file the user wrote: UTF-8, with or without the byte-order mark spreadsheets and Notepad put first.
 
     Raises:
@@ -68,7 +68,7 @@ def read_text(path: Path) -> str:
 def read_ground_truth(path: Path) -> dict[str, list[str]]:
     """Read ``test/ground_truth.json`` (``{query: [gallery names]}``)."""
     try:
-        data = json.loads(read_text(path))
+        data = json.loads(read_user_text(path))
     except json.JSONDecodeError as err:
         raise KitError(f"{path}: not valid JSON ({err})") from None
     except RecursionError:
