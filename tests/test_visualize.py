@@ -52,6 +52,19 @@ def test_val_panel_has_expected_size_and_frames(rehearsal_data_session, tmp_path
     assert f"val/{pngs[0].name}" in page and "first right answer at rank 2" in page
 
 
+
+def test_a_thumbnail_side_past_the_cap_is_one_line_before_any_drawing(rehearsal_data_session, tmp_path):
+    """--thumb-px had no upper bound: 100000 (a typo for 1000) made a (K+1) x 100000 px wide canvas per query and
+    the kernel killed the process at ~24 GB resident after a minute. Now above 1024 is refused before any drawing."""
+    run, _, _ = handmade_run(rehearsal_data_session, tmp_path / "runs")
+    out = tmp_path / "visual"
+    for px in (visualize.MAX_THUMB_PX + 1, 100_000):
+        with pytest.raises(KitError, match=rf"--thumb-px {px}, .*: need k >= 1, thumb-px from 16 to 1024"):
+            visualize.main(["--run", str(run), "--split", "val", "--queries", "1", "--thumb-px", str(px), "--out", str(out)])
+    assert not out.exists()
+    assert visualize.main(["--run", str(run), "--split", "val", "--queries", "1", "--k", "2",
+                           "--thumb-px", str(visualize.MAX_THUMB_PX), "--out", str(out)]) == 0
+
 def test_worst_first_on_test_with_ground_truth(rehearsal_data_session, tmp_path):
     run, _, q = handmade_run(rehearsal_data_session, tmp_path / "runs")
     out = tmp_path / "look"
