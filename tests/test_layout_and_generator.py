@@ -60,6 +60,13 @@ def test_layout_errors_name_the_file(rehearsal_data, change, message):
         load_layout(rehearsal_data)
 
 
+def test_data_given_as_a_file_says_so(rehearsal_data):
+    """--data pointing at a file (the zip, ground_truth.json) said 'data folder not found' though the path exists."""
+    for path in (rehearsal_data / "test" / "ground_truth.json", rehearsal_data / "domains.csv"):
+        with pytest.raises(KitError, match=rf"^{path}: a file, not a folder; pass --data the folder that holds train/ and test/$"):
+            load_layout(path)
+
+
 @pytest.mark.parametrize("folder", ["query", "gallery"])
 def test_a_dangling_or_looping_test_link_stops_naming_the_link(rehearsal_data, folder):
     link = rehearsal_data / "test" / folder / "zz_moved.jpg"

@@ -96,6 +96,8 @@ def load_layout(root: str | Path) -> DataLayout:
             query or gallery file has an extension the kit does not read.
     """
     root = Path(root)
+    if root.exists() and not root.is_dir():
+        raise KitError(f"{root}: a file, not a folder; pass --data the folder that holds train/ and test/")
     if not root.is_dir():
         raise KitError(f"{root}: data folder not found (pass --data DATA)")
     train_dir = root / "train"
