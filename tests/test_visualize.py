@@ -65,6 +65,25 @@ def test_a_thumbnail_side_past_the_cap_is_one_line_before_any_drawing(rehearsal_
     assert visualize.main(["--run", str(run), "--split", "val", "--queries", "1", "--k", "2",
                            "--thumb-px", str(visualize.MAX_THUMB_PX), "--out", str(out)]) == 0
 
+
+def test_an_image_far_thinner_than_tall_is_drawn(rehearsal_data, tmp_path):
+    """A 1 x 4000 px gallery image (a banner, a scan strip): the model scripts embed it, but visualize.py died with
+    'ValueError: height and width must be > 0' (ImageOps.pad asked for a 0 px wide resize). It now draws, 1 px wide."""
+    from utils.runs.visual import FILL_RGB, thumbnail
+
+    thin = thumbnail(Image.new("RGB", (1, 256), (0, 200, 0)), THUMB_PX)
+    green = (np.asarray(thin) == (0, 200, 0)).all(axis=2)
+    assert thin.size == (THUMB_PX, THUMB_PX) and green.sum() == THUMB_PX and green.any(axis=0).sum() == 1  # one column
+    assert thin.getpixel((0, THUMB_PX // 2)) == tuple(FILL_RGB)
+    for p in sorted((rehearsal_data / "test" / "gallery").iterdir()):
+        Image.new("RGB", (1, 4000), (0, 200, 0)).save(p, format="PNG")  # every gallery image thin: one is in every top-k
+    run, _, _ = handmade_run(rehearsal_data, tmp_path / "runs")
+    out = tmp_path / "look"
+    assert visualize.main(["--run", str(run), "--data", str(rehearsal_data), "--split", "test", "--queries", "1",
+                           "--k", str(K), "--thumb-px", str(THUMB_PX), "--out", str(out)]) == 0
+    assert len(list((out / "test").glob("*.png"))) == 1
+
+
 def test_worst_first_on_test_with_ground_truth(rehearsal_data_session, tmp_path):
     run, _, q = handmade_run(rehearsal_data_session, tmp_path / "runs")
     out = tmp_path / "look"
