@@ -41,6 +41,7 @@ from rich.table import Table
 
 from utils.atomic import atomic_write_json
 from utils.config import add_config_args, config_from_args
+from utils.data.layout import read_user_text
 from utils.errors import KitError, Terminated, run_cli
 from utils.logs import console, setup_logging
 from utils.runs import ledger
@@ -139,7 +140,7 @@ def _steps(path: Path, raw: dict[str, Any], section: str, scripts: tuple[str, ..
 def load_recipe(path: Path, only: list[str]) -> Recipe:
     """Read and check the recipe; ``only`` keeps those models (and the adapters whose source is kept)."""
     try:
-        raw = tomllib.loads(path.read_text())
+        raw = tomllib.loads(read_user_text(path))
     except OSError as err:
         raise KitError(f"{path}: cannot read the recipe ({err.strerror})") from None
     except tomllib.TOMLDecodeError as err:

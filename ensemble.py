@@ -43,6 +43,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+import math
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -68,6 +69,7 @@ from utils.ensemble.plan import Plan, Scorer, choose_plan, val_identities, val_r
 from utils.ensemble.report import options_markdown, options_table, plot_simplex
 from utils.ensemble.rerank import RerankParams, check_steps
 from utils.ensemble.topk_plan import fuse_topk_runs
+from utils.ensemble.weight_search import GRID_MAX_MODELS, grid_size
 from utils.errors import KitError, run_cli
 from utils.logs import console, setup_logging
 from utils.runs.data_fingerprint import agreeing, fused_fingerprint
@@ -168,16 +170,40 @@ def rerank_params(cfg: Config) -> RerankParams:
     )
 
 
+MAX_GRID_POINTS = 25_000  # weight vectors one search may score (--grid-step 0.02 with 4 models: 23,426; 0.01: 176,851)
+
+
 def check_config(cfg: Config, n_models: int) -> None:
     w = cfg.fusion_weights
     if w and len(w) != n_models:
         raise KitError(f"--fusion-weights: {len(w)} values for {n_models} models; give one per --models entry")
-    if w and (min(w) < 0 or sum(w) <= 0):
-        raise KitError(f"--fusion-weights {w}: must be non-negative with a positive sum")
+    if w and not (np.isfinite(w).all() and min(w) >= 0 and sum(w) > 0):
+        raise KitError(f"--fusion-weights {w}: must be finite, non-negative, with a positive sum")
     if not 0 < cfg.grid_step <= 0.5:
         raise KitError(f"--grid-step {cfg.grid_step}: must be in (0, 0.5]")
-    if cfg.bootstrap < 1 or cfg.top_m < 10 or cfg.temperature <= 0:
-        raise KitError("--bootstrap must be >= 1, --top-m >= 10 and --temperature > 0")
+    n_grid = grid_size(min(n_models, GRID_MAX_MODELS), cfg.grid_step)
+    if n_grid > MAX_GRID_POINTS:
+        raise KitError(f"--grid-step {cfg.grid_step:g}: {n_grid:.3g} weight vectors for {min(n_models, GRID_MAX_MODELS)} "
+                       f"models, over the {MAX_GRID_POINTS} the search can score; use --grid-step 0.02 or more")
+    if cfg.bootstrap < 1 or cfg.top_m < 10 or not cfg.temperature > 0 or not np.isfinite(cfg.temperature):
+        raise KitError("--bootstrap must be >= 1, --top-m >= 10 and --temperature a finite number > 0")
+    check_ranges(cfg)
+
+
+def check_ranges(cfg: Config) -> None:
+    """Counts at least 1 and shares, radii and exponents finite and in range: NaN passed every '< 0' test."""
+    counts = {"--n-random": cfg.n_random, "--dba-k": cfg.dba_k, "--qe-k": cfg.qe_k, "--kr-k1": cfg.kr_k1,
+              "--kr-k2": cfg.kr_k2, "--sinkhorn-iters": cfg.sinkhorn_iters}
+    for flag, value in counts.items():
+        if value < 1:
+            raise KitError(f"{flag} {value}: at least 1")
+    ranges = {"--min-win": (cfg.min_win, 0.0, 1.0), "--kr-lambda": (cfg.kr_lambda, 0.0, 1.0),
+              "--smooth-radius": (cfg.smooth_radius, 0.0, 2.0), "--dba-alpha": (cfg.dba_alpha, 0.0, math.inf),
+              "--qe-alpha": (cfg.qe_alpha, 0.0, math.inf)}
+    for flag, (value, low, high) in ranges.items():
+        if not (math.isfinite(value) and low <= value <= high):
+            span = f">= {low:g}" if high == math.inf else f"from {low:g} to {high:g}"
+            raise KitError(f"{flag} {value}: must be a finite number {span}")
 
 
 def load_test_relevance(data: Path | None, test: SimMatrix) -> np.ndarray | None:

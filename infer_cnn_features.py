@@ -73,7 +73,7 @@ from utils.embedding.views import PixelScale, tta_views
 from utils.errors import KitError, run_cli
 from utils.faces.cascade import CascadeParams, FaceCascade
 from utils.faces.detect import SELECT_METHODS, DetectorParams, FaceDetector
-from utils.faces.face_box import FACE_BOX_MODES, face_box_crops
+from utils.faces.face_box import FACE_BOX_MODES, check_face_margin, face_box_crops
 from utils.logs import console, setup_logging
 from utils.runs.model_run import begin_inference_run, write_model_run
 from utils.runs.pixel_agreement import grey_squares, topk_agreement
@@ -126,6 +126,7 @@ def check_config(cfg: Config) -> None:
     if cfg.pixel_px < 7:
         raise KitError(f"--pixel-px {cfg.pixel_px}: SSIM needs at least 7 pixels")
     gate_params(cfg).check()
+    check_face_margin(cfg.face_margin)
 
 
 def gate_params(cfg: Config) -> CascadeParams:

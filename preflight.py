@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+import math
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -55,7 +56,7 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: Sequence[str] | None = None) -> int:
     cfg = config_from_args(Config, build_parser().parse_args(argv))
     setup_logging(cfg.verbose)
-    if cfg.timeout_s <= 0:
+    if not 0 < cfg.timeout_s < math.inf:  # NaN too: the socket refused it with a ValueError traceback
         raise KitError(f"--timeout-s {cfg.timeout_s}: must be > 0")
     cl = Checklist()
     layout = check_data(cl, cfg.data, cfg.runs)

@@ -80,6 +80,7 @@ from utils.runs.visual import PageRow, PanelLayout, Tile, draw_face_box, draw_pa
 log = logging.getLogger("visualize")
 
 CAPTIONS_FILE = "gallery_captions.json"  # infer_caption_match.py: {split: {gallery name: caption}}
+MAX_THUMB_PX = 1024  # a panel is (K+1) thumbnails wide: 100000 px asked for ~30 GB of memory before the kernel killed it
 
 
 # ----------------------------------------------------------------------------
@@ -92,7 +93,7 @@ class Config:
     queries: int = field(default=20, metadata={"help": "queries per split (0 = all), in row order or worst first with --worst", "metavar": "N"})
     worst: bool = field(default=False, metadata={"help": "draw the queries whose first right answer ranks lowest (needs a ground truth)"})
     k: int = field(default=10, metadata={"help": "results shown per query"})
-    thumb_px: int = field(default=128, metadata={"help": "side of each thumbnail; a PNG is (K+1) thumbnails wide"})
+    thumb_px: int = field(default=128, metadata={"help": f"side of each thumbnail, 16 to {MAX_THUMB_PX}; a PNG is (K+1) thumbnails wide"})
     caption_lines: int = field(default=3, metadata={"help": "lines of a caption run's gallery caption under each result (0 = none)", "metavar": "N"})
     gap: bool = field(default=False, metadata={"help": "draw the 2-D map of query and gallery embeddings (OUT/gap_<method>.png) instead of the panels"})
     gap_method: str = field(default="pca", metadata={"help": "projection of --gap: pca (fast, keeps the distance between the domains) or tsne (scikit-learn, random_state 0)", "choices": list(GAP_METHODS)})
@@ -332,9 +333,9 @@ def read_run_meta(run_dir: Path) -> dict:
 def main(argv: Sequence[str] | None = None) -> int:
     cfg = config_from_args(Config, build_parser().parse_args(argv))
     setup_logging(cfg.verbose)
-    if cfg.k < 1 or cfg.queries < 0 or cfg.thumb_px < 16 or cfg.caption_lines < 0 or cfg.gap_points < 0:
+    if cfg.k < 1 or cfg.queries < 0 or not 16 <= cfg.thumb_px <= MAX_THUMB_PX or cfg.caption_lines < 0 or cfg.gap_points < 0:
         raise KitError(f"--k {cfg.k}, --queries {cfg.queries}, --thumb-px {cfg.thumb_px}, --caption-lines {cfg.caption_lines}, "
-                       f"--gap-points {cfg.gap_points}: need k >= 1, thumb-px >= 16, the others >= 0")
+                       f"--gap-points {cfg.gap_points}: need k >= 1, thumb-px from 16 to {MAX_THUMB_PX}, the others >= 0")
     splits = tuple(dict.fromkeys(cfg.split))
     if not splits:
         raise KitError("--split: name at least one of val, test")

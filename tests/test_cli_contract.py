@@ -83,6 +83,30 @@ def test_unknown_options_are_rejected(name, capsys):
     assert "unrecognized arguments" in capsys.readouterr().err
 
 
+@pytest.mark.parametrize("name", SCRIPTS)
+def test_a_path_flag_with_a_tilde_after_the_equals_sign_is_the_home_folder(name, tmp_path, monkeypatch):
+    """The shell expands ``--runs ~/x`` but not ``--runs=~/x`` (nor a quoted '~/x' or a recipe's value): the path
+    reached the script as '~/x' and a model script wrote its run into a folder named '~' in the working directory."""
+    monkeypatch.setenv("HOME", str(tmp_path))
+    parser = importlib.import_module(name).build_parser()
+    paths = [a for a in parser._actions if a.option_strings and a.type is not None and getattr(a.type, "__name__", "") in ("Path", "user_path")]
+    assert paths, "every script takes a path flag"
+    for action in paths:
+        value = getattr(parser.parse_args([f"{action.option_strings[0]}=~/x"]), action.dest)
+        assert value == tmp_path / "x" or value == [tmp_path / "x"], action.option_strings[0]
+
+
+def test_ensemble_reads_runs_given_as_tilde_after_the_equals_sign(tmp_path, monkeypatch):
+    import ensemble
+    from tests.helpers.runs import write_runs
+
+    write_runs(tmp_path)
+    monkeypatch.setenv("HOME", str(tmp_path))
+    monkeypatch.chdir(tmp_path / "data")
+    assert ensemble.main(["--runs=~/runs", "--bootstrap", "10"]) == 0
+    assert (tmp_path / "runs" / "ensemble" / "test_sim.npy").is_file() and not (tmp_path / "data" / "~").exists()
+
+
 # ---------------------------------------------------------------------------- every default and every documented command passes the checks
 
 PLACEHOLDERS = {"DATA": "data", "$COMPETITION_URL": "http://127.0.0.1:9/", "URL": "http://127.0.0.1:9/", "HOST:PORT": "127.0.0.1:9"}

@@ -78,6 +78,32 @@ def test_every_group_check_runs_in_every_script(name, tmp_path):
                 _checked(name, ["--data", str(tmp_path), *bad])
 
 
+
+@pytest.mark.parametrize("name", MODEL_SCRIPTS)
+def test_every_float_flag_refuses_nan_and_infinity(name, tmp_path):
+    """NaN passed every check written as 'x < low' (--lr nan trained until 'loss is nan at step 1; lower --lr';
+    --min-face-frac nan, --alphas nan, --margin-deg nan and others ran on), and --dist-timeout-min inf overflowed
+    where it became a timedelta. Now every float flag of every model script, lists included, is refused."""
+    parser = _module(name).build_parser()
+    floats = [a for a in parser._actions if a.option_strings and a.type is float]
+    assert floats
+    for action in floats:
+        flag, n = action.option_strings[0], action.nargs if isinstance(action.nargs, int) else 1
+        for bad in ("nan", "inf", "-inf"):
+            argv = [f"{flag}={bad}"] if n == 1 else [flag, *[bad.lstrip("-")] * n]  # '-inf' alone reads as a flag
+            with pytest.raises(KitError, match=rf"^{flag} -?(nan|inf): must be a finite number$"):
+                _checked(name, ["--data", str(tmp_path), *argv])
+
+
+def test_a_training_run_with_a_nan_learning_rate_stops_before_any_work(rehearsal_data_session, tmp_path):
+    import train_resnet
+
+    runs = tmp_path / "runs"
+    with pytest.raises(KitError, match=r"^--lr nan: must be a finite number$"):
+        train_resnet.main(["--data", str(rehearsal_data_session), "--runs", str(runs), "--model", "test_resnet",
+                           "--weights", "none", "--img-size", "32", "--epochs", "1", "--workers", "0", "--lr", "nan"])
+    assert not runs.exists()
+
 @pytest.mark.parametrize("name", MODEL_SCRIPTS)
 def test_scripts_declare_only_their_own_fields(name):
     """A field of a group reaches a script only through that group; a script re-sets it with override() alone."""

@@ -225,6 +225,21 @@ def test_recipe_mistakes_are_one_line_errors(tmp_path, rehearsal_data_session, m
     assert not (tmp_path / "runs").exists()  # nothing written before the recipe is sound
 
 
+
+def test_a_recipe_saved_by_notepad_is_read_and_one_in_latin_1_is_one_line(tmp_path):
+    """A recipe with a byte-order mark (Windows Notepad, VS Code's 'UTF-8 with BOM') read as 'not valid TOML
+    (Invalid statement (at line 1, column 1))'; one in Latin-1 died with a UnicodeDecodeError traceback."""
+    text = (ROOT / "recipes" / "rehearsal.toml").read_text()
+    bom = tmp_path / "bom.toml"
+    bom.write_bytes(b"\xef\xbb\xbf" + text.encode())
+    read, plain = day.load_recipe(bom, []), day.load_recipe(ROOT / "recipes" / "rehearsal.toml", [])
+    assert (read.models, read.adapters, read.sections) == (plain.models, plain.adapters, plain.sections)
+    assert read.sections["submit"]["group"] == "rehearsal"
+    latin = tmp_path / "latin.toml"
+    latin.write_bytes(text.replace('"rehearsal"', '"r\xe9hearsal"').encode("latin-1"))
+    with pytest.raises(KitError, match=r"latin.toml: not UTF-8 text \(byte \d+: invalid continuation byte\); save it as UTF-8"):
+        day.load_recipe(latin, [])
+
 def test_weights_missing_decides_from_the_recipe_value(tmp_path, monkeypatch):
     f = tmp_path / "w.safetensors"
     f.write_bytes(b"x")

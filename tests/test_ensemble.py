@@ -346,11 +346,31 @@ def test_shape_mismatch_is_refused_naming_the_file(tmp_path):
         ensemble.main(["--runs", str(runs), "--models", "a", "b"])
 
 
+
+@pytest.mark.parametrize("flags,message", [
+    (["--grid-step", "0.0001"], r"--grid-step 0.0001: 1.67e\+11 weight vectors for 4 models, over the 25000 the search can score"),
+    (["--fusion-weights", "nan", "1", "1", "1"], r"--fusion-weights \[nan, 1.0, 1.0, 1.0\]: must be finite"),
+    (["--dba", "--dba-alpha", "nan"], r"--dba-alpha nan: must be a finite number >= 0"),
+    (["--min-win", "nan"], r"--min-win nan: must be a finite number from 0 to 1"),
+    (["--smooth-radius", "-1"], r"--smooth-radius -1.0: must be a finite number from 0 to 2"),
+    (["--dba", "--dba-k", "0"], r"--dba-k 0: at least 1"),
+    (["--k-reciprocal", "--kr-k1", "0"], r"--kr-k1 0: at least 1"),
+    (["--temperature", "nan"], r"--temperature a finite number > 0"),
+])
+def test_flag_values_no_search_can_use_are_one_line_before_any_work(flags, message, tmp_path):
+    """--grid-step 0.0001 with 4 models enumerated 1.7e11 weight vectors (a MemoryError traceback, or every GB of the
+    box); NaN weights or exponents passed every '< 0' test and came back as 'val_sim.npy: NaN ... the model run is
+    broken, re-run it', blaming the runs; --min-win nan, --smooth-radius -1, --dba-k 0 and --kr-k1 0 ran silently."""
+    runs, _ = write_runs(tmp_path, models=(("a", 1.5), ("b", 1.0), ("c", 1.0), ("d", 0.5)))
+    with pytest.raises(KitError, match=message):
+        ensemble.main(["--runs", str(runs), "--bootstrap", "5", "--no-plot", *flags])
+    assert not list((runs / "ensemble").glob("*"))  # the lock's folder at most, nothing in it
+
 def test_bad_flags_are_refused(tmp_path):
     runs, _ = write_runs(tmp_path)
     with pytest.raises(KitError, match="--fusion-weights: 3 values for 2 models"):
         ensemble.main(["--runs", str(runs), "--fusion-weights", "0.2", "0.3", "0.5"])
-    with pytest.raises(KitError, match=r"--fusion-weights \[0.0, 0.0\]: must be non-negative with a positive sum"):
+    with pytest.raises(KitError, match=r"--fusion-weights \[0.0, 0.0\]: must be finite, non-negative, with a positive sum"):
         ensemble.main(["--runs", str(runs), "--fusion-weights", "0", "0"])
     with pytest.raises(SystemExit):  # the old names are gone: --weights means backbone weights in the model scripts
         ensemble.main(["--runs", str(runs), "--weights", "0.5", "0.5"])

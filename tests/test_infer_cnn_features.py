@@ -159,6 +159,17 @@ def test_bad_flags_are_one_clear_error(rehearsal_data_session, tmp_path):
         script.main([*common, "--pool", "median"])
 
 
+@pytest.mark.parametrize("margin", ["nan", "inf", "-0.1"])
+def test_a_face_margin_no_box_can_take_stops_before_any_work(margin, rehearsal_data_session, tmp_path):
+    """--face-margin nan passed the '< 0' check (NaN compares false), and the check ran only once the crops were
+    made, after the detector had loaded; now any margin that is not a finite number >= 0 stops in check_config."""
+    runs = tmp_path / "runs"
+    with pytest.raises(KitError, match=rf"--face-margin {margin}: (a finite number, 0 or more|must be a finite number)$"):
+        script.main(["--data", str(rehearsal_data_session), "--runs", str(runs), *TINY, "--face-crop", "all",
+                     "--face-margin", margin])
+    assert not runs.exists()
+
+
 def test_stage_features_match_timm_features_only_and_pool_by_hand():
     torch.manual_seed(0)
     full = timm.create_model("test_resnet", pretrained=False, num_classes=0).eval()

@@ -160,6 +160,9 @@ def test_server_that_answers_and_one_that_does_not(rehearsal_data_session, capsy
 def test_bad_timeout_flag_is_one_line():
     with pytest.raises(KitError, match="--timeout-s 0.0: must be > 0"):
         preflight.main(["--timeout-s", "0"])
+    for bad in ("nan", "inf"):  # NaN reached the socket: a ValueError traceback once --url was set
+        with pytest.raises(KitError, match=f"--timeout-s {bad}: must be > 0"):
+            preflight.main([f"--timeout-s={bad}", "--url", "http://127.0.0.1:9/", "--group", "t"])
 
 
 def _keep_identities(data: Path, keep: int, single: int = 0) -> None:

@@ -127,3 +127,36 @@ def test_ensemble_says_which_runs_it_leaves_out_and_why(rehearsal_data_session, 
     assert any("old_data: its test query names differ" in w and "extra ['gone.jpg']" in w for w in warnings)
     with pytest.raises(KitError, match=r"--models tampered: .*test_sim.npy: does not match the sha256"):
         ensemble.main(["--runs", str(runs), "--models", "a", "tampered"])
+
+
+@pytest.mark.parametrize("damage,problem", [
+    (b'{"model": "\xff\xfe', r"not valid JSON \('utf-8' codec can't decode byte 0xff"),
+    (b"[" * 100_000 + b"]" * 100_000, r"not valid JSON \(nested too deep to read\)"),
+])
+def test_a_damaged_meta_json_is_left_out_or_one_line_in_every_reader(damage, problem, rehearsal_data_session, tmp_path,
+                                                                     caplog, capsys):
+    """A meta.json with bytes that are not UTF-8, or nested past the JSON parser's depth: ensemble.py, preflight.py,
+    submit.py and visualize.py died with a UnicodeDecodeError or RecursionError traceback. Now ensemble.py leaves the
+    run out naming the file, preflight blocks on it, and a script pointed at that run stops with one line."""
+    import preflight
+    import submit
+    import visualize
+
+    data, runs = rehearsal_data_session, tmp_path / "runs"
+    for i, name in enumerate(("a", "b", "damaged")):
+        complete_run(data, runs / name, seed=i)
+    (runs / "damaged" / "meta.json").write_bytes(damage)
+    with caplog.at_level(logging.WARNING):
+        assert ensemble.main(["--runs", str(runs), "--bootstrap", "5", "--no-plot", "--grid-step", "0.5"]) == 0
+    assert sorted(load_run(runs / "ensemble").meta["choice"]["models"]) == ["a", "b"]
+    assert any(r.getMessage().startswith("leaving out") and "damaged/meta.json: not valid JSON (" in r.getMessage()
+               for r in caplog.records)
+    capsys.readouterr()
+    assert preflight.main(["--data", str(data), "--runs", str(runs)]) == 1
+    assert any("damaged" in line and "BLOCKER" in line and "meta.json: not valid JSON" in line
+               for line in capsys.readouterr().out.splitlines())
+    for call in (lambda: submit.main(["--run", str(runs / "damaged"), "--group", "t", "--dry-run", "--out", str(tmp_path / "s")]),
+                 lambda: visualize.main(["--run", str(runs / "damaged"), "--data", str(data)])):
+        with pytest.raises(KitError, match=rf"damaged/meta.json: {problem}"):
+            call()
+    assert not (tmp_path / "s").exists() and not (runs / "damaged" / "visual").exists()

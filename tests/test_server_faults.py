@@ -118,10 +118,11 @@ def test_a_taken_port_is_one_line_not_a_traceback(rehearsal_data_session):
                                                 "pass another --port, or --port 0 for a free one"]
 
 
-@pytest.mark.parametrize("flag", [["--max-body-mb", "0"], ["--read-timeout-s", "-1"]])
+@pytest.mark.parametrize("flag", [["--max-body-mb", "0"], ["--read-timeout-s", "-1"],
+                                  ["--max-body-mb", "inf"], ["--read-timeout-s", "nan"]])  # inf: an OverflowError traceback
 def test_limits_must_be_positive(rehearsal_data_session, flag):
     from utils.errors import KitError
     from utils.submission import server
 
-    with pytest.raises(KitError, match="must be above 0"):
+    with pytest.raises(KitError, match="must be finite numbers above 0"):
         server.main(["--data", str(rehearsal_data_session), *flag])

@@ -55,6 +55,29 @@ def test_saved_split_is_reused_and_guarded(rehearsal_data, tmp_path):
         load_or_create_split(load_layout(rehearsal_data), SplitParams(seed=1), runs)
 
 
+
+@pytest.mark.parametrize("text,problem", [
+    (b"", r"not valid JSON \(Expecting value: line 1 column 1"),
+    (b'{"params": {"seed": 1, "val', r"not valid JSON \(Unterminated string"),
+    (b"[]", "expected a JSON object, got list"),
+    (b"{\xff}", r"not valid JSON \('utf-8' codec can't decode"),
+    (b"[" * 100_000 + b"]" * 100_000, "nested too deep to read"),
+])
+def test_a_split_json_cut_short_or_not_an_object_is_one_line(rehearsal_data, tmp_path, text, problem):
+    """runs/split.json emptied or cut short (a copy onto a full disk, an editor): every model script died with a
+    JSONDecodeError, AttributeError, UnicodeDecodeError or RecursionError traceback. Now one line says to delete
+    it, and a run after the deletion makes the very same split again."""
+    runs = tmp_path / "runs"
+    layout = load_layout(rehearsal_data)
+    first = load_or_create_split(layout, SplitParams(seed=1), runs)
+    saved = (runs / "split.json").read_bytes()
+    (runs / "split.json").write_bytes(text)
+    with pytest.raises(KitError, match=rf"split.json: {problem}.*; delete it and run again"):
+        load_or_create_split(layout, SplitParams(seed=1), runs)
+    (runs / "split.json").unlink()
+    assert load_or_create_split(layout, SplitParams(seed=1), runs) == first
+    assert (runs / "split.json").read_bytes() == saved
+
 def test_bad_fraction_is_refused(rehearsal_data_session):
     with pytest.raises(KitError, match="val-fraction"):
         make_split(load_layout(rehearsal_data_session), SplitParams(val_fraction=1.5))

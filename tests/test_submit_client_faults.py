@@ -205,3 +205,15 @@ def test_a_bad_ipv6_url_is_one_line_from_the_command_line(rehearsal_data_session
     assert preflight.main(["--data", str(rehearsal_data_session), "--runs", str(tmp_path / "runs"),
                            "--url", "http://[::1/", "--group", "t"]) == 1  # a blocker, not a traceback
 
+
+
+def test_a_reply_nested_past_the_json_parser_is_not_json_not_a_traceback(run_dir, tmp_path, caplog):
+    """A 200 whose body is 100,000 nested arrays: json.loads raised RecursionError, submit.py died with a traceback
+    and exit 1, and the ledger kept an attempt with no outcome. Now it is a reply that is not JSON: exit 3, recorded."""
+    out = tmp_path / "s"
+    with local_server(reply=b"[" * 100_000 + b"]" * 100_000) as (srv, url):
+        code = send(run_dir, url, out)
+    assert code == submit.NOT_SUBMITTED and len(srv.bodies) == 1
+    assert "answered HTTP 200 but not JSON: '[[[[" in caplog.text
+    [attempt, outcome] = strict_lines(out)
+    assert attempt["kind"] == "attempt" and outcome["outcome"] == "not-confirmed" and outcome["score"] is None

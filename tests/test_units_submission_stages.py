@@ -79,6 +79,13 @@ def test_a_topk_run_gives_the_same_body_as_the_matrix_it_came_from(rehearsal_dat
     assert body["images"] == {name: [g[j] for j in np.argsort(-sim[i], kind="stable")[:10]] for i, name in enumerate(q)}
 
 
+
+def test_a_negative_preview_count_is_refused_before_anything_is_written(rehearsal_data_session, run_dir, tmp_path):
+    """--preview -5 wrote a page of all but the last 5 queries, titled 'First 11 queries' (list[:-5]), silently."""
+    with pytest.raises(KitError, match=r"--preview -5: the number of queries on the page, 0 or more \(0 = no page\)"):
+        stages.body_from_run(run_dir, str(rehearsal_data_session), "team", "dict", tmp_path / "s", preview=-5)
+    assert not (tmp_path / "s").exists()
+
 def test_a_run_on_other_data_or_a_preview_without_data_is_refused(rehearsal_data, run_dir, tmp_path):
     with pytest.raises(KitError, match="--preview needs --data DIR"):
         stages.body_from_run(run_dir, "", "team", "dict", tmp_path / "s", preview=3)

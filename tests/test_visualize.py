@@ -52,6 +52,38 @@ def test_val_panel_has_expected_size_and_frames(rehearsal_data_session, tmp_path
     assert f"val/{pngs[0].name}" in page and "first right answer at rank 2" in page
 
 
+
+def test_a_thumbnail_side_past_the_cap_is_one_line_before_any_drawing(rehearsal_data_session, tmp_path):
+    """--thumb-px had no upper bound: 100000 (a typo for 1000) made a (K+1) x 100000 px wide canvas per query and
+    the kernel killed the process at ~24 GB resident after a minute. Now above 1024 is refused before any drawing."""
+    run, _, _ = handmade_run(rehearsal_data_session, tmp_path / "runs")
+    out = tmp_path / "visual"
+    for px in (visualize.MAX_THUMB_PX + 1, 100_000):
+        with pytest.raises(KitError, match=rf"--thumb-px {px}, .*: need k >= 1, thumb-px from 16 to 1024"):
+            visualize.main(["--run", str(run), "--split", "val", "--queries", "1", "--thumb-px", str(px), "--out", str(out)])
+    assert not out.exists()
+    assert visualize.main(["--run", str(run), "--split", "val", "--queries", "1", "--k", "2",
+                           "--thumb-px", str(visualize.MAX_THUMB_PX), "--out", str(out)]) == 0
+
+
+def test_an_image_far_thinner_than_tall_is_drawn(rehearsal_data, tmp_path):
+    """A 1 x 4000 px gallery image (a banner, a scan strip): the model scripts embed it, but visualize.py died with
+    'ValueError: height and width must be > 0' (ImageOps.pad asked for a 0 px wide resize). It now draws, 1 px wide."""
+    from utils.runs.visual import FILL_RGB, thumbnail
+
+    thin = thumbnail(Image.new("RGB", (1, 256), (0, 200, 0)), THUMB_PX)
+    green = (np.asarray(thin) == (0, 200, 0)).all(axis=2)
+    assert thin.size == (THUMB_PX, THUMB_PX) and green.sum() == THUMB_PX and green.any(axis=0).sum() == 1  # one column
+    assert thin.getpixel((0, THUMB_PX // 2)) == tuple(FILL_RGB)
+    for p in sorted((rehearsal_data / "test" / "gallery").iterdir()):
+        Image.new("RGB", (1, 4000), (0, 200, 0)).save(p, format="PNG")  # every gallery image thin: one is in every top-k
+    run, _, _ = handmade_run(rehearsal_data, tmp_path / "runs")
+    out = tmp_path / "look"
+    assert visualize.main(["--run", str(run), "--data", str(rehearsal_data), "--split", "test", "--queries", "1",
+                           "--k", str(K), "--thumb-px", str(THUMB_PX), "--out", str(out)]) == 0
+    assert len(list((out / "test").glob("*.png"))) == 1
+
+
 def test_worst_first_on_test_with_ground_truth(rehearsal_data_session, tmp_path):
     run, _, q = handmade_run(rehearsal_data_session, tmp_path / "runs")
     out = tmp_path / "look"

@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import math
 import re
 import typing
 from dataclasses import dataclass, field
@@ -85,8 +86,14 @@ def field_metadata(cls: type, name: str) -> dict[str, Any]:
     return meta
 
 
+def user_path(text: str) -> Path:
+    """A path flag's value with a leading ``~`` expanded: the shell leaves ``--data=~/x`` and a quoted
+    ``'~/x'`` as they are, which would otherwise name a folder called ``~`` in the working directory."""
+    return Path(text).expanduser()
+
+
 def add_config_args(parser: argparse.ArgumentParser, cls: type) -> None:
-    """Add one flag per dataclass field of ``cls`` to ``parser``."""
+    """Add one flag per dataclass field of ``cls`` to ``parser`` (a ``Path`` field takes :func:`user_path`)."""
     hints = typing.get_type_hints(cls)
     for f in dataclasses.fields(cls):
         meta = field_metadata(cls, f.name)
@@ -112,6 +119,8 @@ def add_config_args(parser: argparse.ArgumentParser, cls: type) -> None:
             kwargs["type"] = inner
         else:
             kwargs["type"] = kind
+        if kwargs["type"] is Path:
+            kwargs["type"] = user_path
         if "choices" in meta:
             kwargs["choices"] = meta["choices"]
         kwargs["metavar"] = meta.get("metavar", f.name.split("_")[-1].upper())
@@ -152,14 +161,30 @@ def check_groups(cfg: ConfigGroup) -> None:
     """Run the ``check()`` of every group ``cfg`` mixes in, each once, the most basic first.
 
     Raises:
-        KitError: from the first group with a value no run can use.
+        KitError: a number flag given NaN or infinity, or from the first group with a value no run can use.
     """
+    check_finite(cfg)
     for klass in reversed(type(cfg).__mro__):
         own = vars(klass).get("check")
         if own is not None and issubclass(klass, ConfigGroup):
             own(cfg)
     if isinstance(getattr(cfg, "run_name", None), str):  # every script's own field, one rule
         check_run_name(cfg.run_name)
+
+
+def check_finite(cfg: Any) -> None:
+    """Every float flag (and every value of a list of floats) is a finite number: NaN passed every range check
+    written as ``x < low`` and a training run met it as a NaN loss; infinity overflowed where it became a time.
+
+    Raises:
+        KitError: naming the flag and the value.
+    """
+    for f in dataclasses.fields(cfg):
+        value = getattr(cfg, f.name)
+        values = value if isinstance(value, (list, tuple)) else [value]
+        bad = [v for v in values if isinstance(v, float) and not math.isfinite(v)]
+        if bad:
+            raise KitError(f"{_flag(f.name)} {bad[0]}: must be a finite number")
 
 
 def check_run_name(name: str) -> None:

@@ -118,16 +118,34 @@ def make_split(layout: DataLayout, params: SplitParams) -> Split:
     )
 
 
+def read_saved_split(path: Path) -> dict:
+    """``runs/split.json`` as a dict; a file cut short, emptied or edited into something else stops with one line.
+
+    Raises:
+        KitError: the file is not a JSON object (the split is made again from the same flags once it is deleted).
+    """
+    try:
+        saved = json.loads(path.read_bytes())
+    except (ValueError, RecursionError) as err:  # ValueError: bad JSON or not UTF-8
+        problem = f"not valid JSON ({err})" if not isinstance(err, RecursionError) else "nested too deep to read"
+    else:
+        if isinstance(saved, dict):
+            return saved
+        problem = f"expected a JSON object, got {type(saved).__name__}"
+    raise KitError(f"{path}: {problem}; delete it and run again: the same --seed/--val-fraction/--query-domain "
+                   "make the same split")
+
+
 def load_or_create_split(layout: DataLayout, params: SplitParams, runs_dir: str | Path) -> Split:
     """Reuse ``runs/split.json`` if it matches ``params`` and the data; else write it.
 
     Raises:
-        KitError: a saved split was made with other params or other data.
+        KitError: a saved split was made with other params or other data, or is not a JSON object.
     """
     path = Path(runs_dir) / "split.json"
     split = make_split(layout, params)
     if path.is_file():
-        saved = json.loads(path.read_text())
+        saved = read_saved_split(path)
         if saved.get("params") != asdict(params):
             raise KitError(
                 f"{path}: made with {saved.get('params')}, this run asks for {asdict(params)}; "

@@ -31,6 +31,7 @@ from __future__ import annotations
 
 import itertools
 import logging
+import math
 from dataclasses import dataclass
 
 import numpy as np
@@ -54,12 +55,20 @@ def points_from_rank(first_hit: np.ndarray) -> np.ndarray:
     return out
 
 
+GRID_MAX_MODELS = 4  # up to this many models the weights are searched on a simplex grid; beyond, at random
+
+
 def simplex_grid(n_models: int, step: float) -> np.ndarray:
     """Every weight vector with entries in multiples of ``step`` that sum to 1, (n, n_models)."""
     parts = round(1.0 / step)
     rows = [c for c in itertools.product(range(parts + 1), repeat=n_models - 1) if sum(c) <= parts]
     grid = np.array([list(c) + [parts - sum(c)] for c in rows], dtype=np.float64) / parts
     return grid.astype(np.float32)
+
+
+def grid_size(n_models: int, step: float) -> int:
+    """How many weight vectors :func:`simplex_grid` holds, without making them."""
+    return math.comb(round(1.0 / step) + n_models - 1, n_models - 1) if n_models > 1 else 1
 
 
 def anchor_candidates(n_models: int) -> np.ndarray:
@@ -384,7 +393,7 @@ def search_weights(
     n_boot: int = 200,
     seed: int = 0,
     groups: np.ndarray | None = None,
-    grid_max_models: int = 4,
+    grid_max_models: int = GRID_MAX_MODELS,
     smooth_radius: float = 0.2,
     desc: str = "weights",
 ) -> SearchResult:

@@ -105,6 +105,12 @@ class FaceCrops:
     n_whole: int  # images kept whole (no face)
 
 
+def check_face_margin(margin: float) -> None:
+    """Raise a KitError for a margin no box can be widened by (negative, NaN or infinite: NaN passed ``< 0``)."""
+    if not (np.isfinite(margin) and margin >= 0):
+        raise KitError(f"--face-margin {margin}: a finite number, 0 or more")
+
+
 def face_box_crops(
     paths: Sequence[Path], detector: FaceDetector, mode: str, margin: float, cache_dir: Path,
     batch_size: int = 16, desc: str = "faces",
@@ -116,8 +122,7 @@ def face_box_crops(
     """
     if mode not in FACE_BOX_MODES:
         raise KitError(f"--face-crop {mode!r}: choose none or one of {FACE_BOX_MODES}")
-    if margin < 0:
-        raise KitError(f"--face-margin {margin}: 0 or more")
+    check_face_margin(margin)
     paths = [Path(p) for p in paths]
     key = files_key(paths, f"face_box|{detector.params.tag()}")
     def detect() -> dict[str, np.ndarray]:

@@ -86,10 +86,25 @@ def check_members(run_dir: str | Path, meta: dict[str, Any]) -> None:
                                 f"re-run ensemble.py")
 
 
+def parse_json_file(path: Path) -> Any:
+    """A run's JSON file (meta.json) parsed.
+
+    Raises:
+        KitError: not valid JSON, not UTF-8, or nested past the parser's depth (a file cut short or damaged).
+        OSError: the file cannot be read.
+    """
+    try:
+        return json.loads(path.read_bytes())
+    except RecursionError:
+        raise KitError(f"{path}: not valid JSON (nested too deep to read)") from None
+    except ValueError as err:  # JSONDecodeError, UnicodeDecodeError
+        raise KitError(f"{path}: not valid JSON ({err})") from None
+
+
 def read_json(path: Path) -> dict[str, Any] | None:
     """A meta.json as a dict; None when missing or not a JSON object."""
     try:
-        obj = json.loads(path.read_text())
-    except (OSError, ValueError):
+        obj = parse_json_file(path)
+    except (OSError, KitError):
         return None
     return obj if isinstance(obj, dict) else None

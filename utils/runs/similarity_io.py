@@ -22,7 +22,6 @@ from __future__ import annotations
 
 import hashlib
 import io
-import json
 import logging
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -32,7 +31,7 @@ import numpy as np
 
 from utils.atomic import atomic_write_bytes, atomic_write_json, remove_stale_temps
 from utils.errors import KitError
-from utils.runs.provenance import check_members, is_fused, read_json
+from utils.runs.provenance import check_members, is_fused, parse_json_file, read_json
 from utils.runs.run_lock import acquire_run_lock, lock_holder, run_lock
 from utils.runs.topk import topk
 
@@ -214,10 +213,7 @@ def load_run(run_dir: str | Path, splits: tuple[str, ...] = SPLITS) -> Run:
         if any((run_dir / f).exists() for f in RUN_FILES):
             raise IncompleteRun(f"{meta_path}: not found; the run is incomplete (killed, failed or still running); re-run the model")
         raise IncompleteRun(f"{meta_path}: not found; run the model script first")
-    try:
-        meta = json.loads(meta_path.read_text())
-    except json.JSONDecodeError as err:
-        raise KitError(f"{meta_path}: not valid JSON ({err})") from None
+    meta = parse_json_file(meta_path)
     if not isinstance(meta, dict):
         raise KitError(f"{meta_path}: expected a JSON object; re-run the model")
     check_members(run_dir, meta)

@@ -40,7 +40,6 @@ from __future__ import annotations
 
 import hashlib
 import io
-import json
 from contextlib import nullcontext
 from dataclasses import dataclass
 from pathlib import Path
@@ -52,7 +51,7 @@ from utils.atomic import atomic_write_bytes, atomic_write_json
 from utils.errors import KitError
 from utils.file_hash import file_sha256
 from utils.progress import ProgressBar
-from utils.runs.provenance import check_members, member_record
+from utils.runs.provenance import check_members, member_record, parse_json_file
 from utils.runs.run_lock import run_lock
 from utils.runs.search import DEFAULT_BUDGET_BYTES, search_topk
 from utils.runs.similarity_io import SimMatrix, load_run
@@ -178,10 +177,7 @@ def read_meta(run_dir: str | Path) -> dict[str, Any]:
     path = Path(run_dir) / "meta.json"
     if not path.is_file():
         raise KitError(f"{path}: not found; run the model script first")
-    try:
-        return json.loads(path.read_text())
-    except json.JSONDecodeError as err:
-        raise KitError(f"{path}: not valid JSON ({err})") from None
+    return parse_json_file(path)
 
 
 def is_topk_run(run_dir: str | Path) -> bool:

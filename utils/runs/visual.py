@@ -23,7 +23,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Sequence
 
-from PIL import Image, ImageDraw, ImageFont, ImageOps
+from PIL import Image, ImageDraw, ImageFont
 
 from utils.atomic import atomic_write_bytes
 
@@ -83,8 +83,13 @@ class Tile:
 
 
 def thumbnail(img: Image.Image, side_px: int) -> Image.Image:
-    """``img`` fitted into a ``side_px`` square (aspect kept, grey around it)."""
-    return ImageOps.pad(img.convert("RGB"), (side_px, side_px), Image.Resampling.BILINEAR, color=FILL_RGB)
+    """``img`` fitted into a ``side_px`` square (aspect kept, grey around it; a side of at least 1 px, so an image
+    far thinner than it is tall, say 1 x 256, still draws where ``ImageOps.pad`` asked for a 0 px wide resize)."""
+    scale = side_px / max(img.size)
+    size = (min(side_px, max(1, round(img.width * scale))), min(side_px, max(1, round(img.height * scale))))
+    canvas = Image.new("RGB", (side_px, side_px), FILL_RGB)
+    canvas.paste(img.convert("RGB").resize(size, Image.Resampling.BILINEAR), ((side_px - size[0]) // 2, (side_px - size[1]) // 2))
+    return canvas
 
 
 def printable(text: str) -> str:

@@ -256,7 +256,7 @@ def _judge(url: str, answer: _Answer) -> dict[str, Any]:
     except _DuplicateKey as dup:
         raise NotSubmitted(f"{shown} answered HTTP {code} with the key {dup} twice, so no score is confirmed: {text[:200]!r}; "
                            f"{MAY_HAVE_ARRIVED}", maybe_received=True, answer=text) from None
-    except ValueError:
+    except (ValueError, RecursionError):  # RecursionError: arrays or objects nested past the parser's depth
         raise NotSubmitted(f"{shown} answered HTTP {code} but not JSON: {text[:200]!r}", maybe_received=True) from None
     reply = reply if isinstance(reply, dict) else {"reply": reply}
     if code not in SCORED_STATUSES:  # 202 Accepted and the like: taken, maybe queued, not scored

@@ -23,6 +23,7 @@ import argparse
 import errno
 import json
 import logging
+import math
 import socket
 import threading
 import time
@@ -93,8 +94,8 @@ class CompetitionServer(ThreadingHTTPServer):
         layout = load_layout(data)
         if layout.ground_truth is None:
             raise KitError(f"{data / 'test' / 'ground_truth.json'}: not found; the local server needs it to score")
-        if not max_body_mb > 0 or not read_timeout_s > 0:
-            raise KitError("--max-body-mb and --read-timeout-s must be above 0")
+        if not 0 < max_body_mb < math.inf or not 0 < read_timeout_s < math.inf:  # inf: an OverflowError traceback
+            raise KitError("--max-body-mb and --read-timeout-s must be finite numbers above 0")
         self.truth = layout.ground_truth
         self.gallery = {p.name for p in layout.gallery}
         self.fail_first = fail_first

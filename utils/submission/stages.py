@@ -107,6 +107,8 @@ def check_against_data(data: Path, query_names: list[str], gallery_names: list[s
 
 def body_from_run(run: Path, data: str, group: str, form: str, out: Path, preview: int) -> tuple[dict[str, Any], Path]:
     """Top-10 lists of the run's test matrix, validated, written to ``out`` as the body."""
+    if preview < 0:
+        raise KitError(f"--preview {preview}: the number of queries on the page, 0 or more (0 = no page)")
     if preview and not data:
         raise KitError("--preview needs --data DIR to find the images")
     test = load_split(run, "test")  # either form: full matrices, or the top-k form's stored candidates (large galleries)
