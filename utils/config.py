@@ -37,6 +37,7 @@ from typing import Any, TypeVar
 from utils.data.split import SplitParams
 from utils.embedding.views import TTA_GROUPS, tta_views
 from utils.errors import KitError
+from utils.paths import user_path
 
 C = TypeVar("C")
 
@@ -84,12 +85,6 @@ def field_metadata(cls: type, name: str) -> dict[str, Any]:
         raise TypeError(f"{cls.__name__}.{name}: override() of a field no group declares; declare it with field()")
     meta.pop(_OVERRIDE, None)
     return meta
-
-
-def user_path(text: str) -> Path:
-    """A path flag's value with a leading ``~`` expanded: the shell leaves ``--data=~/x`` and a quoted
-    ``'~/x'`` as they are, which would otherwise name a folder called ``~`` in the working directory."""
-    return Path(text).expanduser()
 
 
 def add_config_args(parser: argparse.ArgumentParser, cls: type) -> None:

@@ -34,6 +34,7 @@ from PIL import Image, ImageDraw, ImageFilter
 from utils.atomic import atomic_write_bytes, atomic_write_json
 from utils.errors import KitError, run_cli
 from utils.logs import setup_logging
+from utils.paths import user_path
 
 log = logging.getLogger(__name__)
 
@@ -241,7 +242,7 @@ def generate(
 
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--out", type=Path, default=Path("data/rehearsal"), metavar="DIR", help="output folder (default: %(default)s)")
+    p.add_argument("--out", type=user_path, default=Path("data/rehearsal"), metavar="DIR", help="output folder (default: %(default)s)")
     p.add_argument("--train-identities", type=int, default=48, metavar="N", help="identities in train/ (default: %(default)s)")
     p.add_argument("--test-identities", type=int, default=40, metavar="N", help="identities in test/ (default: %(default)s)")
     p.add_argument("--size", type=int, default=96, metavar="PX", help="image side in pixels (default: %(default)s)")

@@ -29,6 +29,7 @@ from typing import Any, Sequence
 
 from utils.atomic import atomic_write_bytes
 from utils.errors import KitError, run_cli
+from utils.paths import user_path
 from utils.runs import ledger
 
 log = logging.getLogger(__name__)
@@ -213,8 +214,8 @@ def write_report(runs_dir: str | Path, submissions: str | Path | None = None) ->
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--runs", type=Path, default=Path("runs"), metavar="DIR", help="runs folder (default: runs)")
-    parser.add_argument("--submissions", type=Path, default=None, metavar="DIR",
+    parser.add_argument("--runs", type=user_path, default=Path("runs"), metavar="DIR", help="runs folder (default: runs)")
+    parser.add_argument("--submissions", type=user_path, default=None, metavar="DIR",
                         help="folder of ledger.jsonl (default: the one in RUNS/day.json, else submissions)")
     return parser
 

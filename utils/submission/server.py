@@ -33,6 +33,7 @@ from typing import Any, Sequence
 
 from utils.data.layout import load_layout
 from utils.errors import KitError, run_cli
+from utils.paths import user_path
 from utils.runs.metrics import competition_score
 from utils.submission.lists import TOP_K, BadBody, parse_body
 
@@ -233,7 +234,7 @@ class Handler(BaseHTTPRequestHandler):
 
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--data", type=Path, required=True, metavar="DIR", help="dataset with test/ground_truth.json")
+    p.add_argument("--data", type=user_path, required=True, metavar="DIR", help="dataset with test/ground_truth.json")
     p.add_argument("--port", type=int, default=0, metavar="N", help="port on 127.0.0.1; 0 picks a free one (default: %(default)s)")
     p.add_argument("--fail-first", type=int, default=0, metavar="N", help="answer HTTP 500 to the first N posts (default: %(default)s)")
     p.add_argument("--max-body-mb", type=float, default=MAX_BODY_MB, metavar="MB",

@@ -19,6 +19,7 @@ from typing import Sequence
 
 from utils.errors import KitError, run_cli
 from utils.logs import console, setup_logging
+from utils.paths import user_path
 from utils.weights.catalog import default_specs
 from utils.weights.download import fetch_spec
 from utils.weights.report import default_status, status_table
@@ -32,7 +33,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="python -m utils.weights", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("command", choices=COMMANDS, help="fetch: download the defaults; list/status: show which are present")
-    parser.add_argument("--dir", type=Path, default=None, metavar="DIR",
+    parser.add_argument("--dir", type=user_path, default=None, metavar="DIR",
                         help=f"the weights folder (default: ${ENV_DIR}, else weights/ in the repository)")
     parser.add_argument("--only", nargs="+", default=[], metavar="NAME", help="fetch only these entries (names as list prints them) (default: every default entry)")
     parser.add_argument("--redo", action="store_true", help="download again files that are present (default: False)")
