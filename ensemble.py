@@ -174,20 +174,28 @@ MAX_GRID_POINTS = 25_000  # weight vectors one search may score (--grid-step 0.0
 
 
 def check_config(cfg: Config, n_models: int) -> None:
+    """The flags that depend on how many runs are fused (the flags alone: :func:`check_flags`, first)."""
+    check_flags(cfg)
     w = cfg.fusion_weights
     if w and len(w) != n_models:
         raise KitError(f"--fusion-weights: {len(w)} values for {n_models} models; give one per --models entry")
-    if w and not (np.isfinite(w).all() and min(w) >= 0 and sum(w) > 0):
-        raise KitError(f"--fusion-weights {w}: must be finite, non-negative, with a positive sum")
-    if not 0 < cfg.grid_step <= 0.5:
-        raise KitError(f"--grid-step {cfg.grid_step}: must be in (0, 0.5]")
     n_grid = grid_size(min(n_models, GRID_MAX_MODELS), cfg.grid_step)
     if n_grid > MAX_GRID_POINTS:
         raise KitError(f"--grid-step {cfg.grid_step:g}: {n_grid:.3g} weight vectors for {min(n_models, GRID_MAX_MODELS)} "
                        f"models, over the {MAX_GRID_POINTS} the search can score; use --grid-step 0.02 or more")
+
+
+def check_flags(cfg: Config) -> None:
+    """Every flag value that is wrong whatever the runs: checked before any folder is touched."""
+    w = cfg.fusion_weights
+    if w and not (np.isfinite(w).all() and min(w) >= 0 and sum(w) > 0):
+        raise KitError(f"--fusion-weights {w}: must be finite, non-negative, with a positive sum")
+    if not 0 < cfg.grid_step <= 0.5:
+        raise KitError(f"--grid-step {cfg.grid_step}: must be in (0, 0.5]")
     if cfg.bootstrap < 1 or cfg.top_m < 10 or not cfg.temperature > 0 or not np.isfinite(cfg.temperature):
         raise KitError("--bootstrap must be >= 1, --top-m >= 10 and --temperature a finite number > 0")
     check_ranges(cfg)
+    rerank_params(cfg)
 
 
 def check_ranges(cfg: Config) -> None:
@@ -220,6 +228,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     cfg = config_from_args(Config, build_parser().parse_args(argv))
     setup_logging(cfg.verbose)
     t0 = time.time()
+    check_flags(cfg)  # before the output folder and its lock exist
     out_dir = cfg.out or cfg.runs / "ensemble"
     members = select_members(cfg.runs, cfg.models, out_dir)
     check_out(out_dir, cfg.runs)
@@ -251,7 +260,6 @@ def fuse_into(cfg: Config, out_dir: Path, members: Members, t0: float) -> list[t
             kept, odd = agreeing([(r.path, r.meta) for r in runs], bool(cfg.models))  # same images, not only names
             runs, left_out = [r for r in runs if r.path in kept], sorted(left_out + odd)
             check_config(cfg, len(runs))
-            rerank_params(cfg)
             begin_output(cfg, out_dir, [r.path.name for r in runs], left_out)
             ensemble_matrix_form(cfg, out_dir, runs, t0)
         else:

@@ -346,7 +346,6 @@ def test_shape_mismatch_is_refused_naming_the_file(tmp_path):
         ensemble.main(["--runs", str(runs), "--models", "a", "b"])
 
 
-
 @pytest.mark.parametrize("flags,message", [
     (["--grid-step", "0.0001"], r"--grid-step 0.0001: 1.67e\+11 weight vectors for 4 models, over the 25000 the search can score"),
     (["--fusion-weights", "nan", "1", "1", "1"], r"--fusion-weights \[nan, 1.0, 1.0, 1.0\]: must be finite"),
@@ -364,7 +363,11 @@ def test_flag_values_no_search_can_use_are_one_line_before_any_work(flags, messa
     runs, _ = write_runs(tmp_path, models=(("a", 1.5), ("b", 1.0), ("c", 1.0), ("d", 0.5)))
     with pytest.raises(KitError, match=message):
         ensemble.main(["--runs", str(runs), "--bootstrap", "5", "--no-plot", *flags])
-    assert not list((runs / "ensemble").glob("*"))  # the lock's folder at most, nothing in it
+    if flags[0] == "--grid-step":  # the grid's size needs the runs: the lock's folder at most, nothing in it
+        assert not list((runs / "ensemble").glob("*"))
+    else:  # wrong whatever the runs: refused before the output folder is made
+        assert not (runs / "ensemble").exists()
+
 
 def test_bad_flags_are_refused(tmp_path):
     runs, _ = write_runs(tmp_path)
