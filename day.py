@@ -40,7 +40,7 @@ from typing import Any, Callable, Sequence
 from rich.table import Table
 
 from utils.atomic import atomic_write_json
-from utils.config import add_config_args, config_from_args
+from utils.config import add_config_args, check_run_name, config_from_args
 from utils.data.layout import read_user_text
 from utils.errors import KitError, Terminated, run_cli
 from utils.logs import console, setup_logging
@@ -128,6 +128,10 @@ def _steps(path: Path, raw: dict[str, Any], section: str, scripts: tuple[str, ..
         where = f"{path}: [{section}.{name}]"
         if not isinstance(table, dict) or table.get("script") not in scripts:
             raise KitError(f"{where}: needs script = one of {list(scripts)}")
+        try:
+            check_run_name(name)
+        except KitError as err:  # NAME is the run folder: the script would refuse it only when its stage starts
+            raise KitError(f"{where}: NAME is the run's folder under --runs; {err}") from None
         flags = {k: v for k, v in table.items() if k != "script"}
         if bad := [k for k in flags if k in SET_BY_DAY]:
             raise KitError(f"{where}: {bad} are set by day.py; remove them")

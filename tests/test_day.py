@@ -226,6 +226,19 @@ def test_recipe_mistakes_are_one_line_errors(tmp_path, rehearsal_data_session, m
 
 
 
+def test_a_recipe_run_name_that_is_no_folder_name_stops_before_the_day(tmp_path, rehearsal_data_session):
+    """[models."../evil"] passed the recipe check, preflight ran, and the model stage failed at its turn
+    ('--run-name ...: one folder name inside --runs') with the day's exit 1: a recipe mistake is exit 2 up front."""
+    bad = tmp_path / "bad.toml"
+    for name in ("../evil", "<b>x</b>", ".hidden", " x"):
+        bad.write_text(f'[models."{name}"]\nscript = "train_resnet.py"\nweights = "none"\n')
+        with pytest.raises(KitError, match=r"bad.toml: \[models\..*\]: NAME is the run's folder under --runs; "
+                                           r"--run-name .*: one folder name inside --runs"):
+            day.main(["--data", str(rehearsal_data_session), "--runs", str(tmp_path / "runs"), "--recipe", str(bad),
+                      "--group", "t"])
+    assert not (tmp_path / "runs").exists() and not (tmp_path / "evil").exists()
+
+
 def test_a_recipe_saved_by_notepad_is_read_and_one_in_latin_1_is_one_line(tmp_path):
     """A recipe with a byte-order mark (Windows Notepad, VS Code's 'UTF-8 with BOM') read as 'not valid TOML
     (Invalid statement (at line 1, column 1))'; one in Latin-1 died with a UnicodeDecodeError traceback."""
