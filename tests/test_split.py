@@ -41,6 +41,37 @@ def test_without_domains_each_identity_is_halved(rehearsal_data):
         assert len(q) == len(imgs) // 2 and sorted(q + g) == sorted(imgs)
 
 
+def _rewrite_domains(data, edit):
+    path = data / "domains.csv"
+    lines = path.read_text().splitlines()
+    path.write_text("\n".join([lines[0], *filter(None, map(edit, lines[1:]))]) + "\n")
+
+
+@pytest.mark.parametrize("edit,message", [
+    (lambda row: row.removeprefix("train/"),  # paths relative to train/, not to the data folder
+     r"domains.csv: none of its \d+ paths names a training image; paths are relative to the data folder, like "
+     r"'train/id000/real_0.jpg': fix them or remove the file"),
+    (lambda row: row.replace(",real", ",Real").replace(",synthetic", ",Synthetic"),
+     r"domains.csv: no training image has the domain 'real' \(--query-domain\); its training images' domains are "
+     r"\['Real', 'Synthetic'\]: pass --query-domain with one of them or fix the file"),
+])
+def test_domains_that_match_no_training_image_or_no_query_domain_are_one_line(rehearsal_data, edit, message):
+    """A domains.csv whose paths were written relative to train/, or whose domains are spelt 'Real'/'Synthetic',
+    was silently ignored: every held-out identity was halved, so validation queries mixed real and synthetic
+    images and the validation score measured another task than the test's."""
+    _rewrite_domains(rehearsal_data, edit)
+    with pytest.raises(KitError, match=message):
+        make_split(load_layout(rehearsal_data), SplitParams())
+
+
+def test_training_images_without_a_domains_row_are_named(rehearsal_data, caplog):
+    """Rows missing from domains.csv dropped those images from the validation split without a word."""
+    _rewrite_domains(rehearsal_data, lambda row: None if row.startswith("train/id00") else row)
+    split = make_split(load_layout(rehearsal_data), SplitParams())
+    assert split.val_query and all("/real_" in q for q in split.val_query if "/id00" not in q)
+    assert "domains.csv: 80 training image(s) have no row (e.g. 'train/id000/real_0.jpg')" in caplog.text
+
+
 def test_saved_split_is_reused_and_guarded(rehearsal_data, tmp_path):
     layout = load_layout(rehearsal_data)
     runs = tmp_path / "runs"

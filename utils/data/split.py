@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import logging
 import random
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -20,6 +21,8 @@ from pathlib import Path
 from utils.atomic import atomic_write_json
 from utils.data.layout import DataLayout
 from utils.errors import KitError
+
+log = logging.getLogger(__name__)
 
 
 def identity_of(name: str) -> str:
@@ -80,8 +83,38 @@ def _fingerprint(layout: DataLayout) -> str:
     return h.hexdigest()[:16]
 
 
+def check_domains(layout: DataLayout, query_domain: str) -> None:
+    """A ``domains.csv`` that names no training image, or no training image of ``query_domain``, stops here:
+    the split would silently halve every identity instead (queries of both domains). Training images it
+    leaves out get a warning line: they are neither validation queries nor gallery.
+
+    Raises:
+        KitError: no path of the file is a training image, or none of those has the query domain.
+    """
+    if not layout.domains:
+        return
+    csv_path = layout.root / "domains.csv"
+    train = [layout.rel(p) for paths in layout.train.values() for p in paths]
+    named = [n for n in train if n in layout.domains]
+    if not named:
+        raise KitError(f"{csv_path}: none of its {len(layout.domains)} paths names a training image; paths are "
+                       f"relative to the data folder, like {train[0]!r}: fix them or remove the file")
+    seen = sorted({layout.domains[n] for n in named})
+    if query_domain not in seen:
+        raise KitError(f"{csv_path}: no training image has the domain {query_domain!r} (--query-domain); its "
+                       f"training images' domains are {seen}: pass --query-domain with one of them or fix the file")
+    if missing := [n for n in train if n not in layout.domains]:
+        log.warning("%s: %d training image(s) have no row (e.g. %r); a held-out identity with both domains "
+                    "leaves them out of validation", csv_path, len(missing), missing[0])
+
+
 def make_split(layout: DataLayout, params: SplitParams) -> Split:
-    """Compute the split (pure: same layout and params, same split)."""
+    """Compute the split (pure: same layout and params, same split).
+
+    Raises:
+        KitError: too few identities for ``params.val_fraction``, or a ``domains.csv`` that
+            :func:`check_domains` refuses.
+    """
     if not 0.0 < params.val_fraction < 1.0:
         raise KitError(f"--val-fraction must be in (0, 1), got {params.val_fraction}")
     rng = random.Random(params.seed)
@@ -93,6 +126,7 @@ def make_split(layout: DataLayout, params: SplitParams) -> Split:
             f"{layout.root / 'train'}: {len(names)} identities ({len(eligible)} with 2+ images) "
             f"cannot give a validation split of {params.val_fraction}; add identities or lower --val-fraction"
         )
+    check_domains(layout, params.query_domain)
     held = sorted(rng.sample(eligible, min(n_val, len(eligible))))
     val_query, val_gallery = [], []
     for ident in held:
