@@ -81,6 +81,16 @@ def test_saved_split_is_reused_and_guarded(rehearsal_data, tmp_path):
     assert load_or_create_split(layout, SplitParams(seed=1), runs) == first
     with pytest.raises(KitError, match="split.json: made with .*pass the same --seed"):
         load_or_create_split(layout, SplitParams(seed=2), runs)
+    real = rehearsal_data / "domains.csv"
+    kept = real.read_text()
+    moved = f"{first.val_gallery[0]},synthetic"
+    assert moved in kept
+    real.write_text(kept.replace(moved, f"{first.val_gallery[0]},real"))  # a validation gallery image becomes a query
+    with pytest.raises(KitError, match=r"split.json: made with another .*domains.csv \(the validation queries or "
+                                       r"gallery differ\), so the runs already there were scored on another"):
+        load_or_create_split(load_layout(rehearsal_data), SplitParams(seed=1), runs)
+    real.write_text(kept)
+    assert load_or_create_split(load_layout(rehearsal_data), SplitParams(seed=1), runs) == first
     shutil.rmtree(rehearsal_data / "train" / "id000")
     with pytest.raises(KitError, match="another training set"):
         load_or_create_split(load_layout(rehearsal_data), SplitParams(seed=1), runs)

@@ -174,7 +174,8 @@ def load_or_create_split(layout: DataLayout, params: SplitParams, runs_dir: str 
     """Reuse ``runs/split.json`` if it matches ``params`` and the data; else write it.
 
     Raises:
-        KitError: a saved split was made with other params or other data, or is not a JSON object.
+        KitError: a saved split was made with other params or other data (training files, or a
+            ``domains.csv`` that moves images between validation query and gallery), or is not a JSON object.
     """
     path = Path(runs_dir) / "split.json"
     split = make_split(layout, params)
@@ -188,6 +189,12 @@ def load_or_create_split(layout: DataLayout, params: SplitParams, runs_dir: str 
         if saved.get("fingerprint") != split.fingerprint:
             raise KitError(
                 f"{path}: made from another training set; use another --runs folder for this data"
+            )
+        if (saved.get("val_query"), saved.get("val_gallery")) != (split.val_query, split.val_gallery):
+            raise KitError(
+                f"{path}: made with another {layout.root / 'domains.csv'} (the validation queries or gallery differ), "
+                "so the runs already there were scored on another validation split; use another --runs folder "
+                "for this data"
             )
         return split
     atomic_write_json(path, asdict(split))
