@@ -4,6 +4,7 @@ real<->synthetic pairs, the validation gate, and the script end to end on a real
 from __future__ import annotations
 
 import json
+import shutil
 
 import numpy as np
 import pytest
@@ -102,6 +103,18 @@ def test_adapter_run_end_to_end_on_a_dlib_face_run(rehearsal_data, tmp_path):
     (runs / "resnet" / "meta.json").write_text(json.dumps({"config": {"model": "resnet50"}}))
     with pytest.raises(KitError, match="not a face run"):
         train_face_adapter.main([*common, "--source", "resnet"])
+
+
+def test_two_training_identities_name_the_data_and_a_fix_that_works(rehearsal_data, tmp_path):
+    """With 2 identities one is always held out (at least 1 is): the adapter said '1 training identity: adaptation
+    needs at least 2 (lower --val-fraction)', naming no file and a fix that cannot work (any fraction holds one out)."""
+    for ident in sorted((rehearsal_data / "train").iterdir())[2:]:
+        shutil.rmtree(ident)
+    common = ["--data", str(rehearsal_data), "--runs", str(tmp_path / "runs")]
+    assert infer_facenet.main([*common, "--embedder", "dlib", "--detector", "none", "--workers", "0"]) == 0
+    with pytest.raises(KitError, match=r"data/train: 1 training identity with readable images once the validation split "
+                                       r"holds out 1 of 2; adaptation needs at least 2: add identities \(one is always held out\)"):
+        train_face_adapter.main([*common, "--source", "dlib", "--epochs", "1"])
 
 
 def test_cosines_of_adapted_embeddings_stay_cosines():
