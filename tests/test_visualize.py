@@ -10,6 +10,8 @@ from PIL import Image
 import visualize
 from tests.helpers.runs import handmade_run
 from utils.errors import KitError
+from utils.runs.similarity_io import load_run
+from utils.runs.topk_run import write_topk_run
 from utils.runs.visual import PanelLayout
 
 THUMB_PX = 48
@@ -51,6 +53,22 @@ def test_val_panel_has_expected_size_and_frames(rehearsal_data_session, tmp_path
     page = (run / "visual" / "val.html").read_text()
     assert f"val/{pngs[0].name}" in page and "first right answer at rank 2" in page
 
+
+
+def test_a_run_in_the_topk_form_is_named_as_such_not_as_unfinished(rehearsal_data_session, tmp_path):
+    """A finished run past --matrix-limit (next to matrix runs in runs/) was refused with 'val_sim.npy: not found;
+    the model run did not finish': the user re-ran a model that had finished. Now the line names the form."""
+    run, _, _ = handmade_run(rehearsal_data_session, tmp_path / "runs")
+    meta = load_run(run).meta
+    rng = np.random.default_rng(0)
+    emb = {split: (rng.normal(size=(len(m.query_names), 8)), rng.normal(size=(len(m.gallery_names), 8)), m.query_names,
+                   m.gallery_names) for split, m in load_run(run).splits.items()}
+    topk = write_topk_run(tmp_path / "runs" / "big", emb, {k: meta[k] for k in ("model", "config", "data_fingerprint")}, k=10)
+    for split in ("val", "test"):
+        with pytest.raises(KitError, match=r"runs/big: a run in the top-k form \(each query's best candidates, no "
+                                           r"<split>_sim.npy\); this step reads runs in the matrix form"):
+            visualize.main(["--run", str(topk), "--split", split])
+    assert not (topk / "visual").exists()
 
 
 def test_a_thumbnail_side_past_the_cap_is_one_line_before_any_drawing(rehearsal_data_session, tmp_path):

@@ -205,7 +205,7 @@ def load_run(run_dir: str | Path, splits: tuple[str, ...] = SPLITS) -> Run:
             matrix whose sha256 differs from meta.json's, unreadable matrices,
             shapes that do not match the names, NaN or infinite values,
             repeated names; a fused run whose members changed since
-            (:class:`utils.runs.provenance.StaleEnsemble`).
+            (:class:`utils.runs.provenance.StaleEnsemble`); a run in the top-k form.
     """
     run_dir = Path(run_dir)
     meta_path = run_dir / MARKER
@@ -216,6 +216,10 @@ def load_run(run_dir: str | Path, splits: tuple[str, ...] = SPLITS) -> Run:
     meta = parse_json_file(meta_path)
     if not isinstance(meta, dict):
         raise KitError(f"{meta_path}: expected a JSON object; re-run the model")
+    if meta.get("form") == "topk":  # utils.runs.topk_run.FORM (that module imports this one)
+        raise KitError(f"{run_dir}: a run in the top-k form (each query's best candidates, no <split>_sim.npy); this "
+                       "step reads runs in the matrix form: re-run the model with a --matrix-limit above its "
+                       "queries x gallery")
     check_members(run_dir, meta)
     run = Run(name=meta.get("model", run_dir.name), path=run_dir, meta=meta)
     for split in splits:
