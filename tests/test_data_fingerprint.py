@@ -103,6 +103,21 @@ def test_preflight_blocks_and_submit_and_visualize_refuse_a_run_of_other_images(
     assert not (tmp_path / "v").exists()
 
 
+def test_a_run_of_other_test_names_is_named_as_other_data_not_other_images_of_the_same_names(rehearsal_data, tmp_path):
+    """A run made on another data folder (other query names) was refused by visualize.py as 'made from other
+    images of the same names ... (file sizes differ)': the names are not the same (submit.py names them itself)."""
+    runs = tmp_path / "runs"
+    run = make_run(rehearsal_data, runs)
+    for p in (rehearsal_data / "test" / "query").iterdir():
+        p.rename(p.with_name("x" + p.name))
+    (rehearsal_data / "test" / "ground_truth.json").unlink()  # another folder: no rehearsal truth for these names
+    message = (rf"{run}: made from other data than {rehearsal_data}: its test query names differ \(16 in the run, 16 in "
+               r"the folder; e.g. 'x.*' is in one only\); pass the --data it was made from or re-run the model")
+    with pytest.raises(KitError, match=message):
+        visualize.main(["--run", str(run), "--data", str(rehearsal_data), "--split", "val", "--out", str(tmp_path / "v")])
+    assert not (tmp_path / "v").exists()
+
+
 def test_a_touched_image_counts_as_other_data_until_restored_and_a_copy_keeping_times_does_not(rehearsal_data, tmp_path):
     runs = tmp_path / "runs"
     make_run(rehearsal_data, runs)

@@ -108,13 +108,30 @@ def refuse_other_data(run_dir: Path, data_dir: Path) -> None:
     Raises:
         KitError: the run's test fingerprint differs from the data folder's.
     """
-    ours = recorded(read_json(Path(run_dir) / "meta.json") or {})
+    meta = read_json(Path(run_dir) / "meta.json") or {}
+    ours = recorded(meta)
     if ours is None:
         log.warning("%s: %s", run_dir, NOT_RECORDED)
         return
-    problem = difference(ours, layout_fingerprint(load_layout(data_dir)), str(data_dir))
+    layout = load_layout(data_dir)
+    problem = other_names(meta, layout) or difference(ours, layout_fingerprint(layout), str(data_dir))
     if problem:
         raise KitError(f"{run_dir}: {problem}")
+
+
+def other_names(meta: dict[str, Any], layout: DataLayout) -> str:
+    """'' when the run's test query and gallery names are the data folder's; else which side differs, with the fix."""
+    names = (meta.get("splits") or {}).get("test")
+    if not isinstance(names, dict):
+        return ""
+    for side, paths in (("query", layout.query), ("gallery", layout.gallery)):
+        run_names, data_names = set(names.get(f"{side}_names") or []), {p.name for p in paths}
+        if run_names != data_names:
+            missing = sorted(data_names - run_names)[:3] or sorted(run_names - data_names)[:3]
+            return (f"made from other data than {layout.root}: its test {side} names differ ({len(run_names)} in the "
+                    f"run, {len(data_names)} in the folder; e.g. {missing[0]!r} is in one only); pass the --data it "
+                    "was made from or re-run the model on this data")
+    return ""
 
 
 def _key(meta: dict[str, Any]) -> tuple | None:
