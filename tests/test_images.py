@@ -281,3 +281,30 @@ def test_a_name_with_a_newline_is_named_on_one_line(tmp_path):
         list_images(tmp_path, what="gallery")
     assert str(info.value).startswith(f"{str(tmp_path / 'two')!r}"[:-1] + "\\nlines.jfif': extension '.jfif'")
     assert "\n" not in str(info.value)
+
+
+def _break(paths) -> None:
+    for p in paths:
+        p.write_bytes(b"version https://git-lfs.github.com/spec/v1\n")  # a git LFS pointer, not an image
+
+
+def test_training_identities_without_a_readable_image_leave_the_task_with_a_line(rehearsal_data, tmp_path, caplog):
+    """Every training image broken (LFS pointers) died in torch's RandomSampler ('num_samples=0') with a traceback;
+    every held-out image broken died in topk ('k=0 must be between 1 and the gallery size 0'); one identity
+    with no readable image stayed a class of the margin loss with no image and was counted as trained on."""
+    from utils.data.split import SplitParams
+    from utils.data.task import prepare_task
+
+    runs = tmp_path / "runs"
+    task = prepare_task(rehearsal_data, runs, SplitParams())
+    first = task.classes[0]
+    _break((rehearsal_data / "train" / first).iterdir())
+    task = prepare_task(rehearsal_data, runs, SplitParams())
+    assert first not in task.classes and sorted(set(task.train_labels)) == list(range(len(task.classes)))
+    assert f"no readable training image of 1 identity, left out of training: {first}" in caplog.text
+    _break(p for ident in task.split.val for p in (rehearsal_data / "train" / ident).iterdir())
+    with pytest.raises(KitError, match=r"train: no readable validation query image among the held-out identities \['id"):
+        prepare_task(rehearsal_data, runs, SplitParams())
+    _break((rehearsal_data / "train").glob("*/*"))
+    with pytest.raises(KitError, match=r"train: none of its 104 training images can be read \(see the lines above; git LFS"):
+        prepare_task(rehearsal_data, runs, SplitParams())

@@ -14,6 +14,7 @@ from pathlib import Path
 from utils.data.images import check_images
 from utils.data.layout import DataLayout, load_layout
 from utils.data.split import Split, SplitParams, load_or_create_split
+from utils.errors import KitError
 
 log = logging.getLogger(__name__)
 
@@ -47,6 +48,26 @@ class Task:
         return self.layout.ground_truth
 
 
+def readable_pairs(pairs: list[tuple[Path, int]], classes: list[str], ok: set[Path],
+                   train_dir: Path) -> tuple[list[tuple[Path, int]], list[str]]:
+    """The (image, label) pairs of readable images, labels renumbered over the identities that keep one;
+    an identity left without any is named in a warning line.
+
+    Raises:
+        KitError: no training image can be read.
+    """
+    kept = [(p, c) for p, c in pairs if p in ok]
+    if not kept:
+        raise KitError(f"{train_dir}: none of its {len(pairs)} training images can be read (see the lines above; "
+                       "git LFS pointers or a copy cut short?); fix or replace them")
+    used = sorted({c for _, c in kept})
+    if lost := [classes[c] for c in range(len(classes)) if c not in set(used)]:
+        log.warning("%s: no readable training image of %d identit%s, left out of training: %s", train_dir, len(lost),
+                    "y" if len(lost) == 1 else "ies", ", ".join(lost[:5]))
+    new = {c: i for i, c in enumerate(used)}
+    return [(p, new[c]) for p, c in kept], [classes[c] for c in used]
+
+
 def prepare_task(data: str | Path, runs: str | Path, params: SplitParams, full_train: bool = False) -> Task:
     """Read the data, make or reuse the split, check every image once."""
     layout = load_layout(data)
@@ -57,9 +78,12 @@ def prepare_task(data: str | Path, runs: str | Path, params: SplitParams, full_t
     pairs = [(root / n, c) for c, ident in enumerate(classes) for n in identities[ident]]
     cache = Path(runs) / "image_check.json"  # verdicts shared by every model script on this data
     train_ok = set(check_images([p for p, _ in pairs], strict=False, what="training", cache=cache))
-    pairs = [(p, c) for p, c in pairs if p in train_ok]
+    pairs, classes = readable_pairs(pairs, classes, train_ok, root / "train")
     val_q = check_images([root / n for n in split.val_query], strict=False, what="validation query", cache=cache)
     val_g = check_images([root / n for n in split.val_gallery], strict=False, what="validation gallery", cache=cache)
+    if not val_q or not val_g:
+        raise KitError(f"{root / 'train'}: no readable validation {'query' if not val_q else 'gallery'} image among the "
+                       f"held-out identities {sorted(split.val)} (see the lines above); fix or replace those images")
     test_q = check_images(layout.query, strict=True, what="query", cache=cache)
     test_g = check_images(layout.gallery, strict=True, what="gallery", cache=cache)
     log.info(
