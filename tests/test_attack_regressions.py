@@ -146,6 +146,14 @@ def test_a_run_name_that_leaves_the_runs_folder_is_refused(name, tmp_path):
         run_config_checks("train_resnet", ["--data", str(tmp_path), "--run-name", name])
 
 
+@pytest.mark.parametrize("name", ["face_cache", "split.json", "day.log"])
+def test_a_run_name_of_the_kits_own_runs_entries_is_refused(name, tmp_path):
+    """--run-name face_cache wrote a whole run (checkpoints, meta.json, matrices) into the face scripts' shared cache
+    folder, which ensemble.py --auto then took for a model run; split.json or day.log met an OS error."""
+    with pytest.raises(KitError, match=rf"--run-name '{name}': the kit keeps its own {name} in --runs; choose another"):
+        run_config_checks("train_resnet", ["--data", str(tmp_path), "--run-name", name])
+
+
 def test_batch_size_one_is_refused_before_training(tmp_path):
     with pytest.raises(KitError, match="--batch-size"):
         run_config_checks("train_resnet", ["--data", str(tmp_path), "--batch-size", "1"])

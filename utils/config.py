@@ -182,16 +182,23 @@ def check_finite(cfg: Any) -> None:
             raise KitError(f"{_flag(f.name)} {bad[0]}: must be a finite number")
 
 
+# what the kit itself keeps in --runs: the face scripts' shared cache folder, the split, the image verdicts, day.py's files
+RUNS_FOLDER_ENTRIES = ("face_cache", "split.json", "image_check.json", "day.json", "day.log", "report.html")
+
+
 def check_run_name(name: str) -> None:
-    """``--run-name`` names one folder inside ``--runs``: no path separators, not '.', '..' or hidden ('': the script's default).
+    """``--run-name`` names one folder inside ``--runs``: no path separators, not '.', '..' or hidden, not one of
+    :data:`RUNS_FOLDER_ENTRIES` ('': the script's default).
 
     Raises:
-        KitError: a name that would leave the runs folder or hide the run.
+        KitError: a name that would leave the runs folder, hide the run or write it into the kit's own files.
     """
     if name == "":
         return
     if "/" in name or "\\" in name or name.startswith(".") or name != name.strip() or "\0" in name:
         raise KitError(f"--run-name {name!r}: one folder name inside --runs (no '/', no leading '.', no surrounding spaces)")
+    if name in RUNS_FOLDER_ENTRIES:
+        raise KitError(f"--run-name {name!r}: the kit keeps its own {name} in --runs; choose another name")
 
 
 @dataclass
