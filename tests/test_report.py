@@ -161,6 +161,24 @@ def test_report_module_alone_and_its_errors(day_dir, tmp_path):
     assert "No run folder with a meta.json yet" in report.write_report(empty, tmp_path / "subs").read_text()
 
 
+@pytest.mark.parametrize("meta,ensemble", [
+    ({"model": 5, "metrics": {"val": "x"}, "config": [1]}, {"choice": "x"}),
+    ({"metrics": {"val": {"score": 1}}, "timings_s": {"total": "slow"}, "faces": [1], "members": [3, {"name": "a"}]},
+     {"choice": {"models": ["a"]}}),
+    ({"timings_s": "slow", "metrics": [], "config": {"model": "m"}}, {"choice": {"models": ["a"], "weights": [1], "options": [5]}}),
+])
+def test_a_meta_json_of_another_shape_is_shown_not_a_traceback(tmp_path, meta, ensemble):
+    """A meta.json from another kit or edited by hand ('metrics': {'val': 'x'}, an ensemble 'choice' without
+    weights) ended the report, and with it the whole day, in an AttributeError, KeyError or TypeError traceback."""
+    runs = tmp_path / "runs"
+    for name, body in (("odd", meta), ("ensemble", ensemble)):
+        (runs / name).mkdir(parents=True)
+        (runs / name / "meta.json").write_text(json.dumps(body))
+    page = report.write_report(runs, tmp_path / "subs").read_text()
+    assert "<td>odd</td>" in page
+    assert "records no models and weights" in page or "<h3>Weights</h3>" in page
+
+
 def chromium() -> str | None:
     return shutil.which("chromium") or shutil.which("chromium-browser")
 

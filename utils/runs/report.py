@@ -74,29 +74,38 @@ def read_meta(run_dir: Path) -> dict[str, Any] | None:
     return meta if isinstance(meta, dict) else None
 
 
+def _dict(value: Any) -> dict[str, Any]:
+    """``value`` when it is a JSON object, else {}: a meta.json from another kit or edited by hand is shown, not a traceback."""
+    return value if isinstance(value, dict) else {}
+
+
+def _number(value: Any) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool)
+
+
 def total_seconds(meta: dict[str, Any]) -> float | None:
     """The run's time: ``timings_s.total``, else the sum of its timings."""
-    t = meta.get("timings_s") or {}
-    if "total" in t:
+    t = _dict(meta.get("timings_s"))
+    if _number(t.get("total")):
         return float(t["total"])
-    values = [v for v in t.values() if isinstance(v, (int, float))]
+    values = [v for v in t.values() if _number(v)]
     return float(sum(values)) if values else None
 
 
 def faces_text(meta: dict[str, Any]) -> str:
     """'query: 30/32 (mtcnn 28, hog 2); ...' from a face run's ``faces``; '' for other runs."""
     parts = []
-    for name, f in (meta.get("faces") or {}).items():
+    for name, f in _dict(meta.get("faces")).items():
         if isinstance(f, dict):
-            stages = ", ".join(f"{k} {v}" for k, v in (f.get("by_stage") or {}).items())
+            stages = ", ".join(f"{k} {v}" for k, v in _dict(f.get("by_stage")).items())
             parts.append(f"{name}: {f.get('faces_found')}/{f.get('images')}" + (f" ({stages})" if stages else ""))
     return "; ".join(parts)
 
 
 def made_from(meta: dict[str, Any]) -> str:
-    config = meta.get("config") or {}
-    if meta.get("members"):
-        items = ["members " + " + ".join(str(m.get("name")) for m in meta["members"])]
+    config = _dict(meta.get("config"))
+    if meta.get("members") and isinstance(meta["members"], list):
+        items = ["members " + " + ".join(str(_dict(m).get("name")) for m in meta["members"])]
     else:
         items = [f"{k} {config[k]}" for k in MADE_FROM_KEYS if k in config]
     items.append(f"commit {meta.get('commit', '?')}")
@@ -112,8 +121,8 @@ def runs_section(runs_dir: Path) -> str:
         meta = read_meta(d)
         if meta is None:
             continue
-        metrics = meta.get("metrics") or {}
-        val, test = metrics.get("val") or {}, metrics.get("test") or {}
+        metrics = _dict(meta.get("metrics"))
+        val, test = _dict(metrics.get("val")), _dict(metrics.get("test"))
         rows.append(
             f"<tr><td>{_e(d.name)}</td><td>{_e(meta.get('model', '?'))}</td>"
             + cell(val.get("score"), d.name, "metrics.val.score") + cell(val.get("top1"), d.name, "metrics.val.top1")
@@ -136,10 +145,13 @@ def ensemble_section(runs_dir: Path) -> str:
     meta = read_meta(ens)
     if meta is None or "choice" not in meta:
         return "<p>No ensemble yet (runs/ensemble/meta.json): run ensemble.py --auto.</p>"
-    choice, config = meta["choice"], meta.get("config") or {}
+    choice, config = _dict(meta["choice"]), _dict(meta.get("config"))
+    if not all(isinstance(choice.get(k), list) for k in ("models", "weights")):
+        return "<p>runs/ensemble/meta.json records no models and weights (another kit, or edited): run ensemble.py --auto.</p>"
     weights = [f"<tr><td>{_e(m)}</td>{cell(w, 'ensemble', f'choice.weights.{i}')}</tr>" for i, (m, w) in enumerate(zip(choice["models"], choice["weights"]))]
     options = []
-    for i, o in enumerate(choice.get("options", [])):
+    options_seen = choice.get("options") if isinstance(choice.get("options"), list) else []
+    for i, o in enumerate(x for x in options_seen if isinstance(x, dict)):
         key = f"choice.options.{i}"
         options.append(f'<tr class="{"chosen" if o.get("chosen") else ""}"><td>{_e(o.get("label"))}</td><td>{_e(o.get("kind"))}</td>'
                        f"<td>{_e(o.get('weights'))}</td>" + cell(o.get("val_mean"), "ensemble", key + ".val_mean")
