@@ -156,6 +156,9 @@ def load_recipe(path: Path, only: list[str]) -> Recipe:
                        f"[{not_tables[0]}.NAME] headers with key = value lines under them)")
     models, adapters = _steps(path, raw, "models", MODEL_SCRIPTS), _steps(path, raw, "adapters", ADAPTER_SCRIPTS)
     names = [s.name for s in models + adapters]
+    if not names:
+        raise KitError(f"{path}: no [models.NAME] table, so the day has nothing to run; add one "
+                       "(recipes/rehearsal.toml shows how)")
     if len(set(names)) != len(names) or "ensemble" in names:
         raise KitError(f"{path}: run names must be unique and not 'ensemble': {names}")
     if missing := [m for m in only if m not in {s.name for s in models}]:

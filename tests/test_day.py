@@ -210,6 +210,8 @@ def test_recipe_mistakes_are_one_line_errors(tmp_path, rehearsal_data_session, m
         "[models.x\n": "not valid TOML",
         "[adapters.y]\nscript = \"train_face_adapter.py\"\n": "needs source",
         "[models.x]\nscript = \"train_resnet.py\"\nimg_sise = 3\n": "rejects these flags",
+        "": r"bad.toml: no \[models.NAME\] table, so the day has nothing to run",  # was: preflight, then exit 1
+        "[ensemble]\n[submit]\ngroup = \"t\"\n": r"no \[models.NAME\] table",
     }
     for text, message in cases.items():
         bad.write_text(text)
