@@ -390,22 +390,44 @@ def last_ledger_body(out: Path, outcome: str) -> str | None:
     return None
 
 
+def downstream_argv(cfg: Config, recipe: Recipe, models: Sequence[str]) -> dict[str, list[str]]:
+    """ensemble.py's, visualize.py's and submit.py's command lines (submit's without --dry-run or --url)."""
+    sec, ens_dir = recipe.sections, cfg.runs / "ensemble"
+    sub = {k: v for k, v in sec["submit"].items() if k != "group"}
+    return {
+        "ensemble.py": ["--runs", str(cfg.runs), "--data", str(cfg.data), "--models", *models]
+        + to_argv({"auto": True, **sec["ensemble"]}, f"{recipe.path}: [ensemble]"),
+        "visualize.py": ["--run", str(ens_dir), "--data", str(cfg.data)]
+        + to_argv({"split": ["val"], "worst": True, "queries": 20, **sec["visualize"]}, f"{recipe.path}: [visualize]"),
+        "submit.py": ["--run", str(ens_dir), "--data", str(cfg.data), "--out", str(cfg.out), "--group", cfg.group]
+        + to_argv(sub, f"{recipe.path}: [submit]"),
+    }
+
+
+def check_downstream_flags(cfg: Config, recipe: Recipe) -> None:
+    """The [ensemble], [visualize] and [submit] flags pass their script's parser before the models train."""
+    for script, argv in downstream_argv(cfg, recipe, [s.name for s in recipe.models + recipe.adapters]).items():
+        try:
+            importlib.import_module(Path(script).stem).build_parser().parse_args(argv)
+        except SystemExit:  # argparse printed why on stderr
+            raise KitError(f"{recipe.path}: [{script.removesuffix('.py')}]: {script} rejects these flags (see above)") from None
+
+
 def stage_downstream(day: Day, recipe: Recipe, runs_fp: dict[str, str]) -> bool:
     """ensemble --auto -> visualize --worst -> submit --dry-run (-> submit): False when one fails."""
     cfg, ens_dir = day.cfg, day.cfg.runs / "ensemble"
-    sec = recipe.sections
-    ens_argv = ["--runs", str(cfg.runs), "--data", str(cfg.data), "--models", *runs_fp] + to_argv({"auto": True, **sec["ensemble"]}, "[ensemble]")
+    argv = downstream_argv(cfg, recipe, list(runs_fp))
+    ens_argv = argv["ensemble.py"]
     _, ens = run_stage(day, "ensemble", {"argv": ens_argv, "runs": runs_fp}, lambda: _call("ensemble.py", ens_argv),
                        lambda: run_fingerprint(ens_dir))
     if ens is None:
         return False
-    vis_argv = ["--run", str(ens_dir), "--data", str(cfg.data)] + to_argv({"split": ["val"], "worst": True, "queries": 20, **sec["visualize"]}, "[visualize]")
+    vis_argv = argv["visualize.py"]
     _, vis = run_stage(day, "visualize", {"argv": vis_argv, "ensemble": ens}, lambda: _call("visualize.py", vis_argv),
                        lambda: file_fingerprint(ens_dir / "visual" / "val.html"))
     if vis is None:
         return False
-    sub = {k: v for k, v in sec["submit"].items() if k != "group"}
-    sub_argv = ["--run", str(ens_dir), "--data", str(cfg.data), "--out", str(cfg.out), "--group", cfg.group] + to_argv(sub, "[submit]")
+    sub_argv = argv["submit.py"]
     _, dry = run_stage(day, "dry-run", {"argv": sub_argv, "ensemble": ens}, lambda: _call("submit.py", [*sub_argv, "--dry-run"]),
                        lambda: last_ledger_body(cfg.out, "dry-run"))
     if dry is None:
@@ -477,6 +499,7 @@ def main(argv: Sequence[str] | None = None) -> int:
 
     check_flags(recipe, argv_of)
     resolve(cfg, recipe)
+    check_downstream_flags(cfg, recipe)
     cfg.runs.mkdir(parents=True, exist_ok=True)
     state_path = cfg.runs / STATE_NAME
     state = json.loads(state_path.read_text()) if state_path.is_file() else {}

@@ -212,6 +212,13 @@ def test_recipe_mistakes_are_one_line_errors(tmp_path, rehearsal_data_session, m
         "[models.x]\nscript = \"train_resnet.py\"\nimg_sise = 3\n": "rejects these flags",
         "": r"bad.toml: no \[models.NAME\] table, so the day has nothing to run",  # was: preflight, then exit 1
         "[ensemble]\n[submit]\ngroup = \"t\"\n": r"no \[models.NAME\] table",
+        # were found only after every model had trained (hours on the day): now before any stage
+        "[models.x]\nscript = \"train_resnet.py\"\n[ensemble]\nfusion = \"bogus\"\n[submit]\ngroup = \"t\"\n":
+            r"bad.toml: \[ensemble\]: ensemble.py rejects these flags",
+        "[models.x]\nscript = \"train_resnet.py\"\n[visualize]\nnope = 1\n[submit]\ngroup = \"t\"\n":
+            r"bad.toml: \[visualize\]: visualize.py rejects these flags",
+        "[models.x]\nscript = \"train_resnet.py\"\n[submit]\ngroup = \"t\"\ntimeout_s = \"abc\"\n":
+            r"bad.toml: \[submit\]: submit.py rejects these flags",
     }
     for text, message in cases.items():
         bad.write_text(text)
