@@ -161,6 +161,11 @@ def load_recipe(path: Path, only: list[str]) -> Recipe:
                        "(recipes/rehearsal.toml shows how)")
     if len(set(names)) != len(names) or "ensemble" in names:
         raise KitError(f"{path}: run names must be unique and not 'ensemble': {names}")
+    script_of = {s.name: s.script for s in models}
+    for a in adapters:  # else it fails only after the models trained ('not a face run'); an absent source is skipped
+        if script_of.get(a.flags["source"], "infer_facenet.py") != "infer_facenet.py":
+            raise KitError(f"{path}: [adapters.{a.name}]: source = {a.flags['source']!r} runs "
+                           f"{script_of[a.flags['source']]}; an adapter adapts a face run (script = \"infer_facenet.py\")")
     if missing := [m for m in only if m not in {s.name for s in models}]:
         raise KitError(f"--models {missing}: not in {path}; its models: {[s.name for s in models]}")
     if only:

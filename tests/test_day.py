@@ -209,6 +209,9 @@ def test_recipe_mistakes_are_one_line_errors(tmp_path, rehearsal_data_session, m
         "[modles.x]\n": "unknown section",
         "[models.x\n": "not valid TOML",
         "[adapters.y]\nscript = \"train_face_adapter.py\"\n": "needs source",
+        # failed only after every model had trained: 'resnet/meta.json: not a face run of infer_facenet.py'
+        "[models.x]\nscript = \"train_resnet.py\"\n[adapters.y]\nscript = \"train_face_adapter.py\"\nsource = \"x\"\n":
+            r"bad.toml: \[adapters.y\]: source = 'x' runs train_resnet.py; an adapter adapts a face run",
         "[models.x]\nscript = \"train_resnet.py\"\nimg_sise = 3\n": "rejects these flags",
         "": r"bad.toml: no \[models.NAME\] table, so the day has nothing to run",  # was: preflight, then exit 1
         "[ensemble]\n[submit]\ngroup = \"t\"\n": r"no \[models.NAME\] table",
