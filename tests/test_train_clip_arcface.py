@@ -190,6 +190,11 @@ def test_m_per_class_sampler_shards_whole_identity_groups():
     assert list(ranks[0]) == shards[0]  # reproducible per epoch
     with pytest.raises(KitError, match="multiple of --m-per-class 3"):
         MPerClassShardSampler(labels, m=3, batch_size=8)
+    # one identity (2 in DATA/train, one held out) was told to 'lower --batch-size', which trains on one identity
+    with pytest.raises(KitError, match=r"^1 training identity: batches of --m-per-class images per identity need at least 2"):
+        MPerClassShardSampler([0] * 8, m=4, batch_size=16)
+    with pytest.raises(KitError, match="1 training identity"):
+        MPerClassShardSampler([0] * 8, m=4, batch_size=4)
 
 
 @pytest.mark.slow

@@ -28,8 +28,8 @@ class MPerClassShardSampler(Sampler[int]):
     """Indices for one rank: per-rank batches of ``batch_size`` with ``m`` images per identity.
 
     Raises:
-        KitError: ``batch_size`` not a multiple of ``m``, or fewer identities than
-            one global batch needs.
+        KitError: ``batch_size`` not a multiple of ``m``, fewer than 2 identities, or fewer identities
+            than one global batch needs.
     """
 
     def __init__(
@@ -39,6 +39,9 @@ class MPerClassShardSampler(Sampler[int]):
         global_batch = batch_size * world_size
         if m < 1 or batch_size % m:
             raise KitError(f"--batch-size {batch_size} must be a multiple of --m-per-class {m}")
+        if n_classes < 2:  # lowering --batch-size, as the next line advises, would train every batch on one identity
+            raise KitError(f"{n_classes} training identity: batches of --m-per-class images per identity need at least 2 "
+                           "(with 2 identities in DATA/train one is held out for validation): add identities")
         if m * n_classes < global_batch:
             raise KitError(
                 f"{n_classes} training identities x --m-per-class {m} < a global batch of {global_batch}; "
