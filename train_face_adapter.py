@@ -62,7 +62,7 @@ from utils.config import (
     config_to_dict,
     override,
 )
-from utils.data.task import Task
+from utils.data.task import Task, require_identities
 from utils.distributed import refuse_torchrun
 from utils.embedding.step import SETS, embed_task
 from utils.embedding.views import View
@@ -251,11 +251,7 @@ def fit_on_identities(cfg: Config, task: Task, run_dir: Path, module: tuple[str,
     training images'); ``module`` restored from best.pt/last.pt. Returns the history."""
     labels = list(task.train_labels if labels is None else labels)
     n_classes = len(set(labels))
-    if n_classes < 2:
-        held, total = len(task.split.val), len(task.layout.train)
-        fix = "lower --val-fraction or add identities" if held > 1 else "add identities (one is always held out)"
-        raise KitError(f"{task.layout.root / 'train'}: {n_classes} training identity with readable images once the "
-                       f"validation split holds out {held} of {total}; adaptation needs at least 2: {fix}")
+    require_identities(task, n_classes, "adaptation")
     batch = min(cfg.batch_size, cfg.m_per_class * n_classes // cfg.m_per_class * cfg.m_per_class)
     if batch < cfg.batch_size:
         log.info("batch size %d (%d training identities x --m-per-class %d)", batch, n_classes, cfg.m_per_class)

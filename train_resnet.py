@@ -49,7 +49,7 @@ from utils.config import (
 )
 from utils.data.augment import eval_transform, train_transform
 from utils.data.image_dataset import ImageDataset
-from utils.data.task import Task, prepare_task
+from utils.data.task import Task, prepare_task, require_identities
 from utils.device import amp_dtype, is_cnn, pick_device, resolve_workers
 from utils.distributed import refuse_torchrun
 from utils.embedding.backbone import create_backbone
@@ -171,6 +171,7 @@ def main(argv: Sequence[str] | None = None) -> int:
 
     # data and the shared validation split
     task = prepare_task(cfg.data, cfg.runs, cfg.split_params(), cfg.full_train)
+    require_identities(task, len(task.classes), "training")  # a classifier of one identity learns nothing
     timings = {"prepare": time.time() - t0}
 
     # model and its objective (a head over the training identities, or a pair loss)

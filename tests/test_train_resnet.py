@@ -71,6 +71,18 @@ def test_broken_training_image_is_skipped(rehearsal_data, tmp_path, caplog):
     assert f"{bad}: cannot decode" in caplog.text
 
 
+def test_two_training_identities_stop_before_training_one_class(rehearsal_data, tmp_path):
+    """With 2 identities one is held out: --loss ce trained a classifier of one class without a word (val 1000.00)."""
+    import shutil
+
+    for ident in sorted((rehearsal_data / "train").iterdir())[2:]:
+        shutil.rmtree(ident)
+    with pytest.raises(KitError, match=r"data/train: 1 training identity with readable images once the validation split "
+                                       r"holds out 1 of 2; training needs at least 2: add identities \(one is always held out\)"):
+        train_resnet.main(["--data", str(rehearsal_data), "--runs", str(tmp_path), *TINY, "--epochs", "1"])
+    assert not (tmp_path / "resnet" / "last.pt").exists()
+
+
 def test_local_weights_file_is_loaded(rehearsal_data_session, tmp_path):
     torch.manual_seed(5)
     ref = timm.create_model("test_resnet", num_classes=0)

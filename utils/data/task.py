@@ -96,3 +96,17 @@ def prepare_task(data: str | Path, runs: str | Path, params: SplitParams, full_t
         [p for p, _ in pairs], [c for _, c in pairs], classes,
         val_q, val_g, test_q, test_g,
     )
+
+
+def require_identities(task: Task, n_classes: int, what: str) -> None:
+    """Training needs at least 2 identities with readable images once validation holds its own out.
+
+    Raises:
+        KitError: fewer than 2, naming the data's train/ and a fix that works (with 2 identities one is always held out).
+    """
+    if n_classes >= 2:
+        return
+    held, total = len(task.split.val), len(task.layout.train)
+    fix = "lower --val-fraction or add identities" if held > 1 else "add identities (one is always held out)"
+    raise KitError(f"{task.layout.root / 'train'}: {n_classes} training identity with readable images once the "
+                   f"validation split holds out {held} of {total}; {what} needs at least 2: {fix}")
